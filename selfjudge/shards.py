@@ -1,0 +1,97 @@
+"""Sharded record storage: Parquet shards named by (rank, index) plus a ``manifest.json``.
+
+Layout of a data folder::
+
+    manifest.json                  # written last, atomically; "complete": true only when all ranks finished
+    shards/rank000-00000.parquet   # each shard written to a temp name and renamed: never read half-written
+    shards/rank000.progress.json   # per rank: shards written and the prompt ids they cover (for resume)
+
+Readers open the shards memory-mapped through ``datasets`` (Arrow), never all in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfjudge.io import read_json, write_json
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+
+
+def shard_name(rank: int, index: int) -> str:
+    return f"rank{rank:03d}-{index:05d}.parquet"
+
+
+def progress_path(root: Path, rank: int) -> Path:
+    return Path(root) / SHARD_DIR / f"rank{rank:03d}.progress.json"
+
+
+def write_shard(root: str | Path, rank: int, index: int, table: pa.Table) -> Path:
+    """Write one shard atomically (temp file in the same folder, then rename)."""
+    folder = Path(root) / SHARD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / shard_name(rank, index)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return final
+
+
+def read_progress(root: str | Path, rank: int) -> dict:
+    p = progress_path(Path(root), rank)
+    return read_json(p) if p.is_file() else {"shards": [], "done_prompt_ids": []}
+
+
+def write_progress(root: str | Path, rank: int, progress: dict) -> None:
+    write_json(progress_path(Path(root), rank), progress)
+
+
+def read_manifest(root: str | Path) -> dict:
+    p = Path(root) / MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(f"'{root}' has no {MANIFEST}: it is not a finished data_gen output")
+    return read_json(p)
+
+
+def write_manifest(root: str | Path, manifest: dict) -> None:
+    write_json(Path(root) / MANIFEST, manifest)
+
+
+def list_shards(root: str | Path, manifest: dict | None = None) -> list[Path]:
+    """The shards a complete manifest names (never stray or temporary files)."""
+    manifest = manifest if manifest is not None else read_manifest(root)
+    names: Iterable[str] = manifest.get("shards", [])
+    paths = [Path(root) / SHARD_DIR / n for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"manifest of '{root}' names shards that are missing: {missing[:3]}")
+    return paths
+
+
+def open_dataset(root: str | Path, require_complete: bool = True) -> tuple[Any, dict]:
+    """Open a data_gen output as a memory-mapped ``datasets.Dataset`` plus its manifest."""
+    import datasets
+
+    manifest = read_manifest(root)
+    if require_complete and not manifest.get("complete", False):
+        raise RuntimeError(
+            f"data folder '{root}' is incomplete (a data_gen run was interrupted): rerun data_gen with the "
+            f"same config to finish it"
+        )
+    files = [str(p) for p in list_shards(root, manifest)]
+    if not files:
+        raise ValueError(f"data folder '{root}' has no records (0 shards): nothing to train on")
+    ds = datasets.Dataset.from_parquet(files, keep_in_memory=False)
+    return ds, manifest
