@@ -340,3 +340,25 @@ def pair_from_mapping(model_cfg: Mapping[str, Any]) -> ModelPair:
     d.pop("description", None)
     opts = LoadOptions.from_mapping(d, "model")
     return load_pair(target, draft, opts)
+
+
+def expected_fingerprint(spec: ModelSpec, opts: LoadOptions, role: str) -> str:
+    """The fingerprint :func:`load_model` would record, computed without loading (or converting) weights.
+
+    For hub models only the id is known before download, so the result is ``hub:<id>@`` and callers
+    should compare hub fingerprints by id.
+    """
+    if spec.source == "packaged":
+        return f"sha256:{get_packaged(spec.name).sha256}"
+    if spec.source == "gguf":
+        return f"sha256:{sha256_file(Path(spec.name).expanduser())}"
+    if spec.source == "hub":
+        return f"hub:{spec.name}@"
+    return resolve_folder(spec, opts, role)[1]
+
+
+def same_model(fingerprint_a: str, fingerprint_b: str) -> bool:
+    """Whether two fingerprints name the same weights (hub ones compare by id when a commit is unknown)."""
+    if fingerprint_a.startswith("hub:") and fingerprint_b.startswith("hub:"):
+        return fingerprint_a.split("@")[0] == fingerprint_b.split("@")[0]
+    return fingerprint_a == fingerprint_b

@@ -1,0 +1,1 @@
+"""The pipeline stage: data_gen -> train -> eval in one run folder."""

@@ -1,0 +1,19 @@
+"""selfjudge-pipeline: data_gen -> train -> eval under one config and one run folder.
+
+    selfjudge-pipeline experiment=quickstart     # the real offline Qwen pair, laptop size
+    selfjudge-pipeline experiment=tiny           # tiny random pair, under a minute
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="pkg://selfjudge.conf", config_name="selfjudge", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from selfjudge.pipeline.stage import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
