@@ -66,6 +66,12 @@ class LoadOptions:
             raise ValueError(f"model.dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
         return DTYPES[self.dtype]
 
+    def resolved_device(self) -> str:
+        """``cuda`` means this rank's GPU under torchrun/deepspeed (LOCAL_RANK), else GPU 0."""
+        if self.device == "cuda" and "LOCAL_RANK" in os.environ:
+            return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        return self.device
+
     def cache(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
@@ -228,7 +234,7 @@ def load_model(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[torch.nn.
 
         model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
     if not opts.device_map:
-        model = model.to(opts.device)
+        model = model.to(opts.resolved_device())
     model.eval()
     model.requires_grad_(False)
     cfg = model.config
