@@ -64,7 +64,7 @@ def forward_with_hidden(
 
     With the default spec (last layer only) the decoder body runs once and the LM head is applied to
     its output, so no per-layer states are kept. ``kwargs`` go to the model (``past_key_values``,
-    ``attention_mask``, ``position_ids``, ``use_cache``, ...).
+    ``attention_mask``, ``position_ids``, ``use_cache``, ...; caches go in as ``cache=``).
     """
     if spec.last_layer_only:
         body = getattr(model, model.base_model_prefix)
