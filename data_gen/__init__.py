@@ -1,0 +1,1 @@
+"""The data_gen stage (installed as selfjudge.data_gen)."""
