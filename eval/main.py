@@ -1,0 +1,18 @@
+"""selfjudge-eval: speculative decoding with the judge vs target-only, lossless SD and baselines.
+
+    selfjudge-eval run_dir=runs/qwen eval.gamma=8 dataset@eval.dataset=gsm8k_test
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="pkg://selfjudge.conf", config_name="selfjudge", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from selfjudge.eval.stage import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
