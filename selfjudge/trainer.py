@@ -175,6 +175,9 @@ def train_head(
 
 
 def shutdown() -> None:
+    """Barrier, then tear a multi-rank process group down. A one-process group is kept: DeepSpeed caches
+    its groups in module state, so a later run in the same process (the pipeline, tests) reuses it."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.destroy_process_group()
