@@ -82,10 +82,13 @@ def score_response(
         raise ValueError(f"data_gen.score_variant '{variant}' is not one of {SCORE_VARIANTS}")
     dev = next(target.parameters()).device
     P, T = len(prompt_ids), len(response_ids)
+    if P < 1:
+        raise ValueError("score_response needs a non-empty prompt (the first response token is predicted from it)")
     ids = torch.tensor([prompt_ids + response_ids], device=dev)       # [1, P+T]
     y = ids[0, P:]                                                     # [T]
     d, d_hidden = draft_proposals(draft, ids, P, vocab)
     d = d.to(dev)
+    dtype = next(target.parameters()).dtype
     full = forward_with_hidden(target, ids, spec, use_cache=True)
     logp = _logprobs(full.logits[0, P - 1 : -1], vocab)               # [T, V]: predicts y_0..y_{T-1}
     logp_y = logp.gather(-1, y[:, None])[:, 0]                        # [T]
@@ -120,7 +123,11 @@ def score_response(
         prefix_ok = torch.arange(L, device=dev)[None, :] < qs[:, None]          # [W, L]
         same = owner_t[:, None] == owner_t[None, :]
         causal = torch.arange(W, device=dev)[None, :] <= torch.arange(W, device=dev)[:, None]
-        mask = torch.cat([prefix_ok, same & causal], dim=1)[None, None]         # [1, 1, W, L+W] bool
+        allowed = torch.cat([prefix_ok, same & causal], dim=1)                  # [W, L+W] bool
+        # Additive float mask: sdpa takes it as is, and eager attention (which adds the mask to the
+        # scores) would misread a bool one. A 4D mask bypasses transformers' own mask building.
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask[None, None]                                                 # [1, 1, W, L+W]
         out = forward_with_hidden(
             target, toks_t[None], spec, cache=cache, attention_mask=mask,
             position_ids=posn_t[None], use_cache=True,

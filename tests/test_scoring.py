@@ -22,10 +22,22 @@ def _responses(pair, n_new=48):
     return out
 
 
+@pytest.fixture
+def attn(request):
+    """Switch both models of a session pair to one attention implementation for one test."""
+    def use(pair, impl: str):
+        for m in (pair.target, pair.draft):
+            m.set_attn_implementation(impl)
+        request.addfinalizer(lambda: [m.set_attn_implementation("sdpa") for m in (pair.target, pair.draft)])
+    return use
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("pair_name", ["tiny_pair", "llama_pair"])
 @pytest.mark.parametrize("variant", ["continuation", "max_logprob"])
-def test_fast_equals_naive(pair_name, variant, request):
+def test_fast_equals_naive(pair_name, variant, impl, request, attn):
     pair = request.getfixturevalue(pair_name)
+    attn(pair, impl)
     total = 0
     for window, packed in ((20, 2048), (5, 16)):  # 16 forces many packed chunks
         for ids, resp in _responses(pair):
@@ -89,3 +101,13 @@ def test_bad_tau_and_variant():
         tau_from_rule(torch.ones(3), "quantile", 0, 1.5)
     with pytest.raises(ValueError, match="data_gen.score_variant"):
         score_response(None, None, [1], [2, 3], 10, variant="mean")
+
+
+def test_short_responses(tiny_pair):
+    """T = 0, 1, 2: the final position is never scored, so at most one mismatch (window of one token)."""
+    ids, resp = _responses(tiny_pair)[0]
+    for T in (0, 1, 2):
+        a = score_response(tiny_pair.target, tiny_pair.draft, ids, resp[:T], tiny_pair.vocab_size)
+        b = score_response_naive(tiny_pair.target, tiny_pair.draft, ids, resp[:T], tiny_pair.vocab_size)
+        assert len(a.positions) == len(b.positions) <= max(0, T - 1)
+        assert torch.allclose(a.ld, b.ld, atol=1e-5)
