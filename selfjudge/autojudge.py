@@ -1,21 +1,65 @@
-"""AutoJudge-style labels (Garipov et al., 2025) for tasks with an answer checker.
+"""AutoJudge-style labels (Garipov et al., 2025) beside the SelfJudge labels, for tasks with a checker.
 
-For each of the first ``max_mismatches`` mismatches of a response, in order, the draft token is put
-in place of the target's, the target regenerates greedily from there, and the mismatch is labelled
-important (1) if the task score of the regenerated answer differs from the original answer's score.
-Unlike the original, which searches mismatches sequentially along the regenerated text, every
-mismatch here is judged against the same original response, so the labels sit beside the SelfJudge
-labels of exactly the same mismatches. Mismatches past the budget keep -1 (not computed).
+For a mismatch ``i`` of the response ``y`` (draft token ``d_i``): put ``d_i`` in place of ``y_i``, let the
+target regenerate greedily from ``x ⊕ y_<i ⊕ d_i``, and label the mismatch important (1) iff the task
+score of the regenerated answer differs from the score of ``y``. Two search orders:
+
+- ``sequential`` (AutoJudge's search): mismatches in order from the first. An important swap is
+  undone and the search goes on along ``y``; an unimportant one is kept, so the search would go on
+  along the regenerated response. Its later mismatches are not mismatches of ``y`` (their prefix
+  holds ``d_i``), so they have no SelfJudge row to sit beside: the search stops there.
+- ``independent``: every mismatch judged against the same ``y`` (no carrying forward); all
+  regenerations of a response run as one batch.
+
+Mismatches not reached (budget ``max_mismatches``, or past the sequential stop) keep -1.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
+from selfjudge.generation import greedy_batch
 from selfjudge.models import ModelPair
 from selfjudge.tasks import Example, Task
+
+AUTOJUDGE_MODES = ("sequential", "independent")
+
+
+@dataclass(frozen=True)
+class AutoJudgeSettings:
+    enabled: bool          # compute AutoJudge labels (tasks with a checker only)
+    mode: str              # sequential | independent
+    max_mismatches: int    # regenerations per response (cost bound)
+    max_new_tokens: int    # tokens regenerated after a swap (also capped by the response's own budget)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "AutoJudgeSettings":
+        keys = {"enabled", "mode", "max_mismatches", "max_new_tokens"}
+        if set(d) != keys:
+            raise KeyError(f"data_gen.autojudge needs exactly the keys {sorted(keys)}, got {sorted(d)}")
+        s = cls(bool(d["enabled"]), str(d["mode"]), int(d["max_mismatches"]), int(d["max_new_tokens"]))
+        if s.mode not in AUTOJUDGE_MODES:
+            raise ValueError(f"data_gen.autojudge.mode must be one of {AUTOJUDGE_MODES}, got '{s.mode}'")
+        if s.max_mismatches < 0 or s.max_new_tokens < 0:
+            raise ValueError("data_gen.autojudge.max_mismatches and max_new_tokens must be >= 0")
+        return s
+
+
+def _regenerate(pair: ModelPair, prompt: list[int], response: list[int], swaps: list[tuple[int, int]],
+                budget: int, max_new_tokens: int) -> list[list[int]]:
+    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (i, d_i), at most ``budget`` tokens long."""
+    caps = [0 if d in pair.eos_ids else max(0, min(max_new_tokens, budget - i - 1)) for i, d in swaps]
+    todo = [j for j, c in enumerate(caps) if c > 0]
+    regen: dict[int, list[int]] = {}
+    if todo:  # one batch; greedy is prefix-consistent, so each row is cut to its own cap afterwards
+        prefixes = [prompt + response[: swaps[j][0]] + [swaps[j][1]] for j in todo]
+        outs = greedy_batch(pair.target, prefixes, max(caps[j] for j in todo), pair.eos_ids,
+                            pair.tokenizer.pad_token_id, pair.vocab_size)
+        regen = {j: o[: caps[j]] for j, o in zip(todo, outs)}
+    return [response[:i] + [d] + regen.get(j, []) for j, (i, d) in enumerate(swaps)]
 
 
 @torch.no_grad()
@@ -25,25 +69,29 @@ def autojudge_labels(
     example: Example,
     prompt: list[int],
     response: list[int],
-    positions: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    cfg: dict[str, Any],
+    positions: list[int],
+    draft_tokens: list[int],
+    s: AutoJudgeSettings,
+    budget: int,
 ) -> list[int]:
-    """One label per mismatch (1 important, 0 not, -1 not computed)."""
-    tok = pair.tokenizer
-    base = task.score(example, tok.decode(response, skip_special_tokens=True))
+    """One label per mismatch of ``response`` (1 important, 0 not, -1 not computed).
+
+    ``budget``: the response length limit of the run (data_gen.max_new_tokens), so a regenerated
+    answer is never allowed more tokens than the original had.
+    """
+    dec = pair.tokenizer.decode
     labels = [-1] * len(positions)
-    if base is None:
+    base = task.score(example, dec(response, skip_special_tokens=True))
+    if base is None or not positions:
         return labels
-    dev = next(pair.target.parameters()).device
-    budget = int(cfg.get("max_mismatches", 8))
-    for j, (i, d) in enumerate(zip(positions.tolist()[:budget], draft_tokens.tolist()[:budget])):
-        prefix = prompt + response[:i] + [d]
-        remaining = max(1, int(cfg.get("max_new_tokens", 256)) - i - 1)
-        out = pair.target.generate(
-            input_ids=torch.tensor([prefix], device=dev), max_new_tokens=remaining, do_sample=False,
-            eos_token_id=pair.eos_ids, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
-        )
-        new = response[:i] + [d] + out[0, len(prefix):].tolist()
-        labels[j] = int(task.score(example, tok.decode(new, skip_special_tokens=True)) != base)
+    swaps = list(zip(positions, draft_tokens))[: s.max_mismatches]
+    if s.mode == "independent":
+        for j, new in enumerate(_regenerate(pair, prompt, response, swaps, budget, s.max_new_tokens)):
+            labels[j] = int(task.score(example, dec(new, skip_special_tokens=True)) != base)
+        return labels
+    for j, swap in enumerate(swaps):
+        new = _regenerate(pair, prompt, response, [swap], budget, s.max_new_tokens)[0]
+        labels[j] = int(task.score(example, dec(new, skip_special_tokens=True)) != base)
+        if labels[j] == 0:
+            break  # the swap is kept: the search leaves y
     return labels

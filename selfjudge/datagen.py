@@ -1,18 +1,22 @@
 """data_gen core: prompts -> responses -> scored mismatches -> shards, resumable and rank-sliced.
 
-Each rank takes examples ``rank::world``, writes shards of whole prompts, and records the prompt ids
-each written shard covers in its progress file, so a killed run restarts after the last shard and
-produces exactly the records an uninterrupted run would. :func:`finalize` (rank 0, after all ranks)
-sets τ over every LD, writes the labels into the shards and writes the manifest last.
+Each rank takes examples ``rank::world`` and cuts them into fixed batches of similar prompt length.
+After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records it is
+written as one shard and the rank's progress file records the prompt ids that shard covers. A killed
+run restarts after its last recorded batch with the very same batches, so it produces exactly the
+records of an uninterrupted run: nothing twice, nothing lost. :func:`finalize` (rank 0, once every
+rank is done) sets τ over every LD of the run, writes the labels into the shards, and writes the
+manifest last; a folder without ``"complete": true`` is never read as finished.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -21,235 +25,244 @@ import torch
 from tqdm.auto import tqdm
 
 from selfjudge import shards
+from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
 from selfjudge.features import FeatureSpec
-from selfjudge.generation import greedy_responses
+from selfjudge.generation import fixed_batches, greedy_batch
 from selfjudge.io import read_json, write_json
 from selfjudge.models import ModelPair, format_prompt
-from selfjudge.scoring import label_rule, score_response, score_response_naive, tau_from_rule
+from selfjudge.scoring import SCORE_VARIANTS, ScoredResponse, label_rule, score_response, score_response_naive, tau_from_rule
 from selfjudge.tasks import Example, Task, example_system_prompt
 
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+SCORERS = ("fast", "naive")
+COLUMNS = ("prompt_id", "task", "prompt_ids", "response_ids", "position", "target_token", "draft_token",
+           "substituted", "orig", "alt", "ld", "label", "autojudge_label", "features")
 
-@dataclass
+
+@dataclass(frozen=True)
 class DataGenSettings:
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    window: int = 20
-    score_variant: str = "continuation"
-    tau_mode: str = "value"
-    tau_value: float = 0.066
-    tau_quantile: float = 0.6
-    features: FeatureSpec = field(default_factory=FeatureSpec)
-    feature_dtype: str = "float16"
-    shard_size: int = 4096
-    scorer: str = "fast"
-    max_prompt_tokens: int = 2048
-    max_packed_tokens: int = 2048
-    autojudge: dict = field(default_factory=dict)
+    max_new_tokens: int            # response length limit
+    batch_size: int                # prompts per greedy generation batch
+    window: int                    # N of LD_N
+    score_variant: str             # continuation | max_logprob
+    tau: dict                      # {mode: value|quantile, value, quantile}
+    features: FeatureSpec          # judge feature layout
+    feature_dtype: str             # float16 | float32 (stored)
+    shard_size: int                # records per shard (memory bound)
+    scorer: str                    # fast | naive
+    max_prompt_tokens: int         # longer prompts are an error
+    max_packed_tokens: int         # window tokens per packed scoring pass
+    autojudge: AutoJudgeSettings   # AutoJudge labels (optional)
 
-
-FEATURE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "DataGenSettings":
+        """From the plain ``data_gen`` dict (minus output_dir, overwrite, dataset); every key required."""
+        names = {f.name for f in fields(cls)}
+        if set(d) != names:
+            raise KeyError(f"data_gen settings: missing {sorted(names - set(d))}, unknown {sorted(set(d) - names)}")
+        s = cls(**{**dict(d), "features": FeatureSpec.from_mapping(d["features"]), "tau": dict(d["tau"]),
+                   "autojudge": AutoJudgeSettings.from_mapping(d["autojudge"])})
+        checks = [
+            (s.score_variant in SCORE_VARIANTS, f"data_gen.score_variant must be one of {SCORE_VARIANTS}"),
+            (s.scorer in SCORERS, f"data_gen.scorer must be one of {SCORERS}"),
+            (s.feature_dtype in FEATURE_DTYPES, f"data_gen.feature_dtype must be one of {sorted(FEATURE_DTYPES)}"),
+            (s.tau.get("mode") in ("value", "quantile"), "data_gen.tau.mode must be 'value' or 'quantile'"),
+            (s.window >= 1 and s.max_new_tokens >= 1 and s.shard_size >= 1 and s.max_packed_tokens >= 1,
+             "data_gen.window, max_new_tokens, shard_size and max_packed_tokens must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return s
 
 
 def tokenize_examples(pair: ModelPair, task: Task, examples: list[Example], s: DataGenSettings) -> list[list[int]]:
-    """Chat-formatted prompt ids, checked against the context before any long work starts."""
-    limit = getattr(pair.target.config, "max_position_embeddings", None) or 10**9
+    """Chat-formatted prompt ids of every example, checked against the context before any long work."""
+    if not examples:
+        raise ValueError("data_gen.dataset gave no prompts: check data_gen.dataset (limit, path, filters)")
+    context = getattr(pair.target.config, "max_position_embeddings", None) or math.inf
     out = []
     for ex in examples:
         ids = format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
-        if len(ids) > s.max_prompt_tokens or len(ids) + s.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt '{ex.id}' has {len(ids)} tokens: over data_gen.max_prompt_tokens={s.max_prompt_tokens} "
-                f"or, with data_gen.max_new_tokens={s.max_new_tokens}, over the target's context of {limit}"
-            )
+        if len(ids) > s.max_prompt_tokens:
+            raise ValueError(f"prompt '{ex.id}' has {len(ids)} tokens, over data_gen.max_prompt_tokens="
+                             f"{s.max_prompt_tokens}: raise it or drop the prompt")
+        if len(ids) + s.max_new_tokens > context:
+            raise ValueError(f"prompt '{ex.id}' has {len(ids)} tokens; with data_gen.max_new_tokens={s.max_new_tokens} "
+                             f"it exceeds the target's context of {context} tokens")
         out.append(ids)
     return out
 
 
-def _rows_for(ex: Example, prompt: list[int], resp: list[int], sc, aj: list[int] | None) -> dict[str, list]:
-    M = len(sc.positions)
-    aj = aj if aj is not None else [-1] * M
-    rows: dict[str, list] = {k: [] for k in ("prompt_id", "task", "prompt_ids", "response_ids", "position", "target_token",
-                                              "draft_token", "substituted", "orig", "alt", "ld", "label",
-                                              "autojudge_label", "features")}
-    for j in range(M):
+def records(ex: Example, prompt: list[int], resp: list[int], sc: ScoredResponse, aj: list[int]) -> list[dict]:
+    """Two records per mismatch: the substituted token and the original-token negative (label 0)."""
+    rows = []
+    for j in range(len(sc.positions)):
         for substituted in (True, False):
-            rows["prompt_id"].append(ex.id)
-            rows["task"].append(ex.task)
-            rows["prompt_ids"].append(prompt)
-            rows["response_ids"].append(resp)
-            rows["position"].append(int(sc.positions[j]))
-            rows["target_token"].append(int(sc.target_tokens[j]))
-            rows["draft_token"].append(int(sc.draft_tokens[j]))
-            rows["substituted"].append(substituted)
-            rows["orig"].append(float(sc.orig[j]))
-            rows["alt"].append(float(sc.alt[j]))
-            rows["ld"].append(float(sc.ld[j]) if substituted else float("nan"))
-            rows["label"].append(-1 if substituted else 0)  # set by finalize() once τ is known
-            rows["autojudge_label"].append(int(aj[j]) if substituted else (0 if aj[j] != -1 else -1))
-            rows["features"].append((sc.sub_features if substituted else sc.orig_features)[j].numpy())
+            rows.append({
+                "prompt_id": ex.id, "task": ex.task, "prompt_ids": prompt, "response_ids": resp,
+                "position": int(sc.positions[j]), "target_token": int(sc.target_tokens[j]),
+                "draft_token": int(sc.draft_tokens[j]), "substituted": substituted,
+                "orig": float(sc.orig[j]), "alt": float(sc.alt[j]),
+                "ld": float(sc.ld[j]) if substituted else math.nan,
+                "label": -1 if substituted else 0,  # set by finalize() once τ is known
+                "autojudge_label": aj[j] if substituted or aj[j] == -1 else 0,
+                "features": (sc.sub_features if substituted else sc.orig_features)[j].numpy(),
+            })
     return rows
 
 
-def _table(rows: dict[str, list], feature_dtype: str) -> pa.Table:
-    feats = np.stack(rows["features"]) if rows["features"] else np.zeros((0, 1), np.float32)
-    arr = pa.FixedSizeListArray.from_arrays(
-        pa.array(feats.reshape(-1).astype(np.float16 if feature_dtype == "float16" else np.float32)), feats.shape[1])
-    return pa.table({
-        "prompt_id": pa.array(rows["prompt_id"], pa.string()),
-        "task": pa.array(rows["task"], pa.string()),
-        "prompt_ids": pa.array(rows["prompt_ids"], pa.list_(pa.int32())),
-        "response_ids": pa.array(rows["response_ids"], pa.list_(pa.int32())),
-        "position": pa.array(rows["position"], pa.int32()),
-        "target_token": pa.array(rows["target_token"], pa.int32()),
-        "draft_token": pa.array(rows["draft_token"], pa.int32()),
-        "substituted": pa.array(rows["substituted"], pa.bool_()),
-        "orig": pa.array(rows["orig"], pa.float32()),
-        "alt": pa.array(rows["alt"], pa.float32()),
-        "ld": pa.array(rows["ld"], pa.float32()),
-        "label": pa.array(rows["label"], pa.int8()),
-        "autojudge_label": pa.array(rows["autojudge_label"], pa.int8()),
-        "features": arr,
-    })
+def to_table(rows: list[dict], feature_dtype: str, feature_dim: int) -> pa.Table:
+    """Records -> an Arrow table with the contract's column types (features: fixed-size list)."""
+    feats = np.stack([r["features"] for r in rows]) if rows else np.zeros((0, feature_dim), np.float32)
+    flat = pa.array(feats.reshape(-1).astype(FEATURE_DTYPES[feature_dtype]))
+    types = {"prompt_id": pa.string(), "task": pa.string(), "prompt_ids": pa.list_(pa.int32()),
+             "response_ids": pa.list_(pa.int32()), "position": pa.int32(), "target_token": pa.int32(),
+             "draft_token": pa.int32(), "substituted": pa.bool_(), "orig": pa.float32(), "alt": pa.float32(),
+             "ld": pa.float32(), "label": pa.int8(), "autojudge_label": pa.int8()}
+    cols = {k: pa.array([r[k] for r in rows], t) for k, t in types.items()}
+    cols["features"] = pa.FixedSizeListArray.from_arrays(flat, feature_dim)
+    return pa.table({k: cols[k] for k in COLUMNS})
 
 
 def run_rank(
     pair: ModelPair,
     task: Task,
     examples: list[Example],
+    prompts: list[list[int]],
     s: DataGenSettings,
     out_dir: str | Path,
     rank: int = 0,
     world: int = 1,
     after_shard: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Process this rank's slice of ``examples``, resuming after its last written shard."""
-    if s.feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"data_gen.feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got '{s.feature_dtype}'")
-    mine = examples[rank::world]
-    prompts = tokenize_examples(pair, task, mine, s)
+    """Process this rank's slice ``rank::world`` of the examples, resuming after its last written shard."""
+    mine = list(range(rank, len(examples), world))
     progress = shards.read_progress(out_dir, rank)
+    progress.setdefault("response_tokens", 0)
     done = set(progress["done_prompt_ids"])
-    todo = [k for k, ex in enumerate(mine) if ex.id not in done]
+    batches = [[mine[k] for k in b] for b in fixed_batches([len(prompts[i]) for i in mine], s.batch_size)]
+    todo = [b for b in batches if not all(examples[i].id in done for i in b)]
+    assert all(examples[i].id not in done for b in todo for i in b), "progress covers part of a batch"
     score = score_response if s.scorer == "fast" else score_response_naive
-    if s.scorer not in ("fast", "naive"):
-        raise ValueError(f"data_gen.scorer must be 'fast' or 'naive', got '{s.scorer}'")
-    kw = {} if s.scorer == "naive" else {"max_packed_tokens": s.max_packed_tokens}
-    aj_on = bool(s.autojudge.get("enabled")) and task.has_checker
-    buf: dict[str, list] | None = None
+    kw = {"max_packed_tokens": s.max_packed_tokens} if s.scorer == "fast" else {}
+    use_aj = s.autojudge.enabled and task.has_checker
+    dim = s.features.dim(pair.target_info.hidden_size, pair.draft_info.hidden_size)
+    buf: list[dict] = []
     buf_ids: list[str] = []
-    t0, n_tok = time.perf_counter(), 0
-    bar = tqdm(total=len(todo), desc=f"data_gen rank {rank}", unit="prompt", disable=rank != 0)
+    buf_tokens = 0
+    t0, n_new = time.perf_counter(), 0
+    bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=f"data_gen rank {rank}",
+               unit="prompt", disable=rank != 0)
 
     def flush() -> None:
-        nonlocal buf, buf_ids
+        nonlocal buf, buf_ids, buf_tokens
         index = len(progress["shards"])
-        if buf and buf["prompt_id"]:
-            path = shards.write_shard(out_dir, rank, index, _table(buf, s.feature_dtype))
-            progress["shards"].append(path.name)
+        if buf:
+            progress["shards"].append(shards.write_shard(out_dir, rank, index, to_table(buf, s.feature_dtype, dim)).name)
         progress["done_prompt_ids"].extend(buf_ids)
-        shards.write_progress(out_dir, rank, progress)
-        buf, buf_ids = None, []
-        if after_shard:
+        progress["response_tokens"] += buf_tokens
+        shards.write_progress(out_dir, rank, progress)  # after the shard: a kill in between redoes the shard
+        buf, buf_ids, buf_tokens = [], [], 0
+        if after_shard is not None:
             after_shard(index)
 
-    sub_prompts = [prompts[k] for k in todo]
-    for j, resp in greedy_responses(pair.target, sub_prompts, s.max_new_tokens, pair.eos_ids,
-                                    pair.tokenizer.pad_token_id, s.batch_size):
-        k = todo[j]
-        ex, prompt = mine[k], prompts[k]
-        sc = score(pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant, s.features, **kw)
-        aj = None
-        if aj_on:
-            from selfjudge.autojudge import autojudge_labels
-
-            aj = autojudge_labels(pair, task, ex, prompt, resp, sc.positions, sc.draft_tokens, s.autojudge)
-        rows = _rows_for(ex, prompt, resp, sc, aj)
-        if buf is None:
-            buf = rows
-        else:
-            for key in buf:
-                buf[key].extend(rows[key])
-        buf_ids.append(ex.id)
-        n_tok += len(resp)
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
-        if len(buf["prompt_id"]) >= s.shard_size:
+    for batch in todo:
+        resps = greedy_batch(pair.target, [prompts[i] for i in batch], s.max_new_tokens, pair.eos_ids,
+                             pair.tokenizer.pad_token_id, pair.vocab_size)
+        for i, resp in zip(batch, resps):
+            ex, prompt = examples[i], prompts[i]
+            sc = score(pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant,
+                       s.features, **kw)
+            aj = [-1] * len(sc.positions)
+            if use_aj:
+                aj = autojudge_labels(pair, task, ex, prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist(),
+                                      s.autojudge, s.max_new_tokens)
+            buf.extend(records(ex, prompt, resp, sc, aj))
+            buf_ids.append(ex.id)
+            buf_tokens += len(resp)
+            n_new += len(resp)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.1f}")
+        if len(buf) >= s.shard_size:
             flush()
-    if buf is not None or buf_ids:
+    if buf_ids:
         flush()
     bar.close()
-    stats = {"rank": rank, "prompts": len(mine), "new_prompts": len(todo), "seconds": time.perf_counter() - t0,
-             "response_tokens_this_run": n_tok}
+    stats = {"rank": rank, "world_size": world, "prompts": len(mine), "prompts_this_run": sum(map(len, todo)),
+             "response_tokens_this_run": n_new, "seconds": round(time.perf_counter() - t0, 3)}
     write_json(Path(out_dir) / shards.SHARD_DIR / f"rank{rank:03d}.done.json", stats)
     return stats
 
 
 def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base: dict) -> dict:
-    """Rank 0, after every rank is done: set τ, write labels into the shards, write the manifest."""
+    """Rank 0, after every rank is done: set τ, write the labels into the shards, write the manifest."""
     out_dir = Path(out_dir)
     missing = [r for r in range(world) if not (out_dir / shards.SHARD_DIR / f"rank{r:03d}.done.json").is_file()]
     if missing:
         raise RuntimeError(f"data_gen ranks {missing} have not finished; rerun data_gen to complete them")
-    names = [n for r in range(world) for n in shards.read_progress(out_dir, r)["shards"]]
+    progresses = [shards.read_progress(out_dir, r) for r in range(world)]
+    names = [n for p in progresses for n in p["shards"]]
     paths = [out_dir / shards.SHARD_DIR / n for n in names]
-    lds, resp_tokens, prompts_seen = [], 0, {}
+    lds, aj_pos, aj_n = [], 0, 0
     for p in paths:
-        t = pq.read_table(p, columns=["prompt_id", "substituted", "ld", "response_ids"])
+        t = pq.read_table(p, columns=["substituted", "ld", "autojudge_label"])
         sub = np.asarray(t["substituted"])
         lds.append(np.asarray(t["ld"])[sub])
-        for pid, resp in zip(t["prompt_id"].to_pylist(), t["response_ids"].to_pylist()):
-            prompts_seen.setdefault(pid, len(resp))
-    all_ld = torch.tensor(np.concatenate(lds) if lds else np.zeros(0, np.float32))
-    tau = tau_from_rule(all_ld, s.tau_mode, s.tau_value, s.tau_quantile)
-    for p in paths:  # labels depend on τ over the whole run: write them now, shard by shard, atomically
+        aj = np.asarray(t["autojudge_label"])[sub]
+        aj_pos, aj_n = aj_pos + int((aj == 1).sum()), aj_n + int((aj != -1).sum())
+    all_ld = torch.from_numpy(np.concatenate(lds)) if lds else torch.zeros(0)
+    tau = tau_from_rule(all_ld, s.tau["mode"], float(s.tau["value"]), float(s.tau["quantile"]))
+    for name, p in zip(names, paths):  # τ depends on the whole run: labels go in now, shard by shard, atomically
         t = pq.read_table(p)
-        ld = torch.tensor(np.nan_to_num(np.asarray(t["ld"]), nan=-math.inf))
-        lab = torch.where(torch.tensor(np.asarray(t["substituted"])), label_rule(ld, tau), torch.zeros_like(ld, dtype=torch.int8))
-        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(lab.numpy(), pa.int8()))
-        rank, index = int(p.name[4:7]), int(p.name[8:13])
+        ld = torch.from_numpy(np.nan_to_num(np.asarray(t["ld"]), nan=-math.inf))
+        lab = label_rule(ld, tau).numpy()  # negatives carry LD NaN -> -inf -> 0
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(lab, pa.int8()))
+        rank, index = (int(x) for x in name.removeprefix("rank").removesuffix(".parquet").split("-"))
         shards.write_shard(out_dir, rank, index, t)
-    resp_tokens = sum(prompts_seen.values())
     n_mis = int(all_ld.numel())
-    pos = int((all_ld > tau).sum())
-    hist_counts, hist_edges = np.histogram(all_ld.numpy(), bins=40) if n_mis else (np.zeros(0), np.zeros(0))
-    records = 2 * n_mis
+    positives = int((all_ld > tau).sum())
+    n_prompts = sum(len(p["done_prompt_ids"]) for p in progresses)
+    counts, edges = np.histogram(all_ld.numpy(), bins=40) if n_mis else (np.zeros(0), np.zeros(0))
     manifest = {
         **manifest_base,
         "complete": True,
         "shards": names,
         "tau": tau,
+        "tau_rule": dict(s.tau),
         "score_variant": s.score_variant,
         "window": s.window,
-        "counts": {"prompts": len(prompts_seen), "responses": len(prompts_seen), "response_tokens": resp_tokens,
-                   "mismatches": n_mis, "positives": pos, "records": records,
-                   "mismatches_per_response": n_mis / max(1, len(prompts_seen))},
-        "positive_rate": pos / max(1, n_mis),
-        "ld_histogram": {"edges": hist_edges.tolist(), "counts": hist_counts.astype(int).tolist()},
+        "counts": {"prompts": n_prompts, "responses": n_prompts,
+                   "response_tokens": sum(p["response_tokens"] for p in progresses),
+                   "mismatches": n_mis, "positives": positives, "records": 2 * n_mis,
+                   "autojudge_labelled": aj_n, "autojudge_positives": aj_pos},
+        "positive_rate": positives / n_mis if n_mis else 0.0,
+        "ld_histogram": {"bins": edges.tolist(), "counts": counts.astype(int).tolist()},
         "ld_quantiles": {str(q): float(torch.quantile(all_ld, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if n_mis else {},
     }
     shards.write_manifest(out_dir, manifest)
     return manifest
 
 
-def check_output_dir(out_dir: str | Path, cfg_hash: str, overwrite: bool) -> None:
-    """Refuse a folder made by another config (unless overwrite): its records would mix with ours."""
+def check_output_dir(out_dir: str | Path, cfg_hash: str, world: int, overwrite: bool) -> None:
+    """Refuse a folder made by another config or rank count (unless overwrite): records would mix."""
     out_dir = Path(out_dir)
     stamp = out_dir / "config_stamp.json"
+    fix = "choose another data_gen.output_dir or set data_gen.overwrite=true to replace it"
     if stamp.is_file():
-        old = read_json(stamp)["config_hash"]
-        if old != cfg_hash:
+        old = read_json(stamp)
+        problem = None
+        if old["config_hash"] != cfg_hash:
+            problem = f"was made by a different config (config_hash {old['config_hash']} != {cfg_hash})"
+        elif old["world_size"] != world:
+            problem = f"was started with {old['world_size']} ranks, not {world} (resume with the same number)"
+        if problem:
             if not overwrite:
-                raise FileExistsError(
-                    f"data_gen.output_dir '{out_dir}' was made by a different config (hash {old} != {cfg_hash}); "
-                    f"choose another output_dir or set data_gen.overwrite=true to replace it"
-                )
-            import shutil
-
+                raise FileExistsError(f"data_gen.output_dir '{out_dir}' {problem}; {fix}")
             shutil.rmtree(out_dir)
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"data_gen.output_dir '{out_dir}' is not empty and is not a data_gen output; "
-                                  f"choose another folder or set data_gen.overwrite=true")
+    elif out_dir.is_dir() and any(out_dir.iterdir()):  # never deleted, even with overwrite: not ours
+        raise FileExistsError(f"data_gen.output_dir '{out_dir}' is not empty and is not a data_gen output; "
+                              f"choose another data_gen.output_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
-        write_json(stamp, {"config_hash": cfg_hash})
+        write_json(stamp, {"config_hash": cfg_hash, "world_size": world})
