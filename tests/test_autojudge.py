@@ -1,0 +1,96 @@
+"""AutoJudge labels: swap, regenerate greedily, compare task scores; both search orders; stored beside SelfJudge."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from selfjudge import shards
+from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
+from selfjudge.data_gen.stage import run
+from selfjudge.models import format_prompt
+from selfjudge.scoring import score_response
+from selfjudge.tasks import Example
+from selfjudge.tasks.base import Task
+
+TASK_CFG = {"system_prompt": None, "chat_template": True, "shuffle": False, "limit": None, "seed": 0}
+
+
+def _checker(ex: Example, text: str) -> float:
+    """A text-sensitive stand-in checker: swaps change its verdict about half of the time."""
+    return float(sum(map(ord, text)) % 2)
+
+
+def _case(pair, q: str, n: int = 24):
+    ex = Example(id="q0", prompt=q, reference=None, task="toy")
+    task = Task("toy", TASK_CFG, lambda: [ex], _checker)
+    prompt = format_prompt(pair.tokenizer, q)
+    resp = pair.target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    sc = score_response(pair.target, pair.draft, prompt, resp, pair.vocab_size, window=4)
+    return task, ex, prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist()
+
+
+def _by_hand(pair, task, ex, prompt, resp, i, d, budget):
+    """The label of one swap, regenerating with unbatched ``generate``."""
+    cap = budget - i - 1
+    new = resp[:i] + [d]
+    if cap > 0 and d not in pair.eos_ids:
+        pre = prompt + new
+        out = pair.target.generate(torch.tensor([pre]), max_new_tokens=cap, do_sample=False)[0, len(pre):].tolist()
+        new += out[: next((k + 1 for k, t in enumerate(out) if t in pair.eos_ids), len(out))]
+    text = lambda ids: pair.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return int(task.score(ex, text(new)) != task.score(ex, text(resp)))
+
+
+def test_independent_labels_match_hand_regeneration(tiny_pair):
+    task, ex, prompt, resp, pos, dr = _case(tiny_pair, "tom eats 3 eggs each day, how many in a week?")
+    assert len(pos) >= 4
+    s = AutoJudgeSettings(enabled=True, mode="independent", max_mismatches=6, max_new_tokens=24)
+    got = autojudge_labels(tiny_pair, task, ex, prompt, resp, pos, dr, s, budget=24)
+    want = [_by_hand(tiny_pair, task, ex, prompt, resp, i, d, 24) for i, d in zip(pos[:6], dr[:6])]
+    assert got[:6] == want and all(x == -1 for x in got[6:])
+    assert set(want) == {0, 1}  # the stand-in checker really separates swaps
+
+
+def test_sequential_stops_at_first_kept_swap(tiny_pair):
+    task, ex, prompt, resp, pos, dr = _case(tiny_pair, "tom eats 3 eggs each day, how many in a week?")
+    s = AutoJudgeSettings(enabled=True, mode="sequential", max_mismatches=len(pos), max_new_tokens=24)
+    got = autojudge_labels(tiny_pair, task, ex, prompt, resp, pos, dr, s, budget=24)
+    want = [_by_hand(tiny_pair, task, ex, prompt, resp, i, d, 24) for i, d in zip(pos, dr)]
+    stop = want.index(0) if 0 in want else len(want)
+    assert got == want[: stop + 1] + [-1] * (len(pos) - stop - 1)
+
+
+def test_no_checker_gives_minus_one(tiny_pair):
+    task, ex, prompt, resp, pos, dr = _case(tiny_pair, "hello there")
+    task = Task("toy", TASK_CFG, lambda: [ex], None)
+    s = AutoJudgeSettings(enabled=True, mode="independent", max_mismatches=8, max_new_tokens=8)
+    assert autojudge_labels(tiny_pair, task, ex, prompt, resp, pos, dr, s, budget=24) == [-1] * len(pos)
+
+
+def test_settings_errors():
+    with pytest.raises(ValueError, match="data_gen.autojudge.mode"):
+        AutoJudgeSettings.from_mapping({"enabled": True, "mode": "x", "max_mismatches": 1, "max_new_tokens": 1})
+    with pytest.raises(KeyError, match="data_gen.autojudge"):
+        AutoJudgeSettings.from_mapping({"enabled": True})
+
+
+def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=[
+            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "logger=none",
+            "data_gen.max_new_tokens=12", "data_gen.dataset.limit=3", "data_gen.autojudge.enabled=true",
+            "data_gen.autojudge.mode=independent", "data_gen.autojudge.max_mismatches=2"])
+    out = run(cfg)
+    man = shards.read_manifest(tmp_path / "data")
+    assert man["label_sources"] == ["selfjudge", "autojudge"]
+    rows = [r for p in shards.list_shards(tmp_path / "data", man) for r in pq.read_table(p).to_pylist()]
+    by_prompt: dict[str, list] = {}
+    for r in rows:
+        if r["substituted"]:
+            by_prompt.setdefault(r["prompt_id"], []).append(r["autojudge_label"])
+    for labels in by_prompt.values():  # the first two mismatches labelled (0/1), the rest not computed
+        assert all(x in (0, 1) for x in labels[:2]) and all(x == -1 for x in labels[2:])
+    assert out["counts"]["autojudge_labelled"] == sum(min(2, len(v)) for v in by_prompt.values()) > 0
