@@ -1,13 +1,16 @@
 """eval stage: every method on the same prompts in one process, models loaded once.
 
-For each prompt, all methods run back to back (target-only first), so slow drifts of machine load hit
-every method alike. Records are appended to per_example.jsonl as they finish: a rerun skips what is
-there. summary.json, report.md and pareto.png are written at the end.
+For each prompt all methods run back to back, target-only first, so drifts of machine load hit every
+method alike. Records go to per_example.jsonl as they finish; a rerun with the same settings skips
+what is there (a line cut by a kill is dropped and redone). summary.json, report.md and pareto.png are
+written at the end, atomically; summary.json exists only for a complete run.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,137 +19,237 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from selfjudge.decoding import decode
-from selfjudge.features import FeatureSpec
-from selfjudge.io import check_writable, code_version, write_json
-from selfjudge.metrics import agreement, aggregate
+from selfjudge.io import atomic_write_text, check_writable, code_version, config_hash, read_json, write_json
+from selfjudge.judge import JudgeHead
+from selfjudge.metrics import aggregate, prefix_agreement
 from selfjudge.models import format_prompt, pair_from_mapping
 from selfjudge.policies import POLICIES, build_policy, load_head
 from selfjudge.report import write_report
 from selfjudge.tasks import build_task, example_system_prompt
 
+BASELINES = ("target", "draft", "lossless")      # method names taken by the always-run methods
+HEAD_DIR_KEYS = {"judge": "judge_dir", "autojudge": "autojudge_dir"}
 
-def method_grid(methods: dict[str, Any], heads: dict) -> list[tuple[str, Any]]:
-    """(policy, threshold) pairs: target-only and lossless first, then each rule's sweep."""
-    grid: list[tuple[str, Any]] = [("target", None), ("lossless", None)]
-    for name, ths in (methods or {}).items():
-        if name not in POLICIES or name in ("lossless",):
-            raise ValueError(f"unknown policy '{name}' in eval.methods; known: {[p for p in POLICIES if p != 'lossless']}")
-        if name in ("judge", "autojudge") and name not in heads:
-            continue  # no head folder configured for it
+
+@dataclass(frozen=True)
+class Method:
+    name: str                  # key in eval.methods (or a baseline name)
+    policy: str                # registry name in selfjudge.policies (target/draft: plain decoding)
+    threshold: float | None    # the rule's threshold (None: no rule)
+    head_key: str | None = None  # eval.* key of the head folder (judge rules)
+
+
+def _check(e: dict[str, Any]) -> None:
+    if not isinstance(e["gamma"], int) or e["gamma"] < 1:
+        raise ValueError(f"eval.gamma must be an integer >= 1 (draft tokens per round), got {e['gamma']!r}")
+    if not isinstance(e["max_new_tokens"], int) or e["max_new_tokens"] < 1:
+        raise ValueError(f"eval.max_new_tokens must be an integer >= 1, got {e['max_new_tokens']!r}")
+    if not isinstance(e["temperature"], (int, float)) or e["temperature"] < 0:
+        raise ValueError(f"eval.temperature must be >= 0 (0: greedy), got {e['temperature']!r}")
+    for key in ("warmup", "warmup_tokens"):
+        if not isinstance(e[key], int) or e[key] < 0:
+            raise ValueError(f"eval.{key} must be an integer >= 0, got {e[key]!r}")
+    if e["limit"] is not None and (not isinstance(e["limit"], int) or e["limit"] < 1):
+        raise ValueError(f"eval.limit must be null or an integer >= 1, got {e['limit']!r}")
+
+
+def method_specs(e: dict[str, Any]) -> list[tuple[str, str, Any, str | None]]:
+    """(name, policy, thresholds, head key) per eval.methods entry, checked; heads not loaded yet."""
+    out = []
+    for name, spec in (e["methods"] or {}).items():
+        if name in BASELINES:
+            raise ValueError(f"eval.methods.{name}: '{name}' always runs; remove it from eval.methods")
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {"policy", "thresholds", "head_dir"})
+            if unknown or "thresholds" not in spec:
+                raise ValueError(f"eval.methods.{name} must be a threshold list or a map with keys policy, thresholds "
+                                 f"(and head_dir for judge rules); got keys {sorted(spec)}")
+            policy, ths, head_key = spec.get("policy", name), spec["thresholds"], None
+            if spec.get("head_dir"):
+                head_key = f"methods.{name}.head_dir"
+        else:
+            policy, ths, head_key = name, spec, None
+        if policy not in POLICIES or policy == "lossless":
+            raise ValueError(f"unknown policy '{policy}' in eval.methods.{name}; known: "
+                             f"{sorted(p for p in POLICIES if p != 'lossless')}")
+        if policy in HEAD_DIR_KEYS and head_key is None:
+            head_key = HEAD_DIR_KEYS.get(name, HEAD_DIR_KEYS[policy])
+        if ths != "head_quantiles" and not isinstance(ths, (list, int, float)):
+            raise ValueError(f"eval.methods.{name}: thresholds must be a list of numbers or head_quantiles, got {ths!r}")
+        if ths == "head_quantiles" and head_key is None:
+            raise ValueError(f"eval.methods.{name}: head_quantiles needs a judge policy with a head folder")
+        out.append((name, policy, ths, head_key))
+    return out
+
+
+def _head_path(e: dict[str, Any], key: str) -> str | None:
+    node: Any = e
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def build_grid(e: dict[str, Any], heads: dict[str, JudgeHead]) -> list[Method]:
+    """Target-only, lossless (and draft-only), then every method's thresholds; judge methods whose head
+    folder is null are skipped. Thresholds are validated here, before any decoding."""
+    grid = [Method("target", "target", None), Method("lossless", "lossless", None)]
+    if e["draft_only"]:
+        grid.insert(1, Method("draft", "draft", None))
+    for name, policy, ths, head_key in method_specs(e):
+        if head_key is not None and head_key not in heads:
+            continue
         if ths == "head_quantiles":
-            if name not in heads:
-                raise ValueError(f"eval.methods.{name}=head_quantiles needs a head")
-            ths = heads[name].config.thresholds.get("quantiles") or []
-        if isinstance(ths, (int, float)):
-            ths = [ths]
-        for t in ths:
-            build_policy(name, t, heads)  # validates the threshold now, before any decoding
-            grid.append((name, float(t)))
+            ths = list(heads[head_key].config.thresholds.get("quantiles") or [])
+            if not ths:
+                raise ValueError(f"eval.methods.{name}=head_quantiles, but the head in eval.{head_key} stores no "
+                                 "thresholds.quantiles: list thresholds explicitly")
+        for t in ths if isinstance(ths, list) else [ths]:
+            build_policy(policy, t, head=heads.get(head_key), options=e["policy_options"])
+            grid.append(Method(name, policy, float(t), head_key))
     return grid
 
 
-def _done_keys(path: Path) -> set[tuple]:
+def _valid_records(path: Path) -> list[dict]:
+    """Whole records of per_example.jsonl; the file is rewritten without a line cut by a kill."""
     if not path.is_file():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    recs = []
+    for line in lines:
         try:
-            r = json.loads(line)
+            recs.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line cut by a kill: that record is simply redone
-        keys.add((r["method"], r["threshold"], r["prompt_id"]))
-    return keys
+            continue
+    if len(recs) != len(lines) or (lines and not path.read_bytes().endswith(b"\n")):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def _seed(base: int, prompt_id: str) -> int:
+    return (int(base) * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**63)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     e = plain["eval"]
-    gamma = int(e["gamma"])
-    if gamma < 1:
-        raise ValueError(f"eval.gamma must be >= 1, got {gamma}")
+    _check(e)
     out_dir = check_writable(e["output_dir"], "eval.output_dir")
-    task = build_task(e["dataset"])
-    examples = task.examples()
-    pair = pair_from_mapping(plain["model"])
+    ds = dict(e["dataset"])
+    if e["limit"] is not None:
+        ds["limit"] = e["limit"] if ds.get("limit") is None else min(ds["limit"], e["limit"])
+    task = build_task(ds)
+    specs = method_specs(e)  # config errors before the models load
+    mcfg = dict(plain["model"], device=e["device"])
+    pair = pair_from_mapping(mcfg)
+    dev = next(pair.target.parameters()).device
     tinfo = pair.target_info.as_dict()
-    dim = lambda spec: spec.dim(pair.target_info.hidden_size, pair.draft_info.hidden_size)  # noqa: E731
-    heads = {}
-    methods = dict(e["methods"] or {})
-    if "judge" in methods and e.get("judge_dir"):
-        heads["judge"] = load_head(e["judge_dir"], tinfo, dim)
-    if e.get("autojudge_dir"):
-        heads["autojudge"] = load_head(e["autojudge_dir"], tinfo, dim)
-        methods.setdefault("autojudge", methods.get("judge", "head_quantiles"))
-    grid = method_grid(methods, heads)
-    gen = torch.Generator(device=next(pair.target.parameters()).device).manual_seed(int(e["seed"]))
+    heads: dict[str, JudgeHead] = {}
+    for _, _, _, key in specs:
+        if key is not None and key not in heads and _head_path(e, key):
+            heads[key] = load_head(_head_path(e, key), tinfo, pair.target_info.hidden_size,
+                                   pair.draft_info.hidden_size, dev, key=f"eval.{key}")
+    grid = build_grid(e, heads)
+    skipped = [n for n, _, _, k in specs if k is not None and k not in heads]
+    if skipped:
+        print(f"[eval] skipping {skipped}: no head folder set (eval.judge_dir / eval.autojudge_dir)")
+    examples = task.examples()
     prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
                for ex in examples]
-    specs = {m: FeatureSpec.from_mapping(h.config.features) for m, h in heads.items()}
 
-    def run_one(method: str, th: Any, ids: list[int]):
-        policy = None if method in ("target", "lossless") else build_policy(method, th, heads)
-        return decode(pair.target, pair.draft, ids, gamma=0 if method == "target" else gamma,
-                      max_new_tokens=int(e["max_new_tokens"]), eos_ids=pair.eos_ids, vocab=pair.vocab_size,
-                      policy=policy, temperature=float(e["temperature"]), generator=gen,
-                      feature_spec=specs.get(method, FeatureSpec()))
+    # a rerun may keep records only if they were made by the same decoding settings
+    key_cfg = {k: e[k] for k in ("gamma", "max_new_tokens", "temperature", "seed", "policy_options")}
+    run_key = config_hash({**key_cfg, "dataset": ds, "target": tinfo.get("fingerprint"),
+                           "draft": pair.draft_info.as_dict().get("fingerprint"), "dtype": mcfg["dtype"]})
+    per_path, key_path = out_dir / "per_example.jsonl", out_dir / "eval_key.json"
+    if not e["resume"] or not key_path.is_file() or read_json(key_path).get("run_key") != run_key:
+        if per_path.is_file() and e["resume"] and key_path.is_file():
+            print(f"[eval] settings changed since {per_path} was written: starting it afresh")
+        for p in (per_path, out_dir / "summary.json"):
+            p.unlink(missing_ok=True)
+        write_json(key_path, {"run_key": run_key, "settings": key_cfg, "dataset": ds})
+    (out_dir / "summary.json").unlink(missing_ok=True)  # only a finished run has one
+    records = _valid_records(per_path)
+    done = {(r["method"], r["threshold"], r["prompt_id"]) for r in records}
+    target_out = {r["prompt_id"]: r["output_ids"] for r in records if r["method"] == "target"}
 
-    for ids in prompts[: int(e["warmup"])]:  # warm-up, excluded from every timing
-        for m, th in {(m, None if m in ("target", "lossless") else th) for m, th in grid[:3]}:
-            run_one(m, th, ids)
-    per_path = out_dir / "per_example.jsonl"
-    done = _done_keys(per_path)
-    total = len(examples) * len(grid)
-    bar = tqdm(total=total, initial=len(done), desc="eval", unit="decode")
-    with open(per_path, "a", encoding="utf-8") as f:
-        for ex, ids in zip(examples, prompts):
-            reference_ids: list[int] | None = None
-            for method, th in grid:
-                if (method, th, ex.id) in done:
-                    continue
-                toks, st = run_one(method, th, ids)
-                text = pair.tokenizer.decode(toks, skip_special_tokens=True)
-                score = task.score(ex, text)
-                if method == "target":
-                    reference_ids = toks
-                if score is None and not task.has_checker or (task.name == "mix" and score is None):
-                    if reference_ids is None:  # resumed after target-only: read it back
-                        reference_ids = next(json.loads(line)["output_ids"] for line in per_path.read_text().splitlines()
-                                             if json.loads(line)["prompt_id"] == ex.id and json.loads(line)["method"] == "target")
-                    score = agreement(toks, reference_ids)
-                rec = {"prompt_id": ex.id, "task": ex.task, "method": method, "threshold": th, "output_ids": toks,
-                       "text": text, "score": score, "rounds": st.target_forwards, "new_tokens": st.new_tokens,
-                       "target_forwards": st.target_forwards, "draft_forwards": st.draft_forwards,
-                       "proposed": st.proposed, "accepted": st.accepted, "accept_hist": st.accept_hist,
-                       "seconds": st.seconds}
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                bar.update(1)
-    bar.close()
-    records = [json.loads(line) for line in per_path.read_text().splitlines() if line.strip()]
+    def policy_of(m: Method):
+        return None if m.policy in ("target", "draft", "lossless") else \
+            build_policy(m.policy, m.threshold, head=heads.get(m.head_key), options=e["policy_options"])
+
+    def run_one(m: Method, ids: list[int], seed: int, n: int):
+        gen = torch.Generator(device=dev).manual_seed(seed) if e["temperature"] > 0 else None
+        model, draft = {"target": (pair.target, None), "draft": (pair.draft, None)}.get(m.policy, (pair.target, pair.draft))
+        return decode(model, draft, ids, gamma=e["gamma"], max_new_tokens=n, eos_ids=pair.eos_ids,
+                      vocab=pair.vocab_size, policy=policy_of(m), temperature=float(e["temperature"]),
+                      generator=gen, profile=e["profile"])
+
+    todo = [(ex, ids, m) for ex, ids in zip(examples, prompts) for m in grid if (m.name, m.threshold, ex.id) not in done]
+    if todo and e["warmup"] and e["warmup_tokens"]:  # one decode per kind of method, excluded from the results
+        kinds = {(m.policy, m.head_key): m for m in grid}
+        for ids in prompts[: e["warmup"]]:
+            for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):
+                run_one(m, ids, 0, min(e["warmup_tokens"], e["max_new_tokens"]))
+    with open(per_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="eval", unit="decode") as bar:
+        for ex, ids, m in todo:
+            toks, st = run_one(m, ids, _seed(e["seed"], ex.id), e["max_new_tokens"])
+            text = pair.tokenizer.decode(toks, skip_special_tokens=True)
+            if m.name == "target":
+                target_out[ex.id] = toks
+            ref = target_out[ex.id]
+            score, source = task.score(ex, text), "task"
+            if score is None:  # no checker: agreement with the target's own answer
+                score, source = prefix_agreement(toks, ref), "agreement"
+            rec = {"prompt_id": ex.id, "task": ex.task, "method": m.name, "policy": m.policy,
+                   "threshold": m.threshold, "prompt_tokens": len(ids), "output_ids": toks, "text": text,
+                   "score": score, "score_source": source, "agree_exact": float(toks == ref),
+                   "agree_prefix": prefix_agreement(toks, ref), "stopped_at_eos": bool(toks) and toks[-1] in pair.eos_ids,
+                   "rounds": st.rounds, "new_tokens": st.new_tokens, "draft_forwards": st.draft_forwards,
+                   "proposed": st.proposed, "accepted": st.accepted, "accepted_by_rule": st.accepted_by_rule,
+                   "accept_hist": st.accept_hist, "seconds": st.seconds, "prefill_seconds": st.prefill_seconds,
+                   "draft_seconds": st.draft_seconds, "verify_seconds": st.verify_seconds}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            records.append(rec)
+            bar.set_postfix_str(f"{m.name}{'' if m.threshold is None else f'@{m.threshold:g}'} "
+                                f"{st.new_tokens / max(st.seconds, 1e-9):.1f} tok/s")
+            bar.update(1)
+
+    ids_wanted = {ex.id for ex in examples}
+    records = [r for r in records if r["prompt_id"] in ids_wanted]
     base = aggregate(r for r in records if r["method"] == "target")
     rows = []
-    for method, th in grid:
-        agg = aggregate((r for r in records if r["method"] == method and r["threshold"] == th), base["tokens_per_s"])
-        rows.append({"method": method, "threshold": th, **agg})
-    title = (f"{task.name}: {len(examples)} prompts, gamma={gamma}, max_new_tokens={e['max_new_tokens']}, "
-             f"T={e['temperature']}, target {pair.target_info.name}, draft {pair.draft_info.name}")
-    summary = {"title": title, "task": task.name, "gamma": gamma, "rows": rows, "code_version": code_version(),
-               "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": plain["eval"]}
-    write_json(out_dir / "summary.json", summary)
+    for m in grid:
+        agg = aggregate((r for r in records if r["method"] == m.name and r["threshold"] == m.threshold),
+                        base["tokens_per_s"])
+        rows.append({"method": m.name, "policy": m.policy, "threshold": m.threshold, **agg})
+    title = (f"{task.name}: {len(examples)} prompts, gamma={e['gamma']}, max_new_tokens={e['max_new_tokens']}, "
+             f"T={e['temperature']}, target {pair.target_info.name}, draft {pair.draft_info.name}, "
+             f"{mcfg['dtype']} on {dev}")
     text = write_report(rows, out_dir, title)
+    summary = {"complete": True, "title": title, "task": task.name, "examples": len(examples), "gamma": e["gamma"],
+               "baseline_tokens_per_s": base["tokens_per_s"], "rows": rows, "code_version": code_version(),
+               "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": e,
+               "engine": "batch size 1, DynamicCache rollback, one verify pass per round"}
+    write_json(out_dir / "summary.json", summary)
     if plain["logger"]["name"] == "wandb":
         _log_wandb(plain, rows)
     print(text)
-    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["speedup"] or 0) for m in {r["method"] for r in rows}}
-    return {"rows": len(rows), "best_speedup": {m: r["speedup"] for m, r in best.items()}}
+    lossless = next(r for r in rows if r["method"] == "lossless")
+    return {"examples": len(examples), "rows": len(rows), "output_dir": str(out_dir),
+            "baseline_tokens_per_s": base["tokens_per_s"], "lossless_speedup": lossless["speedup"],
+            "best_speedup": {r["method"]: max(x["speedup"] or 0.0 for x in rows if x["method"] == r["method"])
+                             for r in rows}}
 
 
 def _log_wandb(plain: dict, rows: list[dict]) -> None:
     import wandb
 
     lg = plain["logger"]
-    run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], tags=list(lg["tags"]) + ["eval"],
+    run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], tags=[*lg["tags"], "eval"],
                      config=plain, dir=plain["run_dir"], job_type="eval")
-    cols = ["method", "threshold", "accuracy", "mean_accepted_length", "acceptance_rate", "tokens_per_s", "speedup"]
-    run.log({"eval/results": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+    cols = ["method", "threshold", "accuracy", "agreement_exact", "agreement_prefix", "mean_accepted_length",
+            "acceptance_rate", "tokens_per_s", "speedup", "accept_hist"]
+    run.log({"eval/results": wandb.Table(columns=cols, data=[[r[c] if c != "accept_hist" else str(r[c]) for c in cols]
+                                                             for r in rows])})
+    run.summary.update({f"eval/{r['method']}@{r['threshold']}/speedup": r["speedup"] for r in rows})
     run.finish()

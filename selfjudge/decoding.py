@@ -1,59 +1,109 @@
-"""Speculative decoding core: propose, verify, accept, roll back (batch size 1).
+"""Speculative decoding core: propose, verify, accept, roll back. Batch size 1 (one prompt at a time).
 
-One loop serves every method: ``gamma=0`` is target-only autoregressive decoding (each round is one
-target forward and one new token), and decoding the draft alone is the same loop with the draft as
-the verifier. A round with ``gamma >= 1``:
+One loop serves every method, so every method is timed the same way: ``decode(target, draft, ...)``
+with ``gamma >= 1`` is speculative decoding, ``draft=None`` is plain autoregressive
+decoding of ``target``, and draft-only decoding is ``decode(draft, None, ...)``. A round:
 
-1. the draft, whose KV cache covers every committed token but the last, reads the tokens it has not
-   seen (the last committed one, plus the final draft token after a fully accepted window) and then
-   proposes ``gamma`` tokens one at a time;
-2. the target reads ``[last, d_1..d_gamma]`` in one forward pass over its cache, giving the
-   distributions that judge each ``d_j`` and the hidden state where ``d_j`` is the input (the judge's
-   feature, METHOD §2.8);
-3. ``d_j`` is kept iff the standard test accepts it OR the policy's rule does; the longest kept prefix
-   is committed plus one target token (the correction at the first rejection, or the bonus token);
-4. both caches are cropped back to the committed length, so rejected tokens cost nothing more.
+1. **propose**: the draft's KV cache covers every committed token but the ones it has not read
+   (the newest one, plus the last draft token after a fully accepted window); it reads those, then
+   proposes ``γ`` tokens one forward at a time, computing logits for the last position only;
+2. **verify**: the target reads ``[last, d_1..d_γ]`` in ONE forward pass over its cache
+   (:func:`selfjudge.features.forward_with_hidden`), giving the distributions that judge each ``d_j``
+   and the hidden states where ``d_j`` is the input token (the judge's features, METHOD §2.8);
+3. **accept**: ``d_j`` is kept iff the standard test (greedy match, or the speculative-sampling test
+   ``u < p/q``) accepts it OR the policy's rule does; the longest kept prefix is committed plus one
+   target token: the correction at the first rejection, or the bonus token after a full window;
+4. **roll back**: both caches are cropped (``DynamicCache.crop(-k)`` drops the last k positions), so
+   rejected tokens cost nothing more and the draft never re-reads tokens it has cached.
+
+Per round the host waits on the device once (greedy; twice with sampling, for the residual draw).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from selfjudge.features import FeatureSpec, forward_with_hidden
 
 
 @dataclass
 class Proposal:
-    tokens: torch.Tensor          # [γ] draft tokens d_1..d_γ
-    logits: torch.Tensor          # [γ, V] draft logits that produced them (float32, vocab-sliced)
-    hidden: torch.Tensor          # [γ, H_d] draft state that produced each d_j
+    """What the draft proposed in one round."""
+
+    tokens: torch.Tensor                 # [γ] d_1..d_γ (long)
+    logits: torch.Tensor | None          # [γ, V] draft logits that produced each d_j (None if unused)
+    hidden: torch.Tensor | None          # [γ, H_d] draft last-layer state that produced each d_j (None if unused)
 
 
 @dataclass
 class Verification:
-    draft_tokens: torch.Tensor    # [γ]
-    target_logits: torch.Tensor   # [γ+1, V] row j-1 judges d_j; row γ gives the bonus token
-    target_hidden: torch.Tensor   # [γ, F] target state where d_j is the input token
-    draft_logits: torch.Tensor    # [γ, V]
-    draft_hidden: torch.Tensor    # [γ, H_d]
-    temperature: float
+    """The target's verify pass over one proposal; what acceptance rules read."""
+
+    draft_tokens: torch.Tensor           # [γ]
+    target_logits: torch.Tensor          # [γ+1, V] (model dtype); row j-1 judges d_j, row γ gives the bonus token
+    target_hidden: torch.Tensor          # [γ, F] target state where d_j is the input token
+    draft_logits: torch.Tensor | None    # [γ, V]
+    draft_hidden: torch.Tensor | None    # [γ, H_d]
+    temperature: float                   # 0: greedy
+
+    @property
+    def scale(self) -> float:
+        """Logit divisor of the distributions rules compare: the temperature, or 1 when greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+    @cached_property
+    def target_logp(self) -> torch.Tensor:          # [γ, V] log p(· | prefix, d_<j)
+        return F.log_softmax(self.target_logits[:-1].float() / self.scale, dim=-1)
+
+    @cached_property
+    def draft_logp(self) -> torch.Tensor:           # [γ, V] log q(· | prefix, d_<j)
+        if self.draft_logits is None:
+            raise ValueError("this rule reads draft logits, but the policy did not ask for them (needs_draft_logits)")
+        return F.log_softmax(self.draft_logits.float() / self.scale, dim=-1)
+
+    @cached_property
+    def target_argmax(self) -> torch.Tensor:        # [γ+1]
+        return self.target_logits.argmax(-1)
+
+
+class AcceptRule(Protocol):
+    """The policy signature (see selfjudge.policies)."""
+
+    needs_draft_logits: bool
+    needs_draft_hidden: bool
+    feature_spec: FeatureSpec
+
+    def accept(self, v: Verification) -> torch.Tensor | None:  # [γ] bool, or None for "no extra tokens"
+        ...
 
 
 @dataclass
 class DecodeStats:
-    """Counts for one decoded example. Metrics derived from them are defined in selfjudge.metrics."""
+    """Counts of one decoded example; the metrics built on them are defined in selfjudge.metrics."""
 
-    new_tokens: int = 0           # tokens generated (correction/bonus included, EOS included)
-    target_forwards: int = 0      # verify passes (= rounds), prefill excluded
-    draft_forwards: int = 0       # draft passes, prefill excluded
+    new_tokens: int = 0           # tokens generated, correction/bonus and EOS included
+    rounds: int = 0               # decode rounds = target forwards after the prefill
+    draft_forwards: int = 0       # draft forwards after the prefill (the catch-up read rides on the first one)
     proposed: int = 0             # draft tokens proposed
-    accepted: int = 0             # draft tokens kept
-    accept_hist: list[int] = field(default_factory=list)  # index n: rounds that kept n draft tokens
-    seconds: float = 0.0          # wall time, prefill included
+    accepted: int = 0             # draft tokens kept (by the standard test or the rule)
+    accepted_by_rule: int = 0     # kept tokens the standard test alone would have rejected (first rejection on)
+    accept_hist: list[int] = field(default_factory=list)  # index n: speculative rounds that kept n draft tokens
+    prefill_seconds: float = 0.0  # prompt prefill, both models
+    draft_seconds: float = 0.0    # proposing (exact only with profile=True on CUDA)
+    verify_seconds: float = 0.0   # target verify passes + acceptance (exact only with profile=True on CUDA)
+    seconds: float = 0.0          # wall time of the whole decode, prefill included
+
+    @property
+    def target_forwards(self) -> int:
+        return self.rounds
 
 
 def _sync(device: torch.device) -> None:
@@ -61,147 +111,209 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Model:
-    """A model with its KV cache; ``seen`` = number of tokens in the cache."""
+def _cache_kwarg(body: torch.nn.Module) -> str:
+    """transformers >= 5.2x names the cache argument ``cache``; older releases ``past_key_values``."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
-    def __init__(self, model, spec: FeatureSpec, vocab: int):
-        self.model, self.spec, self.vocab = model, spec, vocab
+
+class _Runner:
+    """One model plus its KV cache; ``seen`` = positions held in the cache."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int):
+        self.model, self.vocab = model, vocab
         self.body = getattr(model, model.base_model_prefix)
-        self.cache = None
+        self.head = model.get_output_embeddings()
+        self.kw = _cache_kwarg(self.body)
+        self.cache = DynamicCache(config=model.config)
         self.seen = 0
 
-    def prefill(self, ids: torch.Tensor) -> None:                  # ids [1, P-1]: no logits needed
-        if ids.numel():
-            out = self.body(input_ids=ids, cache=self.cache, use_cache=True)
-            self.cache = out.past_key_values
+    def prefill(self, ids: torch.Tensor) -> None:                   # ids [1, P]: states only, no logits
+        if ids.shape[1]:
+            self.body(input_ids=ids, use_cache=True, **{self.kw: self.cache})
             self.seen += ids.shape[1]
 
-    def step(self, ids: torch.Tensor, spec: FeatureSpec | None = None):  # ids [1, k]
-        out = forward_with_hidden(self.model, ids, spec or self.spec, cache=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+    def last(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read ids [1, k]; logits [V] and last-layer state [H] of the LAST position only."""
+        h = self.body(input_ids=ids, use_cache=True, **{self.kw: self.cache}).last_hidden_state[:, -1]  # [1, H]
         self.seen += ids.shape[1]
-        return out.logits[0, :, : self.vocab].float(), out.hidden[0]  # [k, V], [k, F]
+        return self.head(h)[0, : self.vocab], h[0]
+
+    def verify(self, ids: torch.Tensor, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read ids [1, k]; logits [k, V] and judge hidden states [k, F] of every position."""
+        out = forward_with_hidden(self.model, ids, spec, use_cache=True, **{self.kw: self.cache})
+        self.seen += ids.shape[1]
+        return out.logits[0, :, : self.vocab], out.hidden[0]
 
     def rollback(self, keep: int) -> None:
         if self.seen > keep:
-            self.cache.crop(keep - self.seen)
+            self.cache.crop(keep - self.seen)                        # negative: drop that many positions
             self.seen = keep
 
 
-def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+def _draw(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token from logits [..., V]: argmax when greedy, else a sample of softmax(logits / T)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen)[..., 0]
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=gen).view(probs.shape[:-1])
 
 
-def _standard_accept(v: Verification, gen: torch.Generator | None) -> torch.Tensor:
-    """Lossless test per draft token: greedy match, or the speculative-sampling test min(1, p/q)."""
-    tl = v.target_logits[:-1]
+def standard_accept(v: Verification, gen: torch.Generator | None = None) -> torch.Tensor:
+    """The lossless test per draft token [γ] bool: greedy match, or u < min(1, p(d)/q(d)) when sampling."""
     if v.temperature <= 0:
-        return tl.argmax(-1) == v.draft_tokens
-    p = F.softmax(tl / v.temperature, -1).gather(-1, v.draft_tokens[:, None])[:, 0]
-    q = F.softmax(v.draft_logits / v.temperature, -1).gather(-1, v.draft_tokens[:, None])[:, 0]
-    u = torch.rand(p.shape, generator=gen, device=p.device)
-    return u < (p / q.clamp_min(1e-20)).clamp(max=1.0)
+        return v.target_argmax[:-1] == v.draft_tokens
+    idx = v.draft_tokens[:, None]
+    ratio = (v.target_logp.gather(-1, idx) - v.draft_logp.gather(-1, idx))[:, 0].exp()   # p/q [γ]
+    u = torch.rand(ratio.shape, generator=gen, device=ratio.device)
+    return u < ratio
 
 
-def _correction(v: Verification, j: int, gen: torch.Generator | None) -> torch.Tensor:
-    """The target token after keeping j draft tokens (argmax, residual sample, or bonus sample)."""
-    logits = v.target_logits[j]
+def _correction(v: Verification, n: int, gen: torch.Generator | None) -> torch.Tensor:
+    """The target token after keeping n draft tokens: the argmax (greedy); with sampling a draw from
+    norm(max(p - q, 0)) at a rejected position, or from p for the bonus token (n = γ)."""
     if v.temperature <= 0:
-        return logits.argmax(-1)
-    p = F.softmax(logits / v.temperature, -1)
-    if j < v.draft_tokens.numel():  # rejected by the sampling test: sample from norm(max(p - q, 0))
-        q = F.softmax(v.draft_logits[j] / v.temperature, -1)
-        resid = (p - q).clamp_min(0)
-        p = resid / resid.sum() if resid.sum() > 0 else p
+        return v.target_argmax[n]
+    p = F.softmax(v.target_logits[n].float() / v.temperature, dim=-1)
+    if n < v.draft_tokens.numel():
+        resid = (p - v.draft_logp[n].exp()).clamp_min(0)
+        total = resid.sum()
+        p = torch.where(total > 0, resid / total.clamp_min(1e-30), p)  # p == q: any draw from p is exact
     return torch.multinomial(p, 1, generator=gen)[0]
 
 
 @torch.no_grad()
 def decode(
-    target,
-    draft,
+    target: torch.nn.Module,
+    draft: torch.nn.Module | None,
     prompt: list[int],
     *,
     gamma: int,
     max_new_tokens: int,
     eos_ids: list[int],
     vocab: int,
-    policy=None,
+    policy: AcceptRule | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
-    feature_spec: FeatureSpec = FeatureSpec(),
+    profile: bool = False,
 ) -> tuple[list[int], DecodeStats]:
-    """Decode one prompt. ``gamma=0`` (or ``draft=None``) is target-only decoding. Returns (new ids, stats)."""
-    if gamma < 0:
-        raise ValueError(f"eval.gamma must be >= 1 for speculative decoding (0: target only), got {gamma}")
-    if draft is None:
-        gamma = 0
+    """Decode one prompt; returns (new token ids, stats). ``draft=None``: ``target`` alone (gamma ignored).
+
+    ``vocab``: logit columns both models share (``ModelPair.vocab_size``). ``policy``: an acceptance
+    rule (None or ``lossless``: exact). ``profile``: synchronise the device around each phase so that
+    ``draft_seconds``/``verify_seconds`` are exact on CUDA (costs a little speed).
+    """
+    if draft is not None and gamma < 1:
+        raise ValueError(f"eval.gamma must be >= 1 for speculative decoding, got {gamma} (no draft: target only)")
+    if max_new_tokens < 1:
+        raise ValueError(f"eval.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompt:
+        raise ValueError("empty prompt: nothing to condition on")
+    gamma = gamma if draft is not None else 0
     dev = next(target.parameters()).device
+    spec = policy.feature_spec if policy is not None else FeatureSpec()
+    want_logits = temperature > 0 or bool(policy is not None and policy.needs_draft_logits)
+    want_hidden = bool(policy is not None and policy.needs_draft_hidden)
+    clock = time.perf_counter
     _sync(dev)
-    t0 = time.perf_counter()
-    stats = DecodeStats(accept_hist=[0] * (gamma + 1))
-    tgt = _Model(target, feature_spec, vocab)
-    drf = _Model(draft, FeatureSpec(), vocab) if gamma else None
-    ids = torch.tensor([prompt], device=dev)
+    t0 = clock()
+    st = DecodeStats(accept_hist=[0] * (gamma + 1))
+    tgt = _Runner(target, vocab)
+    drf = _Runner(draft, vocab) if gamma else None
+    ids = torch.tensor([prompt], device=dev)                     # [1, P]
     tgt.prefill(ids[:, :-1])
     if drf:
         drf.prefill(ids[:, :-1])
-    committed: list[int] = list(prompt)
-    pending = ids[:, -1:]                                # tokens the draft has not read yet
+    last = ids[:, -1:]                                           # [1, 1] newest committed token
+    pending = last                                               # [1, k] committed tokens the draft has not read
+    length = len(prompt)                                         # committed tokens
     eos = set(eos_ids)
     out: list[int] = []
-    while len(out) < max_new_tokens:
+    if profile:
+        _sync(dev)
+    st.prefill_seconds = clock() - t0
+    while True:
         g = min(gamma, max_new_tokens - len(out) - 1)
-        last = torch.tensor([[committed[-1]]], device=dev)
-        if g <= 0:  # a plain target step
-            logits, _ = tgt.step(last)
-            new = [int(_sample(logits[-1], temperature, generator))]
-            stats.target_forwards += 1
+        if g <= 0:                                               # a plain target step
+            t1 = clock()
+            logits, _ = tgt.last(last)
+            nxt = _draw(logits, temperature, generator).view(1, 1)
+            new = [int(nxt)]
+            st.rounds += 1
             if drf:
-                pending = torch.cat([pending, torch.tensor([new], device=dev)], 1)
+                pending = torch.cat([pending, nxt], 1)
+            last = nxt
+            length += 1
+            st.verify_seconds += clock() - t1
         else:
-            # 1. propose
-            d_tok, d_log, d_hid = [], [], []
+            # 1. propose: read what the draft has not seen, then γ one-token steps (last-position logits)
+            t1 = clock()
+            toks, lgs, hids = [], [], []
             inp = pending
             for _ in range(g):
-                lg, hd = drf.step(inp)
-                t = _sample(lg[-1], temperature, generator)
-                d_tok.append(t), d_log.append(lg[-1]), d_hid.append(hd[-1])
-                inp = t.view(1, 1)
-            stats.draft_forwards += g
-            prop = Proposal(torch.stack(d_tok), torch.stack(d_log), torch.stack(d_hid))
-            # 2. verify in one target pass
-            t_log, t_hid = tgt.step(torch.cat([last, prop.tokens[None]], 1))
-            stats.target_forwards += 1
+                lg, h = drf.last(inp)
+                tok = _draw(lg, temperature, generator)
+                toks.append(tok)
+                if want_logits:
+                    lgs.append(lg)
+                if want_hidden:
+                    hids.append(h)
+                inp = tok.view(1, 1)
+            prop = Proposal(torch.stack(toks), torch.stack(lgs) if want_logits else None,
+                            torch.stack(hids) if want_hidden else None)
+            st.draft_forwards += g
+            if profile:
+                _sync(dev)
+            t2 = clock()
+            st.draft_seconds += t2 - t1
+            # 2. verify in one target pass over [last, d_1..d_g]
+            t_log, t_hid = tgt.verify(torch.cat([last, prop.tokens[None]], 1), spec)
             v = Verification(prop.tokens, t_log, t_hid[1:], prop.logits, prop.hidden, temperature)
-            # 3. accept: standard OR rule, longest prefix
-            ok = _standard_accept(v, generator)
-            if policy is not None:
-                ok = ok | policy.accept(v)
-            n = int(torch.cumprod(ok.to(torch.int64), 0).sum())
-            corr = _correction(v, n, generator)
-            new = prop.tokens[:n].tolist() + [int(corr)]
-            stats.proposed += g
-            stats.accepted += n
-            stats.accept_hist[n] += 1
-            # 4. roll back: caches keep every committed token but the newest
-            base = len(committed)
-            tgt.rollback(base + n)
-            drf.rollback(base - 1 + min(n + 1, g))  # the draft read last, d_1..d_{g-1}
-            pending = torch.tensor([new[-2:] if n == g else new[-1:]], device=dev)
-        for k, t in enumerate(new):
+            # 3. accept: standard OR rule, longest kept prefix, then one target token
+            std = standard_accept(v, generator)
+            rule = policy.accept(v) if policy is not None else None
+            ok = std if rule is None else std | rule
+            if temperature <= 0:   # one host sync: tokens, target argmaxes and both masks together
+                packed = torch.cat([prop.tokens, v.target_argmax, ok.long(), std.long()]).tolist()
+                d, tgt_max, ok_l, std_l = packed[:g], packed[g:2 * g + 1], packed[2 * g + 1:3 * g + 1], packed[3 * g + 1:]
+                n = ok_l.index(0) if 0 in ok_l else g
+                corr = v.target_argmax[n:n + 1]
+                new = d[:n] + [tgt_max[n]]
+            else:
+                packed = torch.cat([prop.tokens, ok.long(), std.long()]).tolist()
+                d, ok_l, std_l = packed[:g], packed[g:2 * g], packed[2 * g:]
+                n = ok_l.index(0) if 0 in ok_l else g
+                corr = _correction(v, n, generator).view(1)
+                new = d[:n] + [int(corr)]
+            first_std_reject = std_l.index(0) if 0 in std_l else g
+            st.accepted_by_rule += max(0, n - first_std_reject)
+            st.rounds += 1
+            st.proposed += g
+            st.accepted += n
+            st.accept_hist[n] += 1
+            # 4. roll back: the target keeps all committed tokens but the newest; the draft read last, d_1..d_{g-1}
+            tgt.rollback(length + n)
+            drf.rollback(length + min(n, g - 1))
+            pending = torch.cat([prop.tokens[g - 1:], corr])[None] if n == g else corr[None]   # [1, 2] or [1, 1]
+            last = corr[None]
+            length += n + 1
+            if profile:
+                _sync(dev)
+            st.verify_seconds += clock() - t2
+        stop = False
+        for t in new:
             out.append(t)
-            committed.append(t)
-            if t in eos or len(out) >= max_new_tokens:
-                new = new[: k + 1]
+            if t in eos:
+                stop = True
                 break
-        else:
-            continue
-        break
-    stats.new_tokens = len(out)
+        if stop or len(out) >= max_new_tokens:
+            break
+    st.new_tokens = len(out)
     _sync(dev)
-    stats.seconds = time.perf_counter() - t0
-    return out, stats
+    st.seconds = clock() - t0
+    return out, st
+
+
+def autoregressive(model: torch.nn.Module, prompt: list[int], **kwargs) -> tuple[list[int], DecodeStats]:
+    """Plain decoding of one model (target-only or draft-only) through the same loop and timers."""
+    return decode(model, None, prompt, gamma=0, **kwargs)

@@ -1,47 +1,67 @@
-"""Decode metrics, each defined once here. Inputs are per-example records of one (method, threshold)."""
+"""Decode metrics, each defined once, here. Inputs are the per-example records of one (method, threshold)
+as the eval stage writes them to per_example.jsonl."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 
-def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | None = None) -> dict[str, Any]:
-    recs = list(records)
-    new = sum(r["new_tokens"] for r in recs)
-    fwd = sum(r["target_forwards"] for r in recs)
-    prop = sum(r["proposed"] for r in recs)
-    acc = sum(r["accepted"] for r in recs)
-    secs = sum(r["seconds"] for r in recs)
-    scores = [r["score"] for r in recs if r.get("score") is not None]
-    hist: list[int] = []
-    for r in recs:
-        h = r.get("accept_hist") or []
-        hist = [a + b for a, b in zip(hist + [0] * (len(h) - len(hist)), h + [0] * (len(hist) - len(h)))]
-    tps = new / secs if secs > 0 else 0.0
-    return {
-        "examples": len(recs),
-        # accuracy: mean task score (exact match / pass@1 / agreement with target greedy when no checker)
-        "accuracy": sum(scores) / len(scores) if scores else None,
-        # mean accepted length: new tokens per target forward, the correction/bonus token included
-        "mean_accepted_length": new / fwd if fwd else 0.0,
-        # acceptance rate: share of proposed draft tokens that were kept
-        "acceptance_rate": acc / prop if prop else None,
-        # tokens/s: generated tokens over wall time (prefill included, warm-up excluded)
-        "tokens_per_s": tps,
-        # speedup: tokens/s over target-only tokens/s, same prompts, same process
-        "speedup": tps / baseline_tokens_per_s if baseline_tokens_per_s else None,
-        "new_tokens": new,
-        "target_forwards": fwd,
-        "seconds": secs,
-        "accept_hist": hist,  # index n: rounds that kept n draft tokens
-    }
-
-
-def agreement(output: list[int], reference: list[int]) -> float:
-    """Quality without a gold answer: share of the target's greedy answer reproduced as a common prefix."""
+def prefix_agreement(output: Sequence[int], reference: Sequence[int]) -> float:
+    """Share of the reference (the target's own answer) reproduced as a common prefix, in [0, 1]."""
     n = 0
     for a, b in zip(output, reference):
         if a != b:
             break
         n += 1
-    return n / max(1, len(reference))
+    return n / len(reference) if reference else float(len(output) == 0)
+
+
+def add_hist(total: list[int], h: Sequence[int]) -> list[int]:
+    """Element-wise sum of two histograms of possibly different lengths."""
+    out = list(total) + [0] * max(0, len(h) - len(total))
+    for i, x in enumerate(h):
+        out[i] += x
+    return out
+
+
+def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | None = None) -> dict[str, Any]:
+    """Metrics of one method over its examples (sums over examples, then ratios)."""
+    recs = list(records)
+    new = sum(r["new_tokens"] for r in recs)
+    rounds = sum(r["rounds"] for r in recs)
+    prop = sum(r["proposed"] for r in recs)
+    acc = sum(r["accepted"] for r in recs)
+    secs = sum(r["seconds"] for r in recs)
+    scores = [r["score"] for r in recs if r["score"] is not None]
+    exact = [r["agree_exact"] for r in recs if r.get("agree_exact") is not None]
+    prefix = [r["agree_prefix"] for r in recs if r.get("agree_prefix") is not None]
+    hist: list[int] = []
+    for r in recs:
+        hist = add_hist(hist, r["accept_hist"])
+    tps = new / secs if secs > 0 else 0.0
+    return {
+        "examples": len(recs),
+        # accuracy: mean task score (number/letter match, pass@1); for examples without a checker, the
+        # prefix agreement with the target-only output of the same eval
+        "accuracy": sum(scores) / len(scores) if scores else None,
+        # agreement_exact: share of outputs token-identical to the target-only output (same prompt, same run)
+        "agreement_exact": sum(exact) / len(exact) if exact else None,
+        # agreement_prefix: mean share of the target-only output reproduced as a common prefix
+        "agreement_prefix": sum(prefix) / len(prefix) if prefix else None,
+        # mean accepted length: new tokens per target forward (kept draft tokens + the correction/bonus)
+        "mean_accepted_length": new / rounds if rounds else 0.0,
+        # acceptance rate: share of proposed draft tokens kept (standard test or rule)
+        "acceptance_rate": acc / prop if prop else None,
+        # tokens/s: generated tokens over decode wall time (prefill included, warm-up excluded)
+        "tokens_per_s": tps,
+        # speedup: tokens/s over the target-only tokens/s of the same prompts in the same process
+        "speedup": tps / baseline_tokens_per_s if baseline_tokens_per_s else None,
+        "new_tokens": new,                      # generated tokens, all examples
+        "target_forwards": rounds,              # target forwards after prefill, all examples
+        "draft_forwards": sum(r["draft_forwards"] for r in recs),
+        "proposed": prop,                       # draft tokens proposed
+        "accepted": acc,                        # draft tokens kept
+        "accepted_by_rule": sum(r["accepted_by_rule"] for r in recs),  # kept only thanks to the rule
+        "seconds": secs,                        # decode wall time, all examples
+        "accept_hist": hist,                    # index n: speculative rounds that kept n draft tokens
+    }

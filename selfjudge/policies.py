@@ -1,140 +1,216 @@
-"""Acceptance rules, interchangeable behind one signature: ``rule.accept(v) -> BoolTensor[γ]``.
+"""Acceptance policies behind one signature, chosen by name from a registry.
 
-The decoder keeps draft token ``d_j`` iff the standard (lossless) test accepts it OR the rule does,
-so every rule can only add accepted tokens. Rules read the verify pass's distributions and hidden
-states (``Verification``); none runs an extra forward pass.
+A policy's ``accept(v: Verification) -> BoolTensor[γ] | None`` says which draft tokens its rule
+accepts; the decoder keeps ``d_j`` iff the standard (lossless) test accepts it OR the rule does, so a
+rule can only add accepted tokens, and with sampling the speculative-sampling test still runs first.
+Rules read the verify pass's distributions and hidden states; none runs an extra forward pass. With
+temperature T > 0 the distributions compared are the tempered ones (logits / T).
+
+| name | threshold | strictest (= lossless) | loosest (accepts all) |
+|---|---|---|---|
+| lossless | none | - | - |
+| judge / autojudge | P(important) cut in [0, 1]: accept iff P < cut | 0 | 1 |
+| topk | k >= 1: accept iff d_j is in the target's top k | 1 | vocab size |
+| typical | ε >= 0: accept iff p(d_j) > min(ε, α·exp(−H(p))), α = sqrt(ε) | inf | 0 |
+| likelihood | δ >= 0: accept iff log p(argmax) − log p(d_j) < δ | 0 | inf |
+| kl | δ >= 0: accept iff KL(q ‖ p) < δ and top-1 p <= kl_strict_top1 | 0 | inf (with kl_strict_top1 >= 1) |
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from selfjudge.decoding import Verification
 from selfjudge.features import FeatureSpec, judge_features
 from selfjudge.judge import JudgeHead
 
+# policy options with their defaults (conf/eval/default.yaml policy_options lists the same keys)
+OPTION_DEFAULTS: dict[str, Any] = {"typical_alpha": None, "kl_strict_top1": 0.9}
+
 
 class Policy:
+    """Base policy = lossless: the rule accepts nothing beyond the standard test."""
+
     name = "lossless"
     threshold: float | None = None
+    needs_draft_logits = False        # the rule reads the draft's distributions
+    needs_draft_hidden = False        # the rule reads the draft's hidden states
+    feature_spec = FeatureSpec()      # target hidden states the verify pass must return
 
-    def accept(self, v: Verification) -> torch.Tensor:
-        return torch.zeros_like(v.draft_tokens, dtype=torch.bool)
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, threshold={self.threshold})"
 
 
-def _target_logp(v: Verification) -> torch.Tensor:  # [γ, V]: the target's distribution over d_j
-    return F.log_softmax(v.target_logits[:-1], dim=-1)
+POLICIES: dict[str, Callable[..., Policy]] = {}
 
 
+def register(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        POLICIES[name] = cls
+        return cls
+    return deco
+
+
+register("lossless")(Policy)
+
+
+def _num(x: Any, what: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{what} must be a number, got {x!r}")
+    if math.isnan(x):
+        raise ValueError(f"{what} must not be NaN")
+    return float(x)
+
+
+@register("judge")
 class JudgeRule(Policy):
-    """Accept a mismatch when the judge head says P(important | h_j) < threshold."""
+    """Accept a draft token when the judge head says P(important | features_j) < threshold
+    (threshold 1 accepts every token). ``autojudge`` is the same rule with an AutoJudge-labelled head."""
 
     name = "judge"
 
-    def __init__(self, head: JudgeHead, threshold: float, name: str = "judge"):
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"{name} threshold must be in [0, 1], got {threshold} (eval.methods.{name})")
-        self.head, self.threshold, self.name = head, float(threshold), name
-        self.spec = FeatureSpec.from_mapping(head.config.features)
+    def __init__(self, threshold: float, head: JudgeHead | None = None, name: str = "judge", **_: Any):
+        t = _num(threshold, f"eval.methods.{name} threshold")
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) cut), got {t}")
+        if head is None:
+            raise ValueError(f"policy '{name}' needs a judge head folder (eval.judge_dir / eval.methods.{name}.head_dir)")
+        self.head, self.threshold, self.name = head, t, name
+        self.feature_spec = FeatureSpec.from_mapping(head.config.features)
+        self.needs_draft_hidden = self.feature_spec.include_draft
 
-    def accept(self, v: Verification) -> torch.Tensor:
-        feats = judge_features(v.target_hidden, self.spec, v.draft_hidden if self.spec.include_draft else None)
-        return self.head.predict_proba(feats.to(self.head.mean.device)).to(v.draft_tokens.device) < self.threshold
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        if self.threshold <= 0.0:
+            return None
+        if self.threshold >= 1.0:
+            return torch.ones_like(v.draft_tokens, dtype=torch.bool)
+        feats = judge_features(v.target_hidden, self.feature_spec, v.draft_hidden)   # [γ, D] float32
+        return self.head.predict_proba(feats) < self.threshold
 
 
+register("autojudge")(JudgeRule)
+
+
+@register("topk")
 class TopK(Policy):
-    """Accept if d_j is among the target's top-k tokens (k=1 is lossless)."""
+    """Accept d_j if it is among the target's k most likely tokens (k = 1: lossless)."""
 
     name = "topk"
 
-    def __init__(self, k: float):
-        if k < 0 or int(k) != k:
-            raise ValueError(f"topk threshold must be a non-negative integer, got {k} (eval.methods.topk)")
-        self.threshold = int(k)
+    def __init__(self, threshold: float, **_: Any):
+        k = _num(threshold, "eval.methods.topk threshold")
+        if k < 1 or (not math.isinf(k) and int(k) != k):
+            raise ValueError(f"eval.methods.topk: k must be an integer >= 1, got {threshold}")
+        self.threshold = k
 
-    def accept(self, v: Verification) -> torch.Tensor:
-        if self.threshold == 0:
-            return super().accept(v)
-        top = v.target_logits[:-1].topk(min(self.threshold, v.target_logits.shape[-1]), dim=-1).indices
-        return (top == v.draft_tokens[:, None]).any(-1)
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        V = v.target_logits.shape[-1]
+        if self.threshold <= 1:
+            return None
+        if self.threshold >= V:
+            return torch.ones_like(v.draft_tokens, dtype=torch.bool)
+        lg = v.target_logits[:-1]                                                  # [γ, V]
+        kth = lg.topk(int(self.threshold), dim=-1).values[:, -1]                   # [γ] k-th largest logit
+        return lg.gather(-1, v.draft_tokens[:, None])[:, 0] >= kth
 
 
+@register("typical")
 class Typical(Policy):
-    """Medusa typical acceptance: p(d_j) > min(ε, α·exp(−H(p))), with α = sqrt(ε)."""
+    """Medusa typical acceptance: p(d_j) > min(ε, α·exp(−H(p))), α = sqrt(ε) unless typical_alpha is set."""
 
     name = "typical"
 
-    def __init__(self, eps: float):
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"typical threshold (epsilon) must be in (0, 1], got {eps} (eval.methods.typical)")
-        self.threshold = float(eps)
+    def __init__(self, threshold: float, typical_alpha: float | None = None, **_: Any):
+        eps = _num(threshold, "eval.methods.typical threshold")
+        if eps < 0:
+            raise ValueError(f"eval.methods.typical: epsilon must be >= 0, got {eps}")
+        self.threshold = eps
+        self.alpha = math.sqrt(eps) if typical_alpha is None else _num(typical_alpha, "eval.policy_options.typical_alpha")
 
-    def accept(self, v: Verification) -> torch.Tensor:
-        logp = _target_logp(v)
-        p_d = logp.gather(-1, v.draft_tokens[:, None])[:, 0].exp()
-        ent = -(logp.exp() * logp).sum(-1)
-        bar = torch.minimum(torch.full_like(ent, self.threshold), math.sqrt(self.threshold) * torch.exp(-ent))
-        return p_d > bar
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        if math.isinf(self.threshold) and math.isinf(self.alpha):
+            return None
+        logp = v.target_logp                                                       # [γ, V]
+        ent = -(logp.exp() * logp).sum(-1)                                         # [γ] H(p)
+        bar = torch.clamp(self.alpha * torch.exp(-ent), max=self.threshold)        # [γ] min(ε, α e^-H)
+        return logp.gather(-1, v.draft_tokens[:, None])[:, 0].exp() > bar
 
 
+@register("likelihood")
 class LikelihoodGap(Policy):
-    """Accept if log p(argmax) − log p(d_j) < δ (δ = 0 is lossless)."""
+    """Training-free likelihood rule: accept if log p(argmax) − log p(d_j) < δ (δ = 0: lossless)."""
 
     name = "likelihood"
 
-    def __init__(self, delta: float):
-        if delta < 0:
-            raise ValueError(f"likelihood threshold must be >= 0, got {delta} (eval.methods.likelihood)")
-        self.threshold = float(delta)
+    def __init__(self, threshold: float, **_: Any):
+        d = _num(threshold, "eval.methods.likelihood threshold")
+        if d < 0:
+            raise ValueError(f"eval.methods.likelihood: delta must be >= 0, got {d}")
+        self.threshold = d
 
-    def accept(self, v: Verification) -> torch.Tensor:
-        logp = _target_logp(v)
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        if self.threshold == 0:
+            return None
+        logp = v.target_logp
         return logp.max(-1).values - logp.gather(-1, v.draft_tokens[:, None])[:, 0] < self.threshold
 
 
+@register("kl")
 class KLRule(Policy):
-    """Sun et al. (2026): accept a mismatch if KL(target ‖ draft) at that position < δ, except where the
-    target's top-1 probability exceeds ``confident`` (strict verification there)."""
+    """Sun et al. (2026): accept a mismatch if KL(q ‖ p) (draft vs target next-token distributions at
+    that position) < δ, but keep strict verification where the target's top-1 probability exceeds
+    ``kl_strict_top1`` (0.9)."""
 
     name = "kl"
+    needs_draft_logits = True
 
-    def __init__(self, delta: float, confident: float = 0.9):
-        if delta < 0:
-            raise ValueError(f"kl threshold must be >= 0, got {delta} (eval.methods.kl)")
-        self.threshold, self.confident = float(delta), confident
+    def __init__(self, threshold: float, kl_strict_top1: float = 0.9, **_: Any):
+        d = _num(threshold, "eval.methods.kl threshold")
+        if d < 0:
+            raise ValueError(f"eval.methods.kl: delta must be >= 0, got {d}")
+        self.threshold = d
+        self.strict_top1 = _num(kl_strict_top1, "eval.policy_options.kl_strict_top1")
 
-    def accept(self, v: Verification) -> torch.Tensor:
-        lp = _target_logp(v)
-        lq = F.log_softmax(v.draft_logits, dim=-1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
-        return (kl < self.threshold) & (lp.max(-1).values.exp() <= self.confident)
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        if self.threshold == 0:
+            return None
+        lp, lq = v.target_logp, v.draft_logp                                       # [γ, V] each
+        kl = (lq.exp() * (lq - lp)).sum(-1)                                        # [γ] KL(q || p)
+        return (kl < self.threshold) & (lp.max(-1).values.exp() <= self.strict_top1)
 
 
-RULES = {"topk": TopK, "typical": Typical, "likelihood": LikelihoodGap, "kl": KLRule}
-POLICIES = ("lossless", "judge", "autojudge", *RULES)
-
-
-def build_policy(name: str, threshold: Any, heads: dict[str, JudgeHead] | None = None) -> Policy:
-    """A policy by name; ``judge``/``autojudge`` take their head from ``heads``."""
+def build_policy(name: str, threshold: Any = None, *, head: JudgeHead | None = None,
+                 options: Mapping[str, Any] | None = None) -> Policy:
+    """A policy by registry name. ``head``: the judge head (judge/autojudge); ``options``: policy_options."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy '{name}' (eval.methods.*.policy); known: {sorted(POLICIES)}")
+    opts = {**OPTION_DEFAULTS, **dict(options or {})}
+    unknown = sorted(set(opts) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown eval.policy_options key(s) {unknown}; known: {sorted(OPTION_DEFAULTS)}")
     if name == "lossless":
         return Policy()
-    if name in ("judge", "autojudge"):
-        if not heads or name not in heads:
-            raise ValueError(f"policy '{name}' needs a head folder (eval.{'judge_dir' if name == 'judge' else 'autojudge_dir'})")
-        return JudgeRule(heads[name], float(threshold), name)
-    if name not in RULES:
-        raise ValueError(f"unknown policy '{name}' (eval.methods); known: {list(POLICIES)}")
-    return RULES[name](float(threshold))
+    if POLICIES[name] is JudgeRule:
+        return JudgeRule(threshold, head=head, name=name)
+    return POLICIES[name](threshold, **opts)
 
 
-def load_head(folder: str | Path, target_info: dict, feature_dim_fn) -> JudgeHead:
-    """Load a head and check it fits the loaded target (model fingerprint and feature size)."""
+def load_head(folder: str | Path, target_info: Mapping[str, Any], target_hidden: int, draft_hidden: int,
+              device: torch.device | str = "cpu", key: str = "eval.judge_dir") -> JudgeHead:
+    """Load a head folder and check it fits the loaded target (model fingerprint, feature size)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{key}: no judge head folder at '{folder}' (run the train stage, or set {key})")
     head = JudgeHead.from_pretrained(folder)
     spec = FeatureSpec.from_mapping(head.config.features)
-    head.check_compatible(target_info, feature_dim_fn(spec))
-    return head
+    try:
+        head.check_compatible(dict(target_info), spec.dim(target_hidden, draft_hidden))
+    except ValueError as e:
+        raise ValueError(f"{key} '{folder}': {e}") from e
+    return head.to(device).eval()

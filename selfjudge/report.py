@@ -1,30 +1,53 @@
-"""Reports: the Markdown table and the Pareto plots of an eval run."""
+"""Reports of an eval run: the Markdown table and the Pareto plots (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from selfjudge.io import atomic_write_text
 
+COLUMNS = ("method", "threshold", "accuracy", "agreement_exact", "agreement_prefix", "mean_accepted_length",
+           "acceptance_rate", "tokens_per_s", "speedup")
+
 
 def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
 
 
-def markdown_table(rows: list[dict[str, Any]], header: str = "") -> str:
-    lines = [header, "", "| method | threshold | accuracy | accepted length | acceptance | tokens/s | speedup |",
-             "|---|---|---|---|---|---|---|"]
+def _threshold(t: Any) -> str:
+    return "-" if t is None else _fmt(float(t), ".4g")
+
+
+def _hist(h: list[int]) -> str:
+    """Accept-length histogram as shares of rounds: 'n:share' for every n with rounds."""
+    total = sum(h)
+    return " ".join(f"{n}:{c / total:.2f}" for n, c in enumerate(h) if c) if total else "-"
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
+    """One line per (method, threshold): quality, speed and the accept-length histogram."""
+    lines = [f"## {title}" if title else "", "",
+             "| method | threshold | accuracy | agree exact | agree prefix | accepted length | acceptance | tokens/s "
+             "| speedup | accepted per round (share of rounds) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_fmt(r['threshold'], '.4g') if isinstance(r['threshold'], (int, float)) else '-'} "
-            f"| {_fmt(r['accuracy'], '.3f')} | {r['mean_accepted_length']:.2f} | {_fmt(r['acceptance_rate'], '.3f')} "
-            f"| {r['tokens_per_s']:.2f} | {_fmt(r['speedup'], '.2f')}x |")
+            f"| {r['method']} | {_threshold(r['threshold'])} | {_fmt(r['accuracy'], '.3f')} "
+            f"| {_fmt(r['agreement_exact'], '.3f')} | {_fmt(r['agreement_prefix'], '.3f')} "
+            f"| {r['mean_accepted_length']:.2f} | {_fmt(r['acceptance_rate'], '.3f')} | {r['tokens_per_s']:.2f} "
+            f"| {_fmt(r['speedup'], '.2f')}x | {_hist(r['accept_hist'])} |")
+    lines += ["", "accuracy: task score (prefix agreement with target-only where there is no checker); "
+              "accepted length: new tokens per target forward; speedup: tokens/s over target-only, same prompts, "
+              "same process, warm-up excluded."]
     return "\n".join(lines) + "\n"
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Accuracy against speedup and against accepted length, one curve per method."""
+    """Accuracy against speedup and against accepted length, one curve per method (atomic write)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,18 +59,20 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
         methods.setdefault(r["method"], []).append(r)
     for name, rs in methods.items():
         for ax, key in zip(axes, ("speedup", "mean_accepted_length")):
-            pts = sorted((r[key] or 0.0, r["accuracy"] if r["accuracy"] is not None else float("nan")) for r in rs)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            pts = sorted((r[key] if r[key] is not None else float("nan"),
+                          r["accuracy"] if r["accuracy"] is not None else float("nan")) for r in rs)
+            style = dict(marker="*", markersize=12, linestyle="none") if len(pts) == 1 else dict(marker="o")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
     axes[0].set_xlabel("speedup over target-only (x)")
     axes[1].set_xlabel("mean accepted length (tokens per target forward)")
     for ax in axes:
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
@@ -55,7 +80,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: str | Path, title: str) -> str:
-    text = markdown_table(rows, f"## {title}")
+    """report.md and pareto.png in out_dir; returns the Markdown."""
+    text = markdown_table(rows, title)
     atomic_write_text(Path(out_dir) / "report.md", text)
     pareto_plot(rows, Path(out_dir) / "pareto.png", title)
     return text

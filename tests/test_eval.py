@@ -1,0 +1,134 @@
+"""The eval stage on the real config (tiny pair): outputs, exactness of lossless SD, agreement scores
+for tasks without a checker, resume after a cut, and config errors that name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from selfjudge.eval import stage
+from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.tasks import DatasetConfigError
+
+PROMPTS = ["how many apples are left", "janet sells eggs at the market", "def sum of a list", "what is 12 * 7"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("eval-data") / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": q, "id": f"p{i}"}) + "\n" for i, q in enumerate(PROMPTS)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory, tiny_pair) -> Path:
+    H = tiny_pair.target_info.hidden_size
+    head = JudgeHead(JudgeConfig(feature_dim=H, target_model=tiny_pair.target_info.as_dict(),
+                                 thresholds={"quantiles": [0.3, 0.6]}))
+    folder = tmp_path_factory.mktemp("head") / "head"
+    head.save_pretrained(folder)
+    return folder
+
+
+def _cfg(tmp_path: Path, cache_dir: Path, *extra: str):
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        return compose("selfjudge", overrides=[
+            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "logger=none",
+            "eval.max_new_tokens=16", "eval.gamma=3", "eval.warmup_tokens=4", "eval.dataset.limit=3", *extra])
+
+
+def _jsonl(cfg_extra, prompts_file):
+    return ["dataset@eval.dataset=jsonl", f"eval.dataset.path={prompts_file}", "eval.dataset.id_field=id", *cfg_extra]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "per_example.jsonl").read_text().splitlines()]
+
+
+def test_eval_writes_everything_and_lossless_is_exact(tmp_path, cache_dir, prompts_file, head_dir):
+    cfg = _cfg(tmp_path, cache_dir, *_jsonl([f"eval.judge_dir={head_dir}", "eval.draft_only=true",
+                                             "~eval.methods", "+eval.methods={judge:head_quantiles,topk:[2],kl:[0.5]}"], prompts_file))
+    res = stage.run(cfg)
+    out = tmp_path / "eval"
+    for f in ("summary.json", "per_example.jsonl", "report.md", "pareto.png"):
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    names = [(r["method"], r["threshold"]) for r in summary["rows"]]
+    assert names == [("target", None), ("draft", None), ("lossless", None), ("judge", 0.3), ("judge", 0.6),
+                     ("topk", 2.0), ("kl", 0.5)]
+    recs = _records(out)
+    assert len(recs) == 3 * len(names) and res["rows"] == len(names)
+    by = {(r["method"], r["threshold"], r["prompt_id"]): r for r in recs}
+    for pid in ("jsonl/p0", "jsonl/p1", "jsonl/p2"):
+        t = by[("target", None, pid)]
+        assert by[("lossless", None, pid)]["output_ids"] == t["output_ids"]    # fp32: exact
+        assert t["score_source"] == "agreement" and t["score"] == 1.0          # no checker: agreement with target
+        assert by[("lossless", None, pid)]["agree_exact"] == 1.0
+        assert by[("draft", None, pid)]["rounds"] == by[("draft", None, pid)]["new_tokens"]
+    rows = {(r["method"], r["threshold"]): r for r in summary["rows"]}
+    assert rows[("target", None)]["speedup"] == pytest.approx(1.0)
+    assert rows[("lossless", None)]["accuracy"] == 1.0 and rows[("lossless", None)]["mean_accepted_length"] > 1.0
+    assert rows[("topk", 2.0)]["acceptance_rate"] >= rows[("lossless", None)]["acceptance_rate"]
+    assert sum(rows[("lossless", None)]["accept_hist"]) > 0
+    assert "| judge | 0.3 |" in (out / "report.md").read_text()
+
+
+def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch):
+    extra = _jsonl(["eval.judge_dir=null", "~eval.methods", "+eval.methods={topk:[2]}"], prompts_file)
+    stage.run(_cfg(tmp_path, cache_dir, *extra))
+    out = tmp_path / "eval"
+    recs = _records(out)
+    assert len(recs) == 3 * 3
+    # cut the file inside the 8th record, as a kill would; the rerun decodes only what is missing
+    lines = (out / "per_example.jsonl").read_text().splitlines(keepends=True)
+    (out / "per_example.jsonl").write_text("".join(lines[:7]) + lines[7][:20])
+    calls = []
+    real = stage.decode
+    monkeypatch.setattr(stage, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0"))
+    assert len(calls) == 2                                        # records 8 and 9 only
+    again = _records(out)
+    assert len(again) == 9 and again[:7] == recs[:7]
+    assert {(r["method"], r["prompt_id"]) for r in again} == {(r["method"], r["prompt_id"]) for r in recs}
+    # other decoding settings: the old records are not mixed in
+    calls.clear()
+    stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0", "eval.gamma=2"))
+    assert len(calls) == 9
+
+
+def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
+    cfg = _cfg(tmp_path, cache_dir, "eval.judge_dir=null", "~eval.methods", "+eval.methods={likelihood:[1.0]}", "eval.temperature=0.8",
+               "eval.dataset.limit=2")
+    stage.run(cfg)
+    recs = _records(tmp_path / "eval")
+    assert len(recs) == 2 * 3
+    assert all(r["score_source"] == "task" and r["score"] in (0.0, 1.0) for r in recs)
+
+
+@pytest.mark.parametrize("override,err,match", [
+    ("eval.gamma=0", ValueError, "eval.gamma must be an integer >= 1"),
+    ("eval.methods={medusa:[1]}", ValueError, "unknown policy 'medusa' in eval.methods.medusa"),
+    ("eval.methods={judge:[1.5]}", ValueError, r"eval.methods.judge: judge threshold must be in \[0, 1\]"),
+    ("eval.methods={topk:{policy:topk,thresholds:[2],k:3}}", ValueError, "eval.methods.topk must be"),
+    ("eval.dataset.name=nope", DatasetConfigError, "unknown task 'nope'"),
+    ("eval.temperature=-1", ValueError, "eval.temperature"),
+])
+def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err, match):
+    if override.startswith("eval.methods="):
+        override = ["~eval.methods", "+" + override]
+    else:
+        override = [override]
+    with pytest.raises(err, match=match):
+        stage.run(_cfg(tmp_path, cache_dir, f"eval.judge_dir={head_dir}", *override))
+
+
+def test_head_for_another_target_is_refused(tmp_path, cache_dir, tiny_pair):
+    info = {**tiny_pair.target_info.as_dict(), "name": "other", "fingerprint": "sha256:" + "1" * 64}
+    JudgeHead(JudgeConfig(feature_dim=tiny_pair.target_info.hidden_size, target_model=info)).save_pretrained(tmp_path / "h")
+    with pytest.raises(ValueError, match="eval.judge_dir .*trained for target 'other'"):
+        stage.run(_cfg(tmp_path, cache_dir, f"eval.judge_dir={tmp_path / 'h'}"))
+    with pytest.raises(FileNotFoundError, match="eval.judge_dir: no judge head folder"):
+        stage.run(_cfg(tmp_path, cache_dir, f"eval.judge_dir={tmp_path / 'nothing'}"))

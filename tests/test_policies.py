@@ -1,0 +1,187 @@
+"""Acceptance policies: each rule equals its naive formula, strictest = lossless, loosest accepts all,
+the judge reads the verify pass's own hidden states, heads that do not fit are refused."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from selfjudge.decoding import Verification, decode
+from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features
+from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.models import format_prompt
+from selfjudge.policies import POLICIES, JudgeRule, Policy, build_policy, load_head
+
+PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "what is 12 * 7"]
+
+
+@pytest.fixture
+def pair(tiny_pair):
+    dev = os.environ.get("SELFJUDGE_TEST_DEVICE", "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("SELFJUDGE_TEST_DEVICE asks for CUDA, none available")
+    tiny_pair.target.to(dev), tiny_pair.draft.to(dev)
+    yield tiny_pair
+    tiny_pair.target.to("cpu"), tiny_pair.draft.to("cpu")
+
+
+def _head(pair, bias: float = 0.0, include_draft: bool = False, seed: int = 0) -> JudgeHead:
+    H = pair.target_info.hidden_size
+    dim = H + (pair.draft_info.hidden_size if include_draft else 0)
+    head = JudgeHead(JudgeConfig(feature_dim=dim, target_model=pair.target_info.as_dict(),
+                                 features={"layers": [-1], "include_draft": include_draft},
+                                 thresholds={"quantiles": [0.2, 0.5, 0.8]}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        head.net.weight.normal_(0, 0.3)
+        head.net.bias.fill_(bias)
+    dev = next(pair.target.parameters()).device
+    return head.to(dev).eval()
+
+
+def _run(pair, ids, policy=None, gamma=4, n=40, **kw):
+    return decode(pair.target, pair.draft, ids, gamma=gamma, max_new_tokens=n, eos_ids=pair.eos_ids,
+                  vocab=pair.vocab_size, policy=policy, **kw)
+
+
+def _rand_verification(g=5, V=40, T=0.0, seed=0) -> Verification:
+    gen = torch.Generator().manual_seed(seed)
+    tl = torch.randn(g + 1, V, generator=gen) * 2
+    dl = tl[:-1] + torch.randn(g, V, generator=gen)
+    d = torch.multinomial(torch.softmax(dl, -1), 1, generator=gen)[:, 0]
+    return Verification(d, tl, torch.randn(g, 8, generator=gen), dl, torch.randn(g, 4, generator=gen), T)
+
+
+def _acc(name, t, v, **kw) -> list[bool]:
+    out = build_policy(name, t, **kw).accept(v)
+    return [False] * v.draft_tokens.numel() if out is None else out.tolist()
+
+
+@pytest.mark.parametrize("T", [0.0, 0.7])
+def test_rules_equal_their_naive_formulas(T):
+    for seed in range(5):
+        v = _rand_verification(T=T, seed=seed)
+        s = T if T > 0 else 1.0
+        for j in range(v.draft_tokens.numel()):
+            p = torch.softmax(v.target_logits[j].double() / s, -1).tolist()
+            q = torch.softmax(v.draft_logits[j].double() / s, -1).tolist()
+            d = int(v.draft_tokens[j])
+            rank = sorted(range(len(p)), key=lambda i: -p[i]).index(d) + 1
+            H = -sum(x * math.log(x) for x in p)
+            kl = sum(b * math.log(b / a) for a, b in zip(p, q))
+            for k in (1, 2, 5):
+                assert _acc("topk", k, v)[j] == (k > 1 and rank <= k), (seed, j, k)
+            for eps in (0.05, 0.3, 1.0):
+                assert _acc("typical", eps, v)[j] == (p[d] > min(eps, math.sqrt(eps) * math.exp(-H)))
+            for delta in (0.5, 2.0):
+                assert _acc("likelihood", delta, v)[j] == (math.log(max(p)) - math.log(p[d]) < delta)
+                assert _acc("kl", delta, v)[j] == (kl < delta and max(p) <= 0.9)
+
+
+def test_strictest_equals_lossless_loosest_accepts_all(pair):
+    strict = [build_policy("lossless"), JudgeRule(0.0, _head(pair)), build_policy("topk", 1),
+              build_policy("typical", float("inf")), build_policy("likelihood", 0.0), build_policy("kl", 0.0)]
+    loose = [JudgeRule(1.0, _head(pair, bias=20.0)), build_policy("topk", pair.vocab_size),
+             build_policy("typical", 0.0), build_policy("likelihood", float("inf")),
+             build_policy("kl", float("inf"), options={"kl_strict_top1": 1.0})]
+    assert {type(p).__name__ for p in strict + loose} >= {"JudgeRule", "TopK", "Typical", "LikelihoodGap", "KLRule"}
+    for q in PROMPTS:
+        ids = format_prompt(pair.tokenizer, q)
+        ref, ref_st = _run(pair, ids)
+        for pol in strict:
+            out, st = _run(pair, ids, pol)
+            assert out == ref and st.accepted == ref_st.accepted, pol
+        for pol in loose:
+            _, st = _run(pair, ids, pol)
+            assert st.accepted == st.proposed and st.accepted_by_rule > 0, pol
+
+
+def test_lossy_rules_accept_more_as_they_loosen(pair):
+    ids = format_prompt(pair.tokenizer, PROMPTS[1])
+    for name, ths in (("topk", [1, 3, 20]), ("likelihood", [0.0, 1.0, 4.0]), ("kl", [0.0, 0.5, 5.0]),
+                      ("typical", [float("inf"), 0.3, 0.01])):
+        # more accepted per proposal, or the same when nothing was left to accept
+        rates = [(lambda st: st.accepted / st.proposed)(_run(pair, ids, build_policy(name, t))[1]) for t in ths]
+        assert rates[0] <= rates[1] <= rates[2] and rates[2] > rates[0], (name, rates)
+
+
+def test_judge_threshold_zero_equals_lossless_also_when_sampling(pair):
+    ids = format_prompt(pair.tokenizer, PROMPTS[2])
+    head = _head(pair)
+    for T in (0.0, 0.9):
+        a = _run(pair, ids, None, temperature=T, generator=torch.Generator(next(pair.target.parameters()).device).manual_seed(3))
+        b = _run(pair, ids, JudgeRule(0.0, head), temperature=T,
+                 generator=torch.Generator(next(pair.target.parameters()).device).manual_seed(3))
+        assert a[0] == b[0] and a[1].accepted == b[1].accepted
+
+
+def test_judge_reads_the_verify_pass_hidden_states(pair):
+    """The judge's features for d_j are the target's (and draft's) hidden states of the very pass that
+    verified it, equal to a no-cache recompute of the same sequence (data_gen's definition)."""
+    seen: list[tuple] = []
+
+    class Spy(JudgeRule):
+        def accept(self, v):
+            seen.append((v.draft_tokens.clone(), v.target_hidden.clone(), v.draft_hidden.clone()))
+            return super().accept(v)
+
+    head = _head(pair, include_draft=True)
+    ids = format_prompt(pair.tokenizer, PROMPTS[0])
+    out, st = _run(pair, ids, Spy(0.5, head), n=12)
+    assert seen and st.accepted_by_rule >= 0
+    # replay: committed tokens before each round are known from the outputs of earlier rounds
+    dev = next(pair.target.parameters()).device
+    committed = list(ids)
+    d_tok, t_hid, d_hid = seen[0]
+    full = torch.tensor([committed + d_tok.tolist()], device=dev)
+    t_ref = forward_with_hidden(pair.target, full, FeatureSpec(), use_cache=False).hidden[0, len(ids):]
+    d_ref = forward_with_hidden(pair.draft, full, FeatureSpec(), use_cache=False).hidden[0, len(ids) - 1:-1]
+    torch.testing.assert_close(t_hid, t_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(d_hid, d_ref, rtol=1e-4, atol=1e-4)
+    feats = judge_features(t_hid, head_spec := FeatureSpec(include_draft=True), d_hid)
+    assert feats.shape[-1] == head.config.feature_dim and head_spec.include_draft
+
+
+def test_judge_threshold_moves_acceptance(pair):
+    ids = format_prompt(pair.tokenizer, PROMPTS[1])
+    head = _head(pair)
+    acc = [_run(pair, ids, JudgeRule(t, head))[1].accepted for t in (0.0, 0.3, 0.7, 1.0)]
+    assert acc == sorted(acc) and acc[0] < acc[-1]
+
+
+def test_registry_and_errors(pair, tmp_path):
+    assert set(POLICIES) == {"lossless", "judge", "autojudge", "topk", "typical", "likelihood", "kl"}
+    assert isinstance(build_policy("lossless"), Policy)
+    with pytest.raises(ValueError, match=r"judge threshold must be in \[0, 1\]"):
+        JudgeRule(1.5, _head(pair))
+    with pytest.raises(ValueError, match=r"eval.methods.autojudge: judge threshold must be in \[0, 1\]"):
+        build_policy("autojudge", -0.1, head=_head(pair))
+    with pytest.raises(ValueError, match="needs a judge head"):
+        build_policy("judge", 0.5)
+    with pytest.raises(ValueError, match="unknown policy 'medusa'"):
+        build_policy("medusa", 1.0)
+    with pytest.raises(ValueError, match="eval.methods.topk: k must be an integer"):
+        build_policy("topk", 2.5)
+    with pytest.raises(ValueError, match="eval.methods.likelihood: delta must be >= 0"):
+        build_policy("likelihood", -1)
+    with pytest.raises(ValueError, match="unknown eval.policy_options"):
+        build_policy("kl", 1.0, options={"strict": 0.9})
+    # heads that do not fit the loaded target
+    info = pair.target_info.as_dict()
+    H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
+    other = JudgeHead(JudgeConfig(feature_dim=H, target_model={**info, "name": "other", "fingerprint": "sha256:" + "0" * 64}))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"eval.judge_dir .*trained for target 'other'"):
+        load_head(tmp_path / "other", info, H, Hd)
+    wide = JudgeHead(JudgeConfig(feature_dim=2 * H, target_model=info))
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match=f"expects {2 * H} features, the target gives {H}"):
+        load_head(tmp_path / "wide", info, H, Hd)
+    with pytest.raises(FileNotFoundError, match="eval.autojudge_dir"):
+        load_head(tmp_path / "missing", info, H, Hd, key="eval.autojudge_dir")
+    ok = _head(pair, include_draft=True)
+    ok.cpu().save_pretrained(tmp_path / "ok")
+    assert load_head(tmp_path / "ok", info, H, Hd).config.feature_dim == H + Hd
