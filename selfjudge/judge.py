@@ -1,14 +1,18 @@
 """The judge head: a tiny classifier on target hidden states, saved as a self-describing folder.
 
 A head folder holds ``model.safetensors`` (weights plus the input standardization statistics) and
-``judge_config.json`` (head kind, feature layout, the target model it was trained for, the label
-source and the validation operating points). Eval loads nothing but this folder.
+``judge_config.json`` (head kind, feature size and layout, the target model it was trained for, the
+label source, the validation operating points and metrics). Eval loads nothing but this folder.
+Label 1 = important = reject the draft token; the head outputs the logit of P(important).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from selfjudge.io import write_json
 HEAD_KINDS = ("logistic", "mlp")
 CONFIG_NAME = "judge_config.json"
 WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -27,83 +32,128 @@ class JudgeConfig:
     kind: str = "logistic"              # logistic | mlp
     feature_dim: int = 0                # input size (len(layers) * target hidden [+ draft hidden])
     hidden_dim: int = 256               # MLP width (ignored by logistic)
-    dropout: float = 0.0                # MLP dropout
-    features: dict = field(default_factory=lambda: {"layers": [-1], "include_draft": False})
-    target_model: dict = field(default_factory=dict)   # ModelInfo.as_dict() of the target
+    dropout: float = 0.0                # MLP dropout (ignored by logistic)
+    features: dict = field(default_factory=lambda: {"layers": [-1], "include_draft": False})  # FeatureSpec.as_dict()
+    target_model: dict = field(default_factory=dict)   # ModelInfo.as_dict() of the target (fingerprint, hidden_size, ...)
     draft_model: dict = field(default_factory=dict)    # ModelInfo.as_dict() of the draft
     label_source: str = "selfjudge"     # selfjudge | autojudge
-    thresholds: dict = field(default_factory=dict)     # operating points: name -> P(important) cut
+    thresholds: dict = field(default_factory=dict)     # operating points on P(important): youden, precision_at_recall_0.8, quantiles
     metrics: dict = field(default_factory=dict)        # validation metrics at save time
-    extra: dict = field(default_factory=dict)          # anything else worth keeping (data manifest id, split)
+    extra: dict = field(default_factory=dict)          # provenance: data folders, split, training settings
+    format_version: int = FORMAT_VERSION               # folder layout version
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"judge.kind '{self.kind}' is not one of {HEAD_KINDS}")
+        if self.feature_dim <= 0:
+            raise ValueError(f"judge feature_dim must be positive, got {self.feature_dim}")
+        if self.kind == "mlp" and self.hidden_dim <= 0:
+            raise ValueError(f"judge.hidden_dim must be positive for an mlp head, got {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"judge.dropout must be in [0, 1), got {self.dropout}")
+        if self.label_source not in ("selfjudge", "autojudge"):
+            raise ValueError(f"label_source must be selfjudge or autojudge, got '{self.label_source}'")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JudgeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{CONFIG_NAME} has unknown keys {unknown}: written by a newer selfjudge?")
+        return cls(**d)
 
 
 class JudgeHead(nn.Module):
-    """P(important | h) = sigmoid(f((h - mean) / std)), f linear or a one-hidden-layer MLP."""
+    """P(important | h) = sigmoid(f((h - mean) / std)), f linear or Linear-GELU-Dropout-Linear.
+
+    ``mean``/``std`` are buffers (never trained); standardization always runs in fp32 so that large
+    hidden-state values keep their precision even when ``net`` runs in bf16.
+    """
 
     def __init__(self, config: JudgeConfig):
         super().__init__()
         self.config = config
         d = config.feature_dim
-        if d <= 0:
-            raise ValueError("judge feature_dim must be positive")
-        self.register_buffer("mean", torch.zeros(d))
-        self.register_buffer("std", torch.ones(d))
+        self.register_buffer("mean", torch.zeros(d))   # [D]
+        self.register_buffer("std", torch.ones(d))     # [D]
         if config.kind == "logistic":
-            self.net = nn.Linear(d, 1)
+            self.net: nn.Module = nn.Linear(d, 1)
         else:
             self.net = nn.Sequential(
                 nn.Linear(d, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.hidden_dim, 1)
             )
 
+    def init_weights(self, seed: int) -> "JudgeHead":
+        """Re-initialise ``net`` from ``seed`` alone (independent of the global RNG state)."""
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for m in self.net.modules():
+                if isinstance(m, nn.Linear):
+                    bound = 1.0 / m.in_features ** 0.5  # PyTorch's default uniform range
+                    m.weight.copy_(torch.empty_like(m.weight, device="cpu").uniform_(-bound, bound, generator=g))
+                    m.bias.copy_(torch.empty_like(m.bias, device="cpu").uniform_(-bound, bound, generator=g))
+        return self
+
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the training features' mean and std ([D] each); std is floored at 1e-6."""
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ValueError(f"standardization stats have shape {tuple(mean.shape)}, the head expects ({self.config.feature_dim},)")
         self.mean.copy_(mean.float())
         self.std.copy_(std.float().clamp_min(1e-6))
 
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """(features - mean) / std in fp32. features: [..., D] -> [..., D] float32."""
+        if features.shape[-1] != self.config.feature_dim:
+            raise ValueError(f"judge head expects {self.config.feature_dim} features, got {features.shape[-1]}")
+        return (features.float() - self.mean.float()) / self.std.float()
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits of 'important' (reject). features: [..., D] -> [...]."""
-        x = (features.to(self.mean.dtype) - self.mean) / self.std
-        return self.net(x).squeeze(-1)
+        x = self.standardize(features)
+        w = next(self.net.parameters())
+        return self.net(x.to(w.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
     def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
+        """P(important). features: [..., D] -> [...] float32."""
         return torch.sigmoid(self.forward(features))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the folder atomically: built beside it, then swapped in (readers never see half a head)."""
         from safetensors.torch import save_file
 
-        from selfjudge.offline import build_folder_atomically
-
         folder = Path(folder)
-        state = {k: v.detach().cpu().contiguous().float() for k, v in self.state_dict().items()}
-
-        def build(tmp: Path) -> None:
-            save_file(state, str(tmp / WEIGHTS_NAME))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+        old = folder.parent / f".{folder.name}.old"
+        try:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "kind": self.config.kind})
             write_json(tmp / CONFIG_NAME, asdict(self.config))
-
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        return build_folder_atomically(folder, build)
+            if old.exists():
+                shutil.rmtree(old)
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> "JudgeHead":
+        """Load a head folder written by ``save_pretrained`` (fp32, eval mode)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         cfg_path = folder / CONFIG_NAME
-        if not cfg_path.is_file():
+        if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
-                f"'{folder}' is not a judge head folder (no {CONFIG_NAME}); point judge path at the "
-                f"'head' folder that the train stage wrote"
+                f"'{folder}' is not a judge head folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); point the "
+                f"judge path at the 'head' folder that the train stage wrote"
             )
-        cfg = json.loads(cfg_path.read_text())
-        head = cls(JudgeConfig(**cfg))
+        head = cls(JudgeConfig.from_dict(json.loads(cfg_path.read_text())))
         head.load_state_dict(load_file(str(folder / WEIGHTS_NAME), device=map_location))
         head.eval()
         return head

@@ -1,78 +1,102 @@
-"""Judge metrics in numpy: ROC-AUC, PR-AUC, precision/recall and the operating points saved with a head."""
+"""Judge metrics in numpy: ROC-AUC, PR-AUC, precision/recall and the operating points saved with a head.
+
+Convention: a row is *predicted important* (the draft token is rejected) when ``p >= cut``; eval accepts
+a mismatch when ``P(important) < cut``. Every cut below is a value of ``p`` seen on validation.
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
 
+def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(y).astype(bool).ravel(), np.asarray(p, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels ({y.shape[0]}) and scores ({p.shape[0]}) differ in length")
+    if np.isnan(p).any():
+        raise ValueError("scores contain NaN (a diverged head? lower train.lr)")
+    return y, p
+
+
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tie-averaged ranks)."""
-    y = np.asarray(y).astype(bool)
+    """Area under the ROC curve: the Mann-Whitney U statistic with tie-averaged ranks (NaN with one class)."""
+    y, p = _check(y, p)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ps = np.asarray(p)[order]
-    ranks = np.empty(len(p), dtype=np.float64)
-    i = 0
-    while i < len(ps):  # average ranks over ties
-        j = i
-        while j + 1 < len(ps) and ps[j + 1] == ps[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)                      # 1-based rank of the last member of each tie group
+    avg_rank = ends - (counts - 1) / 2.0          # mean rank inside each tie group
+    ranks = avg_rank[inv]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Thresholds (descending, distinct) with true/false positive counts of 'p >= threshold'."""
+def curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct cuts (descending) with the true and false positive counts of ``p >= cut``."""
+    y, p = _check(y, p)
     order = np.argsort(-p, kind="mergesort")
     ps, ys = p[order], y[order].astype(np.float64)
-    last = np.r_[np.nonzero(np.diff(ps))[0], len(ps) - 1]
+    last = np.r_[np.nonzero(np.diff(ps))[0], len(ps) - 1] if len(ps) else np.zeros(0, dtype=int)
     tp = np.cumsum(ys)[last]
     fp = (last + 1) - tp
-    return ps[last], tp, fp, np.full_like(tp, ys.sum())
+    return ps[last], tp, fp
 
 
 def pr_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Average precision (step-wise area under the precision-recall curve)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, dtype=np.float64)
+    """Average precision: sum over cuts of (recall step) * precision (NaN without positives)."""
+    y, p = _check(y, p)
     if y.sum() == 0:
         return float("nan")
-    _, tp, fp, pos = _curve(y, p)
-    precision, recall = tp / (tp + fp), tp / pos
+    _, tp, fp = curve(y, p)
+    precision, recall = tp / (tp + fp), tp / y.sum()
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def precision_recall_at(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
-    pred = np.asarray(p) >= threshold
-    y = np.asarray(y).astype(bool)
+def precision_recall_at(y: np.ndarray, p: np.ndarray, cut: float) -> tuple[float, float]:
+    """Precision and recall of 'important' when predicting ``p >= cut`` (NaN when undefined)."""
+    y, p = _check(y, p)
+    pred = p >= cut
     tp = float((pred & y).sum())
-    return (tp / pred.sum() if pred.sum() else float("nan")), (tp / y.sum() if y.sum() else float("nan"))
+    prec = tp / pred.sum() if pred.sum() else float("nan")
+    rec = tp / y.sum() if y.sum() else float("nan")
+    return float(prec), float(rec)
 
 
-def operating_points(y: np.ndarray, p: np.ndarray, quantiles: list[float]) -> dict:
-    """Youden's J cut, the cut with the best precision at recall >= 0.8, and probability quantiles.
+def operating_points(y: np.ndarray, p: np.ndarray, quantiles: Sequence[float], min_recall: float = 0.8) -> dict:
+    """The cuts stored in a head's ``thresholds``.
 
-    Cuts are on P(important): the eval judge accepts a mismatch when P(important) < cut.
+    ``youden``: the cut maximising TPR - FPR. ``precision_at_recall_0.8``: the cut with the best precision
+    among those with recall >= 0.8 (the highest such cut on ties). ``quantiles``: validation-probability
+    quantiles at ``quantile_levels`` (the eval sweep).
     """
-    y, p = np.asarray(y).astype(bool), np.asarray(p, dtype=np.float64)
-    th, tp, fp, pos = _curve(y, p)
-    neg = len(y) - pos[0] if len(pos) else 0
-    tpr, fpr = tp / max(pos[0], 1), fp / max(neg, 1)
-    j = int(np.argmax(tpr - fpr)) if len(th) else 0
+    y, p = _check(y, p)
+    if len(p) == 0 or y.all() or not y.any():
+        raise ValueError("operating points need validation rows of both classes (raise train.val_fraction)")
+    th, tp, fp = curve(y, p)
+    tpr, fpr = tp / y.sum(), fp / (~y).sum()
+    j = int(np.argmax(tpr - fpr))
     prec = tp / (tp + fp)
-    ok = np.nonzero(tpr >= 0.8)[0]
-    k = int(ok[np.argmax(prec[ok])]) if len(ok) else 0
+    ok = np.nonzero(tpr >= min_recall)[0]          # never empty: the lowest cut has recall 1
+    k = int(ok[np.argmax(prec[ok])])
     return {
-        "youden": float(th[j]) if len(th) else 0.5,
-        "precision_at_recall_0.8": float(th[k]) if len(th) else 0.5,
-        "quantiles": [float(np.quantile(p, q)) for q in quantiles] if len(p) else [],
-        "quantile_levels": list(quantiles),
+        "youden": float(th[j]),
+        f"precision_at_recall_{min_recall:g}": float(th[k]),
+        "quantiles": [float(np.quantile(p, q)) for q in quantiles],
+        "quantile_levels": [float(q) for q in quantiles],
     }
 
 
-def summarize(y: np.ndarray, p: np.ndarray, loss: float, threshold: float = 0.5) -> dict:
-    prec, rec = precision_recall_at(y, p, threshold)
-    return {"loss": loss, "roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p), "positive_rate": float(np.mean(y)),
-            "precision@0.5": prec, "recall@0.5": rec, "n": int(len(y))}
+def summarize(y: np.ndarray, p: np.ndarray, loss: float, cut: float = 0.5) -> dict:
+    """Loss, ROC-AUC, PR-AUC, positive rate and precision/recall at ``cut`` over one split."""
+    y, p = _check(y, p)
+    prec, rec = precision_recall_at(y, p, cut)
+    return {"loss": float(loss), "roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p), "positive_rate": float(np.mean(y)),
+            "cut": float(cut), "precision": prec, "recall": rec, "n": int(len(y))}
+
+
+def bce_loss(y: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy from logits (numerically stable)."""
+    y, z = np.asarray(y, dtype=np.float64), np.asarray(logits, dtype=np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))

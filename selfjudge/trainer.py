@@ -2,47 +2,71 @@
 
 Launch modes: plain ``python`` (one process; the rendezvous variables are filled in with a free port),
 ``torchrun --nproc_per_node=N`` and ``deepspeed --no_local_rank``. CPU uses gloo and fp32 and skips
-DeepSpeed's shared-memory op build; CUDA uses nccl and bf16 when the deepspeed config asks for it.
-The client optimizer is torch AdamW, so nothing is JIT-compiled.
+DeepSpeed's shared-memory op build (a 75-90 s JIT compile); CUDA uses nccl and bf16 when asked. The
+client optimizer is torch AdamW, so nothing is JIT-compiled. DeepSpeed trains ``head.net`` only: the
+standardization buffers stay fp32 and untouched, and inputs are standardized before the engine.
+
+Checkpoints (``engine.save_checkpoint``) go to ``ckpt_dir`` at every epoch end and every
+``checkpoint_every`` optimizer steps; a new run with ``resume`` continues from the newest one, mid-epoch
+included (the consumed micro-batches of that epoch's fixed order are skipped).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from selfjudge.judge import JudgeHead
-from selfjudge.judge_metrics import operating_points, summarize
+from selfjudge.judge_metrics import bce_loss, operating_points, precision_recall_at, summarize
 
 ZERO_STAGES = (0, 1, 2)
 
 
+def make_ds_config(batch_size: int = 256, grad_accum: int = 1, grad_clip: float = 1.0, zero_stage: int = 0) -> dict:
+    """A DeepSpeed config like the ones in conf/deepspeed/ (for library users and tests)."""
+    return {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+
+
 @dataclass
 class TrainSettings:
-    epochs: int = 20
-    batch_size: int = 256
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 50
-    resume: bool = True
-    device: str = "auto"
-    quantiles: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
-    zero_stage: int = 0
-    bf16_on_gpu: bool = True
+    epochs: int = 20                    # passes over the training split
+    lr: float = 3e-3                    # AdamW learning rate
+    weight_decay: float = 1e-2          # AdamW (decoupled) weight decay
+    betas: tuple = (0.9, 0.999)         # AdamW betas
+    eps: float = 1e-8                   # AdamW epsilon
+    seed: int = 0                       # data order, init and dropout
+    num_workers: int = 0                # DataLoader workers
+    log_every: int = 50                 # optimizer steps between train-loss logs
+    checkpoint_every: int = 0           # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 2           # newest checkpoints kept on disk
+    resume: bool = True                 # continue from the newest checkpoint in ckpt_dir
+    device: str = "auto"                # auto | cpu | cuda
+    quantiles: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation-probability quantiles for the eval sweep
+    eval_batch_size: int = 4096         # rows per validation forward
+    bf16_on_gpu: bool = True            # bf16 engine on CUDA (CPU is always fp32)
+    deepspeed: dict = field(default_factory=make_ds_config)  # the DeepSpeed config (conf/deepspeed/*.yaml: config)
+    run_key: str = ""                   # identifies the training setup; a checkpoint of another key is refused
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
 def _free_port() -> int:
@@ -51,132 +75,194 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str) -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed for any launcher; returns (rank, world)."""
-    import deepspeed
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda, but CUDA is not available: use train.device=cpu or auto")
+    return device
 
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed for any launcher; returns (rank, world size).
+
+    Plain ``python`` gets RANK=0, WORLD_SIZE=1 and a free MASTER_PORT. On CPU the accelerator is set to
+    ``cpu`` and the shared-memory communication op is marked incompatible, so DeepSpeed never builds it.
+    """
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.ops
+    import deepspeed
+    import deepspeed.ops
 
+    if device == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip the 75-90 s JIT build of the shm op
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got '{device}'")
-    return device
+class _SkipSampler(Sampler):
+    """A DistributedSampler's order for one epoch, minus the first ``skip`` indices (mid-epoch resume)."""
 
+    def __init__(self, sampler: DistributedSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
 
-def deepspeed_config(s: TrainSettings, device: str) -> dict[str, Any]:
-    if s.zero_stage not in ZERO_STAGES:
-        raise ValueError(f"ZeRO stage {s.zero_stage} is not defined here: choose deepspeed=zero0, zero1 or zero2")
-    return {
-        "train_micro_batch_size_per_gpu": s.batch_size,
-        "gradient_accumulation_steps": s.grad_accum,
-        "gradient_clipping": s.grad_clip,
-        "zero_optimization": {"stage": s.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bool(device == "cuda" and s.bf16_on_gpu)},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.sampler)[self.skip :])
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, ds, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities, labels and mean BCE loss over ``ds`` (every rank computes the same)."""
-    ps, ys, loss, n = [], [], 0.0, 0
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over ``ds`` in order. forward: features [B, D] -> logits [B]."""
+    zs, ys = [], []
     for start in range(0, len(ds), batch_size):
         b = ds[start : start + batch_size]
-        x, y = b["features"].to(device), b["label"].float().to(device)
-        logits = model(x.to(next(model.parameters()).dtype)).float()
-        loss += float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
-        n += len(y)
-        ps.append(torch.sigmoid(logits).cpu().numpy())
-        ys.append(y.cpu().numpy())
-    return np.concatenate(ps), np.concatenate(ys), loss / max(n, 1)
+        zs.append(forward(b["features"].to(device)).float().cpu().numpy())
+        ys.append(b["label"].numpy())
+    return np.concatenate(zs), np.concatenate(ys)
+
+
+def _evaluate(forward: Callable, ds: Any, s: TrainSettings, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    z, y = predict(forward, ds, s.eval_batch_size, device)
+    p = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    return summarize(y, p, bce_loss(y, z)), y, p
+
+
+def _ckpt_tags(ckpt_dir: Path) -> list[Path]:
+    tags = [p for p in ckpt_dir.glob("step*") if p.is_dir()]
+    return sorted(tags, key=lambda p: int(p.name[4:]))
 
 
 def train_head(
     head: JudgeHead,
-    train_ds,
-    val_ds,
+    train_ds: Any,
+    val_ds: Any,
     s: TrainSettings,
     ckpt_dir: str | Path,
     log: Callable[[int, dict], None] | None = None,
-    after_epoch: Callable[[int], None] | None = None,
+    after_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Fit ``head`` with DeepSpeed; keeps the best epoch by validation ROC-AUC. Returns the metrics."""
+    """Fit ``head.net`` with DeepSpeed; keep the epoch with the best validation ROC-AUC.
+
+    ``log(step, metrics)`` is called on rank 0 only; ``after_step(epoch, global_step)`` after every optimizer
+    step on every rank (tests use it to interrupt a run). Returns {"final", "history", "rank", "world",
+    "global_steps", "resumed_from"}; ``final`` holds the validation metrics of the best epoch in fp32 and
+    its operating points under ``thresholds``.
+    """
     import deepspeed
 
+    if s.zero_stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage {s.zero_stage} is not supported by the judge trainer: choose deepspeed=zero0, "
+                         f"zero1 or zero2")
     device = resolve_device(s.device)
     rank, world = init_distributed(device)
-    torch.manual_seed(s.seed)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = f"cuda:{local}" if device == "cuda" else "cpu"
     if device == "cuda":
         torch.cuda.set_device(local)
-    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=head, optimizer=opt, config=deepspeed_config(s, device))
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=False)
-    loader = DataLoader(train_ds, batch_size=s.batch_size, sampler=sampler, num_workers=s.num_workers)
     ckpt_dir = Path(ckpt_dir)
-    start_epoch, best = 0, {"roc_auc": -1.0}
+    if not s.resume and rank == 0 and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    torch.distributed.barrier()
+
+    torch.manual_seed(s.seed)  # dropout masks
+    head.to(dev)
+    core = head.net
+    opt = torch.optim.AdamW(core.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=tuple(s.betas), eps=s.eps)
+    ds_cfg = {**s.deepspeed, "bf16": {"enabled": bool(device == "cuda" and s.bf16_on_gpu)}}
+    engine, _, _, _ = deepspeed.initialize(model=core, optimizer=opt, config=ds_cfg)
+    dtype = next(engine.module.parameters()).dtype
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B] logits; standardized in fp32 outside the engine
+        return engine(head.standardize(x).to(dtype)).squeeze(-1).float()
+
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=False)
+    epoch, batch_in_epoch, best, history, resumed_from = 0, 0, {"roc_auc": -1.0}, [], None
     if s.resume and (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start_epoch = int(client["epoch"]) + 1
-        best = client.get("best", best)
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise RuntimeError(f"could not load the checkpoint in '{ckpt_dir}': remove it or set train.resume=false")
+        if client.get("run_key") != s.run_key:
+            raise ValueError(f"'{ckpt_dir}' holds checkpoints of another training setup: set train.resume=false to "
+                             f"start over, or choose another train.output_dir")
+        epoch, batch_in_epoch = int(client["epoch"]), int(client["batch"])
+        best, history, resumed_from = client["best"], client["history"], path
+        torch.set_rng_state(client["rng"])
         if rank == 0:
-            print(f"[train] resumed from {ckpt_dir} at epoch {start_epoch}")
-    history = []
+            print(f"[train] resumed from {path}: epoch {epoch}, micro-batch {batch_in_epoch}, step {engine.global_steps}")
+
+    def save(ep: int, batch: int) -> None:
+        client = {"epoch": ep, "batch": batch, "best": best, "history": history, "run_key": s.run_key,
+                  "rng": torch.get_rng_state()}
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{engine.global_steps}", client_state=client)
+        torch.distributed.barrier()
+        if rank == 0:
+            for old in _ckpt_tags(ckpt_dir)[: -max(s.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+
     t0 = time.perf_counter()
-    for epoch in range(start_epoch, s.epochs):
+    while epoch < s.epochs:
         sampler.set_epoch(epoch)
+        skip = batch_in_epoch * s.batch_size
+        loader = DataLoader(train_ds, batch_size=s.batch_size, sampler=_SkipSampler(sampler, skip), num_workers=s.num_workers)
         engine.train()
-        for batch in tqdm(loader, desc=f"train epoch {epoch}", disable=rank != 0 or None, leave=False):
-            x = batch["features"].to(dev).to(next(engine.module.parameters()).dtype)
-            y = batch["label"].float().to(dev)
-            loss = F.binary_cross_entropy_with_logits(engine(x).float(), y)
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False)
+        for batch in bar:
+            y = batch["label"].float().to(dev)                            # [B]
+            loss = F.binary_cross_entropy_with_logits(forward(batch["features"].to(dev)), y)
             engine.backward(loss)
             engine.step()
-            if log and rank == 0 and engine.global_steps % s.log_every == 0 and engine.is_gradient_accumulation_boundary():
-                log(engine.global_steps, {"train/loss": float(loss)})
+            batch_in_epoch += 1
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step = engine.global_steps
+            if rank == 0 and step % max(s.log_every, 1) == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", step=step)
+                if log:
+                    log(step, {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"], "train/epoch": epoch})
+            if s.checkpoint_every > 0 and step % s.checkpoint_every == 0:
+                save(epoch, batch_in_epoch)
+            if after_step:
+                after_step(epoch, step)
         engine.eval()
-        p, y, vloss = predict(engine.module, val_ds, 4096, dev)
-        m = summarize(y, p, vloss)
-        m["epoch"] = epoch
+        m, _, _ = _evaluate(forward, val_ds, s, dev)
+        m.update(epoch=epoch, step=engine.global_steps)
         history.append(m)
-        if log and rank == 0:
-            log(engine.global_steps, {f"val/{k}": v for k, v in m.items()})
+        if rank == 0:
+            print(f"[train] epoch {epoch}: val loss {m['loss']:.4f} ROC-AUC {m['roc_auc']:.4f} PR-AUC {m['pr_auc']:.4f}")
+            if log:
+                log(engine.global_steps, {f"val/{k}": v for k, v in m.items()})
         if m["roc_auc"] > best["roc_auc"]:
-            best = {**m, "state": {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}}
-        engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state={"epoch": epoch, "best": best})
-        if after_epoch:
-            after_epoch(epoch)
+            best = {**m, "state": {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}}
+        epoch, batch_in_epoch = epoch + 1, 0
+        save(epoch, 0)
+
     if "state" in best:
-        head.load_state_dict(best["state"])
+        core.load_state_dict(best["state"])
     head.float().cpu().eval()
-    p, y, vloss = predict(head, val_ds, 4096, "cpu")
-    final = summarize(y, p, vloss)
+    final, y, p = _evaluate(head, val_ds, s, "cpu")
+    th = operating_points(y, p, list(s.quantiles))
+    at = {name: dict(zip(("precision", "recall"), precision_recall_at(y, p, th[name])))
+          for name in ("youden", "precision_at_recall_0.8")}
     final.update(best_epoch=best.get("epoch"), seconds=time.perf_counter() - t0, world_size=world,
-                 thresholds=operating_points(y, p, list(s.quantiles)))
+                 global_steps=int(engine.global_steps), thresholds=th, at_thresholds=at)
     torch.distributed.barrier()
-    return {"final": final, "history": history, "rank": rank, "world": world}
+    return {"final": final, "history": history, "rank": rank, "world": world,
+            "global_steps": int(engine.global_steps), "resumed_from": resumed_from}
 
 
 def shutdown() -> None:
     """Barrier, then tear a multi-rank process group down. A one-process group is kept: DeepSpeed caches
-    its groups in module state, so a later run in the same process (the pipeline, tests) reuses it."""
+    its groups in module state, so a later run in the same process (the pipeline, sweeps, tests) reuses it."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         if torch.distributed.get_world_size() > 1:

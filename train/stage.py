@@ -1,116 +1,170 @@
-"""train stage: shards -> DeepSpeed-trained judge head folder + metrics.json (+ wandb when enabled)."""
+"""train stage: shards -> DeepSpeed-trained judge head folder + metrics.json (+ wandb when enabled).
+
+``run(cfg)`` resolves the config to plain values and calls the library (``selfjudge.judge_data``,
+``selfjudge.trainer``). Rank 0 writes ``${train.output_dir}/head`` (a JudgeHead folder) and
+``metrics.json``; checkpoints live in ``${train.output_dir}/checkpoints``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from selfjudge.features import FeatureSpec
-from selfjudge.io import code_version, write_json
+from selfjudge.io import code_version, config_hash, write_json
 from selfjudge.judge import JudgeConfig, JudgeHead
-from selfjudge.judge_data import feature_stats, folder_list, load_judge_data
-from selfjudge.trainer import TrainSettings, shutdown, train_head
+from selfjudge.judge_data import JudgeData, feature_stats, folder_list, load_judge_data
+from selfjudge.trainer import ZERO_STAGES, TrainSettings, shutdown, train_head
+
+# keys of train.* that do not change what is trained (a checkpoint made under other values still fits)
+_RUN_ONLY_KEYS = ("epochs", "output_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints",
+                  "resume", "eval_batch_size", "val_examples", "quantiles", "device")
 
 
-def settings_from(t: dict, ds: dict) -> TrainSettings:
-    stage = ds.get("zero_stage")
+def deepspeed_options() -> dict[str, int]:
+    """conf/deepspeed/ option name -> its ZeRO stage."""
+    from omegaconf import OmegaConf as _O
+
+    folder = resources.files("selfjudge.conf") / "deepspeed"
+    return {f.name[:-5]: int(_O.create(f.read_text())["zero_stage"]) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def settings_from(plain: dict) -> TrainSettings:
+    """TrainSettings from the resolved config (train.* and the deepspeed group)."""
+    t, ds = plain["train"], plain["deepspeed"]
+    options = deepspeed_options()
+    stage = int(ds["zero_stage"])
+    if stage not in options.values() or stage not in ZERO_STAGES or int(ds["config"]["zero_optimization"]["stage"]) != stage:
+        names = ", ".join(f"deepspeed={k}" for k in sorted(options))
+        raise ValueError(f"deepspeed.zero_stage={stage} is not a stage the config defines: choose {names}")
+    opt = ds["optimizer"]
+    run_key = config_hash({"train": {k: v for k, v in t.items() if k not in _RUN_ONLY_KEYS}, "judge": plain["judge"],
+                           "deepspeed": ds})
     return TrainSettings(
-        epochs=int(t["epochs"]), batch_size=int(ds["train_micro_batch_size_per_gpu"]),
-        grad_accum=int(ds["gradient_accumulation_steps"]), grad_clip=float(ds["gradient_clipping"]),
-        lr=float(t["lr"]), weight_decay=float(t["weight_decay"]), seed=int(t["seed"]),
-        num_workers=int(t["num_workers"]), log_every=int(t["log_every"]), resume=bool(t["resume"]),
-        device=t["device"], quantiles=tuple(t["quantiles"]), zero_stage=int(stage) if stage is not None else -1,
-        bf16_on_gpu=bool(ds["bf16_on_gpu"]),
+        epochs=int(t["epochs"]), lr=float(opt["lr"]), weight_decay=float(opt["weight_decay"]),
+        betas=tuple(float(b) for b in opt["betas"]), eps=float(opt["eps"]), seed=int(t["seed"]),
+        num_workers=int(t["num_workers"]), log_every=int(t["log_every"]), checkpoint_every=int(t["checkpoint_every"]),
+        keep_checkpoints=int(t["keep_checkpoints"]), resume=bool(t["resume"]), device=str(t["device"]),
+        quantiles=tuple(float(q) for q in t["quantiles"]), eval_batch_size=int(t["eval_batch_size"]),
+        bf16_on_gpu=bool(ds["bf16_on_gpu"]), deepspeed=dict(ds["config"]), run_key=run_key,
     )
 
 
-def run(cfg: DictConfig, after_epoch=None) -> dict[str, Any]:
+def build_head(plain: dict, data: JudgeData) -> JudgeHead:
+    """A fresh head for ``data`` (seeded init, standardization from the training split)."""
+    t, j, man = plain["train"], plain["judge"], data.manifest
+    head = JudgeHead(JudgeConfig(
+        kind=j["kind"], feature_dim=data.feature_dim, hidden_dim=int(j["hidden_dim"]), dropout=float(j["dropout"]),
+        features=FeatureSpec.from_mapping(man.get("features")).as_dict(), target_model=man["target_model"],
+        draft_model=man.get("draft_model") or {}, label_source=t["label_source"],
+        extra={"data_dirs": folder_list(t["data_dir"]), "data_config_hash": man.get("config_hash"),
+               "tokenizer": man.get("tokenizer"), "split": data.split, "use_negatives": bool(t["use_negatives"]),
+               "train": {k: t[k] for k in ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "seed")},
+               "zero_stage": plain["deepspeed"]["zero_stage"], "code_version": code_version()},
+    ))
+    head.init_weights(int(t["seed"]))
+    head.set_standardization(*feature_stats(data.train))
+    return head
+
+
+def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train the judge head; returns the final validation metrics and the written paths."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    t, j = plain["train"], plain["judge"]
-    s = settings_from(t, plain["deepspeed"])
+    t = plain["train"]
+    s = settings_from(plain)
     out = Path(t["output_dir"])
     data = load_judge_data(folder_list(t["data_dir"]), t["label_source"], bool(t["use_negatives"]),
                            float(t["val_fraction"]), int(t["seed"]))
-    man = data.manifest
-    head = JudgeHead(JudgeConfig(
-        kind=j["kind"], feature_dim=data.feature_dim, hidden_dim=int(j["hidden_dim"]) or 256, dropout=float(j["dropout"]),
-        features=FeatureSpec.from_mapping(man["features"]).as_dict(), target_model=man["target_model"],
-        draft_model=man["draft_model"], label_source=t["label_source"],
-        extra={"data_dirs": folder_list(t["data_dir"]), "data_config_hash": man["config_hash"], "split": data.split,
-               "code_version": code_version()},
-    ))
-    head.set_standardization(*feature_stats(data.train))
-    tracker = _Tracker(plain) if plain["logger"]["name"] == "wandb" else None
+    head = build_head(plain, data)
+    tracker = _Tracker(plain) if plain["logger"]["name"] == "wandb" and int(os.environ.get("RANK", "0")) == 0 else None
     try:
         res = train_head(head, data.train, data.val, s, out / "checkpoints",
-                         log=tracker.log if tracker else None, after_epoch=after_epoch)
+                         log=tracker.log if tracker else None, after_step=after_step)
         final = res["final"]
         if res["rank"] == 0:
             head.config.thresholds = final["thresholds"]
-            head.config.metrics = {k: v for k, v in final.items() if k != "thresholds"}
+            head.config.metrics = {k: v for k, v in final.items() if k not in ("thresholds",)}
             head.save_pretrained(out / "head")
-            write_json(out / "metrics.json", {"final": final, "history": res["history"], "split": data.split,
-                                              "train_rows": len(data.train), "val_rows": len(data.val)})
-            print(f"[train] val ROC-AUC {final['roc_auc']:.4f}  PR-AUC {final['pr_auc']:.4f}  "
-                  f"positive rate {final['positive_rate']:.3f}  ({final['seconds']:.1f} s) -> {out / 'head'}")
+            write_json(out / "metrics.json", {
+                "final": final, "history": res["history"], "split": data.split, "head_dir": str(out / "head"),
+                "data_dirs": folder_list(t["data_dir"]), "label_source": t["label_source"], "judge": plain["judge"],
+                "lr": s.lr, "weight_decay": s.weight_decay, "zero_stage": s.zero_stage, "world_size": res["world"],
+                "resumed_from": res["resumed_from"], "run_key": s.run_key, "code_version": code_version()})
+            print(f"[train] val ROC-AUC {final['roc_auc']:.4f}  PR-AUC {final['pr_auc']:.4f}  positive rate "
+                  f"{final['positive_rate']:.3f}  best epoch {final['best_epoch']}  ({final['seconds']:.1f} s) -> {out / 'head'}")
             if tracker:
-                tracker.finish(head, data, out / "head", man)
+                tracker.finish(head, data, out)
     finally:
+        if tracker:
+            tracker.close()
         shutdown()
     return {"roc_auc": final["roc_auc"], "pr_auc": final["pr_auc"], "positive_rate": final["positive_rate"],
-            "seconds": final["seconds"]}
+            "best_epoch": final["best_epoch"], "global_steps": res["global_steps"], "seconds": final["seconds"],
+            "head_dir": str(out / "head"), "metrics": str(out / "metrics.json"), "resumed_from": res["resumed_from"]}
 
 
 class _Tracker:
-    """wandb logging for rank 0 (imported only when logger=wandb)."""
+    """wandb logging on rank 0 (this class is the only place wandb is imported)."""
 
     def __init__(self, plain: dict):
-        import os
-
         import wandb
 
         self.wandb = wandb
+        self.n_examples = int(plain["train"]["val_examples"])
         lg = plain["logger"]
-        self.run = None
-        if int(os.environ.get("RANK", "0")) == 0:
-            self.run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], config=plain,
-                                  tags=list(lg["tags"]) + ["train"], dir=plain["run_dir"], job_type="train")
+        self.run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], config=plain,
+                              tags=list(lg["tags"]) + ["train"], dir=plain["run_dir"], job_type="train", reinit="finish_previous")
 
     def log(self, step: int, metrics: dict) -> None:
-        if self.run:
-            self.run.log(metrics, step=step)
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
-    def finish(self, head: JudgeHead, data, head_dir: Path, manifest: dict) -> None:
-        if not self.run:
-            return
-        self.run.summary.update({f"final/{k}": v for k, v in head.config.metrics.items() if isinstance(v, (int, float))})
-        rows = _validation_examples(head, data, manifest)
-        self.run.log({"val/examples": self.wandb.Table(columns=["context", "target", "draft", "label", "p_important"], data=rows)})
-        art = self.wandb.Artifact("judge-head", type="model", metadata=head.config.metrics)
-        art.add_dir(str(head_dir))
+    def finish(self, head: JudgeHead, data: JudgeData, out: Path) -> None:
+        m = head.config.metrics
+        self.run.summary.update({f"final/{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        self.run.summary.update({f"threshold/{k}": v for k, v in head.config.thresholds.items() if isinstance(v, float)})
+        cols, rows = validation_examples(head, data, self.n_examples)
+        self.run.log({"val/examples": self.wandb.Table(columns=cols, data=rows)})
+        art = self.wandb.Artifact(f"judge-head-{head.config.label_source}", type="model",
+                                  metadata={k: v for k, v in m.items() if isinstance(v, (int, float))})
+        art.add_dir(str(out / "head"))
+        art.add_file(str(out / "metrics.json"))
         self.run.log_artifact(art)
+
+    def close(self) -> None:
         self.run.finish()
 
 
-def _validation_examples(head: JudgeHead, data, manifest: dict, n: int = 50) -> list[list]:
+def _decoder(manifest: dict) -> Callable[[list[int]], str]:
+    """Decode with the tokenizer the manifest names when it loads offline; else show the token ids."""
+    name = (manifest.get("tokenizer") or {}).get("name_or_path")
+    if name:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            return lambda ids: tok.decode(ids)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"[train] tokenizer '{name}' did not load offline ({type(e).__name__}); the examples table shows token ids")
+    return lambda ids: json.dumps(list(ids))
+
+
+def validation_examples(head: JudgeHead, data: JudgeData, n: int) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the first ``n`` validation rows: context, target/draft token, label, P(important)."""
     import torch
 
     ds = data.val.with_format(None)
     rows = ds.select(range(min(n, len(ds))))
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(manifest["target_model"]["folder"])
-        dec = lambda ids: tok.decode(ids)  # noqa: E731
-    except (OSError, ValueError):
-        dec = lambda ids: json.dumps(ids)  # noqa: E731
+    dec = _decoder(data.manifest)
+    cols = ["prompt_id", "context", "target_token", "draft_token", "substituted", "label", "p_important"]
     out = []
     for r in rows:
-        i = r["position"]
-        ctx = dec(r["response_ids"][max(0, i - 12) : i])
+        i = int(r["position"])
         p = float(head.predict_proba(torch.tensor([r["features"]], dtype=torch.float32))[0])
-        out.append([ctx, dec([r["target_token"]]), dec([r["draft_token"]]), int(r["label"]), p])
-    return out
+        out.append([r["prompt_id"], dec(r["response_ids"][max(0, i - 16): i]), dec([r["target_token"]]),
+                    dec([r["draft_token"]]), bool(r["substituted"]), int(r["label"]), p])
+    return cols, out
