@@ -27,8 +27,7 @@ def device() -> str:
 
 
 def _on(pair, device: str):
-    if device != "cpu":
-        pair.target.to(device), pair.draft.to(device)
+    pair.target.to(device), pair.draft.to(device)
     return pair
 
 
@@ -160,7 +159,7 @@ def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("temperature", [0.8, pytest.param(1.3, marks=pytest.mark.slow)])
-def test_sampling_keeps_target_distribution(temperature):
+def test_sampling_keeps_target_distribution(temperature, device):
     """Speculative sampling's first two tokens follow the target's softmax exactly (chi-square), though
     the draft's distribution is far from it; the draft alone is rejected by the same test."""
     V = 12
@@ -171,7 +170,8 @@ def test_sampling_keeps_target_distribution(temperature):
         q1 = torch.softmax(draft(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
         nxt = torch.softmax(target(torch.tensor([[*prompt, a] for a in range(V)])).logits[:, -1] / temperature, -1)
     joint = (p1[:, None] * nxt).flatten()                                                       # [V*V] p(a, b)
-    gen = torch.Generator().manual_seed(1)
+    target.to(device), draft.to(device)
+    gen = torch.Generator(device).manual_seed(1)
     n = 2000
     first, pairs, rejected = torch.zeros(V), torch.zeros(V * V), 0
     for _ in range(n):
@@ -184,14 +184,15 @@ def test_sampling_keeps_target_distribution(temperature):
     assert 0.5 * (p1 - q1).abs().sum() > 0.2            # the draft really differs
     assert _chi2_pvalue(first, p1) > 1e-3
     assert _chi2_pvalue(pairs, joint) > 1e-3
-    draft_only = torch.bincount(torch.multinomial(q1, n, replacement=True, generator=gen), minlength=V).float()
+    cpu_gen = torch.Generator().manual_seed(2)
+    draft_only = torch.bincount(torch.multinomial(q1, n, replacement=True, generator=cpu_gen), minlength=V).float()
     assert _chi2_pvalue(draft_only, p1) < 1e-6          # the test has power against the draft's distribution
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_pair):
-    ids = format_prompt(tiny_pair.tokenizer, PROMPTS[2])
-    runs = [_decode(tiny_pair, ids, 4, temperature=0.8, generator=torch.Generator().manual_seed(5))[0] for _ in range(2)]
-    other = _decode(tiny_pair, ids, 4, temperature=0.8, generator=torch.Generator().manual_seed(6))[0]
+def test_sampling_is_reproducible_with_a_seed(pair, device):
+    ids = format_prompt(pair.tokenizer, PROMPTS[2])
+    runs = [_decode(pair, ids, 4, temperature=0.8, generator=torch.Generator(device).manual_seed(5))[0] for _ in range(2)]
+    other = _decode(pair, ids, 4, temperature=0.8, generator=torch.Generator(device).manual_seed(6))[0]
     assert runs[0] == runs[1] and runs[0] != other
 
 
