@@ -177,18 +177,15 @@ def test_real_pair_registry_matches_assets():
 
 @pytest.mark.slow
 def test_real_pair_loads_and_answers(gsm8k_dir):
-    """The offline Qwen2.5-Coder pair: cached load < 5 s each, shared tokenizer, sensible greedy output."""
+    """The offline Qwen2.5-Coder pair: shared tokenizer, sensible greedy output (load times: scripts/bench_load.py)."""
     import json
-    import time
 
     import yaml
 
     repo = Path(__file__).resolve().parent.parent
     cfg = yaml.safe_load((repo / "conf" / "model" / "qwen_coder_offline.yaml").read_text())
-    pair_from_mapping(cfg)  # converts once if needed
-    t0 = time.perf_counter()
-    pair = pair_from_mapping(cfg)
-    assert time.perf_counter() - t0 < 10.0  # two models
+    pair = pair_from_mapping(cfg)  # converts once if needed
+    assert pair.target_info.vocab_size == pair.draft_info.vocab_size == 151936
     q = json.loads((gsm8k_dir / "test.jsonl").read_text().splitlines()[0])["question"]
     ids = torch.tensor([format_prompt(pair.tokenizer, q + " Answer with the number only.")])
     for m in (pair.target, pair.draft):
