@@ -105,11 +105,11 @@ def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: 
     if len(ds) == 0:
         raise ValueError(f"train.data_dir {dirs} has no rows with {label_source} labels "
                          f"(train.label_source={label_source}, train.use_negatives={use_negatives}): nothing to train on")
-    labels = np.asarray(ds.with_format("numpy", columns=["label"])["label"])
+    labels = ds.with_format("numpy", columns=["label"])[:]["label"]           # [N] int8 (small: no features)
     if labels.min() == labels.max():
         raise ValueError(f"all {len(labels)} rows have label {int(labels[0])}: the judge needs both classes "
                          f"(check data_gen.tau, train.label_source or train.use_negatives)")
-    pids = ds["prompt_id"]
+    pids = ds.select_columns(["prompt_id"])[:]["prompt_id"]                     # [N] str
     uniq = sorted(set(pids))
     val_ids = {p for p in uniq if is_val_prompt(p, seed, val_fraction)}
     if not val_ids or len(val_ids) == len(uniq):

@@ -133,7 +133,7 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size
 
 def _evaluate(forward: Callable, ds: Any, s: TrainSettings, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
     z, y = predict(forward, ds, s.eval_batch_size, device)
-    p = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    p = torch.sigmoid(torch.from_numpy(z.astype(np.float64))).numpy()
     return summarize(y, p, bce_loss(y, z)), y, p
 
 
