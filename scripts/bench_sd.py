@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt")
     ap.add_argument("--gamma", type=int, default=4, help="draft window")
     ap.add_argument("--repeats", type=int, default=1, help="passes over the prompts")
+    ap.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warm-up decodes (excluded)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--methods", default="target,sd,hf_assisted", help="comma list of target,sd,hf_assisted,hf_target")
     ap.add_argument("--out", default="docs/bench/bench_sd.json", help="JSON result file")
@@ -91,22 +92,34 @@ def main() -> None:
     prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
                for ex in task.examples()]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    kw = dict(max_new_tokens=a.max_new_tokens, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+    kw = dict(eos_ids=pair.eos_ids, vocab=pair.vocab_size)
     run = {
-        "target": lambda ids: _ours(decode(pair.target, None, ids, gamma=0, **kw)),
-        "sd": lambda ids: _ours(decode(pair.target, pair.draft, ids, gamma=a.gamma, **kw)),
-        "hf_assisted": lambda ids: _hf_assisted(pair, ids, a.gamma, a.max_new_tokens),
-        "hf_target": lambda ids: _hf(pair, ids, a.max_new_tokens),
+        "target": lambda ids, n: _ours(decode(pair.target, None, ids, gamma=0, max_new_tokens=n, **kw)),
+        "sd": lambda ids, n: _ours(decode(pair.target, pair.draft, ids, gamma=a.gamma, max_new_tokens=n, **kw)),
+        "hf_assisted": lambda ids, n: _hf_assisted(pair, ids, a.gamma, n),
+        "hf_target": lambda ids, n: _hf(pair, ids, n),
     }
     for m in methods:  # warm-up (excluded)
-        run[m](prompts[0])
-    res: dict[str, dict] = {m: {"tokens": 0, "seconds": 0.0, "per_prompt": []} for m in methods}
+        run[m](prompts[0], a.warmup_tokens)
+    # forward calls and positions read by each model body, per method: shows re-reads and round counts
+    reads = {"target": [0, 0], "draft": [0, 0]}
+    for role, model in (("target", pair.target), ("draft", pair.draft)):
+        body = getattr(model, model.base_model_prefix)
+        body.register_forward_pre_hook(lambda mod, args, kw, r=reads[role]: r.__setitem__(
+            slice(0, 2), [r[0] + 1, r[1] + (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[1]]),
+            with_kwargs=True)
+    res: dict[str, dict] = {m: {"tokens": 0, "seconds": 0.0, "per_prompt": [], "target_calls": 0, "target_positions": 0,
+                                "draft_calls": 0, "draft_positions": 0} for m in methods}
     outputs: dict[str, list[list[int]]] = {m: [] for m in methods}
     load0 = os.getloadavg()
     for rep in range(a.repeats):
         for i, ids in enumerate(prompts[1:]):
             for m in (methods if (i + rep) % 2 == 0 else methods[::-1]):  # alternate the order too
-                toks, secs = run[m](ids)
+                before = [*reads["target"], *reads["draft"]]
+                toks, secs = run[m](ids, a.max_new_tokens)
+                after = [*reads["target"], *reads["draft"]]
+                for k, key in enumerate(("target_calls", "target_positions", "draft_calls", "draft_positions")):
+                    res[m][key] += after[k] - before[k]
                 res[m]["tokens"] += len(toks)
                 res[m]["seconds"] += secs
                 res[m]["per_prompt"].append({"prompt": i, "tokens": len(toks), "seconds": round(secs, 4),
@@ -114,6 +127,16 @@ def main() -> None:
                 if rep == 0:
                     outputs[m].append(toks)
                 print(f"[bench] prompt {i} {m:12s} {len(toks):4d} tok {secs:7.2f} s {len(toks) / secs:7.2f} tok/s", flush=True)
+            _write(a, pair, plain, prompts, methods, res, outputs, load0, t_load, done=False)
+    _write(a, pair, plain, prompts, methods, res, outputs, load0, t_load, done=True)
+
+
+def _write(a, pair, plain, prompts, methods, res, outputs, load0, t_load, done: bool) -> None:
+    """Summarise what has been measured so far (a run cut short still leaves its numbers)."""
+    res = {m: dict(r) for m, r in res.items() if r["seconds"] > 0}
+    methods = [m for m in methods if m in res]
+    if not methods:
+        return
     load1 = os.getloadavg()
     for m in methods:
         r = res[m]
@@ -139,8 +162,10 @@ def main() -> None:
         "platform": platform.platform(), "torch": torch.__version__, "code_version": code_version(),
         "results": res, "ratios": ratios, "agreement_with_target": agree,
     }
-    print(json.dumps({"ratios": ratios, "tokens_per_s": {m: res[m]["tokens_per_s"] for m in methods},
-                      "agreement_with_target": agree, "loadavg": [load0, load1]}, indent=1))
+    summary["complete"] = done
+    if done:
+        print(json.dumps({"ratios": ratios, "tokens_per_s": {m: res[m]["tokens_per_s"] for m in methods},
+                          "agreement_with_target": agree, "loadavg": [load0, load1]}, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, summary)
 
