@@ -157,8 +157,12 @@ def score_response_naive(
     window: int = 20,
     variant: str = "continuation",
     spec: FeatureSpec = FeatureSpec(),
+    limit: int | None = None,
 ) -> ScoredResponse:
-    """Reference scorer: one full forward over x ⊕ ỹ per mismatch, no cache (the test oracle)."""
+    """Reference scorer: one full forward over x ⊕ ỹ per mismatch, no cache (the test oracle).
+
+    ``limit``: score only the first ``limit`` mismatches (benchmarks time the oracle on a subset).
+    """
     if variant not in SCORE_VARIANTS:
         raise ValueError(f"data_gen.score_variant '{variant}' is not one of {SCORE_VARIANTS}")
     dev = next(target.parameters()).device
@@ -169,7 +173,7 @@ def score_response_naive(
     d = d.to(dev)
     full = forward_with_hidden(target, ids, spec, use_cache=False)
     logp = _logprobs(full.logits[0, P - 1 : -1], vocab)
-    pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()
+    pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()[:limit]
     orig, alt, sub_h = [], [], []
     for i in pos.tolist():
         k = min(window, T - 1 - i)
