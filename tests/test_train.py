@@ -287,18 +287,31 @@ def test_sweep_config_and_best_head_selection(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_match_one(data_dir, tmp_path):
-    """torchrun with 2 CPU ranks (gloo) reaches the metrics of 1 rank within tolerance."""
+    """torchrun and the deepspeed launcher with 2 CPU ranks (gloo) reach the metrics of 1 rank within tolerance."""
     args = [f"run_dir={tmp_path}", "logger=none", "train.epochs=4", "train.batch_size=32", "train.lr=0.05", "train.device=cpu"]
-    one = subprocess.run([sys.executable, "-m", "selfjudge.train.main", *args, f"train.output_dir={tmp_path / 'one'}"],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                          "-m", "selfjudge.train.main", *args, f"train.output_dir={tmp_path / 'two'}"],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert m2["world_size"] == 2 and m1["world_size"] == 1
-    assert m2["final"]["global_steps"] * 2 == pytest.approx(m1["final"]["global_steps"], abs=4)  # half the steps per rank
-    assert abs(m1["final"]["roc_auc"] - m2["final"]["roc_auc"]) < 0.03
-    assert len(list((tmp_path / "logs").glob("*-rank1"))) == 1  # ranks do not share a hydra run dir
+    bindir = Path(sys.executable).parent
+    launches = {"one": [sys.executable, "-m", "selfjudge.train.main"],
+                "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "selfjudge.train.main"],
+                "deepspeed": [str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", "2", "--master_port",
+                              str(_free_port()), "--module", "selfjudge.train.main"]}
+    env = {**_env(), "DS_ACCELERATOR": "cpu", "PATH": f"{bindir}:{os.environ['PATH']}"}
+    m = {}
+    for name, cmd in launches.items():
+        r = subprocess.run([*cmd, *args, f"train.output_dir={tmp_path / name}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert m["one"]["world_size"] == 1 and m["torchrun"]["world_size"] == 2 == m["deepspeed"]["world_size"]
+    assert m["torchrun"]["final"]["global_steps"] * 2 == pytest.approx(m["one"]["final"]["global_steps"], abs=4)
+    assert abs(m["one"]["final"]["roc_auc"] - m["torchrun"]["final"]["roc_auc"]) < 0.03
+    assert m["torchrun"]["final"]["roc_auc"] == m["deepspeed"]["final"]["roc_auc"]  # same ranks, same seed: same run
+    assert len(list((tmp_path / "logs").glob("*-rank1"))) == 2  # ranks do not share a hydra run dir
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
