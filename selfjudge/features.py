@@ -54,6 +54,12 @@ class ForwardOut:
     past_key_values: Any
 
 
+def _cache_of(out: Any) -> Any:
+    """The returned KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def forward_with_hidden(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -71,11 +77,11 @@ def forward_with_hidden(
         out = body(input_ids=input_ids, **kwargs)
         h = out.last_hidden_state                                  # [B, T, H], post final norm
         logits = model.get_output_embeddings()(h)                  # [B, T, V]
-        return ForwardOut(logits, h, out.past_key_values)
+        return ForwardOut(logits, h, _cache_of(out))
     out = model(input_ids=input_ids, output_hidden_states=True, **kwargs)
     hs = out.hidden_states                                         # L+1 x [B, T, H]
     h = torch.cat([hs[i] for i in spec.layers], dim=-1)            # [B, T, len(layers)*H]
-    return ForwardOut(out.logits, h, out.past_key_values)
+    return ForwardOut(out.logits, h, _cache_of(out))
 
 
 def judge_features(
