@@ -88,18 +88,23 @@ def resolve_device(device: str) -> str:
 def init_distributed(device: str) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed for any launcher; returns (rank, world size).
 
-    Plain ``python`` gets RANK=0, WORLD_SIZE=1 and a free MASTER_PORT. On CPU the accelerator is set to
-    ``cpu`` and the shared-memory communication op is marked incompatible, so DeepSpeed never builds it.
+    Plain ``python`` gets RANK=0, WORLD_SIZE=1 and a free MASTER_PORT. DeepSpeed's accelerator is chosen
+    from ``device`` before deepspeed is first imported (on a GPU machine it would pick CUDA even for
+    ``train.device=cpu``). On CPU the shared-memory communication op is marked incompatible, so DeepSpeed
+    never JIT-builds it.
     """
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["DS_ACCELERATOR"] = device
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != device:
+        raise RuntimeError(f"DeepSpeed already runs on '{get_accelerator().device_name()}' in this process: "
+                           f"train.device={device} needs a fresh process")
     if device == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip the 75-90 s JIT build of the shm op
     if not torch.distributed.is_initialized():
@@ -158,13 +163,12 @@ def train_head(
     "global_steps", "resumed_from"}; ``final`` holds the validation metrics of the best epoch in fp32 and
     its operating points under ``thresholds``.
     """
-    import deepspeed
-
     if s.zero_stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage {s.zero_stage} is not supported by the judge trainer: choose deepspeed=zero0, "
                          f"zero1 or zero2")
     device = resolve_device(s.device)
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device)  # before the first deepspeed import: it fixes the accelerator
+    import deepspeed
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = f"cuda:{local}" if device == "cuda" else "cpu"
     if device == "cuda":
