@@ -151,7 +151,19 @@ def run(cfg: DictConfig) -> dict:
 
 
 def print_summary(cfg: DictConfig) -> None:
-    """Print the eval report's headline table (the same Markdown the eval stage wrote)."""
-    report = Path(str(cfg.eval.output_dir)) / "report.md"
-    if report.is_file():
-        print(report.read_text())
+    """A short closing summary: per method, its fastest setting (the full table is in report.md)."""
+    out = Path(str(cfg.eval.output_dir))
+    summary = out / "summary.json"
+    if not summary.is_file():
+        return
+    rows = read_json(summary)["rows"]
+    print(f"[pipeline] done. Report: {out / 'report.md'}  Plot: {out / 'pareto.png'}")
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] not in best or (r.get("speedup") or 0) > (best[r["method"]].get("speedup") or 0):
+            best[r["method"]] = r
+    for m, r in best.items():
+        th = "" if r.get("threshold") is None else f"@{r['threshold']:g}"
+        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
+        print(f"[pipeline] {m + th:<16} speedup {r.get('speedup') or 0:5.2f}x  accepted length "
+              f"{r['mean_accepted_length']:5.2f}  accuracy {acc}")
