@@ -2,7 +2,7 @@
 # data_gen on N processes of one machine (GPUs or CPU ranks). Each rank takes every N-th prompt and
 # writes its own shards; rank 0 writes the manifest when all are done. Extra args are hydra overrides.
 #   bash scripts/data_gen_multi.sh 8 model=qwen25_7b_05b model.device=cuda run_dir=runs/qwen7b
-#   bash scripts/data_gen_multi.sh 2 model=tiny run_dir=/tmp/sj        # CPU check
+#   bash scripts/data_gen_multi.sh 2 model=tiny run_dir=runs/cpu-check   # CPU check
 set -euo pipefail
 N=${1:?usage: data_gen_multi.sh NPROC [hydra overrides...]}; shift
 cd "$(dirname "$0")/.."
