@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from selfjudge import shards
 from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
 from selfjudge.features import FeatureSpec
-from selfjudge.generation import fixed_batches, greedy_batch
+from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_traced
 from selfjudge.io import read_json, write_json
 from selfjudge.models import ModelPair, format_prompt
 from selfjudge.scoring import SCORE_VARIANTS, ScoredResponse, label_rule, score_response, score_response_naive, tau_from_rule
@@ -168,12 +168,17 @@ def run_rank(
             after_shard(index)
 
     for batch in todo:
-        resps = greedy_batch(pair.target, [prompts[i] for i in batch], s.max_new_tokens, pair.eos_ids,
-                             pair.tokenizer.pad_token_id, pair.vocab_size)
-        for i, resp in zip(batch, resps):
+        gen_args = ([prompts[i] for i in batch], s.max_new_tokens, pair.eos_ids, pair.tokenizer.pad_token_id,
+                    pair.vocab_size)
+        if s.scorer == "fast":  # the fast scorer reads the target's pass over x ⊕ y from the generation
+            resps, traces = greedy_batch_traced(pair.target, *gen_args, spec=s.features)
+        else:
+            resps, traces = greedy_batch(pair.target, *gen_args), [None] * len(batch)
+        for i, resp, trace in zip(batch, resps, traces):
             ex, prompt = examples[i], prompts[i]
+            extra = {"trace": trace} if trace is not None else {}
             sc = score(pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant,
-                       s.features, **kw)
+                       s.features, **kw, **extra)
             aj = [-1] * len(sc.positions)
             if use_aj:
                 aj = autojudge_labels(pair, task, ex, prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist(),
@@ -184,6 +189,7 @@ def run_rank(
             n_new += len(resp)
             bar.update(1)
             bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.1f}")
+        traces = trace = extra = None  # free this batch's KV cache before the next batch is generated
         if len(buf) >= s.shard_size:
             flush()
     if buf_ids:

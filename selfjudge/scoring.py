@@ -8,8 +8,8 @@ For a prompt ``x`` (P tokens) and the target's greedy response ``y`` (T tokens):
   s_k(i)     = log p(y_{i+k} | x, ỹ_<i+k)   (continuation)   or   max_v log p(v | x, ỹ_<i+k)  (max_logprob)
   LD_N(i)    = Orig_N(i) - Alt_N(i)
 
-:func:`score_response` (fast) runs the target once over x ⊕ y, keeps its KV cache, then scores all
-mismatch windows of the response in packed passes: window i's n tokens (d_i, y_{i+1}, ..., y_{i+n-1})
+:func:`score_response` (fast) takes the target's KV cache of x ⊕ y (from the generation that made y,
+or from one pass over x ⊕ y), then scores all mismatch windows of the response in packed passes: window i's n tokens (d_i, y_{i+1}, ..., y_{i+n-1})
 sit at positions P+i.. and attend to the cached prefix x ⊕ y_<i and causally within the window,
 through one 4D mask. :func:`score_response_naive` recomputes x ⊕ ỹ in full per mismatch: the oracle.
 """
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features
+from selfjudge.generation import TargetTrace
 
 SCORE_VARIANTS = ("continuation", "max_logprob")
 
@@ -49,9 +50,9 @@ def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int) -> tuple[torch
 
     ids: [1, P+T]. Returns d [T] and draft hidden [T, H_d] (the state at position P+i-1 predicts d_i).
     """
-    out = forward_with_hidden(draft, ids, FeatureSpec(), use_cache=False)
-    logits = out.logits[0, P - 1 : -1, :vocab]                       # [T, V]
-    return logits.argmax(-1), out.hidden[0, P - 1 : -1]
+    h = getattr(draft, draft.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state[0, P - 1 : -1]
+    logits = draft.get_output_embeddings()(h)[:, :vocab]             # [T, V]: the LM head on y's positions only
+    return logits.argmax(-1), h
 
 
 def _window_lengths(positions: torch.Tensor, T: int, window: int) -> torch.Tensor:
@@ -76,8 +77,14 @@ def score_response(
     variant: str = "continuation",
     spec: FeatureSpec = FeatureSpec(),
     max_packed_tokens: int = 2048,
+    trace: TargetTrace | None = None,
 ) -> ScoredResponse:
-    """Score every mismatch of one response with packed windows over the cached prefix (fast path)."""
+    """Score every mismatch of one response with packed windows over the cached prefix (fast path).
+
+    With ``trace`` (from :func:`~selfjudge.generation.greedy_batch_traced`, same ``spec``) the target's
+    pass over x ⊕ y is the one generation already made: only the draft pass and the windows run here.
+    Without it, one target pass over x ⊕ y builds the cache first.
+    """
     if variant not in SCORE_VARIANTS:
         raise ValueError(f"data_gen.score_variant '{variant}' is not one of {SCORE_VARIANTS}")
     dev = next(target.parameters()).device
@@ -88,22 +95,45 @@ def score_response(
     y = ids[0, P:]                                                     # [T]
     d, d_hidden = draft_proposals(draft, ids, P, vocab)
     d = d.to(dev)
-    dtype = next(target.parameters()).dtype
-    full = forward_with_hidden(target, ids, spec, use_cache=True)
-    logp = _logprobs(full.logits[0, P - 1 : -1], vocab)               # [T, V]: predicts y_0..y_{T-1}
-    logp_y = logp.gather(-1, y[:, None])[:, 0]                        # [T]
     pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()           # [M]
+    if trace is None:
+        full = forward_with_hidden(target, ids, spec, use_cache=True)
+        logp = _logprobs(full.logits[0, P - 1 : -1], vocab)           # [T, V]: predicts y_0..y_{T-1}
+        logp_y = logp.gather(-1, y[:, None])[:, 0]                    # [T]
+        logp_d = logp[pos, d[pos]]                                    # [M] log p(d_i | x, y_<i)
+        hid_pos = full.hidden[0, P:][pos]                             # [M, F] state at input y_i
+        cache = full.past_key_values
+    else:
+        want = len(spec.layers) * trace.h_final.shape[-1]
+        if trace.logp_chosen.numel() != T or trace.h_spec.shape[-1] != want:
+            raise ValueError(f"the trace covers {trace.logp_chosen.numel()} tokens with {trace.h_spec.shape[-1]} "
+                             f"feature values; this response has {T} tokens and features.layers={list(spec.layers)} "
+                             f"needs {want}: pass the trace made for this response with the same spec")
+        logp_y = trace.logp_chosen.to(dev)
+        logp_d = _logprobs(target.get_output_embeddings()(trace.h_final[pos]), vocab).gather(-1, d[pos][:, None])[:, 0]
+        hid_pos = trace.h_spec[pos + 1]                               # step i+1's input is y_i
+        cache = trace.cache
     M = pos.numel()
-    hid = full.hidden[0, P:]                                           # [T, F] state at input y_i
-    orig_feat = judge_features(hid[pos], spec, d_hidden[pos] if spec.include_draft else None)
+    orig_feat = judge_features(hid_pos, spec, d_hidden[pos] if spec.include_draft else None)
     n = _window_lengths(pos, T, window)
     orig = torch.stack([logp_y[i : i + k + 1].mean() for i, k in zip(pos.tolist(), n.tolist())]) if M else logp_y[:0]
+    alt, sub_hidden = _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec, max_packed_tokens,
+                                     hid_pos.shape[-1], hid_pos.dtype)
+    sub_feat = judge_features(sub_hidden, spec, d_hidden[pos] if spec.include_draft else None)
+    return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig.float().cpu(), alt.cpu(),
+                          (orig.float() - alt).cpu(), sub_feat.cpu(), orig_feat.cpu(), T)
+
+
+def _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec, max_packed_tokens, F_dim, h_dtype):
+    """Alt_N and the substituted-position states of every window, in packed passes over ``cache``
+    (which holds at least x ⊕ y_<i for every window start i; it is cropped back after each pass)."""
+    dev, dtype = y.device, next(target.parameters()).dtype
+    M = pos.numel()
     alt = torch.empty(M, device=dev)
-    sub_hidden = torch.empty(M, hid.shape[-1], device=dev, dtype=hid.dtype)
-    cache = full.past_key_values
-    L = P + T
+    sub_hidden = torch.empty(M, F_dim, device=dev, dtype=h_dtype)
+    L = cache.get_seq_length()
     start = 0
-    while start < M:  # chunks of windows, each one packed pass over the cached x ⊕ y
+    while start < M:  # chunks of windows, each one packed pass over the cached prefix
         end, total = start, 0
         while end < M and (total + int(n[end]) <= max_packed_tokens or end == start):
             total += int(n[end])
@@ -132,19 +162,17 @@ def score_response(
             target, toks_t[None], spec, cache=cache, attention_mask=mask,
             position_ids=posn_t[None], use_cache=True,
         )
-        cache.crop(-W)                                                          # back to x ⊕ y
+        cache.crop(-W)                                                          # back to the prefix
         lp = _logprobs(out.logits[0], vocab)                                    # [W, V]
         off = 0
         for j in range(start, end):
             i, k = int(pos[j]), int(n[j])
             s = _alt_terms(lp[off : off + k], y[i + 1 : i + k + 1], variant)    # [k]
-            alt[j] = torch.cat([logp[i, d[i]][None], s]).mean()
+            alt[j] = torch.cat([logp_d[j][None], s]).mean()
             sub_hidden[j] = out.hidden[0, off]
             off += k
         start = end
-    sub_feat = judge_features(sub_hidden, spec, d_hidden[pos] if spec.include_draft else None)
-    return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig.float().cpu(), alt.cpu(),
-                          (orig.float() - alt).cpu(), sub_feat.cpu(), orig_feat.cpu(), T)
+    return alt, sub_hidden
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from selfjudge.features import FeatureSpec
+from selfjudge.generation import greedy_batch, greedy_batch_traced
 from selfjudge.models import format_prompt
 from selfjudge.scoring import label_rule, score_response, score_response_naive, tau_from_rule
 
@@ -51,6 +52,46 @@ def test_fast_equals_naive(pair_name, variant, impl, request, attn):
             assert (a.positions < len(resp) - 1).all()  # the final position is never scored
             total += len(a.positions)
     assert total > 40  # many mismatches, windows truncated at the end of y included
+
+
+@pytest.mark.parametrize("pair_name", ["tiny_pair", "llama_pair"])
+@pytest.mark.parametrize("spec", [FeatureSpec(), FeatureSpec(layers=(-1, 1), include_draft=True)], ids=["last", "layers+draft"])
+def test_traced_equals_naive(pair_name, spec, request):
+    """Scores read from the generation's own pass (batched, left-padded, rows ending at different
+    steps) equal the naive oracle, and the trace holds exactly the prefix of each row."""
+    pair = request.getfixturevalue(pair_name)
+    prompts = [format_prompt(pair.tokenizer, q) for q in PROMPTS]
+    free = greedy_batch(pair.target, prompts, 40, [], pair.tokenizer.pad_token_id, pair.vocab_size)
+    eos = [free[0][25], free[1][12]]  # two tokens of the free responses act as EOS: rows end at different steps
+    resps, traces = greedy_batch_traced(pair.target, prompts, 40, eos, pair.tokenizer.pad_token_id, pair.vocab_size, spec)
+    assert resps == greedy_batch(pair.target, prompts, 40, eos, pair.tokenizer.pad_token_id, pair.vocab_size)
+    assert len({len(r) for r in resps}) > 1  # some rows stop early: their cache must not include padding
+    total = 0
+    for ids, resp, tr in zip(prompts, resps, traces):
+        assert tr.cache.get_seq_length() == len(ids) + len(resp) - 1 and tr.logp_chosen.shape == (len(resp),)
+        for window, packed in ((20, 2048), (4, 12)):
+            a = score_response(pair.target, pair.draft, ids, resp, pair.vocab_size, window, spec=spec,
+                               max_packed_tokens=packed, trace=tr)
+            b = score_response_naive(pair.target, pair.draft, ids, resp, pair.vocab_size, window, spec=spec)
+            assert torch.equal(a.positions, b.positions)
+            assert torch.allclose(a.orig, b.orig, atol=1e-5) and torch.allclose(a.alt, b.alt, atol=1e-5)
+            assert torch.allclose(a.sub_features, b.sub_features, atol=1e-4)
+            assert torch.allclose(a.orig_features, b.orig_features, atol=1e-4)
+            assert tr.cache.get_seq_length() == len(ids) + len(resp) - 1  # cropped back after every pass
+            total += len(a.positions)
+    assert total > 20
+
+
+def test_trace_of_another_response_is_refused(tiny_pair):
+    prompts = [format_prompt(tiny_pair.tokenizer, q) for q in PROMPTS[:2]]
+    resps, traces = greedy_batch_traced(tiny_pair.target, prompts, 12, [], tiny_pair.tokenizer.pad_token_id,
+                                        tiny_pair.vocab_size)
+    with pytest.raises(ValueError, match="trace covers 12 tokens"):
+        score_response(tiny_pair.target, tiny_pair.draft, prompts[0], resps[0][:10], tiny_pair.vocab_size,
+                       trace=traces[0])
+    with pytest.raises(ValueError, match=r"features.layers=\[-1, 1\]"):
+        score_response(tiny_pair.target, tiny_pair.draft, prompts[0], resps[0], tiny_pair.vocab_size,
+                       spec=FeatureSpec(layers=(-1, 1)), trace=traces[0])
 
 
 def test_feature_options_match_naive(tiny_pair):
