@@ -206,7 +206,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    "rounds": st.rounds, "new_tokens": st.new_tokens, "draft_forwards": st.draft_forwards,
                    "proposed": st.proposed, "accepted": st.accepted, "accepted_by_rule": st.accepted_by_rule,
                    "accept_hist": st.accept_hist, "seconds": st.seconds, "prefill_seconds": st.prefill_seconds,
-                   "draft_seconds": st.draft_seconds, "verify_seconds": st.verify_seconds}
+                   "draft_seconds": st.draft_seconds, "verify_seconds": st.verify_seconds,
+                   "rule_seconds": st.rule_seconds}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             records.append(rec)

@@ -99,6 +99,7 @@ class DecodeStats:
     prefill_seconds: float = 0.0  # prompt prefill, both models
     draft_seconds: float = 0.0    # proposing (exact only with profile=True on CUDA)
     verify_seconds: float = 0.0   # target verify passes + acceptance (exact only with profile=True on CUDA)
+    rule_seconds: float = 0.0     # the acceptance rule alone (judge head, ...), part of verify_seconds
     seconds: float = 0.0          # wall time of the whole decode, prefill included
 
     @property
@@ -271,7 +272,16 @@ def decode(
             v = Verification(prop.tokens, t_log, t_hid[1:], prop.logits, prop.hidden, temperature)
             # 3. accept: standard OR rule, longest kept prefix, then one target token
             std = standard_accept(v, generator)
-            rule = policy.accept(v) if policy is not None else None
+            if policy is not None:
+                if profile:
+                    _sync(dev)
+                t3 = clock()
+                rule = policy.accept(v)
+                if profile:
+                    _sync(dev)
+                st.rule_seconds += clock() - t3
+            else:
+                rule = None
             ok = std if rule is None else std | rule
             if temperature <= 0:   # one host sync: tokens, target argmaxes and both masks together
                 packed = torch.cat([prop.tokens, v.target_argmax, ok.long(), std.long()]).tolist()

@@ -39,6 +39,10 @@ def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | 
     for r in recs:
         hist = add_hist(hist, r["accept_hist"])
     tps = new / secs if secs > 0 else 0.0
+    timed = [r for r in recs if "rule_seconds" in r]     # records written before the rule was timed lack it
+    verify = sum(r["verify_seconds"] for r in timed)
+    rule = sum(r["rule_seconds"] for r in timed)
+    timed_rounds = sum(r["rounds"] for r in timed)
     return {
         "examples": len(recs),
         # accuracy: mean task score (number/letter match, pass@1); for examples without a checker, the
@@ -63,5 +67,9 @@ def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | 
         "accepted": acc,                        # draft tokens kept
         "accepted_by_rule": sum(r["accepted_by_rule"] for r in recs),  # kept only thanks to the rule
         "seconds": secs,                        # decode wall time, all examples
+        # rule cost: the acceptance rule's time (judge head: one small matmul per round) as a share of the
+        # verify phase it is part of (exact on CUDA with eval.profile=true)
+        "rule_share_of_verify": rule / verify if verify > 0 else None,
+        "rule_ms_per_round": 1e3 * rule / timed_rounds if timed_rounds else None,
         "accept_hist": hist,                    # index n: speculative rounds that kept n draft tokens
     }

@@ -74,6 +74,9 @@ def test_eval_writes_everything_and_lossless_is_exact(tmp_path, cache_dir, promp
     assert rows[("topk", 2.0)]["acceptance_rate"] >= rows[("lossless", None)]["acceptance_rate"]
     assert sum(rows[("lossless", None)]["accept_hist"]) > 0
     assert "| judge | 0.3 |" in (out / "report.md").read_text()
+    for key in (("judge", 0.3), ("kl", 0.5)):   # the rule's own time is measured, inside the verify phase
+        assert 0 < rows[key]["rule_share_of_verify"] < 1 and rows[key]["rule_ms_per_round"] > 0
+    assert rows[("lossless", None)]["rule_share_of_verify"] == 0.0
 
 
 def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch):
