@@ -56,6 +56,27 @@ def test_greedy_generation_runs(tiny_pair):
     assert out.shape[1] > ids.shape[1]
 
 
+def test_device_map_auto_decodes_and_scores_like_a_plain_load(tiny_model_cfg, tiny_pair):
+    """model.device_map=auto (accelerate places the layers; on this machine all of them on the CPU):
+    the same SD tokens and the same SelfJudge scores as a plain load."""
+    from selfjudge.decoding import decode
+    from selfjudge.generation import greedy_batch_traced
+    from selfjudge.scoring import score_response, score_response_naive
+
+    pair = pair_from_mapping({**tiny_model_cfg, "device_map": "auto"})
+    assert getattr(pair.target, "hf_device_map", None) and getattr(pair.draft, "hf_device_map", None)
+    prompts = [format_prompt(pair.tokenizer, q) for q in ("how many apples", "def add two numbers")]
+    for p in prompts:
+        kw = dict(gamma=3, max_new_tokens=24, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+        assert decode(pair.target, pair.draft, p, **kw)[0] == decode(tiny_pair.target, tiny_pair.draft, p, **kw)[0]
+    resps, traces = greedy_batch_traced(pair.target, prompts, 24, pair.eos_ids, pair.tokenizer.pad_token_id,
+                                        pair.vocab_size)
+    for p, r, tr in zip(prompts, resps, traces):
+        a = score_response(pair.target, pair.draft, p, r, pair.vocab_size, trace=tr)
+        b = score_response_naive(tiny_pair.target, tiny_pair.draft, p, r, tiny_pair.vocab_size)
+        assert torch.equal(a.positions, b.positions) and torch.allclose(a.ld, b.ld, atol=1e-5)
+
+
 def test_different_vocabularies_fail_naming_both(tiny_model_cfg, tmp_path):
     cfg_a = {**tiny_model_cfg, "cache_dir": str(tmp_path)}
     cfg_b = {**cfg_a, "tiny": {**cfg_a["tiny"], "vocab_size": 400}}
