@@ -138,7 +138,7 @@ class _Runner:
         """Read ids [1, k]; logits [V] and last-layer state [H] of the LAST position only."""
         h = self.body(input_ids=ids, use_cache=True, **{self.kw: self.cache}).last_hidden_state[:, -1]  # [1, H]
         self.seen += ids.shape[1]
-        return self.head(h)[0, : self.vocab], h[0]
+        return self.head(h)[0, : self.vocab].to(ids.device), h[0].to(ids.device)   # device_map: back home
 
     def verify(self, ids: torch.Tensor, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ids [1, k]; logits [k, V] and judge hidden states [k, F] of every position."""

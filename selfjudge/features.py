@@ -70,18 +70,20 @@ def forward_with_hidden(
 
     With the default spec (last layer only) the decoder body runs once and the LM head is applied to
     its output, so no per-layer states are kept. ``kwargs`` go to the model (``past_key_values``,
-    ``attention_mask``, ``position_ids``, ``use_cache``, ...; caches go in as ``cache=``).
+    ``attention_mask``, ``position_ids``, ``use_cache``, ...; caches go in as ``cache=``). Outputs come
+    back on ``input_ids``' device, also when ``device_map`` spreads the layers over several devices.
     """
+    home = input_ids.device
     if spec.last_layer_only:
         body = getattr(model, model.base_model_prefix)
         out = body(input_ids=input_ids, **kwargs)
         h = out.last_hidden_state                                  # [B, T, H], post final norm
         logits = model.get_output_embeddings()(h)                  # [B, T, V]
-        return ForwardOut(logits, h, _cache_of(out))
+        return ForwardOut(logits.to(home), h.to(home), _cache_of(out))
     out = model(input_ids=input_ids, output_hidden_states=True, **kwargs)
     hs = out.hidden_states                                         # L+1 x [B, T, H]
-    h = torch.cat([hs[i] for i in spec.layers], dim=-1)            # [B, T, len(layers)*H]
-    return ForwardOut(out.logits, h, _cache_of(out))
+    h = torch.cat([hs[i].to(home) for i in spec.layers], dim=-1)   # [B, T, len(layers)*H]
+    return ForwardOut(out.logits.to(home), h, _cache_of(out))
 
 
 def judge_features(

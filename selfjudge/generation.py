@@ -49,14 +49,16 @@ def fixed_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 def _step(model, ids, spec: FeatureSpec | None, **kw) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decoding step: next-token logits [B, V] and, when tracing, the last position's post-norm
     state [B, H] and feature states [B, F]. The LM head runs on the last position only."""
+    home = ids.device                                                  # device_map: outputs come back here
     if spec is None:
-        return model(input_ids=ids, logits_to_keep=1, **kw).logits[:, -1], None, None
+        return model(input_ids=ids, logits_to_keep=1, **kw).logits[:, -1].to(home), None, None
     if spec.last_layer_only:
         h = getattr(model, model.base_model_prefix)(input_ids=ids, **kw).last_hidden_state[:, -1]
-        return model.get_output_embeddings()(h), h, h
+        return model.get_output_embeddings()(h).to(home), h.to(home), h.to(home)
     out = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True, **kw)
     hs = out.hidden_states
-    return out.logits[:, -1], hs[-1][:, -1], torch.cat([hs[i][:, -1] for i in spec.layers], dim=-1)
+    return (out.logits[:, -1].to(home), hs[-1][:, -1].to(home),
+            torch.cat([hs[i][:, -1].to(home) for i in spec.layers], dim=-1))
 
 
 def _row_cache(model, cache: DynamicCache, r: int, start: int, stop: int) -> DynamicCache:

@@ -52,7 +52,7 @@ def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int) -> tuple[torch
     """
     h = getattr(draft, draft.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state[0, P - 1 : -1]
     logits = draft.get_output_embeddings()(h)[:, :vocab]             # [T, V]: the LM head on y's positions only
-    return logits.argmax(-1), h
+    return logits.argmax(-1).to(ids.device), h.to(ids.device)
 
 
 def _window_lengths(positions: torch.Tensor, T: int, window: int) -> torch.Tensor:
@@ -110,7 +110,8 @@ def score_response(
                              f"feature values; this response has {T} tokens and features.layers={list(spec.layers)} "
                              f"needs {want}: pass the trace made for this response with the same spec")
         logp_y = trace.logp_chosen.to(dev)
-        logp_d = _logprobs(target.get_output_embeddings()(trace.h_final[pos]), vocab).gather(-1, d[pos][:, None])[:, 0]
+        head = target.get_output_embeddings()
+        logp_d = _logprobs(head(trace.h_final[pos]).to(dev), vocab).gather(-1, d[pos][:, None])[:, 0]
         hid_pos = trace.h_spec[pos + 1]                               # step i+1's input is y_i
         cache = trace.cache
     M = pos.numel()
