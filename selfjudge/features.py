@@ -56,8 +56,9 @@ class ForwardOut:
 
 def _cache_of(out: Any) -> Any:
     """The returned KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+    fields = out if isinstance(out, dict) else vars(out)   # mapping access: no deprecated-property warning
+    cache = fields.get("cache")
+    return cache if cache is not None else fields.get("past_key_values")
 
 
 def forward_with_hidden(
