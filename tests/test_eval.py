@@ -100,6 +100,33 @@ def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch
     calls.clear()
     stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0", "eval.gamma=2"))
     assert len(calls) == 9
+    aside = list(out.glob("per_example.*.jsonl"))                 # ... and not lost either: moved aside
+    assert len(aside) == 1 and _records(out) != again
+    assert [json.loads(x) for x in aside[0].read_text().splitlines()] == again
+    # eval.limit (fewer prompts of the same dataset) keeps the records: a report of the finished prefix
+    calls.clear()
+    res = stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0", "eval.gamma=2", "eval.limit=2"))
+    assert calls == [] and res["examples"] == 2
+
+
+def test_partial_report_of_a_stopped_eval(tmp_path, cache_dir, prompts_file, monkeypatch):
+    """scripts/eval_report.py: the rows of the prompts every method finished, equal to the stage's own."""
+    import runpy
+
+    extra = _jsonl(["eval.judge_dir=null", "~eval.methods", "+eval.methods={topk:[2]}"], prompts_file)
+    stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.limit=2"))
+    full = json.loads((tmp_path / "eval" / "summary.json").read_text())["rows"]
+    stage.run(_cfg(tmp_path, cache_dir, *extra))          # 3 prompts; then cut inside the third prompt's methods
+    lines = (tmp_path / "eval" / "per_example.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 9
+    (tmp_path / "eval" / "per_example.jsonl").write_text("".join(lines[:7]) + lines[7][:20])
+    monkeypatch.setattr("sys.argv", ["eval_report.py", str(tmp_path / "eval")])
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "eval_report.py"), run_name="__main__")
+    part = json.loads((tmp_path / "eval" / "partial" / "summary.json").read_text())
+    assert part["complete"] is False and len(part["prompts"]) == 2
+    for a, b in zip(part["rows"], full):
+        assert (a["method"], a["threshold"], a["new_tokens"], a["accepted"]) == (b["method"], b["threshold"], b["new_tokens"], b["accepted"])
+    assert (tmp_path / "eval" / "partial" / "pareto.png").is_file()
 
 
 def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):

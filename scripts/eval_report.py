@@ -1,0 +1,63 @@
+"""Report of an eval that is still running or was stopped: the prompts every method has finished.
+
+    python scripts/eval_report.py runs/qwen/eval            # writes runs/qwen/eval/partial/{report.md,pareto.png,summary.json}
+
+The eval stage writes summary.json, report.md and pareto.png only when every prompt is done; its
+per_example.jsonl grows as decodes finish (all methods of one prompt back to back). This reads that
+file without touching it, keeps the prompts that have a record for every (method, threshold) seen, and
+builds the same rows and plots from them (speedup against target-only on those prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from selfjudge.io import write_json
+from selfjudge.metrics import aggregate
+from selfjudge.report import write_report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("eval_dir", help="an eval output folder holding per_example.jsonl")
+    ap.add_argument("--out", default=None, help="output folder (default: <eval_dir>/partial)")
+    args = ap.parse_args()
+    src = Path(args.eval_dir) / "per_example.jsonl"
+    if not src.is_file():
+        raise SystemExit(f"eval_report: {src} does not exist: pass the eval output folder (eval.output_dir)")
+    recs = []
+    for line in src.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    methods = list(dict.fromkeys((r["method"], r["threshold"]) for r in recs))
+    if ("target", None) not in methods:
+        raise SystemExit(f"eval_report: no target-only records in {src}: nothing to measure speedup against")
+    by_prompt: dict[str, set] = {}
+    for r in recs:
+        by_prompt.setdefault(r["prompt_id"], set()).add((r["method"], r["threshold"]))
+    complete = [p for p, ms in by_prompt.items() if len(ms) == len(methods)]
+    if not complete:
+        raise SystemExit(f"eval_report: no prompt of {src} is finished by every method yet")
+    keep = [r for r in recs if r["prompt_id"] in set(complete)]
+    base = aggregate(r for r in keep if r["method"] == "target")
+    rows = [{"method": m, "threshold": t, **aggregate((r for r in keep if r["method"] == m and r["threshold"] == t),
+                                                       base["tokens_per_s"])} for m, t in methods]
+    key_path = Path(args.eval_dir) / "eval_key.json"
+    settings = json.loads(key_path.read_text()).get("settings", {}) if key_path.is_file() else {}
+    title = (f"partial: {len(complete)} of {len(by_prompt)} started prompts finished by every method; "
+             f"gamma={settings.get('gamma')}, max_new_tokens={settings.get('max_new_tokens')}")
+    out = Path(args.out) if args.out else Path(args.eval_dir) / "partial"
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_report(rows, out, title))
+    write_json(out / "summary.json", {"complete": False, "title": title, "prompts": sorted(complete),
+                                      "rows": rows, "load_average_1_5_15": list(os.getloadavg())})
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
