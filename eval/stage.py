@@ -159,7 +159,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # a rerun may keep records only if they were made by the same decoding settings
     key_cfg = {k: e[k] for k in ("gamma", "max_new_tokens", "temperature", "seed", "policy_options")}
     # (the prompt limit is left out: records are per prompt id, so a shorter run reuses a longer one's)
-    run_key = config_hash({**key_cfg, "dataset": {k: v for k, v in ds.items() if k != "limit"}, "target": tinfo.get("fingerprint"),
+    ds_key = {k: v for k, v in ds.items() if k != "limit"}
+    run_key = config_hash({**key_cfg, "dataset": ds_key, "target": tinfo.get("fingerprint"),
                            "draft": pair.draft_info.as_dict().get("fingerprint"), "dtype": mcfg["dtype"]})
     per_path, key_path = out_dir / "per_example.jsonl", out_dir / "eval_key.json"
     if not e["resume"] or not key_path.is_file() or read_json(key_path).get("run_key") != run_key:
@@ -171,7 +172,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 key_path.replace(aside.with_suffix(".key.json"))
             print(f"[eval] {'eval.resume=false' if not e['resume'] else 'decoding settings changed'}: "
                   f"earlier records moved to {aside}; starting afresh")
-        (out_dir / "summary.json").unlink(missing_ok=True)
         write_json(key_path, {"run_key": run_key, "settings": key_cfg, "dataset": ds})
     (out_dir / "summary.json").unlink(missing_ok=True)  # only a finished run has one
     records = _valid_records(per_path)

@@ -9,8 +9,8 @@ For a prompt ``x`` (P tokens) and the target's greedy response ``y`` (T tokens):
   LD_N(i)    = Orig_N(i) - Alt_N(i)
 
 :func:`score_response` (fast) takes the target's KV cache of x ⊕ y (from the generation that made y,
-or from one pass over x ⊕ y), then scores all mismatch windows of the response in packed passes: window i's n tokens (d_i, y_{i+1}, ..., y_{i+n-1})
-sit at positions P+i.. and attend to the cached prefix x ⊕ y_<i and causally within the window,
+or from one pass over x ⊕ y), then scores all mismatch windows of the response in packed passes:
+window i's n tokens (d_i, y_{i+1}, ..., y_{i+n-1}) sit at positions P+i.. and attend to the cached prefix x ⊕ y_<i and causally within the window,
 through one 4D mask. :func:`score_response_naive` recomputes x ⊕ ỹ in full per mismatch: the oracle.
 """
 
