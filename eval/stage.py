@@ -1,7 +1,7 @@
 """eval stage: every method on the same prompts in one process, models loaded once.
 
-For each prompt all methods run back to back, target-only first, so drifts of machine load hit every
-method alike. Records go to per_example.jsonl as they finish; a rerun with the same settings skips
+For each prompt (or batch of prompts, ``eval.batch_size`` > 1) all methods run back to back,
+target-only first, so drifts of machine load hit every method alike. Records go to per_example.jsonl as they finish; a rerun with the same settings skips
 what is there (a line cut by a kill is dropped and redone). summary.json, report.md and pareto.png are
 written at the end, atomically; summary.json exists only for a complete run.
 """
@@ -18,7 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from selfjudge.batch_decoding import decode_batch
 from selfjudge.decoding import decode
+from selfjudge.generation import fixed_batches
 from selfjudge.io import atomic_write_text, check_writable, code_version, config_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.metrics import aggregate, prefix_agreement
@@ -46,6 +48,8 @@ def _check(e: dict[str, Any]) -> None:
         raise ValueError(f"eval.max_new_tokens must be an integer >= 1, got {e['max_new_tokens']!r}")
     if not isinstance(e["temperature"], (int, float)) or e["temperature"] < 0:
         raise ValueError(f"eval.temperature must be >= 0 (0: greedy), got {e['temperature']!r}")
+    if not isinstance(e["batch_size"], int) or e["batch_size"] < 1:
+        raise ValueError(f"eval.batch_size must be an integer >= 1 (prompts decoded together), got {e['batch_size']!r}")
     for key in ("warmup", "warmup_tokens"):
         if not isinstance(e[key], int) or e[key] < 0:
             raise ValueError(f"eval.{key} must be an integer >= 0, got {e[key]!r}")
@@ -158,6 +162,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # a rerun may keep records only if they were made by the same decoding settings
     key_cfg = {k: e[k] for k in ("gamma", "max_new_tokens", "temperature", "seed", "policy_options")}
+    bs = e["batch_size"]
+    if bs != 1:  # timings (and bf16 rounding) depend on it; left out at 1 so that older runs keep their key
+        key_cfg["batch_size"] = bs
     # (the prompt limit is left out: records are per prompt id, so a shorter run reuses a longer one's)
     ds_key = {k: v for k, v in ds.items() if k != "limit"}
     run_key = config_hash({**key_cfg, "dataset": ds_key, "target": tinfo.get("fingerprint"),
@@ -182,44 +189,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return None if m.policy in ("target", "draft", "lossless") else \
             build_policy(m.policy, m.threshold, head=heads.get(m.head_key), options=e["policy_options"])
 
-    def run_one(m: Method, ids: list[int], seed: int, n: int):
-        gen = torch.Generator(device=dev).manual_seed(seed) if e["temperature"] > 0 else None
-        model, draft = {"target": (pair.target, None), "draft": (pair.draft, None)}.get(m.policy, (pair.target, pair.draft))
-        return decode(model, draft, ids, gamma=e["gamma"], max_new_tokens=n, eos_ids=pair.eos_ids,
-                      vocab=pair.vocab_size, policy=policy_of(m), temperature=float(e["temperature"]),
-                      generator=gen, profile=e["profile"])
+    def models_of(m: Method):
+        return {"target": (pair.target, None), "draft": (pair.draft, None)}.get(m.policy, (pair.target, pair.draft))
 
-    todo = [(ex, ids, m) for ex, ids in zip(examples, prompts) for m in grid if (m.name, m.threshold, ex.id) not in done]
+    def run_group(m: Method, items: list, n: int) -> list:
+        """(tokens, stats) per (example, prompt ids) of items: batch-1 decodes, or one batched decode."""
+        model, draft = models_of(m)
+        common = dict(gamma=e["gamma"], max_new_tokens=n, eos_ids=pair.eos_ids, vocab=pair.vocab_size,
+                      policy=policy_of(m), temperature=float(e["temperature"]))
+        seed = _seed(e["seed"], ",".join(ex.id for ex, _ in items))
+        gen = torch.Generator(device=dev).manual_seed(seed) if e["temperature"] > 0 else None
+        if bs == 1:
+            return [decode(model, draft, items[0][1], generator=gen, profile=e["profile"], **common)]
+        return decode_batch(model, draft, [ids for _, ids in items], pad_id=pair.tokenizer.pad_token_id or 0,
+                            generator=gen, **common)
+
+    # prompts grouped for decoding: one by one, or batches of similar length (always the same batches)
+    groups = [[(examples[i], prompts[i]) for i in idx] for idx in fixed_batches([len(p) for p in prompts], bs)] \
+        if bs > 1 else [[x] for x in zip(examples, prompts)]
+    todo = [(items, m) for group in groups for m in grid
+            if (items := [(ex, ids) for ex, ids in group if (m.name, m.threshold, ex.id) not in done])]
     if todo and e["warmup"] and e["warmup_tokens"]:  # one decode per kind of method, excluded from the results
         kinds = {(m.policy, m.head_key): m for m in grid}
-        for ids in prompts[: e["warmup"]]:
-            for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):
-                run_one(m, ids, 0, min(e["warmup_tokens"], e["max_new_tokens"]))
-    with open(per_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="eval", unit="decode") as bar:
-        for ex, ids, m in todo:
-            toks, st = run_one(m, ids, _seed(e["seed"], ex.id), e["max_new_tokens"])
-            text = pair.tokenizer.decode(toks, skip_special_tokens=True)
-            if m.name == "target":
-                target_out[ex.id] = toks
-            ref = target_out[ex.id]
-            score, source = task.score(ex, text), "task"
-            if score is None:  # no checker: agreement with the target's own answer
-                score, source = prefix_agreement(toks, ref), "agreement"
-            rec = {"prompt_id": ex.id, "task": ex.task, "method": m.name, "policy": m.policy,
-                   "threshold": m.threshold, "prompt_tokens": len(ids), "output_ids": toks, "text": text,
-                   "score": score, "score_source": source, "agree_exact": float(toks == ref),
-                   "agree_prefix": prefix_agreement(toks, ref), "stopped_at_eos": bool(toks) and toks[-1] in pair.eos_ids,
-                   "rounds": st.rounds, "new_tokens": st.new_tokens, "draft_forwards": st.draft_forwards,
-                   "proposed": st.proposed, "accepted": st.accepted, "accepted_by_rule": st.accepted_by_rule,
-                   "accept_hist": st.accept_hist, "seconds": st.seconds, "prefill_seconds": st.prefill_seconds,
-                   "draft_seconds": st.draft_seconds, "verify_seconds": st.verify_seconds,
-                   "rule_seconds": st.rule_seconds}
-            f.write(json.dumps(rec) + "\n")
+        warm = [groups[0]] if bs > 1 else [[x] for x in zip(examples, prompts)][: e["warmup"]]
+        for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):
+            for items in warm:
+                run_group(m, items, min(e["warmup_tokens"], e["max_new_tokens"]))
+    with open(per_path, "a", encoding="utf-8") as f, \
+            tqdm(total=sum(len(items) for items, _ in todo), desc="eval", unit="decode") as bar:
+        for items, m in todo:
+            results = run_group(m, items, e["max_new_tokens"])
+            for (ex, ids), (toks, st) in zip(items, results):
+                text = pair.tokenizer.decode(toks, skip_special_tokens=True)
+                if m.name == "target":
+                    target_out[ex.id] = toks
+                ref = target_out[ex.id]
+                score, source = task.score(ex, text), "task"
+                if score is None:  # no checker: agreement with the target's own answer
+                    score, source = prefix_agreement(toks, ref), "agreement"
+                rec = {"prompt_id": ex.id, "task": ex.task, "method": m.name, "policy": m.policy,
+                       "threshold": m.threshold, "prompt_tokens": len(ids), "output_ids": toks, "text": text,
+                       "score": score, "score_source": source, "agree_exact": float(toks == ref),
+                       "agree_prefix": prefix_agreement(toks, ref),
+                       "stopped_at_eos": bool(toks) and toks[-1] in pair.eos_ids, "batch_size": len(items),
+                       "rounds": st.rounds, "new_tokens": st.new_tokens, "draft_forwards": st.draft_forwards,
+                       "proposed": st.proposed, "accepted": st.accepted, "accepted_by_rule": st.accepted_by_rule,
+                       "accept_hist": st.accept_hist, "seconds": st.seconds, "prefill_seconds": st.prefill_seconds,
+                       "draft_seconds": st.draft_seconds, "verify_seconds": st.verify_seconds,
+                       "rule_seconds": st.rule_seconds}
+                f.write(json.dumps(rec) + "\n")
+                records.append(rec)
             f.flush()
-            records.append(rec)
-            bar.set_postfix_str(f"{m.name}{'' if m.threshold is None else f'@{m.threshold:g}'} "
-                                f"{st.new_tokens / max(st.seconds, 1e-9):.1f} tok/s")
-            bar.update(1)
+            tps = sum(st.new_tokens for _, st in results) / max(sum(st.seconds for _, st in results), 1e-9)
+            bar.set_postfix_str(f"{m.name}{'' if m.threshold is None else f'@{m.threshold:g}'} {tps:.1f} tok/s")
+            bar.update(len(items))
 
     ids_wanted = {ex.id for ex in examples}
     records = [r for r in records if r["prompt_id"] in ids_wanted]
@@ -230,13 +253,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         base["tokens_per_s"])
         rows.append({"method": m.name, "policy": m.policy, "threshold": m.threshold, **agg})
     title = (f"{task.name}: {len(examples)} prompts, gamma={e['gamma']}, max_new_tokens={e['max_new_tokens']}, "
-             f"T={e['temperature']}, target {pair.target_info.name}, draft {pair.draft_info.name}, "
+             f"T={e['temperature']}, batch size {bs}, target {pair.target_info.name}, draft {pair.draft_info.name}, "
              f"{mcfg['dtype']} on {dev}")
     text = write_report(rows, out_dir, title)
     summary = {"complete": True, "title": title, "task": task.name, "examples": len(examples), "gamma": e["gamma"],
                "baseline_tokens_per_s": base["tokens_per_s"], "rows": rows, "code_version": code_version(),
                "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": e,
-               "engine": "batch size 1, DynamicCache rollback, one verify pass per round"}
+               "engine": ("batch size 1, DynamicCache rollback" if bs == 1 else
+                          f"batch size {bs}, masked KV holes for rejected tokens") + ", one verify pass per round"}
     write_json(out_dir / "summary.json", summary)
     if plain["logger"]["name"] == "wandb":
         _log_wandb(plain, rows)

@@ -129,6 +129,28 @@ def test_partial_report_of_a_stopped_eval(tmp_path, cache_dir, prompts_file, mon
     assert (tmp_path / "eval" / "partial" / "pareto.png").is_file()
 
 
+def test_batched_eval_equals_batch_one(tmp_path, cache_dir, prompts_file, head_dir):
+    """eval.batch_size > 1: the same outputs and counts as one prompt at a time (fp32), records say the
+    batch size, the report title too, and the batch size enters the resume key."""
+    extra = _jsonl([f"eval.judge_dir={head_dir}", "~eval.methods", "+eval.methods={judge:[0.5],kl:[0.5]}",
+                    "eval.dataset.limit=4"], prompts_file)
+    one, many = tmp_path / "one", tmp_path / "many"
+    stage.run(_cfg(one, cache_dir, *extra))
+    stage.run(_cfg(many, cache_dir, *extra, "eval.batch_size=3"))
+    key = lambda r: (r["method"], r["threshold"], r["prompt_id"])                       # noqa: E731
+    a = {key(r): r for r in _records(one / "eval")}
+    b = {key(r): r for r in _records(many / "eval")}
+    assert a.keys() == b.keys() and len(a) == 4 * 4
+    for k in a:
+        for f in ("output_ids", "rounds", "accepted", "accepted_by_rule", "accept_hist", "score"):
+            assert a[k][f] == b[k][f], (k, f)
+    assert {r["batch_size"] for r in b.values()} == {3, 1} and {r["batch_size"] for r in a.values()} == {1}
+    summary = json.loads((many / "eval" / "summary.json").read_text())
+    assert "batch size 3" in summary["title"] and "batch size 3" in summary["engine"]
+    assert json.loads((many / "eval" / "eval_key.json").read_text())["settings"]["batch_size"] == 3
+    assert "batch_size" not in json.loads((one / "eval" / "eval_key.json").read_text())["settings"]
+
+
 def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
     cfg = _cfg(tmp_path, cache_dir, "eval.judge_dir=null", "~eval.methods", "+eval.methods={likelihood:[1.0]}", "eval.temperature=0.8",
                "eval.dataset.limit=2")
@@ -145,6 +167,7 @@ def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
     ("eval.methods={topk:{policy:topk,thresholds:[2],k:3}}", ValueError, "eval.methods.topk must be"),
     ("eval.dataset.name=nope", DatasetConfigError, "unknown task 'nope'"),
     ("eval.temperature=-1", ValueError, "eval.temperature"),
+    ("eval.batch_size=0", ValueError, "eval.batch_size must be an integer >= 1"),
 ])
 def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err, match):
     if override.startswith("eval.methods="):

@@ -1,0 +1,152 @@
+"""Batched speculative decoding: in fp32 each row equals decoding its prompt alone (tokens and every
+counter), for lossless, target-only and rule policies, with prompts of different lengths, EOS inside a
+window, token limits that cut windows and rows leaving the batch at different rounds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from selfjudge.batch_decoding import decode_batch
+from selfjudge.decoding import decode
+from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.models import format_prompt
+from selfjudge.policies import build_policy
+
+PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "the total price of 3 books", "what is 12 * 7",
+           "tom has 5 cars and gives 2", "print the result", "students in each class"]
+COUNTERS = ("new_tokens", "rounds", "draft_forwards", "proposed", "accepted", "accepted_by_rule", "accept_hist")
+
+
+@pytest.fixture
+def pair(tiny_pair):
+    dev = os.environ.get("SELFJUDGE_TEST_DEVICE", "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("SELFJUDGE_TEST_DEVICE asks for CUDA, none available")
+    tiny_pair.target.to(dev), tiny_pair.draft.to(dev)
+    yield tiny_pair
+    tiny_pair.target.to("cpu"), tiny_pair.draft.to("cpu")
+
+
+def _prompts(pair, qs=PROMPTS):
+    ids = [format_prompt(pair.tokenizer, q) for q in qs]
+    assert len({len(x) for x in ids}) > 1                 # rows really need padding
+    return ids
+
+
+def _check_rows(pair, prompts, gamma, n, eos=None, policy=None, draft=True):
+    eos = pair.eos_ids if eos is None else eos
+    kw = dict(gamma=gamma, max_new_tokens=n, eos_ids=eos, vocab=pair.vocab_size, policy=policy)
+    d = pair.draft if draft else None
+    rows = decode_batch(pair.target, d, prompts, pad_id=pair.tokenizer.pad_token_id or 0, **kw)
+    assert len(rows) == len(prompts)
+    for p, (out, st) in zip(prompts, rows):
+        ref, ref_st = decode(pair.target, d, p, **kw)
+        assert out == ref, (p, gamma, n)
+        for c in COUNTERS:
+            assert getattr(st, c) == getattr(ref_st, c), (c, p, gamma, n)
+        assert st.seconds > 0 and st.prefill_seconds > 0
+    return rows
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+def test_lossless_rows_equal_batch_one(pair, gamma):
+    rows = _check_rows(pair, _prompts(pair), gamma, 40)
+    assert sum(st.accepted for _, st in rows) > 0
+
+
+def test_target_only_rows_equal_batch_one(pair):
+    _check_rows(pair, _prompts(pair)[:5], 0, 25, draft=False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 9])
+def test_token_limit_cuts_windows_like_batch_one(pair, n):
+    _check_rows(pair, _prompts(pair)[:4], 4, n)
+
+
+def test_eos_inside_window_and_rows_leaving_early(pair):
+    """Each row stops at its own EOS, at different rounds; the rest of the batch goes on unchanged."""
+    prompts = _prompts(pair)
+    full = decode(pair.target, pair.draft, prompts[0], gamma=4, max_new_tokens=40, eos_ids=[], vocab=pair.vocab_size)[0]
+    for pos in (3, 11, 22):
+        rows = _check_rows(pair, prompts, 5, 40, eos=[full[pos]])
+        lengths = {len(out) for out, _ in rows}
+        assert len(lengths) > 1 and min(lengths) <= pos + 1      # rows ended at different rounds
+
+
+def _head(pair, seed=0, include_draft=False):
+    H = pair.target_info.hidden_size + (pair.draft_info.hidden_size if include_draft else 0)
+    head = JudgeHead(JudgeConfig(feature_dim=H, target_model=pair.target_info.as_dict(),
+                                 features={"layers": [-1], "include_draft": include_draft}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        head.net.weight.normal_(0, 0.3)
+    return head.to(next(pair.target.parameters()).device).eval()
+
+
+@pytest.mark.parametrize("name,threshold", [("judge", 0.5), ("judge_draft", 0.5), ("topk", 3), ("likelihood", 1.5),
+                                            ("kl", 1.0), ("typical", 0.3)])
+def test_rule_policies_rows_equal_batch_one(pair, name, threshold):
+    if name.startswith("judge"):
+        policy = build_policy("judge", threshold, head=_head(pair, include_draft=name == "judge_draft"))
+    else:
+        policy = build_policy(name, threshold)
+    rows = _check_rows(pair, _prompts(pair)[:6], 4, 30, policy=policy)
+    assert sum(st.accepted_by_rule for _, st in rows) > 0       # the rule changed decisions
+
+
+def test_judge_rule_cost_is_timed(pair):
+    rows = decode_batch(pair.target, pair.draft, _prompts(pair)[:3], gamma=4, max_new_tokens=12,
+                        eos_ids=pair.eos_ids, vocab=pair.vocab_size, policy=build_policy("judge", 0.5, head=_head(pair)))
+    assert all(0 < st.rule_seconds < st.verify_seconds < st.seconds for _, st in rows)
+
+
+def test_seconds_add_up_to_the_batch_wall_time(pair):
+    import time
+
+    t0 = time.perf_counter()
+    rows = decode_batch(pair.target, pair.draft, _prompts(pair), gamma=4, max_new_tokens=20,
+                        eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+    wall = time.perf_counter() - t0
+    total = sum(st.seconds for _, st in rows)
+    assert 0.9 * wall <= total <= wall
+
+
+def test_sampling_identical_draft_keeps_every_token(identical_pair):
+    pair = identical_pair
+    gen = torch.Generator().manual_seed(0)
+    rows = decode_batch(pair.target, pair.draft, _prompts(pair)[:4], gamma=4, max_new_tokens=20, eos_ids=[],
+                        vocab=pair.vocab_size, temperature=0.8, generator=gen)
+    for out, st in rows:
+        assert len(out) == 20 and st.accepted == st.proposed         # p == q: u < 1 always holds
+
+
+def test_sampling_keeps_target_distribution():
+    """Rows of one batch, each a speculative-sampling draw: the first token follows the target's softmax."""
+    from tests.test_decoding import _chi2_pvalue, _tiny_vocab_pair
+
+    V, T = 12, 0.8
+    target, draft = _tiny_vocab_pair()
+    prompt = [3, 7, 1]
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1] / T, -1)
+    gen = torch.Generator().manual_seed(3)
+    first, rejected = torch.zeros(V), 0
+    for _ in range(10):
+        for out, st in decode_batch(target, draft, [prompt] * 150, gamma=2, max_new_tokens=2, eos_ids=[], vocab=V,
+                                    temperature=T, generator=gen):
+            first[out[0]] += 1
+            rejected += st.proposed - st.accepted
+    assert rejected > 300
+    assert _chi2_pvalue(first, p1) > 1e-3
+
+
+def test_bad_arguments(tiny_pair):
+    kw = dict(max_new_tokens=4, eos_ids=[], vocab=tiny_pair.vocab_size)
+    with pytest.raises(ValueError, match="eval.gamma must be >= 1"):
+        decode_batch(tiny_pair.target, tiny_pair.draft, [[1, 2]], gamma=0, **kw)
+    with pytest.raises(ValueError, match="empty prompt"):
+        decode_batch(tiny_pair.target, tiny_pair.draft, [[1, 2], []], gamma=2, **kw)
+    assert decode_batch(tiny_pair.target, tiny_pair.draft, [], gamma=2, **kw) == []
