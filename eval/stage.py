@@ -211,7 +211,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if (items := [(ex, ids) for ex, ids in group if (m.name, m.threshold, ex.id) not in done])]
     if todo and e["warmup"] and e["warmup_tokens"]:  # one decode per kind of method, excluded from the results
         kinds = {(m.policy, m.head_key): m for m in grid}
-        warm = [groups[0]] if bs > 1 else [[x] for x in zip(examples, prompts)][: e["warmup"]]
+        # batched: one batch of the first eval.warmup prompts (through the batched engine); else one by one
+        warm = [groups[0][: e["warmup"]]] if bs > 1 else [[x] for x in zip(examples, prompts)][: e["warmup"]]
         for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):
             for items in warm:
                 run_group(m, items, min(e["warmup_tokens"], e["max_new_tokens"]))

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU check of the decoder (one CUDA GPU, under 8 minutes):
-#   1. the decoder/policy correctness tests on CUDA (fp32 tiny pair: lossless == greedy, EOS, sampling);
+#   1. the decoder/policy correctness tests on CUDA (fp32 tiny pair: lossless == greedy, EOS, sampling;
+#      batched rows == batch-1 decoding);
 #   2. timings on a pair of realistic shapes with random weights, bf16: a Qwen2-1.5B-shaped target and a
 #      Qwen2-0.5B-shaped draft. Target-only vs lossless SD vs judge(accept all) vs HF assisted generation,
-#      with per-round costs (draft step, verify pass) from the decoder's profile mode.
+#      with per-round costs (draft step, verify pass) from the decoder's profile mode;
+#   3. batched decoding (selfjudge.batch_decoding) on the same pair: tokens/s at batch sizes 1, 8, 32 for
+#      target-only, lossless SD and judge@1.0 (every draft token kept: the full-window cost).
 # Random weights make the draft disagree with the target, so lossless SD accepts little here: the numbers
 # are per-round COSTS (what a round spends), not speedups of a trained pair; judge@1.0 shows the
 # full-window path (every draft token kept).
@@ -21,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== 1. correctness tests on $SELFJUDGE_TEST_DEVICE =="
-  timeout 300 "$PY" -m pytest tests/test_decoding.py tests/test_policies.py -m "gpu or not slow" -q -x -p no:cacheprovider
+  timeout 300 "$PY" -m pytest tests/test_decoding.py tests/test_policies.py tests/test_batch_decoding.py -m "gpu or not slow" -q -x -p no:cacheprovider
 fi
 
 echo "== 2. timings, realistic shapes, random weights, bf16 =="
@@ -103,5 +106,58 @@ with torch.no_grad():
         else:
             line += f"  target step {st.verify_seconds / st.rounds * 1e3:6.2f} ms"
         print(line)
+EOF
+
+echo "== 3. batched decoding, same shapes, random weights, bf16 =="
+GAMMA=${GAMMA:-4} NEW=${NEW:-64} PROMPT=${PROMPT:-256} BATCHES=${BATCHES:-1,8,32} timeout 200 "$PY" - <<'EOF'
+import os, time
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from selfjudge.batch_decoding import decode_batch
+from selfjudge.decoding import decode
+from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.policies import JudgeRule
+
+dev = torch.device("cuda")
+gamma, new, plen = (int(os.environ[k]) for k in ("GAMMA", "NEW", "PROMPT"))
+sizes = [int(x) for x in os.environ["BATCHES"].split(",")]
+V = 151936
+common = dict(vocab_size=V, max_position_embeddings=4096, tie_word_embeddings=True)
+models = []
+for s in (dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+          dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)):
+    torch.manual_seed(0)
+    with torch.device(dev):
+        models.append(Qwen2ForCausalLM(Qwen2Config(**common, **s)).to(torch.bfloat16).eval())
+target, draft = models
+head = JudgeHead(JudgeConfig(feature_dim=1536)).to(dev).eval()
+g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(0, V, (plen - 8 * (i % 4),), generator=g).tolist() for i in range(max(sizes))]
+kw = dict(max_new_tokens=new, eos_ids=[], vocab=V)
+methods = {"target-only": (None, None), "lossless SD": (draft, None), "judge@1.0 (all kept)": (draft, JudgeRule(1.0, head))}
+
+
+def run(bs, d, pol):
+    ps = prompts[:bs]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if bs == 1:
+        outs = [decode(target, d, ps[0], gamma=gamma if d is not None else 0, policy=pol, **kw)]
+    else:
+        outs = decode_batch(target, d, ps, gamma=gamma if d is not None else 0, policy=pol, **kw)
+    torch.cuda.synchronize()
+    return sum(st.new_tokens for _, st in outs), sum(st.rounds for _, st in outs), time.perf_counter() - t0
+
+
+with torch.no_grad():
+    print(f"gamma={gamma} new_tokens={new} prompt~{plen} (random weights: lossless acceptance ~0)")
+    base = None
+    for bs in sizes:
+        for name, (d, pol) in methods.items():
+            run(bs, d, pol)                                   # warm-up, excluded
+            n, rounds, s = run(bs, d, pol)
+            base = base or n / s
+            print(f"  batch {bs:3d}  {name:22s} {n / s:9.1f} tok/s  {n / s / base:6.2f}x target-only@1"
+                  f"  {s / (rounds / bs) * 1e3:7.2f} ms/round  accepted length {n / rounds:4.2f}")
 EOF
 echo "gpu_check: done"
