@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from selfjudge.decoding import AcceptRule, DecodeStats, Verification, _cache_kwarg, _draw, _sync, standard_accept
+from selfjudge.decoding import (AcceptRule, DecodeStats, Verification, _cache_kwarg, _draw, _sync, setup,
+                                standard_accept)
 from selfjudge.features import FeatureSpec, forward_with_hidden
 
 
@@ -120,19 +121,10 @@ def decode_batch(
     """Decode every prompt; returns (new token ids, stats) per prompt, in order. Arguments as in
     :func:`selfjudge.decoding.decode`; ``draft=None`` decodes ``target`` alone, B rows per step.
     ``pad_id`` fills the unused cells of the padded inputs (never attended to)."""
-    if draft is not None and gamma < 1:
-        raise ValueError(f"eval.gamma must be >= 1 for speculative decoding, got {gamma} (no draft: target only)")
-    if max_new_tokens < 1:
-        raise ValueError(f"eval.max_new_tokens must be >= 1, got {max_new_tokens}")
+    gamma, spec, want_logits, want_hidden = setup(draft, prompts, gamma, max_new_tokens, policy, temperature)
     if not prompts:
         return []
-    if any(not p for p in prompts):
-        raise ValueError("empty prompt: nothing to condition on")
-    gamma = gamma if draft is not None else 0
     dev = next(target.parameters()).device
-    spec = policy.feature_spec if policy is not None else FeatureSpec()
-    want_logits = temperature > 0 or bool(policy is not None and policy.needs_draft_logits)
-    want_hidden = bool(policy is not None and policy.needs_draft_hidden)
     clock = time.perf_counter
     B = len(prompts)
     stats = [DecodeStats(accept_hist=[0] * (gamma + 1)) for _ in range(B)]

@@ -1,4 +1,5 @@
-"""Speculative decoding core: propose, verify, accept, roll back. Batch size 1 (one prompt at a time).
+"""Speculative decoding core: propose, verify, accept, roll back. Batch size 1 (one prompt at a time;
+many prompts at once: :mod:`selfjudge.batch_decoding`).
 
 One loop serves every method, so every method is timed the same way: ``decode(target, draft, ...)``
 with ``gamma >= 1`` is speculative decoding, ``draft=None`` is plain autoregressive
@@ -183,6 +184,22 @@ def _correction(v: Verification, n: int, gen: torch.Generator | None) -> torch.T
     return torch.multinomial(p, 1, generator=gen)[0]
 
 
+def setup(draft, prompts: list[list[int]], gamma: int, max_new_tokens: int, policy: AcceptRule | None,
+          temperature: float) -> tuple[int, FeatureSpec, bool, bool]:
+    """Check the arguments of a decode; (γ, 0 without a draft), the verify pass's feature spec, and
+    whether the policy reads the draft's logits and hidden states."""
+    if draft is not None and gamma < 1:
+        raise ValueError(f"eval.gamma must be >= 1 for speculative decoding, got {gamma} (no draft: target only)")
+    if max_new_tokens < 1:
+        raise ValueError(f"eval.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if any(not p for p in prompts):
+        raise ValueError("empty prompt: nothing to condition on")
+    spec = policy.feature_spec if policy is not None else FeatureSpec()
+    want_logits = temperature > 0 or bool(policy is not None and policy.needs_draft_logits)
+    want_hidden = bool(policy is not None and policy.needs_draft_hidden)
+    return (gamma if draft is not None else 0), spec, want_logits, want_hidden
+
+
 @torch.no_grad()
 def decode(
     target: torch.nn.Module,
@@ -204,17 +221,8 @@ def decode(
     rule (None or ``lossless``: exact). ``profile``: synchronise the device around each phase so that
     ``draft_seconds``/``verify_seconds`` are exact on CUDA (costs a little speed).
     """
-    if draft is not None and gamma < 1:
-        raise ValueError(f"eval.gamma must be >= 1 for speculative decoding, got {gamma} (no draft: target only)")
-    if max_new_tokens < 1:
-        raise ValueError(f"eval.max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompt:
-        raise ValueError("empty prompt: nothing to condition on")
-    gamma = gamma if draft is not None else 0
+    gamma, spec, want_logits, want_hidden = setup(draft, [prompt], gamma, max_new_tokens, policy, temperature)
     dev = next(target.parameters()).device
-    spec = policy.feature_spec if policy is not None else FeatureSpec()
-    want_logits = temperature > 0 or bool(policy is not None and policy.needs_draft_logits)
-    want_hidden = bool(policy is not None and policy.needs_draft_hidden)
     clock = time.perf_counter
     _sync(dev)
     t0 = clock()

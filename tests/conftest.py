@@ -75,3 +75,20 @@ def gsm8k_dir() -> Path:
     if not (d / "test.jsonl").is_file():
         pytest.skip("shared GSM8K copy not present")
     return d
+
+
+@pytest.fixture
+def device() -> str:
+    """cpu by default; scripts/gpu_check.sh sets SELFJUDGE_TEST_DEVICE=cuda."""
+    dev = os.environ.get("SELFJUDGE_TEST_DEVICE", "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("SELFJUDGE_TEST_DEVICE asks for CUDA, none available")
+    return dev
+
+
+@pytest.fixture
+def pair(tiny_pair, device):
+    """The tiny pair on the test device (moved back to the CPU afterwards)."""
+    tiny_pair.target.to(device), tiny_pair.draft.to(device)
+    yield tiny_pair
+    tiny_pair.target.to("cpu"), tiny_pair.draft.to("cpu")

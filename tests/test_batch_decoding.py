@@ -4,7 +4,6 @@ window, token limits that cut windows and rows leaving the batch at different ro
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ from selfjudge.policies import build_policy
 PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "the total price of 3 books", "what is 12 * 7",
            "tom has 5 cars and gives 2", "print the result", "students in each class"]
 COUNTERS = ("new_tokens", "rounds", "draft_forwards", "proposed", "accepted", "accepted_by_rule", "accept_hist")
-
-
-@pytest.fixture
-def pair(tiny_pair):
-    dev = os.environ.get("SELFJUDGE_TEST_DEVICE", "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("SELFJUDGE_TEST_DEVICE asks for CUDA, none available")
-    tiny_pair.target.to(dev), tiny_pair.draft.to(dev)
-    yield tiny_pair
-    tiny_pair.target.to("cpu"), tiny_pair.draft.to("cpu")
 
 
 def _prompts(pair, qs=PROMPTS):

@@ -4,7 +4,6 @@ distribution. ``device`` parametrizes CUDA runs (scripts/gpu_check.sh: pytest --
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -17,24 +16,9 @@ PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "the total pri
            "tom has 5 cars and gives 2", "print the result", "students in each class"]
 
 
-@pytest.fixture
-def device() -> str:
-    """cpu by default; scripts/gpu_check.sh sets SELFJUDGE_TEST_DEVICE=cuda."""
-    dev = os.environ.get("SELFJUDGE_TEST_DEVICE", "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("SELFJUDGE_TEST_DEVICE asks for CUDA, none available")
-    return dev
-
-
 def _on(pair, device: str):
     pair.target.to(device), pair.draft.to(device)
     return pair
-
-
-@pytest.fixture
-def pair(tiny_pair, device):
-    yield _on(tiny_pair, device)
-    _on(tiny_pair, "cpu")
 
 
 def _ref(model, ids, n, eos):

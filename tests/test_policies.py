@@ -4,7 +4,6 @@ the judge reads the verify pass's own hidden states, heads that do not fit are r
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -16,16 +15,6 @@ from selfjudge.models import format_prompt
 from selfjudge.policies import POLICIES, JudgeRule, Policy, build_policy, load_head
 
 PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "what is 12 * 7"]
-
-
-@pytest.fixture
-def pair(tiny_pair):
-    dev = os.environ.get("SELFJUDGE_TEST_DEVICE", "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("SELFJUDGE_TEST_DEVICE asks for CUDA, none available")
-    tiny_pair.target.to(dev), tiny_pair.draft.to(dev)
-    yield tiny_pair
-    tiny_pair.target.to("cpu"), tiny_pair.draft.to("cpu")
 
 
 def _head(pair, bias: float = 0.0, include_draft: bool = False, seed: int = 0) -> JudgeHead:
