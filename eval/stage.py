@@ -1,9 +1,10 @@
 """eval stage: every method on the same prompts in one process, models loaded once.
 
 For each prompt (or batch of prompts, ``eval.batch_size`` > 1) all methods run back to back,
-target-only first, so drifts of machine load hit every method alike. Records go to per_example.jsonl as they finish; a rerun with the same settings skips
-what is there (a line cut by a kill is dropped and redone). summary.json, report.md and pareto.png are
-written at the end, atomically; summary.json exists only for a complete run.
+target-only first, so drifts of machine load hit every method alike. Records go to per_example.jsonl
+as they finish; a rerun with the same settings skips what is there (a line cut by a kill is dropped
+and redone). summary.json, report.md and pareto.png are written at the end, atomically; summary.json
+exists only for a complete run.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if todo and e["warmup"] and e["warmup_tokens"]:  # one decode per kind of method, excluded from the results
         kinds = {(m.policy, m.head_key): m for m in grid}
         # batched: one batch of the first eval.warmup prompts (through the batched engine); else one by one
-        warm = [groups[0][: e["warmup"]]] if bs > 1 else [[x] for x in zip(examples, prompts)][: e["warmup"]]
+        warm = [groups[0][: e["warmup"]]] if bs > 1 else groups[: e["warmup"]]
         for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):
             for items in warm:
                 run_group(m, items, min(e["warmup_tokens"], e["max_new_tokens"]))

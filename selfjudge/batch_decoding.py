@@ -20,11 +20,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-from selfjudge.decoding import (AcceptRule, DecodeStats, Verification, _cache_kwarg, _draw, _sync, setup,
-                                standard_accept)
+from selfjudge.decoding import (AcceptRule, DecodeStats, Verification, _cache_kwarg, _correction, _draw, _sync,
+                                setup, standard_accept)
 from selfjudge.features import FeatureSpec, forward_with_hidden
 
 
@@ -90,17 +89,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, dev: torch.device) -> tuple[to
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             valid[i, width - len(r):] = 1
     return ids.to(dev), valid.to(dev)
-
-
-def _row_correction(v: Verification, n: int, proposed: int, gen: torch.Generator | None) -> int:
-    """The target token after row kept n of its ``proposed`` draft tokens (sampling; greedy reads the
-    argmax): from norm(max(p - q, 0)) at a rejection, else from p."""
-    p = F.softmax(v.target_logits[n].float() / v.temperature, dim=-1)
-    if n < proposed:
-        resid = (p - v.draft_logp[n].exp()).clamp_min(0)
-        total = resid.sum()
-        p = torch.where(total > 0, resid / total.clamp_min(1e-30), p)
-    return int(torch.multinomial(p, 1, generator=gen)[0])
 
 
 @torch.no_grad()
@@ -204,7 +192,7 @@ def decode_batch(
                 d, tmax = packed[i][:g], packed[i][g:2 * g + 1]
                 ok_i, std_i = packed[i][2 * g + 1:3 * g + 1], packed[i][3 * g + 1:]
                 n = ok_i.index(0) if 0 in ok_i else g
-                corr = tmax[n] if temperature <= 0 else _row_correction(vs[i], n, max(props[i], 0), generator)
+                corr = tmax[n] if temperature <= 0 else int(_correction(vs[i], n, generator, max(props[i], 0)))
                 news.append(d[:n] + [corr])
                 kept.append(n)
                 st = stats[r]

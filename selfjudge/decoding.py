@@ -171,13 +171,13 @@ def standard_accept(v: Verification, gen: torch.Generator | None = None) -> torc
     return u < ratio
 
 
-def _correction(v: Verification, n: int, gen: torch.Generator | None) -> torch.Tensor:
-    """The target token after keeping n draft tokens: the argmax (greedy); with sampling a draw from
-    norm(max(p - q, 0)) at a rejected position, or from p for the bonus token (n = γ)."""
+def _correction(v: Verification, n: int, gen: torch.Generator | None, proposed: int | None = None) -> torch.Tensor:
+    """The target token after keeping n of ``proposed`` (default γ) draft tokens: the argmax (greedy);
+    with sampling a draw from norm(max(p - q, 0)) at a rejected position, or from p after them all."""
     if v.temperature <= 0:
         return v.target_argmax[n]
     p = F.softmax(v.target_logits[n].float() / v.temperature, dim=-1)
-    if n < v.draft_tokens.numel():
+    if n < (v.draft_tokens.numel() if proposed is None else proposed):
         resid = (p - v.draft_logp[n].exp()).clamp_min(0)
         total = resid.sum()
         p = torch.where(total > 0, resid / total.clamp_min(1e-30), p)  # p == q: any draw from p is exact
