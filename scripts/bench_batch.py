@@ -19,15 +19,13 @@ import platform
 import time
 
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from selfjudge.batch_decoding import decode_batch
 from selfjudge.decoding import decode
 from selfjudge.generation import fixed_batches
 from selfjudge.io import code_version, write_json
-from selfjudge.models import format_prompt, pair_from_mapping
-from selfjudge.tasks import build_task, example_system_prompt
+
+from bench_common import load_pair_and_prompts
 
 
 def main() -> None:
@@ -42,14 +40,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=["logger=none", *a.overrides])
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    pair = pair_from_mapping(plain["model"])
-    task = build_task({"name": "gsm_symbolic", "limit": a.prompts, "seed": 1000000, "chat_template": True,
-                       "system_prompt": "Solve the problem step by step, briefly. End with: The answer is <number>."})
-    prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
-               for ex in task.examples()]
+    plain, pair, _, prompts = load_pair_and_prompts(a.overrides, a.prompts)
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     kw = dict(max_new_tokens=a.max_new_tokens, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
     pad = pair.tokenizer.pad_token_id or 0

@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from selfjudge.decoding import decode
 from selfjudge.io import code_version, write_json
-from selfjudge.models import format_prompt, pair_from_mapping
-from selfjudge.tasks import build_task, example_system_prompt
+
+from bench_common import load_pair_and_prompts
 
 
 def _hf_assisted(pair, ids: list[int], gamma: int, n: int) -> tuple[list[int], float]:
@@ -80,17 +78,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=["logger=none", *a.overrides])
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    t_load = time.perf_counter()
-    pair = pair_from_mapping(plain["model"])
-    t_load = time.perf_counter() - t_load
-    ds = {"name": "gsm_symbolic", "limit": a.prompts + 1, "seed": 1000000, "chat_template": True,
-          "system_prompt": "Solve the problem step by step, briefly. End with: The answer is <number>."}
-    task = build_task(ds)
-    prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
-               for ex in task.examples()]
+    plain, pair, t_load, prompts = load_pair_and_prompts(a.overrides, a.prompts + 1)  # + the warm-up prompt
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     kw = dict(eos_ids=pair.eos_ids, vocab=pair.vocab_size)
     run = {

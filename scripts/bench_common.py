@@ -1,0 +1,29 @@
+"""What the real-pair benchmark scripts share: the config, the pair and the brief GSM-Symbolic prompts."""
+
+from __future__ import annotations
+
+import time
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from selfjudge.models import format_prompt, pair_from_mapping
+from selfjudge.tasks import build_task, example_system_prompt
+
+BRIEF = "Solve the problem step by step, briefly. End with: The answer is <number>."
+
+
+def load_pair_and_prompts(overrides: list[str], n_prompts: int):
+    """(plain config, model pair, load seconds, n prompt token lists) for hydra ``overrides``
+    (default model=qwen_coder_offline): GSM-Symbolic problems with a brief-reasoning system prompt."""
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=["logger=none", *overrides])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    t0 = time.perf_counter()
+    pair = pair_from_mapping(plain["model"])
+    t_load = time.perf_counter() - t0
+    task = build_task({"name": "gsm_symbolic", "limit": n_prompts, "seed": 1000000, "chat_template": True,
+                       "system_prompt": BRIEF})
+    prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
+               for ex in task.examples()]
+    return plain, pair, t_load, prompts
