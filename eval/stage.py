@@ -166,8 +166,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bs = e["batch_size"]
     if bs != 1:  # timings (and bf16 rounding) depend on it; left out at 1 so that older runs keep their key
         key_cfg["batch_size"] = bs
-    # (the prompt limit is left out: records are per prompt id, so a shorter run reuses a longer one's)
-    ds_key = {k: v for k, v in ds.items() if k != "limit"}
+    # (limit and offset are left out: records are per prompt id, so another slice reuses the ones it shares)
+    ds_key = {k: v for k, v in ds.items() if k not in ("limit", "offset")}
     run_key = config_hash({**key_cfg, "dataset": ds_key, "target": tinfo.get("fingerprint"),
                            "draft": pair.draft_info.as_dict().get("fingerprint"), "dtype": mcfg["dtype"]})
     per_path, key_path = out_dir / "per_example.jsonl", out_dir / "eval_key.json"

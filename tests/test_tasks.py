@@ -107,6 +107,19 @@ def test_gsm8k_seeded_shuffle_is_deterministic(gsm8k_dir):
     assert all(i.startswith("gsm8k/train/") for i in a)
 
 
+def test_offset_takes_the_next_disjoint_slice(gsm8k_dir):
+    def ids(name, **kw):
+        base = {"gsm8k": {"path": str(gsm8k_dir), "split": "train", "shuffle": True, "seed": 0}}.get(name, {})
+        return _ids(build_task({"name": name, **base, **kw}))
+    for name in ("gsm8k", "gsm_symbolic"):
+        whole, first, second = ids(name, limit=30), ids(name, limit=12), ids(name, limit=18, offset=12)
+        assert first + second == whole and not set(first) & set(second)
+    with pytest.raises(DatasetConfigError, match="dataset.offset must be an integer >= 0"):
+        build_task({"name": "mt_bench", "offset": -2})
+    with pytest.raises(DatasetConfigError, match="gave no prompts.*dataset.offset=10000"):
+        build_task({"name": "mt_bench", "offset": 10000}).examples()
+
+
 def test_hub_source_offline_names_the_key():
     hub_id = "selfjudge-tests/no-such-dataset"   # never cached: fails offline and online alike
     task = build_task({"name": "gsm8k", "hub_id": hub_id, "split": "test"})  # built lazily: no load yet

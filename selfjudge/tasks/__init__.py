@@ -25,7 +25,8 @@ __all__ = ["DEFAULTS", "DatasetConfigError", "Example", "SCORERS", "Task", "buil
 REQUIRED = "<required>"
 COMMON: dict[str, Any] = {
     "name": REQUIRED,        # source name (a key of DEFAULTS)
-    "limit": None,           # max examples after the optional shuffle (None: all)
+    "limit": None,           # max examples after the optional shuffle and offset (None: all)
+    "offset": 0,             # examples skipped after the shuffle (extends a run with new prompts)
     "seed": 0,               # shuffle seed (gsm_symbolic: also the generator seed)
     "shuffle": False,        # shuffle before taking the limit
     "system_prompt": None,   # system message for every prompt (None: none)
@@ -56,6 +57,7 @@ def _opt_str(v: Any) -> bool:
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "name": (lambda v: isinstance(v, str), "a source name"),
     "limit": (lambda v: v is None or (_is_int(v) and v >= 0), "null or an integer >= 0"),
+    "offset": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "seed": (_is_int, "an integer"),
     "shuffle": (lambda v: isinstance(v, bool), "true or false"),
     "chat_template": (lambda v: isinstance(v, bool), "true or false"),

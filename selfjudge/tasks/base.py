@@ -45,7 +45,8 @@ class Task:
         return self._scorer is not None
 
     def examples(self) -> list[Example]:
-        """The selected examples: all loaded ones, shuffled with ``seed`` if ``shuffle``, first ``limit``."""
+        """The selected examples: all loaded ones, shuffled with ``seed`` if ``shuffle``, the first ``offset``
+        skipped, then the first ``limit``: offset=k*limit gives the k-th disjoint slice of one shuffle."""
         if self._cache is None:
             rows = list(self._loader())
             seen: set[str] = set()
@@ -56,11 +57,12 @@ class Task:
                 raise DatasetConfigError(f"dataset '{self.name}' has duplicate example id '{dup}' (check dataset.id_field)")
             if self.cfg["shuffle"]:
                 random.Random(self.cfg["seed"]).shuffle(rows)
+            rows = rows[self.cfg["offset"] :]
             if self.cfg["limit"] is not None:
                 rows = rows[: self.cfg["limit"]]
             if not rows:
-                raise DatasetConfigError(
-                    f"dataset '{self.name}' gave no prompts (check dataset.limit={self.cfg['limit']} and its filters)")
+                raise DatasetConfigError(f"dataset '{self.name}' gave no prompts (check dataset.limit={self.cfg['limit']}, "
+                                         f"dataset.offset={self.cfg['offset']} and its filters)")
             self._cache = rows
         return list(self._cache)
 
