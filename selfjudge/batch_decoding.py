@@ -173,19 +173,19 @@ def decode_batch(
             HD = torch.stack(hids, 1) if want_hidden else None        # [n, g, H_d]
             vs = [Verification(D[i], t_log[i], t_hid[i, 1:], None if LG is None else LG[i],
                                None if HD is None else HD[i], temperature) for i in range(n_act)] \
-                if (policy is not None or temperature > 0) else []
+                if temperature > 0 else []                            # per row: the sampling test draws per row
             # 3. accept: standard OR rule, within each row's allowance, longest kept prefix + one target token
             lim = torch.arange(g, device=dev)[None] < torch.tensor(props, device=dev)[:, None]   # [n, g]
             t_arg = t_log.argmax(-1)                                  # [n, g+1]
             std = (t_arg[:, :-1] == D) if temperature <= 0 else torch.stack([standard_accept(v, generator) for v in vs])
             ok = std
-            if policy is not None:
+            if policy is not None:                                    # the rule reads all n proposals at once
                 t3 = clock()
-                rules = [policy.accept(v) for v in vs]
+                rule = policy.accept(Verification(D, t_log, t_hid[:, 1:], LG, HD, temperature))   # [n, g] or None
                 _sync(dev)
                 t_rule = clock() - t3
-                if any(x is not None for x in rules):
-                    ok = std | torch.stack([x if x is not None else torch.zeros_like(std[0]) for x in rules])
+                if rule is not None:
+                    ok = std | rule
             packed = torch.cat([D, t_arg, ok & lim, std & lim], 1).tolist()   # one host sync
             news, kept = [], []
             for i, r in enumerate(rows):

@@ -46,7 +46,8 @@ class Proposal:
 
 @dataclass
 class Verification:
-    """The target's verify pass over one proposal; what acceptance rules read."""
+    """The target's verify pass over one proposal; what acceptance rules read. Shapes are given for one
+    proposal; the batched decoder passes a leading batch dimension [B, ...] and rules work on either."""
 
     draft_tokens: torch.Tensor           # [γ]
     target_logits: torch.Tensor          # [γ+1, V] (model dtype); row j-1 judges d_j, row γ gives the bonus token
@@ -62,7 +63,7 @@ class Verification:
 
     @cached_property
     def target_logp(self) -> torch.Tensor:          # [γ, V] log p(· | prefix, d_<j)
-        return F.log_softmax(self.target_logits[:-1].float() / self.scale, dim=-1)
+        return F.log_softmax(self.target_logits[..., :-1, :].float() / self.scale, dim=-1)
 
     @cached_property
     def draft_logp(self) -> torch.Tensor:           # [γ, V] log q(· | prefix, d_<j)
@@ -82,7 +83,7 @@ class AcceptRule(Protocol):
     needs_draft_hidden: bool
     feature_spec: FeatureSpec
 
-    def accept(self, v: Verification) -> torch.Tensor | None:  # [γ] bool, or None for "no extra tokens"
+    def accept(self, v: Verification) -> torch.Tensor | None:  # [(B,) γ] bool, or None for "no extra tokens"
         ...
 
 

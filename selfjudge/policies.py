@@ -1,7 +1,7 @@
 """Acceptance policies behind one signature, chosen by name from a registry.
 
 A policy's ``accept(v: Verification) -> BoolTensor[γ] | None`` says which draft tokens its rule
-accepts; the decoder keeps ``d_j`` iff the standard (lossless) test accepts it OR the rule does, so a
+accepts (with a leading batch dimension when the batched decoder asks for B proposals at once); the decoder keeps ``d_j`` iff the standard (lossless) test accepts it OR the rule does, so a
 rule can only add accepted tokens, and with sampling the speculative-sampling test still runs first.
 Rules read the verify pass's distributions and hidden states; none runs an extra forward pass. With
 temperature T > 0 the distributions compared are the tempered ones (logits / T).
@@ -61,6 +61,11 @@ def register(name: str) -> Callable[[type], type]:
 register("lossless")(Policy)
 
 
+def _at(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """scores [..., γ, V] at the draft tokens [..., γ] -> [..., γ]."""
+    return scores.gather(-1, tokens[..., None])[..., 0]
+
+
 def _num(x: Any, what: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ValueError(f"{what} must be a number, got {x!r}")
@@ -116,9 +121,9 @@ class TopK(Policy):
             return None
         if self.threshold >= V:
             return torch.ones_like(v.draft_tokens, dtype=torch.bool)
-        lg = v.target_logits[:-1]                                                  # [γ, V]
-        kth = lg.topk(int(self.threshold), dim=-1).values[:, -1]                   # [γ] k-th largest logit
-        return lg.gather(-1, v.draft_tokens[:, None])[:, 0] >= kth
+        lg = v.target_logits[..., :-1, :]                                          # [γ, V]
+        kth = lg.topk(int(self.threshold), dim=-1).values[..., -1]                 # [γ] k-th largest logit
+        return _at(lg, v.draft_tokens) >= kth
 
 
 @register("typical")
@@ -140,7 +145,7 @@ class Typical(Policy):
         logp = v.target_logp                                                       # [γ, V]
         ent = -(logp.exp() * logp).sum(-1)                                         # [γ] H(p)
         bar = torch.clamp(self.alpha * torch.exp(-ent), max=self.threshold)        # [γ] min(ε, α e^-H)
-        return logp.gather(-1, v.draft_tokens[:, None])[:, 0].exp() > bar
+        return _at(logp, v.draft_tokens).exp() > bar
 
 
 @register("likelihood")
@@ -159,7 +164,7 @@ class LikelihoodGap(Policy):
         if self.threshold == 0:
             return None
         logp = v.target_logp
-        return logp.max(-1).values - logp.gather(-1, v.draft_tokens[:, None])[:, 0] < self.threshold
+        return logp.max(-1).values - _at(logp, v.draft_tokens) < self.threshold
 
 
 @register("kl")

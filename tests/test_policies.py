@@ -70,6 +70,18 @@ def test_rules_equal_their_naive_formulas(T):
                 assert _acc("kl", delta, v)[j] == (kl < delta and max(p) <= 0.9)
 
 
+def test_rules_on_a_batch_of_proposals_equal_each_row_alone():
+    """The batched decoder asks once for B proposals ([B, γ, ...]); each row must get its own answer."""
+    rows = [_rand_verification(T=0.0, seed=s) for s in range(4)]
+    stacked = Verification(*(torch.stack([getattr(v, f) for v in rows]) for f in
+                             ("draft_tokens", "target_logits", "target_hidden", "draft_logits", "draft_hidden")), 0.0)
+    head = JudgeHead(JudgeConfig(feature_dim=8, target_model={}, features={"layers": [-1], "include_draft": False}))
+    for name, t, kw in [("topk", 3, {}), ("typical", 0.3, {}), ("likelihood", 1.0, {}), ("kl", 2.0, {}),
+                        ("judge", 0.5, {"head": head})]:
+        want = [_acc(name, t, v, **kw) for v in rows]
+        assert _acc(name, t, stacked, **kw) == want and any(map(any, want)), name
+
+
 def test_strictest_equals_lossless_loosest_accepts_all(pair):
     strict = [build_policy("lossless"), JudgeRule(0.0, _head(pair)), build_policy("topk", 1),
               build_policy("typical", float("inf")), build_policy("likelihood", 0.0), build_policy("kl", 0.0)]
