@@ -24,7 +24,7 @@ from selfjudge.decoding import decode
 from selfjudge.generation import fixed_batches
 from selfjudge.io import atomic_write_text, check_writable, code_version, config_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
-from selfjudge.metrics import aggregate, prefix_agreement
+from selfjudge.metrics import prefix_agreement, summary_rows
 from selfjudge.models import format_prompt, pair_from_mapping
 from selfjudge.policies import POLICIES, build_policy, load_head
 from selfjudge.report import write_report
@@ -248,12 +248,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ids_wanted = {ex.id for ex in examples}
     records = [r for r in records if r["prompt_id"] in ids_wanted]
-    base = aggregate(r for r in records if r["method"] == "target")
-    rows = []
-    for m in grid:
-        agg = aggregate((r for r in records if r["method"] == m.name and r["threshold"] == m.threshold),
-                        base["tokens_per_s"])
-        rows.append({"method": m.name, "policy": m.policy, "threshold": m.threshold, **agg})
+    rows = [{**row, "policy": m.policy} for m, row in zip(grid, summary_rows(records, [(m.name, m.threshold) for m in grid]))]
+    base = next(r for r in rows if r["method"] == "target")
     title = (f"{task.name}: {len(examples)} prompts, gamma={e['gamma']}, max_new_tokens={e['max_new_tokens']}, "
              f"T={e['temperature']}, batch size {bs}, target {pair.target_info.name}, draft {pair.draft_info.name}, "
              f"{mcfg['dtype']} on {dev}")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from selfjudge.io import write_json
-from selfjudge.metrics import aggregate
+from selfjudge.metrics import summary_rows
 from selfjudge.report import write_report
 
 
@@ -44,9 +44,7 @@ def main() -> None:
     if not complete:
         raise SystemExit(f"eval_report: no prompt of {src} is finished by every method yet")
     keep = [r for r in recs if r["prompt_id"] in set(complete)]
-    base = aggregate(r for r in keep if r["method"] == "target")
-    rows = [{"method": m, "threshold": t, **aggregate((r for r in keep if r["method"] == m and r["threshold"] == t),
-                                                       base["tokens_per_s"])} for m, t in methods]
+    rows = summary_rows(keep, methods)
     key_path = Path(args.eval_dir) / "eval_key.json"
     settings = json.loads(key_path.read_text()).get("settings", {}) if key_path.is_file() else {}
     title = (f"partial: {len(complete)} of {len(by_prompt)} started prompts finished by every method; "

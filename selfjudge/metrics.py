@@ -3,6 +3,7 @@ as the eval stage writes them to per_example.jsonl."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 
@@ -73,3 +74,38 @@ def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | 
         "rule_ms_per_round": 1e3 * rule / timed_rounds if timed_rounds else None,
         "accept_hist": hist,                    # index n: speculative rounds that kept n draft tokens
     }
+
+
+def paired_with(records: Iterable[dict[str, Any]], reference: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A method against a reference method (lossless SD) on the prompts both decoded: the mean accuracy
+    difference with its paired standard error (the methods share most answers, so this separates much
+    smaller differences than the two accuracies' own errors) and the ratio of mean accepted lengths."""
+    ref = {r["prompt_id"]: r for r in reference}
+    recs = [r for r in records if r["prompt_id"] in ref]
+    diffs = [r["score"] - ref[r["prompt_id"]]["score"] for r in recs
+             if r["score"] is not None and ref[r["prompt_id"]]["score"] is not None]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else None
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    mine, theirs = (sum(r["new_tokens"] for r in rs) / max(sum(r["rounds"] for r in rs), 1)
+                    for rs in (recs, [ref[r["prompt_id"]] for r in recs]))
+    return {
+        # accuracy_vs_lossless: mean over shared prompts of (score - lossless score); _se its standard error
+        "accuracy_vs_lossless": mean,
+        "accuracy_vs_lossless_se": se,
+        # accepted_length_vs_lossless: mean accepted length over lossless SD's, same prompts
+        "accepted_length_vs_lossless": mine / theirs if recs and theirs else None,
+    }
+
+
+def summary_rows(records: list[dict[str, Any]], keys: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, threshold): :func:`aggregate` with speedup against the target-only records,
+    plus :func:`paired_with` the lossless records (when the run has them)."""
+    base = aggregate(r for r in records if r["method"] == "target")
+    lossless = [r for r in records if r["method"] == "lossless"]
+    rows = []
+    for m, t in keys:
+        mine = [r for r in records if r["method"] == m and r["threshold"] == t]
+        rows.append({"method": m, "threshold": t, **aggregate(mine, base["tokens_per_s"]),
+                     **(paired_with(mine, lossless) if lossless else {})})
+    return rows

@@ -28,6 +28,11 @@ def _hist(h: list[int]) -> str:
     return " ".join(f"{n}:{c / total:.2f}" for n, c in enumerate(h) if c) if total else "-"
 
 
+def _delta(r: dict[str, Any]) -> str:
+    d, se = r.get("accuracy_vs_lossless"), r.get("accuracy_vs_lossless_se")
+    return "-" if d is None else f"{d:+.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f} %"
 
@@ -35,16 +40,19 @@ def _share(x: float | None) -> str:
 def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
     """One line per (method, threshold): quality, speed and the accept-length histogram."""
     lines = [f"## {title}" if title else "", "",
-             "| method | threshold | accuracy | agree exact | agree prefix | accepted length | acceptance | tokens/s "
-             "| speedup | rule / verify | accepted per round (share of rounds) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | threshold | accuracy | vs lossless (± SE) | agree exact | agree prefix | accepted length "
+             "| vs lossless | acceptance | tokens/s | speedup | rule / verify | accepted per round (share of rounds) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_threshold(r['threshold'])} | {_fmt(r['accuracy'], '.3f')} "
+            f"| {r['method']} | {_threshold(r['threshold'])} | {_fmt(r['accuracy'], '.3f')} | {_delta(r)} "
             f"| {_fmt(r['agreement_exact'], '.3f')} | {_fmt(r['agreement_prefix'], '.3f')} "
-            f"| {r['mean_accepted_length']:.2f} | {_fmt(r['acceptance_rate'], '.3f')} | {r['tokens_per_s']:.2f} "
+            f"| {r['mean_accepted_length']:.2f} | {_fmt(r.get('accepted_length_vs_lossless'), '.2f')}x "
+            f"| {_fmt(r['acceptance_rate'], '.3f')} | {r['tokens_per_s']:.2f} "
             f"| {_fmt(r['speedup'], '.2f')}x | {_share(r.get('rule_share_of_verify'))} | {_hist(r['accept_hist'])} |")
     lines += ["", "accuracy: task score (prefix agreement with target-only where there is no checker); "
+              "vs lossless: paired difference from lossless SD on the same prompts, ± its standard error, and the "
+              "ratio of accepted lengths; "
               "accepted length: new tokens per target forward; speedup: tokens/s over target-only, same prompts, "
               "same process, warm-up excluded; rule / verify: the acceptance rule's time as a share of the verify phase."]
     return "\n".join(lines) + "\n"

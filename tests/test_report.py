@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from selfjudge.metrics import add_hist, aggregate, prefix_agreement
+import math
+
+from selfjudge.metrics import add_hist, aggregate, paired_with, prefix_agreement, summary_rows
 from selfjudge.report import markdown_table, pareto_plot, write_report
 
 
@@ -27,6 +29,27 @@ def test_aggregate_hand_computed():
     assert sd["accuracy"] == 1.0                               # None scores are left out
     assert sd["agreement_exact"] == 0.5 and sd["agreement_prefix"] == 0.625
     assert sd["accept_hist"] == [1, 1, 4, 1, 2, 0, 0] and sd["accepted_by_rule"] == 3
+
+
+def _tag(rec, method, pid, threshold=None):
+    return {**rec, "method": method, "prompt_id": pid, "threshold": threshold}
+
+
+def test_paired_with_lossless_hand_computed():
+    ref = [_tag(_rec(10, 5, 0, 0, 1.0, s, [0]), "lossless", f"p{i}") for i, s in enumerate([1.0, 1.0, 0.0, 1.0])]
+    mine = [_tag(_rec(12, 4, 0, 0, 1.0, s, [0]), "judge", f"p{i}", 0.3) for i, s in enumerate([1.0, 0.0, 1.0, 0.0, 1.0])]
+    got = paired_with(mine, ref)                     # p4 has no lossless record: left out
+    diffs = [0.0, -1.0, 1.0, -1.0]
+    mean = sum(diffs) / 4
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4)
+    assert got["accuracy_vs_lossless"] == mean and got["accuracy_vs_lossless_se"] == pytest.approx(se)
+    assert got["accepted_length_vs_lossless"] == pytest.approx((48 / 16) / (40 / 20))
+    rows = summary_rows([_tag(_rec(10, 10, 0, 0, 2.0, 1.0, [0]), "target", f"p{i}") for i in range(4)] + ref + mine,
+                        [("target", None), ("lossless", None), ("judge", 0.3)])
+    assert [r["method"] for r in rows] == ["target", "lossless", "judge"]
+    assert rows[1]["accuracy_vs_lossless"] == 0.0 and rows[1]["accepted_length_vs_lossless"] == 1.0
+    assert rows[2]["speedup"] == pytest.approx((60 / 5.0) / (40 / 8.0)) and rows[2]["accuracy_vs_lossless"] == mean
+    assert "-0.250 ± 0.479" in markdown_table(rows)
 
 
 def test_prefix_agreement_and_hist():
