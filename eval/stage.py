@@ -166,6 +166,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bs = e["batch_size"]
     if bs != 1:  # timings (and bf16 rounding) depend on it; left out at 1 so that older runs keep their key
         key_cfg["batch_size"] = bs
+    graphs = bool(e["cuda_graphs"]) and bs == 1 and dev.type == "cuda"
+    if graphs:   # timings depend on it (tokens do not); only where it acts, so that other runs keep their key
+        key_cfg["cuda_graphs"] = True
     # (limit and offset are left out: records are per prompt id, so another slice reuses the ones it shares)
     ds_key = {k: v for k, v in ds.items() if k not in ("limit", "offset")}
     run_key = config_hash({**key_cfg, "dataset": ds_key, "target": tinfo.get("fingerprint"),
@@ -201,7 +204,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed = _seed(e["seed"], ",".join(ex.id for ex, _ in items))
         gen = torch.Generator(device=dev).manual_seed(seed) if e["temperature"] > 0 else None
         if bs == 1:
-            return [decode(model, draft, items[0][1], generator=gen, profile=e["profile"], **common)]
+            return [decode(model, draft, items[0][1], generator=gen, profile=e["profile"], static_cache=graphs, **common)]
         return decode_batch(model, draft, [ids for _, ids in items], pad_id=pair.tokenizer.pad_token_id or 0,
                             generator=gen, **common)
 
@@ -257,7 +260,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = {"complete": True, "title": title, "task": task.name, "examples": len(examples), "gamma": e["gamma"],
                "baseline_tokens_per_s": base["tokens_per_s"], "rows": rows, "code_version": code_version(),
                "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": e,
-               "engine": ("batch size 1, DynamicCache rollback" if bs == 1 else
+               "engine": ("batch size 1, static KV cache + CUDA graphs" if graphs else
+                          "batch size 1, DynamicCache rollback" if bs == 1 else
                           f"batch size {bs}, masked KV holes for rejected tokens") + ", one verify pass per round"}
     write_json(out_dir / "summary.json", summary)
     if plain["logger"]["name"] == "wandb":

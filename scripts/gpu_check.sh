@@ -16,6 +16,7 @@
 #   PYTHON=python3 GAMMA=8 NEW=128 SKIP_TESTS=1 bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+failed=0
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 export SELFJUDGE_TEST_DEVICE=${SELFJUDGE_TEST_DEVICE:-cuda}
@@ -24,11 +25,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== 1. correctness tests on $SELFJUDGE_TEST_DEVICE =="
-  timeout 300 "$PY" -m pytest tests/test_decoding.py tests/test_policies.py tests/test_batch_decoding.py -m "gpu or not slow" -q -x -p no:cacheprovider
+  timeout 330 "$PY" -m pytest tests/test_decoding.py tests/test_policies.py tests/test_batch_decoding.py \
+    tests/test_cuda_graphs.py -m "gpu or not slow" -q -p no:cacheprovider || { echo "gpu_check: TESTS FAILED"; failed=1; }
 fi
 
 echo "== 2. timings, realistic shapes, random weights, bf16 =="
-GAMMA=${GAMMA:-4} NEW=${NEW:-64} PROMPT=${PROMPT:-256} REPEATS=${REPEATS:-2} timeout 200 "$PY" - <<'EOF'
+GAMMA=${GAMMA:-4} NEW=${NEW:-64} PROMPT=${PROMPT:-256} REPEATS=${REPEATS:-2} timeout 280 "$PY" - <<'EOF'
 import os, time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -57,10 +59,10 @@ head = JudgeHead(JudgeConfig(feature_dim=1536)).to(dev).eval()
 kw = dict(max_new_tokens=new, eos_ids=[], vocab=V)
 
 
-def ours(policy=None, spec=True, profile=False):
+def ours(policy=None, spec=True, profile=False, static=False):
     if not spec:
-        return decode(target, None, prompt, gamma=0, profile=profile, **kw)
-    return decode(target, draft, prompt, gamma=gamma, policy=policy, profile=profile, **kw)
+        return decode(target, None, prompt, gamma=0, profile=profile, static_cache=static, **kw)
+    return decode(target, draft, prompt, gamma=gamma, policy=policy, profile=profile, static_cache=static, **kw)
 
 
 def hf_assisted():
@@ -75,8 +77,11 @@ def hf_assisted():
     return out.shape[1] - len(prompt), time.perf_counter() - t0
 
 
-methods = {"target-only": lambda p=False: ours(spec=False, profile=p), "lossless SD": lambda p=False: ours(profile=p),
-           "judge@1.0 (all kept)": lambda p=False: ours(JudgeRule(1.0, head), profile=p)}
+methods = {}
+for tag, static in (("", False), (" +graphs", True)):   # eager DynamicCache vs static cache + CUDA graphs
+    methods |= {f"target-only{tag}": lambda p=False, s=static: ours(spec=False, profile=p, static=s),
+                f"lossless SD{tag}": lambda p=False, s=static: ours(profile=p, static=s),
+                f"judge@1.0 (all kept){tag}": lambda p=False, s=static: ours(JudgeRule(1.0, head), profile=p, static=s)}
 with torch.no_grad():
     for f in methods.values():          # warm-up (cuBLAS handles, allocator), excluded
         f()
@@ -93,12 +98,12 @@ with torch.no_grad():
     base = res["target-only"][0] / res["target-only"][1]
     print(f"\ngamma={gamma} new_tokens={new} prompt={plen} repeats={reps} (random weights: acceptance ~0)")
     for m, (n, s) in res.items():
-        print(f"  {m:22s} {n / s:8.1f} tok/s  {n / s / base:5.2f}x target-only")
+        print(f"  {m:30s} {n / s:8.1f} tok/s  {n / s / base:5.2f}x target-only")
     print("\nper-round costs (profile=True: device synchronised around each phase)")
     for m, f in methods.items():
         out, st = f(True)
         per_tok = st.seconds / st.new_tokens * 1e3
-        line = f"  {m:22s} rounds {st.rounds:4d}  prefill {st.prefill_seconds * 1e3:7.1f} ms  {per_tok:6.2f} ms/token"
+        line = f"  {m:30s} rounds {st.rounds:4d}  prefill {st.prefill_seconds * 1e3:7.1f} ms  {per_tok:6.2f} ms/token"
         if st.draft_forwards:
             line += (f"  draft step {st.draft_seconds / st.draft_forwards * 1e3:6.2f} ms"
                      f"  verify+accept {st.verify_seconds / st.rounds * 1e3:6.2f} ms/round"
@@ -161,3 +166,4 @@ with torch.no_grad():
                   f"  {s / (rounds / bs) * 1e3:7.2f} ms/round  accepted length {n / rounds:4.2f}")
 EOF
 echo "gpu_check: done"
+exit $failed

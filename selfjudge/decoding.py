@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from selfjudge.cuda_graphs import StaticDecoder, static_decoder
 from selfjudge.features import FeatureSpec, forward_with_hidden
 
 
@@ -121,14 +122,15 @@ def _cache_kwarg(body: torch.nn.Module) -> str:
 
 
 class _Runner:
-    """One model plus its KV cache; ``seen`` = positions held in the cache."""
+    """One model plus its KV cache; ``seen`` = positions held in the cache. With a ``static`` decoder
+    (:mod:`selfjudge.cuda_graphs`) the cache is its StaticCache and fixed-shape calls replay CUDA graphs."""
 
-    def __init__(self, model: torch.nn.Module, vocab: int):
-        self.model, self.vocab = model, vocab
+    def __init__(self, model: torch.nn.Module, vocab: int, static: StaticDecoder | None = None):
+        self.model, self.vocab, self.static = model, vocab, static
         self.body = getattr(model, model.base_model_prefix)
         self.head = model.get_output_embeddings()
         self.kw = _cache_kwarg(self.body)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = static.cache if static is not None else DynamicCache(config=model.config)
         self.seen = 0
 
     def prefill(self, ids: torch.Tensor) -> None:                   # ids [1, P]: states only, no logits
@@ -136,21 +138,34 @@ class _Runner:
             self.body(input_ids=ids, use_cache=True, **{self.kw: self.cache})
             self.seen += ids.shape[1]
 
+    def _last(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(input_ids=ids, use_cache=True, **{self.kw: self.cache}).last_hidden_state[:, -1]  # [1, H]
+        return self.head(h)[0, : self.vocab].to(ids.device), h[0].to(ids.device)   # device_map: back home
+
     def last(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ids [1, k]; logits [V] and last-layer state [H] of the LAST position only."""
-        h = self.body(input_ids=ids, use_cache=True, **{self.kw: self.cache}).last_hidden_state[:, -1]  # [1, H]
+        out = self._run(("last", ids.shape[1], self.vocab), self._last, ids) if ids.shape[1] <= 2 else self._last(ids)
         self.seen += ids.shape[1]
-        return self.head(h)[0, : self.vocab].to(ids.device), h[0].to(ids.device)   # device_map: back home
+        return out
 
     def verify(self, ids: torch.Tensor, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ids [1, k]; logits [k, V] and judge hidden states [k, F] of every position."""
-        out = forward_with_hidden(self.model, ids, spec, use_cache=True, **{self.kw: self.cache})
+        def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = forward_with_hidden(self.model, x, spec, use_cache=True, **{self.kw: self.cache})
+            return out.logits[0, :, : self.vocab], out.hidden[0]
+        res = self._run(("verify", ids.shape[1], spec, self.vocab), fn, ids)
         self.seen += ids.shape[1]
-        return out.logits[0, :, : self.vocab], out.hidden[0]
+        return res
+
+    def _run(self, key, fn, ids):
+        return fn(ids) if self.static is None else self.static.run(key, fn, ids)
 
     def rollback(self, keep: int) -> None:
         if self.seen > keep:
-            self.cache.crop(keep - self.seen)                        # negative: drop that many positions
+            if self.static is not None:
+                self.static.rewind(self.seen - keep)
+            else:
+                self.cache.crop(keep - self.seen)                    # negative: drop that many positions
             self.seen = keep
 
 
@@ -215,12 +230,15 @@ def decode(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     profile: bool = False,
+    static_cache: bool = False,
 ) -> tuple[list[int], DecodeStats]:
     """Decode one prompt; returns (new token ids, stats). ``draft=None``: ``target`` alone (gamma ignored).
 
     ``vocab``: logit columns both models share (``ModelPair.vocab_size``). ``policy``: an acceptance
     rule (None or ``lossless``: exact). ``profile``: synchronise the device around each phase so that
-    ``draft_seconds``/``verify_seconds`` are exact on CUDA (costs a little speed).
+    ``draft_seconds``/``verify_seconds`` are exact on CUDA (costs a little speed). ``static_cache``:
+    static KV caches kept across calls, and on CUDA the fixed-shape steps replay captured CUDA graphs
+    (:mod:`selfjudge.cuda_graphs`; the latency mode on a GPU); same tokens as the default path.
     """
     gamma, spec, want_logits, want_hidden = setup(draft, [prompt], gamma, max_new_tokens, policy, temperature)
     dev = next(target.parameters()).device
@@ -228,8 +246,10 @@ def decode(
     _sync(dev)
     t0 = clock()
     st = DecodeStats(accept_hist=[0] * (gamma + 1))
-    tgt = _Runner(target, vocab)
-    drf = _Runner(draft, vocab) if gamma else None
+    need = len(prompt) + max_new_tokens + gamma + 1                # positions a cache can hold at most
+    tgt = _Runner(target, vocab, static_decoder(target, "target", need, dev.type == "cuda") if static_cache else None)
+    drf = _Runner(draft, vocab, static_decoder(draft, "draft", need, dev.type == "cuda") if static_cache else None) \
+        if gamma else None
     ids = torch.tensor([prompt], device=dev)                     # [1, P]
     tgt.prefill(ids[:, :-1])
     if drf:

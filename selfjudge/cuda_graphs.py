@@ -1,0 +1,115 @@
+"""Static KV caches and CUDA graphs for batch-1 decoding (the latency mode on a GPU).
+
+At batch 1 a small model's decoding step on a GPU is bound by kernel launches, not by the GPU: with
+eager transformers a 1.5B-shaped target step and a 0.5B-shaped draft step both took about 23 ms on an
+H100 (docs/bench/gpu_check_h100.txt), so a draft saved almost nothing. Replaying a captured CUDA
+graph issues a whole forward pass at once. A graph needs fixed shapes and fixed memory, hence:
+
+- the KV cache is a transformers ``StaticCache`` of a fixed length, kept per (model, role) across
+  decodes; a new prompt rewinds it to length 0 and a rollback rewinds it by the rejected positions.
+  Entries past the length are stale but never read: a query at position q attends to positions
+  <= q, and the positions from the length up to q were written by that same forward pass;
+- each fixed-shape call (a one- or two-token step, a verify window of one width and feature layout)
+  is captured once and replayed with its input copied into a static buffer; outputs are cloned out.
+
+The prefill, and every call when the model is not on CUDA, runs eagerly on the same static cache, so
+CPU tests cover everything but the capture itself. A capture that fails (an operation a graph cannot
+hold) is reported once as a warning and that model goes on eagerly, with the same results.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Callable, Hashable
+
+import torch
+from transformers import StaticCache
+
+ROUND = 1024    # cache lengths: multiples of this, at least MIN_LEN, so that most prompts (and a short
+MIN_LEN = 2048  # warm-up decode) reuse one cache and its graphs; masked positions cost little at batch 1
+
+
+class StaticDecoder:
+    """One model's static KV cache and its captured graphs, for one role (target or draft)."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool):
+        w = next(model.parameters())
+        self.max_len, self.where = max_len, (w.device, w.dtype)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.graphs: dict[Hashable, _Graph] | None = {} if graphs else None
+        self.pool = None                      # one memory pool shared by this model's graphs
+        self.failure: str | None = None       # why capturing failed (then every call runs eagerly)
+
+    def _lengths(self) -> list[torch.Tensor]:
+        return [layer.cumulative_length for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+
+    def reset(self) -> None:
+        """Length 0: the next prefill writes from position 0."""
+        for n in self._lengths():
+            n.zero_()
+
+    def rewind(self, n: int) -> None:
+        """Forget the newest n positions (in place: captured graphs keep reading the same tensor)."""
+        for length in self._lengths():
+            length.sub_(n)
+
+    def run(self, key: Hashable, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+            ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``fn(ids)``: replayed from a graph captured for ``key`` on CUDA once the cache exists, else eager."""
+        if self.graphs is None or ids.device.type != "cuda" or not self._lengths():
+            return fn(ids)
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = self.graphs[key] = _Graph(fn, ids, self)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager path
+                torch.cuda.synchronize(ids.device)
+                self.graphs, self.failure = None, f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly on the static cache: {self.failure}")
+                return fn(ids)
+        return graph(ids)
+
+
+class _Graph:
+    """One captured call: static input buffer, static outputs, replay."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], ids: torch.Tensor, owner: StaticDecoder):
+        self.inp = ids.clone()
+        side = torch.cuda.Stream(device=ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):         # warm-up (workspaces, kernels chosen); it advances the cache length
+            fn(self.inp)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        owner.rewind(ids.shape[1])            # ... so it is rewound; capturing runs nothing
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=owner.pool):
+            self.out = fn(self.inp)
+        owner.pool = self.graph.pool()
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.inp.copy_(ids)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.out)
+
+
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, StaticDecoder]]" = weakref.WeakKeyDictionary()
+
+
+def static_decoder(model: torch.nn.Module, role: str, need: int, graphs: bool) -> StaticDecoder:
+    """The (model, role) static cache, rewound to length 0, holding at least ``need`` positions; a new
+    one (and new graphs) only when it is too short, the model moved (device, dtype) or ``graphs`` changed. Two roles keep a model that is
+    both target and draft (an identical draft) on two caches."""
+    per_model = _STATES.setdefault(model, {})
+    st = per_model.get(role)
+    w = next(model.parameters())
+    if (st is None or st.max_len < need or st.where != (w.device, w.dtype)
+            or (st.graphs is not None or st.failure is not None) != graphs):
+        max_len = max(MIN_LEN, ROUND * math.ceil(need / ROUND))
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max_len > limit >= need:
+            max_len = limit
+        st = per_model[role] = StaticDecoder(model, max_len, graphs)
+    st.reset()
+    return st
