@@ -35,8 +35,7 @@ class StaticDecoder:
     """One model's static KV cache and its captured graphs, for one role (target or draft)."""
 
     def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool):
-        w = next(model.parameters())
-        self.max_len, self.where = max_len, (w.device, w.dtype)
+        self.max_len, self.where = max_len, _where(model)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.graphs: dict[Hashable, _Graph] | None = {} if graphs else None
         self.pool = None                      # one memory pool shared by this model's graphs
@@ -94,17 +93,23 @@ class _Graph:
         return tuple(o.clone() for o in self.out)
 
 
+def _where(model: torch.nn.Module) -> tuple:
+    """Device, dtype and the address of every weight: graphs replay on the memory they were captured
+    on, so a model moved or reloaded (``.to(...)`` gives new tensors) needs new graphs."""
+    ps = list(model.parameters())
+    return ps[0].device, ps[0].dtype, tuple(p.data_ptr() for p in ps)
+
+
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, StaticDecoder]]" = weakref.WeakKeyDictionary()
 
 
 def static_decoder(model: torch.nn.Module, role: str, need: int, graphs: bool) -> StaticDecoder:
     """The (model, role) static cache, rewound to length 0, holding at least ``need`` positions; a new
-    one (and new graphs) only when it is too short, the model moved (device, dtype) or ``graphs`` changed. Two roles keep a model that is
+    one (and new graphs) only when it is too short, the model's weights moved (device, dtype, memory) or ``graphs`` changed. Two roles keep a model that is
     both target and draft (an identical draft) on two caches."""
     per_model = _STATES.setdefault(model, {})
     st = per_model.get(role)
-    w = next(model.parameters())
-    if (st is None or st.max_len < need or st.where != (w.device, w.dtype)
+    if (st is None or st.max_len < need or st.where != _where(model)
             or (st.graphs is not None or st.failure is not None) != graphs):
         max_len = max(MIN_LEN, ROUND * math.ceil(need / ROUND))
         limit = getattr(model.config, "max_position_embeddings", None)

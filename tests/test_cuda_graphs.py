@@ -106,7 +106,11 @@ def test_cache_grows_and_moves_with_the_model(tiny_pair):
     assert b is not a and b.max_len == cuda_graphs.MIN_LEN + cuda_graphs.ROUND
     m.to(torch.float64)
     try:
-        assert cuda_graphs.static_decoder(m, "probe", 10, graphs=False) is not b
+        c = cuda_graphs.static_decoder(m, "probe", 10, graphs=False)
+        assert c is not b
     finally:
-        m.to(torch.float32)
+        m.to(torch.float32)                                 # back, on new memory: graphs would read freed weights
+    try:
+        assert cuda_graphs.static_decoder(m, "probe", 10, graphs=False) not in (b, c)
+    finally:
         del cuda_graphs._STATES[m]["probe"]
