@@ -107,6 +107,8 @@ def static_decoder(model: torch.nn.Module, role: str, need: int, graphs: bool) -
     """The (model, role) static cache, rewound to length 0, holding at least ``need`` positions; a new
     one (and new graphs) only when it is too short, the model's weights moved (device, dtype, memory) or ``graphs`` changed. Two roles keep a model that is
     both target and draft (an identical draft) on two caches."""
+    spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+    graphs = graphs and not spread      # a graph is captured on one device: a model over several runs eagerly
     per_model = _STATES.setdefault(model, {})
     st = per_model.get(role)
     if (st is None or st.max_len < need or st.where != _where(model)

@@ -104,6 +104,11 @@ def test_cache_grows_and_moves_with_the_model(tiny_pair):
     assert cuda_graphs.static_decoder(m, "probe", 1500, graphs=False) is a and a.max_len == cuda_graphs.MIN_LEN
     b = cuda_graphs.static_decoder(m, "probe", cuda_graphs.MIN_LEN + 1, graphs=False)
     assert b is not a and b.max_len == cuda_graphs.MIN_LEN + cuda_graphs.ROUND
+    m.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}     # spread over two GPUs: no graphs
+    try:
+        assert cuda_graphs.static_decoder(m, "probe", 10, graphs=True).graphs is None
+    finally:
+        del m.hf_device_map
     m.to(torch.float64)
     try:
         c = cuda_graphs.static_decoder(m, "probe", 10, graphs=False)
