@@ -59,26 +59,43 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Accuracy against speedup and against accepted length, one curve per method (atomic write)."""
+    """Accuracy against speedup and against accepted length, one curve per method, and (rows with
+    paired fields) the accuracy difference from lossless SD with its standard error against the
+    accepted-length ratio (atomic write)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    paired = any(r.get("accuracy_vs_lossless_se") is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(16 if paired else 11, 4.2))
     methods: dict[str, list[dict]] = {}
     for r in rows:
         methods.setdefault(r["method"], []).append(r)
-    for name, rs in methods.items():
+    nan = float("nan")
+    for i, (name, rs) in enumerate(methods.items()):
+        style = dict(marker="*", markersize=12, linestyle="none") if len(rs) == 1 else dict(marker="o")
+        style["color"] = f"C{i % 10}"                     # one colour per method in every panel
         for ax, key in zip(axes, ("speedup", "mean_accepted_length")):
-            pts = sorted((r[key] if r[key] is not None else float("nan"),
-                          r["accuracy"] if r["accuracy"] is not None else float("nan")) for r in rs)
-            style = dict(marker="*", markersize=12, linestyle="none") if len(pts) == 1 else dict(marker="o")
+            pts = sorted((r[key] if r[key] is not None else nan, r["accuracy"] if r["accuracy"] is not None else nan)
+                         for r in rs)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+        if paired and name != "target":   # the comparison that matters: against lossless SD, same prompts
+            pts = sorted((r.get("accepted_length_vs_lossless") or nan,
+                          nan if r.get("accuracy_vs_lossless") is None else r["accuracy_vs_lossless"],
+                          r.get("accuracy_vs_lossless_se") or 0.0) for r in rs)
+            axes[2].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=name,
+                             capsize=3, **style)
     axes[0].set_xlabel("speedup over target-only (x)")
     axes[1].set_xlabel("mean accepted length (tokens per target forward)")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_ylabel("accuracy")
+    if paired:
+        axes[2].axhline(0.0, color="grey", lw=0.8)
+        axes[2].axvline(1.0, color="grey", lw=0.8)
+        axes[2].set_xlabel("accepted length / lossless SD's (x)")
+        axes[2].set_ylabel("accuracy - lossless SD's (paired, ± SE)")
+    for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)

@@ -35,7 +35,7 @@ def _tag(rec, method, pid, threshold=None):
     return {**rec, "method": method, "prompt_id": pid, "threshold": threshold}
 
 
-def test_paired_with_lossless_hand_computed():
+def test_paired_with_lossless_hand_computed(tmp_path):
     ref = [_tag(_rec(10, 5, 0, 0, 1.0, s, [0]), "lossless", f"p{i}") for i, s in enumerate([1.0, 1.0, 0.0, 1.0])]
     mine = [_tag(_rec(12, 4, 0, 0, 1.0, s, [0]), "judge", f"p{i}", 0.3) for i, s in enumerate([1.0, 0.0, 1.0, 0.0, 1.0])]
     got = paired_with(mine, ref)                     # p4 has no lossless record: left out
@@ -50,6 +50,7 @@ def test_paired_with_lossless_hand_computed():
     assert rows[1]["accuracy_vs_lossless"] == 0.0 and rows[1]["accepted_length_vs_lossless"] == 1.0
     assert rows[2]["speedup"] == pytest.approx((60 / 5.0) / (40 / 8.0)) and rows[2]["accuracy_vs_lossless"] == mean
     assert "-0.250 ± 0.479" in markdown_table(rows)
+    assert pareto_plot(rows, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"   # third panel: vs lossless
 
 
 def test_prefix_agreement_and_hist():
