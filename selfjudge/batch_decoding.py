@@ -80,6 +80,17 @@ class _BatchRunner:
         self.mask = self.mask[:, first:]
 
 
+def _rule(policy: AcceptRule, D, t_log, t_hid, LG, HD, temperature: float) -> torch.Tensor | None:
+    """The rule's verdicts [n, g] for every row's proposal. On CUDA one call over all rows (one launch
+    per op); on the CPU row by row, which keeps a vocab-wide rule's [g, V] intermediates in cache: one
+    [64, 8, V] call made the KL rule 21 % of the verify phase on the real pair, row by row it was 7.5 %."""
+    step = D.shape[0] if D.device.type == "cuda" else 1
+    parts = [policy.accept(Verification(D[a:a + step], t_log[a:a + step], t_hid[a:a + step],
+                                        None if LG is None else LG[a:a + step], None if HD is None else HD[a:a + step],
+                                        temperature)) for a in range(0, D.shape[0], step)]
+    return None if parts[0] is None else torch.cat(parts)
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -179,9 +190,9 @@ def decode_batch(
             t_arg = t_log.argmax(-1)                                  # [n, g+1]
             std = (t_arg[:, :-1] == D) if temperature <= 0 else torch.stack([standard_accept(v, generator) for v in vs])
             ok = std
-            if policy is not None:                                    # the rule reads all n proposals at once
+            if policy is not None:
                 t3 = clock()
-                rule = policy.accept(Verification(D, t_log, t_hid[:, 1:], LG, HD, temperature))   # [n, g] or None
+                rule = _rule(policy, D, t_log, t_hid[:, 1:], LG, HD, temperature)   # [n, g] or None
                 _sync(dev)
                 t_rule = clock() - t3
                 if rule is not None:
