@@ -80,7 +80,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
             pts = sorted((r[key] if r[key] is not None else nan, r["accuracy"] if r["accuracy"] is not None else nan)
                          for r in rs)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
-        if paired and name != "target":   # the comparison that matters: against lossless SD, same prompts
+        if paired and name not in ("target", "draft"):   # SD methods against lossless SD, same prompts
             pts = sorted((r.get("accepted_length_vs_lossless") or nan,
                           nan if r.get("accuracy_vs_lossless") is None else r["accuracy_vs_lossless"],
                           r.get("accuracy_vs_lossless_se") or 0.0) for r in rs)
