@@ -14,8 +14,9 @@ decoding of ``target``, and draft-only decoding is ``decode(draft, None, ...)``.
 3. **accept**: ``d_j`` is kept iff the standard test (greedy match, or the speculative-sampling test
    ``u < p/q``) accepts it OR the policy's rule does; the longest kept prefix is committed plus one
    target token: the correction at the first rejection, or the bonus token after a full window;
-4. **roll back**: both caches are cropped (``DynamicCache.crop(-k)`` drops the last k positions), so
-   rejected tokens cost nothing more and the draft never re-reads tokens it has cached.
+4. **roll back**: both caches are cropped (``DynamicCache.crop(-k)`` drops the last k positions; a
+   static cache, :mod:`selfjudge.cuda_graphs`, rewinds its length), so rejected tokens cost nothing
+   more and the draft never re-reads tokens it has cached.
 
 Per round the host waits on the device once (greedy; twice with sampling, for the residual draw).
 """

@@ -87,8 +87,7 @@ def paired_with(records: Iterable[dict[str, Any]], reference: Iterable[dict[str,
     n = len(diffs)
     mean = sum(diffs) / n if n else None
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
-    mine, theirs = (sum(r["new_tokens"] for r in rs) / max(sum(r["rounds"] for r in rs), 1)
-                    for rs in (recs, [ref[r["prompt_id"]] for r in recs]))
+    mine, theirs = (aggregate(rs)["mean_accepted_length"] for rs in (recs, [ref[r["prompt_id"]] for r in recs]))
     return {
         # accuracy_vs_lossless: mean over shared prompts of (score - lossless score); _se its standard error
         "accuracy_vs_lossless": mean,

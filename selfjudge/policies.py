@@ -1,8 +1,9 @@
 """Acceptance policies behind one signature, chosen by name from a registry.
 
 A policy's ``accept(v: Verification) -> BoolTensor[γ] | None`` says which draft tokens its rule
-accepts (with a leading batch dimension when the batched decoder asks for B proposals at once); the decoder keeps ``d_j`` iff the standard (lossless) test accepts it OR the rule does, so a
-rule can only add accepted tokens, and with sampling the speculative-sampling test still runs first.
+accepts (``[B, γ]`` when the batched decoder passes B proposals at once); the decoder keeps ``d_j``
+iff the standard (lossless) test accepts it OR the rule does, so a rule can only add accepted tokens,
+and with sampling the speculative-sampling test still runs first.
 Rules read the verify pass's distributions and hidden states; none runs an extra forward pass. With
 temperature T > 0 the distributions compared are the tempered ones (logits / T).
 
