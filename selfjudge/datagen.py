@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from selfjudge import shards
 from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
+from selfjudge.cards import write_dataset_card
 from selfjudge.features import FeatureSpec
 from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_traced
 from selfjudge.io import read_json, write_json
@@ -246,6 +247,7 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
         "ld_histogram": {"bins": edges.tolist(), "counts": counts.astype(int).tolist()},
         "ld_quantiles": {str(q): float(torch.quantile(all_ld, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if n_mis else {},
     }
+    write_dataset_card(out_dir, manifest)   # README.md: datasets.load_dataset(out_dir) reads the shards
     shards.write_manifest(out_dir, manifest)
     return manifest
 

@@ -1,14 +1,17 @@
 """The judge head: a tiny classifier on target hidden states, saved as a self-describing folder.
 
-A head folder holds ``model.safetensors`` (weights plus the input standardization statistics) and
+A head folder holds ``model.safetensors`` (weights plus the input standardization statistics),
 ``judge_config.json`` (head kind, feature size and layout, the target model it was trained for, the
-label source, the validation operating points and metrics). Eval loads nothing but this folder.
-Label 1 = important = reject the draft token; the head outputs the logit of P(important).
+label source, the validation operating points and metrics) and ``README.md``, a model card made from
+that config. Eval loads nothing but this folder. ``save_pretrained`` / ``from_pretrained`` /
+``push_to_hub`` come from ``huggingface_hub``'s ``ModelHubMixin``: ``from_pretrained`` takes a folder or
+a hub repo id. Label 1 = important = reject the draft token; the head outputs the logit of P(important).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
 from torch import nn
 
+from selfjudge.cards import judge_model_card
 from selfjudge.io import write_json
 
 HEAD_KINDS = ("logistic", "mlp")
@@ -63,7 +69,8 @@ class JudgeConfig:
         return cls(**d)
 
 
-class JudgeHead(nn.Module):
+class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apache-2.0",
+                tags=["speculative-decoding", "selfjudge", "judge-head"]):
     """P(important | h) = sigmoid(f((h - mean) / std)), f linear or Linear-GELU-Dropout-Linear.
 
     ``mean``/``std`` are buffers (never trained); standardization always runs in fp32 so that large
@@ -73,6 +80,7 @@ class JudgeHead(nn.Module):
     def __init__(self, config: JudgeConfig):
         super().__init__()
         self.config = config
+        self._hub_mixin_config = None   # the mixin writes no config.json: judge_config.json is the one config
         d = config.feature_dim
         self.register_buffer("mean", torch.zeros(d))   # [D]
         self.register_buffer("std", torch.ones(d))     # [D]
@@ -118,19 +126,17 @@ class JudgeHead(nn.Module):
         """P(important). features: [..., D] -> [...] float32."""
         return torch.sigmoid(self.forward(features))
 
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the folder atomically: built beside it, then swapped in (readers never see half a head)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
+    # ------------------------------------------------------------------ persistence (ModelHubMixin)
+    def save_pretrained(self, save_directory: str | Path, **hub_kwargs: Any) -> Path:
+        """Write the folder (weights, ``judge_config.json``, model card) atomically: built beside it, then
+        swapped in, so readers never see half a head. ``push_to_hub=True, repo_id=...`` also uploads it."""
+        folder = Path(save_directory)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()}
+        push = hub_kwargs.pop("push_to_hub", False)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
         old = folder.parent / f".{folder.name}.old"
         try:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "kind": self.config.kind})
-            write_json(tmp / CONFIG_NAME, asdict(self.config))
+            ModelHubMixin.save_pretrained(self, tmp, model_card_kwargs=hub_kwargs.pop("model_card_kwargs", None))
             if old.exists():
                 shutil.rmtree(old)
             if folder.exists():
@@ -139,22 +145,64 @@ class JudgeHead(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
+        if push:
+            self.push_to_hub(repo_id=hub_kwargs.pop("repo_id", None) or folder.name, **hub_kwargs)
         return folder
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "kind": self.config.kind})
+        write_json(save_directory / CONFIG_NAME, asdict(self.config))
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The README.md of the folder: what the head is for, read from its config (selfjudge.cards)."""
+        return judge_model_card(asdict(self.config), self._hub_mixin_info.model_card_data, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> "JudgeHead":
-        """Load a head folder written by ``save_pretrained`` (fp32, eval mode)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "JudgeHead":
+        """Load a head folder written by ``save_pretrained`` (a local path, or a hub repo id) in fp32, eval mode.
+        Keyword arguments: ``map_location`` (default cpu) and the mixin's hub options (revision, token, ...)."""
+        name = str(pretrained_model_name_or_path)
+        if not os.path.isdir(name) and not _looks_like_repo_id(name):
+            raise FileNotFoundError(f"no judge head folder at '{name}' (and it is not a hub repo id 'owner/name')")
+        mixin_log = logging.getLogger("huggingface_hub.hub_mixin")
+        quiet = _DropConfigJsonNotice()        # a head keeps its config in judge_config.json, not config.json
+        mixin_log.addFilter(quiet)
+        try:
+            return super().from_pretrained(name, **kwargs)
+        except (EntryNotFoundError, OfflineModeIsEnabled):   # the config.json probe, offline: the cache may hold it
+            hub = {k: kwargs.pop(k, None) for k in ("revision", "cache_dir", "token")}
+            return cls._from_pretrained(model_id=name, force_download=False, local_files_only=True, **hub, **kwargs)
+        finally:
+            mixin_log.removeFilter(quiet)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str = "cpu", **_: Any) -> "JudgeHead":
         from safetensors.torch import load_file
 
-        folder = Path(folder)
-        cfg_path = folder / CONFIG_NAME
-        if not cfg_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(
-                f"'{folder}' is not a judge head folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); point the "
-                f"judge path at the 'head' folder that the train stage wrote"
-            )
+        folder = Path(model_id)
+        if folder.is_dir():
+            cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+            if not cfg_path.is_file() or not w_path.is_file():
+                raise FileNotFoundError(
+                    f"'{folder}' is not a judge head folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); point the "
+                    f"judge path at the 'head' folder that the train stage wrote"
+                )
+        else:
+            try:
+                cfg_path, w_path = (Path(hf_hub_download(model_id, f, revision=revision, cache_dir=cache_dir,
+                                                         force_download=force_download, token=token,
+                                                         local_files_only=local_files_only))
+                                    for f in (CONFIG_NAME, WEIGHTS_NAME))
+            except Exception as e:
+                raise FileNotFoundError(f"no judge head folder at '{model_id}', and no hub repo of that id could be "
+                                        f"read ({CONFIG_NAME}, {WEIGHTS_NAME}): {type(e).__name__}: {e}") from e
         head = cls(JudgeConfig.from_dict(json.loads(cfg_path.read_text())))
-        head.load_state_dict(load_file(str(folder / WEIGHTS_NAME), device=map_location))
+        head.load_state_dict(load_file(str(w_path), device=map_location))
         head.eval()
         return head
 
@@ -172,3 +220,15 @@ class JudgeHead(nn.Module):
                 f"judge head expects {self.config.feature_dim} features, the target gives {feature_dim} "
                 f"(hidden size {target_info.get('hidden_size')}, layers {self.config.features.get('layers')})"
             )
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """'owner/name' or 'name' as the hub spells repo ids (no path separators beyond one slash, no dots first)."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") and p.replace("-", "").replace("_", "")
+                                        .replace(".", "").isalnum() for p in parts)
+
+
+class _DropConfigJsonNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("config.json not found")

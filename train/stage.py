@@ -62,7 +62,7 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
         kind=j["kind"], feature_dim=data.feature_dim, hidden_dim=int(j["hidden_dim"]), dropout=float(j["dropout"]),
         features=FeatureSpec.from_mapping(man.get("features")).as_dict(), target_model=man["target_model"],
         draft_model=man.get("draft_model") or {}, label_source=t["label_source"],
-        extra={"data_dirs": folder_list(t["data_dir"]), "data_config_hash": man.get("config_hash"),
+        extra={"data_dirs": folder_list(t["data_dir"]), "data_config_hash": man.get("config_hash"), "tau": man.get("tau"),
                "tokenizer": man.get("tokenizer"), "split": data.split, "use_negatives": bool(t["use_negatives"]),
                "train": {k: t[k] for k in ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "seed")},
                "zero_stage": plain["deepspeed"]["zero_stage"], "code_version": code_version()},
