@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from selfjudge.tasks import (COMMON, DEFAULTS, DatasetConfigError, build_task, example_system_prompt, extract_code,
-                             extract_letter, extract_number, humaneval_program, normalize_number, score_letter,
+                             extract_answer, extract_letter, humaneval_program, normalize_number, score_letter,
                              score_number)
 from selfjudge.tasks.base import iter_json_array, package_file
 from selfjudge.tasks.sources import HUMANEVAL_FILE
@@ -41,6 +41,22 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     ("Half: 0.50", ".5", 1.0),
     ("The answer is 17.", "18", 0.0),
     ("I cannot tell.", "18", 0.0),
+    # LaTeX and arithmetic in the answer (math-verify; these scored wrong before it)
+    ("So the total is \\boxed{1{,}000}.", "1000", 1.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("The answer is 5 + 3 = 8", "8", 1.0),
+    ("The answer is $3/4$", "0.75", 1.0),
+    ("#### 18", "18", 1.0),
+    ("The answer is 72.", "72", 1.0),
+    ("First 2 + 2 = 4, so \\boxed{\\dfrac{3}{4}} of them", "0.75", 1.0),
+    ("The answer is \\(\\frac{9}{3}\\)", "3", 1.0),
+    ("The answer is 20 apples.", "20", 1.0),             # plain text: trailing unit words
+    ("The answer is 25%.", "25", 1.0),
+    ("\\boxed{\\frac{1}{3}}", "0.33", 0.0),              # equivalence, not rounding
+    ("The answer is 5 + 3 = 9", "8", 0.0),
+    ("\\boxed{1{,}001}", "1000", 0.0),
+    ("The answer is that she has 18 left.", "18", 1.0),  # unreadable as a value: its first number
+    ("Half of it: \\boxed{\\frac{1}{2}}", "\\frac{2}{4}", 1.0),   # a LaTeX reference
 ])
 def test_number_scorer(text, ref, want):
     assert score_number(text, ref) == want
@@ -52,7 +68,7 @@ def test_number_normalisation_is_exact():
     assert normalize_number("1234567.5") == "1234567.5"   # no float rounding
     assert normalize_number("-0.0") == "0"
     assert normalize_number("abc") is None
-    assert extract_number("no digits here") is None
+    assert extract_answer("no digits here") is None
     with pytest.raises(ValueError, match="not a number"):
         score_number("1", "n/a")
 

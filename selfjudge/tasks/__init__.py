@@ -14,12 +14,12 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from selfjudge.tasks import sources
-from selfjudge.tasks.answers import (SCORERS, extract_code, extract_letter, extract_number, humaneval_program,
+from selfjudge.tasks.answers import (SCORERS, extract_code, extract_letter, extract_answer, humaneval_program,
                                      normalize_number, score_letter, score_number)
 from selfjudge.tasks.base import DatasetConfigError, Example, Task
 
 __all__ = ["DEFAULTS", "DatasetConfigError", "Example", "SCORERS", "Task", "build_task", "example_system_prompt",
-           "extract_code", "extract_letter", "extract_number", "humaneval_program", "normalize_number",
+           "extract_code", "extract_letter", "extract_answer", "humaneval_program", "normalize_number",
            "score_letter", "score_number"]
 
 REQUIRED = "<required>"

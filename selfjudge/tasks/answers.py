@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import re
+import threading
 from decimal import Decimal, InvalidOperation
 from typing import Callable
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-# Explicit answer markers, most specific first; each captures the text holding the answer.
+# Explicit answer markers, most specific first; each captures the text holding the answer (\boxed{} is
+# matched with balanced braces, below).
 _MARKERS = (
     re.compile(r"####\s*([^\n]+)"),
-    re.compile(r"\\boxed\{([^{}]*)\}"),
+    "boxed",
     re.compile(r"answer\s+is\s*[:*\s]*([^\n]*)", re.IGNORECASE),
     re.compile(r"answer\s*:\s*[*\s]*([^\n]*)", re.IGNORECASE),
 )
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|;|,\s|\s(?:so|and|because|since|which)\s", re.IGNORECASE)
+_PLAIN = re.compile(r"^(?:\\?\$)?\s*(-?(?:\d[\d,]*(?:\.\d+)?|\.\d+))\s*(?:%|[A-Za-z][A-Za-z .]*)?$")
+_LATEXISH = re.compile(r"[\\{}^/]")
 
 
 def normalize_number(text: str) -> str | None:
@@ -29,24 +34,93 @@ def normalize_number(text: str) -> str | None:
     return "0" if out in ("-0", "0") else out
 
 
-def extract_number(text: str) -> str | None:
-    """The final numeric answer: the last marked one ('####', \\boxed{}, 'answer is', 'Answer:'), else the
-    last number in the text. Returned normalised (see ``normalize_number``)."""
+def _boxed(text: str) -> list[str]:
+    """Contents of every \\boxed{...} / \\fbox{...}, braces balanced ('\\boxed{\\frac{1}{2}}' -> '\\frac{1}{2}')."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end():i - 1])
+    return out
+
+
+def _final_part(span: str) -> str:
+    """The answer inside a marked span: up to the end of its first sentence, the right side of its last '='
+    ('5 + 3 = 8' -> '8'), without markdown emphasis, '$' delimiters kept."""
+    span = span.replace("**", "").strip()
+    if not span.startswith("$") or span.count("$") < 2:
+        cut = _SENTENCE_END.search(span)
+        span = span[: cut.start()] if cut else span
+    else:
+        span = span[: span.index("$", 1) + 1]                 # '$3/4$ of them' -> '$3/4$'
+    if "=" in span:
+        inner = span.strip("$").rsplit("=", 1)[1].strip()
+        span = f"${inner}$" if span.startswith("$") else inner
+    return span.strip().rstrip(".:;,!").strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer text: the last marked one ('####', \\boxed{}, 'answer is', 'Answer:') reduced to its
+    final part (see ``_final_part``), else the last number in the text; None when there is none."""
     for pat in _MARKERS:
-        for hit in reversed(pat.findall(text)):
-            nums = _NUM.findall(hit)
-            if nums:
-                return normalize_number(nums[0])
+        hits = _boxed(text) if pat == "boxed" else pat.findall(text)
+        for hit in reversed(hits):
+            ans = _final_part(hit) if pat != "boxed" else hit.strip()
+            if ans and re.search(r"\d", ans):
+                return ans
     nums = _NUM.findall(text)
-    return normalize_number(nums[-1]) if nums else None
+    return nums[-1] if nums else None
+
+
+def _plain(ans: str) -> str | None:
+    """A plain number, possibly with a currency sign or trailing unit words ('$18.00', '20 apples', '5%')."""
+    m = _PLAIN.match(ans.strip().strip("$").strip() if ans.count("$") >= 2 else ans.strip())
+    return normalize_number(m.group(1)) if m else None
+
+
+def _math(text: str):
+    """math-verify's parse of an answer as LaTeX (a list of sympy forms; [] when it has none)."""
+    from math_verify import parse
+
+    body = text.strip()
+    body = body[1:-1] if body.startswith("$") and body.endswith("$") and len(body) > 1 else body
+    return parse("\\boxed{" + body + "}", parsing_timeout=_timeout())
+
+
+def _timeout() -> int | None:
+    return 5 if threading.current_thread() is threading.main_thread() else None   # signal alarms: main only
+
+
+def _closed(forms) -> bool:
+    """A parse that is a value: a number or a constant expression, no free symbols ('n/a' parses as n/a)."""
+    return bool(forms) and not isinstance(forms[0], str) and not getattr(forms[0], "free_symbols", {None})
+
+
+def answers_match(answer: str, reference: str) -> bool:
+    """Whether an extracted answer equals the reference: plain numbers compare exactly as decimals; LaTeX,
+    fractions and expressions ('\\frac{1}{2}', '1{,}000', '3/4') by math-verify's numeric and symbolic
+    equivalence; text math-verify cannot read as a value falls back to its first number."""
+    a, r = _plain(answer), _plain(reference)
+    if a is not None and r is not None:
+        return a == r
+    from math_verify import verify
+
+    ga, gr = _math(answer), _math(reference) if r is None else _math(r)
+    if _closed(ga) and _closed(gr):
+        return bool(verify(gr, ga, timeout_seconds=_timeout()))
+    nums = _NUM.findall(answer)
+    return r is not None and bool(nums) and normalize_number(nums[0]) == r
 
 
 def score_number(text: str, reference: str) -> float:
-    """1.0 when the output's final number equals the reference number, else 0.0."""
-    ref = normalize_number(reference)
-    if ref is None:
+    """1.0 when the output's final answer equals the reference (a number, or a LaTeX value), else 0.0."""
+    if _plain(reference) is None and not _closed(_math(reference)):
         raise ValueError(f"reference '{reference}' is not a number (dataset.scorer number)")
-    return float(extract_number(text) == ref)
+    ans = extract_answer(text)
+    return float(ans is not None and answers_match(ans, reference))
 
 
 _LETTER_PATTERNS = (
