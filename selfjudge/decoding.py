@@ -27,7 +27,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +232,7 @@ def decode(
     generator: torch.Generator | None = None,
     profile: bool = False,
     static_cache: bool = False,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], DecodeStats]:
     """Decode one prompt; returns (new token ids, stats). ``draft=None``: ``target`` alone (gamma ignored).
 
@@ -240,6 +241,7 @@ def decode(
     ``draft_seconds``/``verify_seconds`` are exact on CUDA (costs a little speed). ``static_cache``:
     static KV caches kept across calls, and on CUDA the fixed-shape steps replay captured CUDA graphs
     (:mod:`selfjudge.cuda_graphs`; the latency mode on a GPU); same tokens as the default path.
+    ``on_tokens``: called after each round with the tokens it committed (streaming; its time counts in ``seconds``).
     """
     gamma, spec, want_logits, want_hidden = setup(draft, [prompt], gamma, max_new_tokens, policy, temperature)
     dev = next(target.parameters()).device
@@ -340,12 +342,14 @@ def decode(
             if profile:
                 _sync(dev)
             st.verify_seconds += clock() - t2
-        stop = False
+        stop, n_out = False, len(out)
         for t in new:
             out.append(t)
             if t in eos:
                 stop = True
                 break
+        if on_tokens is not None:
+            on_tokens(out[n_out:])
         if stop or len(out) >= max_new_tokens:
             break
     st.new_tokens = len(out)

@@ -1,0 +1,1 @@
+"""Command-line entry points that are not pipeline stages (the library never imports these)."""
