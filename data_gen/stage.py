@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from selfjudge import datagen
+from selfjudge.extras import check_installed
 from selfjudge.io import code_version, config_hash
 from selfjudge.models import pair_from_mapping
 from selfjudge.tasks import build_task
@@ -37,6 +38,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     ``after_shard(index)`` is called after each written shard (tests use it to simulate a kill).
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
+    check_installed(plain, ["data_gen"])
     d = plain["data_gen"]
     s = datagen.DataGenSettings.from_mapping({k: v for k, v in d.items() if k not in STAGE_KEYS})
     task = build_task(d["dataset"])               # unknown dataset keys fail here

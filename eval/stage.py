@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from selfjudge.batch_decoding import decode_batch
 from selfjudge.decoding import decode
 from selfjudge.generation import fixed_batches
+from selfjudge.extras import check_installed
 from selfjudge.io import atomic_write_text, check_writable, code_version, config_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.metrics import prefix_agreement, summary_rows
@@ -136,6 +137,7 @@ def _seed(base: int, prompt_id: str) -> int:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(cfg, resolve=True)
+    check_installed(plain, ["eval"])
     e = plain["eval"]
     _check(e)
     out_dir = check_writable(e["output_dir"], "eval.output_dir")

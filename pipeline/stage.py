@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from selfjudge.extras import check_installed
 from selfjudge.io import check_writable, config_hash, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,12 @@ def _move_aside(folder: Path) -> Path | None:
 
 
 def preflight(cfg: DictConfig, stages: list[str]) -> None:
-    """Fail before any long work: unknown stages, missing inputs, foreign judges, unwritable folders."""
+    """Fail before any long work: unknown stages, missing packages, missing inputs, foreign judges,
+    unwritable folders."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    check_installed(OmegaConf.to_container(cfg, resolve=True), stages)
     check_writable(cfg.run_dir, "run_dir")
     for s in stages:
         check_writable(_output_dir(cfg, s), f"{s}.output_dir")

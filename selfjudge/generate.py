@@ -98,7 +98,8 @@ def _eos_ids(cfg) -> list[int]:
     eos = getattr(cfg, "eos_token_id", None)
     if eos is None:
         return []
-    return [int(e) for e in (eos.tolist() if torch.is_tensor(eos) else eos if isinstance(eos, (list, tuple)) else [eos])]
+    eos = eos.tolist() if torch.is_tensor(eos) else eos
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def run_engine(target: torch.nn.Module, draft: torch.nn.Module | None, prompts: list[list[int]], *, rule: Policy,

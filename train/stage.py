@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from selfjudge.extras import check_installed
 from selfjudge.features import FeatureSpec
 from selfjudge.io import code_version, config_hash, write_json
 from selfjudge.judge import JudgeConfig, JudgeHead
@@ -75,6 +76,7 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
 def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train the judge head; returns the final validation metrics and the written paths."""
     plain = OmegaConf.to_container(cfg, resolve=True)
+    check_installed(plain, ["train"])
     t = plain["train"]
     s = settings_from(plain)
     out = Path(t["output_dir"])
