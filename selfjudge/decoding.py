@@ -57,6 +57,7 @@ class Verification:
     draft_logits: torch.Tensor | None    # [γ, V]
     draft_hidden: torch.Tensor | None    # [γ, H_d]
     temperature: float                   # 0: greedy
+    prev_hidden: torch.Tensor | None = None  # [γ, F] target state whose output judges d_j (input d_{j-1} / last)
 
     @property
     def scale(self) -> float:
@@ -301,7 +302,7 @@ def decode(
             st.draft_seconds += t2 - t1
             # 2. verify in one target pass over [last, d_1..d_g]
             t_log, t_hid = tgt.verify(torch.cat([last, prop.tokens[None]], 1), spec)
-            v = Verification(prop.tokens, t_log, t_hid[1:], prop.logits, prop.hidden, temperature)
+            v = Verification(prop.tokens, t_log, t_hid[1:], prop.logits, prop.hidden, temperature, t_hid[:-1])
             # 3. accept: standard OR rule, longest kept prefix, then one target token
             std = standard_accept(v, generator)
             if policy is not None:

@@ -1,10 +1,19 @@
 """Judge features: the one function that computes them, shared by data_gen and eval.
 
-The feature of a token at position ``i`` is the target's hidden state at ``i`` (the position whose
-*input* is that token), taken after the final norm for the last layer, concatenated over the chosen
-layers, optionally followed by the draft's last hidden state at the same position (AutoJudge's
-"draft+target" layout). In speculative decoding the verify pass computes exactly these states, so
-the judge costs one small matmul per round and no extra forward pass.
+The features of a draft token ``d`` at response position ``i``, in this order (each part optional):
+
+1. ``state_offsets`` 0: the target's hidden state at ``i`` (the position whose *input* is ``d``);
+   -1: the state at ``i-1``, the one whose output is the distribution ``p`` over ``d``. Each is taken
+   over the chosen ``layers`` (last layer after the final norm), concatenated;
+2. ``include_draft``: the draft's last hidden state that proposed ``d`` (AutoJudge's "draft+target");
+3. ``scalars``: what the training-free rules read, from ``p`` (the target's next-token distribution at
+   ``i-1``, untempered) and ``q`` (the draft's): ``target_logp`` log p(d), ``target_top1_logp``
+   max log p, ``target_gap`` max log p - log p(d), ``target_entropy`` H(p), ``target_log_rank``
+   log(1 + #{v : p(v) > p(d)}), ``draft_logp`` log q(d), ``kl`` KL(q || p).
+
+In speculative decoding the verify pass computes all of these inputs (its logits and states, and the
+draft's logits when the policy asks for them), so the judge costs a few reductions over the vocabulary
+and one small matmul per round, and no extra forward pass.
 """
 
 from __future__ import annotations
@@ -15,32 +24,71 @@ from typing import Any, Mapping, Sequence
 import torch
 
 
+SCALARS = ("target_logp", "target_top1_logp", "target_gap", "target_entropy", "target_log_rank", "draft_logp", "kl")
+DRAFT_SCALARS = ("draft_logp", "kl")       # need the draft's logits
+STATE_OFFSETS = (-1, 0)                    # i-1: produced p(. | prefix); i: reads d
+FEATURE_KEYS = ("layers", "include_draft", "state_offsets", "scalars")
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
-    layers: tuple[int, ...] = (-1,)  # indices into hidden_states (0 = embeddings, -1 = last layer, post-norm)
-    include_draft: bool = False      # append the draft's last hidden state (draft+target layout)
+    layers: tuple[int, ...] = (-1,)         # indices into hidden_states (0 = embeddings, -1 = last layer, post-norm)
+    include_draft: bool = False             # append the draft's last hidden state (draft+target layout)
+    state_offsets: tuple[int, ...] = (0,)   # target states read: 0 at i (input d), -1 at i-1 (output p); () none
+    scalars: tuple[str, ...] = ()           # rule quantities appended (SCALARS), in the order given
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "FeatureSpec":
+        """From a config mapping; keys missing (a head saved before they existed) take the defaults."""
         d = dict(d or {})
-        unknown = set(d) - {"layers", "include_draft"}
+        unknown = set(d) - set(FEATURE_KEYS)
         if unknown:
-            raise KeyError(f"unknown feature key(s) {sorted(unknown)}; allowed: ['include_draft', 'layers']")
+            raise KeyError(f"unknown feature key(s) {sorted(unknown)}; allowed: {sorted(FEATURE_KEYS)}")
         layers = tuple(int(x) for x in d.get("layers", (-1,)))
+        offsets = tuple(int(x) for x in d.get("state_offsets", (0,)))
+        scalars = tuple(str(x) for x in d.get("scalars", ()))
         if not layers:
             raise ValueError("features.layers must name at least one layer (e.g. [-1])")
-        return cls(layers=layers, include_draft=bool(d.get("include_draft", False)))
+        if not set(offsets) <= set(STATE_OFFSETS) or len(set(offsets)) != len(offsets):
+            raise ValueError(f"features.state_offsets must be distinct values from {list(STATE_OFFSETS)}, got {list(offsets)}")
+        bad = [x for x in scalars if x not in SCALARS]
+        if bad or len(set(scalars)) != len(scalars):
+            raise ValueError(f"features.scalars must be distinct names from {list(SCALARS)}, got {list(scalars)}")
+        spec = cls(layers=layers, include_draft=bool(d.get("include_draft", False)), state_offsets=offsets,
+                   scalars=scalars)
+        if not offsets and not spec.include_draft and not scalars:
+            raise ValueError("features select nothing: give features.state_offsets, include_draft or scalars")
+        return spec
 
     def as_dict(self) -> dict:
-        return {"layers": list(self.layers), "include_draft": self.include_draft}
+        return {"layers": list(self.layers), "include_draft": self.include_draft,
+                "state_offsets": list(self.state_offsets), "scalars": list(self.scalars)}
 
     def dim(self, target_hidden: int, draft_hidden: int | None = None) -> int:
-        n = len(self.layers) * target_hidden
+        return sum(s.stop - s.start for s in self.columns(target_hidden, draft_hidden).values())
+
+    def columns(self, target_hidden: int, draft_hidden: int | None = None) -> dict[str, slice]:
+        """Name -> column slice of the feature vector: ``state@0``, ``state@-1``, ``draft``, each scalar."""
+        out, at = {}, 0
+        for off in self.state_offsets:
+            out[f"state@{off}"] = slice(at, at + len(self.layers) * target_hidden)
+            at = out[f"state@{off}"].stop
         if self.include_draft:
             if draft_hidden is None:
                 raise ValueError("features.include_draft needs the draft's hidden size")
-            n += draft_hidden
-        return n
+            out["draft"] = slice(at, at + draft_hidden)
+            at += draft_hidden
+        for k, name in enumerate(self.scalars):
+            out[name] = slice(at + k, at + k + 1)
+        return out
+
+    @property
+    def needs_draft_logits(self) -> bool:
+        return any(x in DRAFT_SCALARS for x in self.scalars)
+
+    @property
+    def needs_logits(self) -> bool:
+        return bool(self.scalars)
 
     @property
     def last_layer_only(self) -> bool:
@@ -87,19 +135,72 @@ def forward_with_hidden(
     return ForwardOut(out.logits.to(home), h, _cache_of(out))
 
 
+def scalar_features(
+    names: Sequence[str],
+    target_logp: torch.Tensor,
+    tokens: torch.Tensor,
+    draft_logp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The named rule quantities (see the module docstring) of ``tokens`` [...].
+
+    ``target_logp``/``draft_logp``: [..., V] float32 log-softmax of the untempered next-token logits at
+    the position that proposed each token. Returns [..., len(names)] float32.
+    """
+    lp_d = target_logp.gather(-1, tokens[..., None].long())[..., 0]            # [...] log p(d)
+    top1 = target_logp.max(-1).values                                           # [...]
+    cols = []
+    for name in names:
+        if name == "target_logp":
+            cols.append(lp_d)
+        elif name == "target_top1_logp":
+            cols.append(top1)
+        elif name == "target_gap":
+            cols.append(top1 - lp_d)
+        elif name == "target_entropy":
+            cols.append(-(target_logp.exp() * target_logp).sum(-1))
+        elif name == "target_log_rank":
+            cols.append(torch.log1p((target_logp > lp_d[..., None]).sum(-1).float()))
+        elif name in DRAFT_SCALARS:
+            if draft_logp is None:
+                raise ValueError(f"feature '{name}' needs the draft's logits, none were given")
+            if name == "draft_logp":
+                cols.append(draft_logp.gather(-1, tokens[..., None].long())[..., 0])
+            else:
+                cols.append((draft_logp.exp() * (draft_logp - target_logp)).sum(-1))
+        else:
+            raise ValueError(f"unknown scalar feature '{name}'; known: {list(SCALARS)}")
+    return torch.stack(cols, -1).float() if cols else target_logp.new_zeros(*target_logp.shape[:-1], 0)
+
+
 def judge_features(
-    target_hidden: torch.Tensor,
+    target_hidden: torch.Tensor | None,
     spec: FeatureSpec,
     draft_hidden: torch.Tensor | None = None,
+    *,
+    prev_hidden: torch.Tensor | None = None,
+    scalars: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Assemble judge features from the target's (and optionally the draft's) hidden states.
+    """Assemble judge features in the layout of ``spec`` (see :meth:`FeatureSpec.columns`).
 
-    ``target_hidden``: [..., F_target] from :func:`forward_with_hidden`; ``draft_hidden``: [..., H_draft]
-    at the same positions. Returns [..., spec.dim(...)] in float32.
+    ``target_hidden``: [..., F_target] from :func:`forward_with_hidden` at ``i`` (input ``d``);
+    ``prev_hidden``: the same at ``i-1``; ``draft_hidden``: [..., H_draft]; ``scalars``: [..., k] from
+    :func:`scalar_features` with ``spec.scalars``. Only the parts the spec selects are read.
+    Returns [..., spec.dim(...)] in float32.
     """
-    parts: Sequence[torch.Tensor] = [target_hidden]
+    given = {0: target_hidden, -1: prev_hidden}
+    parts: list[torch.Tensor] = []
+    for off in spec.state_offsets:
+        if given[off] is None:
+            raise ValueError(f"features.state_offsets has {off} but no target state at i{off or ''} was given")
+        parts.append(given[off])
     if spec.include_draft:
         if draft_hidden is None:
             raise ValueError("features.include_draft=true but no draft hidden states were given")
-        parts = [target_hidden, draft_hidden.to(target_hidden.device)]
-    return torch.cat([p.float() for p in parts], dim=-1)
+        parts.append(draft_hidden)
+    if spec.scalars:
+        if scalars is None or scalars.shape[-1] != len(spec.scalars):
+            raise ValueError(f"features.scalars={list(spec.scalars)} but {None if scalars is None else scalars.shape[-1]} "
+                             f"scalar columns were given")
+        parts.append(scalars)
+    dev = parts[0].device
+    return torch.cat([p.to(dev).float() for p in parts], dim=-1)

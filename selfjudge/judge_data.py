@@ -92,7 +92,7 @@ def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: 
         manifests.append(man)
     _same(manifests, dirs, "target_model.fingerprint", "target models", lambda m: (m.get("target_model") or {}).get("fingerprint"))
     _same(manifests, dirs, "feature_dim", "feature sizes", lambda m: m["feature_dim"])
-    _same(manifests, dirs, "features", "feature layouts", lambda m: m.get("features"))
+    _same(manifests, dirs, "features", "feature layouts", lambda m: FeatureSpec.from_mapping(m.get("features")).as_dict())
     if label_source == "autojudge" and "autojudge" not in manifests[0].get("label_sources", ["autojudge"]):
         raise ValueError(f"train.label_source=autojudge, but '{dirs[0]}' has no AutoJudge labels "
                          f"(manifest label_sources {manifests[0].get('label_sources')}): enable them in data_gen")

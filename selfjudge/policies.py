@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from selfjudge.decoding import Verification
-from selfjudge.features import FeatureSpec, judge_features
+from selfjudge.features import FeatureSpec, judge_features, scalar_features
 from selfjudge.judge import JudgeHead
 
 # policy options with their defaults (conf/eval/default.yaml policy_options lists the same keys)
@@ -91,17 +91,33 @@ class JudgeRule(Policy):
         self.head, self.threshold, self.name = head, t, name
         self.feature_spec = FeatureSpec.from_mapping(head.config.features)
         self.needs_draft_hidden = self.feature_spec.include_draft
+        self.needs_draft_logits = self.feature_spec.needs_draft_logits
 
     def accept(self, v: Verification) -> torch.Tensor | None:
         if self.threshold <= 0.0:
             return None
         if self.threshold >= 1.0:
             return torch.ones_like(v.draft_tokens, dtype=torch.bool)
-        feats = judge_features(v.target_hidden, self.feature_spec, v.draft_hidden)   # [γ, D] float32
-        return self.head.predict_proba(feats) < self.threshold
+        return self.head.predict_proba(verify_features(v, self.feature_spec)) < self.threshold
 
 
 register("autojudge")(JudgeRule)
+
+
+def verify_features(v: Verification, spec: FeatureSpec) -> torch.Tensor:
+    """The judge features of every proposed token from the verify pass: [(B,) γ, D] float32.
+
+    Scalars read the untempered distributions (the head was trained on greedy data): with temperature
+    0 that is ``v.target_logp`` / ``v.draft_logp``, which rules reading them share."""
+    sc = None
+    if spec.scalars:
+        if v.temperature > 0:
+            lp = torch.log_softmax(v.target_logits[..., :-1, :].float(), -1)
+            lq = None if v.draft_logits is None else torch.log_softmax(v.draft_logits.float(), -1)
+        else:
+            lp, lq = v.target_logp, (v.draft_logp if spec.needs_draft_logits else None)
+        sc = scalar_features(spec.scalars, lp, v.draft_tokens, lq)
+    return judge_features(v.target_hidden, spec, v.draft_hidden, prev_hidden=v.prev_hidden, scalars=sc)
 
 
 @register("topk")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features
+from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features, scalar_features
 from selfjudge.generation import TargetTrace
 
 SCORE_VARIANTS = ("continuation", "max_logprob")
@@ -35,8 +35,8 @@ class ScoredResponse:
     orig: torch.Tensor            # [M] Orig_N(i)
     alt: torch.Tensor             # [M] Alt_N(i)
     ld: torch.Tensor              # [M] LD_N(i)
-    sub_features: torch.Tensor    # [M, D] features at i of ỹ (input token d_i)
-    orig_features: torch.Tensor   # [M, D] features at i of y (input token y_i): label-0 negatives
+    sub_features: torch.Tensor    # [M, D] features of d_i at i (state at i of ỹ: input token d_i)
+    orig_features: torch.Tensor   # [M, D] features of y_i at i (state at i of y: input y_i): label-0 negatives
     n_tokens: int                 # response length T
 
 
@@ -45,14 +45,33 @@ def _logprobs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced draft argmax for every response position, and the draft state that produced it.
+def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced draft argmax for every response position, the draft state that produced it, and
+    the draft's logits there.
 
-    ids: [1, P+T]. Returns d [T] and draft hidden [T, H_d] (the state at position P+i-1 predicts d_i).
+    ids: [1, P+T]. Returns d [T], draft hidden [T, H_d] (the state at position P+i-1 predicts d_i) and
+    logits [T, V] (model dtype).
     """
     h = getattr(draft, draft.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state[0, P - 1 : -1]
     logits = draft.get_output_embeddings()(h)[:, :vocab]             # [T, V]: the LM head on y's positions only
-    return logits.argmax(-1).to(ids.device), h.to(ids.device)
+    return logits.argmax(-1).to(ids.device), h.to(ids.device), logits.to(ids.device)
+
+
+def _pair_features(spec: FeatureSpec, pos, d, y, lp_pos, d_logits, d_hidden, prev, cur_orig, cur_sub, vocab):
+    """Features of d_i (substituted) and y_i (original) at every mismatch i, by :func:`judge_features`.
+
+    lp_pos: [M, V] target log p(. | x, y_<i); d_logits: [T, V] draft logits; prev: [M, F] target state at
+    i-1; cur_orig / cur_sub: [M, F] target states at i reading y_i / d_i."""
+    dh = d_hidden[pos] if spec.include_draft else None
+    sub_sc = orig_sc = None
+    if spec.scalars:
+        lq = _logprobs(d_logits[pos], vocab) if spec.needs_draft_logits else None
+        sub_sc = scalar_features(spec.scalars, lp_pos, d[pos], lq)
+        orig_sc = scalar_features(spec.scalars, lp_pos, y[pos], lq)
+    sub = judge_features(cur_sub, spec, dh, prev_hidden=prev, scalars=sub_sc)
+    orig = judge_features(cur_orig, spec, dh, prev_hidden=prev, scalars=orig_sc)
+    return sub, orig
 
 
 def _window_lengths(positions: torch.Tensor, T: int, window: int) -> torch.Tensor:
@@ -93,15 +112,16 @@ def score_response(
         raise ValueError("score_response needs a non-empty prompt (the first response token is predicted from it)")
     ids = torch.tensor([prompt_ids + response_ids], device=dev)       # [1, P+T]
     y = ids[0, P:]                                                     # [T]
-    d, d_hidden = draft_proposals(draft, ids, P, vocab)
+    d, d_hidden, d_logits = draft_proposals(draft, ids, P, vocab)
     d = d.to(dev)
     pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()           # [M]
     if trace is None:
         full = forward_with_hidden(target, ids, spec, use_cache=True)
         logp = _logprobs(full.logits[0, P - 1 : -1], vocab)           # [T, V]: predicts y_0..y_{T-1}
         logp_y = logp.gather(-1, y[:, None])[:, 0]                    # [T]
-        logp_d = logp[pos, d[pos]]                                    # [M] log p(d_i | x, y_<i)
+        lp_pos = logp[pos]                                            # [M, V] log p(. | x, y_<i)
         hid_pos = full.hidden[0, P:][pos]                             # [M, F] state at input y_i
+        prev = full.hidden[0, P - 1 :][pos]                           # [M, F] state at i-1 (output p)
         cache = full.past_key_values
     else:
         want = len(spec.layers) * trace.h_final.shape[-1]
@@ -111,16 +131,17 @@ def score_response(
                              f"needs {want}: pass the trace made for this response with the same spec")
         logp_y = trace.logp_chosen.to(dev)
         head = target.get_output_embeddings()
-        logp_d = _logprobs(head(trace.h_final[pos]).to(dev), vocab).gather(-1, d[pos][:, None])[:, 0]
+        lp_pos = _logprobs(head(trace.h_final[pos]).to(dev), vocab)    # [M, V]
         hid_pos = trace.h_spec[pos + 1]                               # step i+1's input is y_i
+        prev = trace.h_spec[pos]                                      # step i's output is p(. | x, y_<i)
         cache = trace.cache
+    logp_d = lp_pos.gather(-1, d[pos][:, None])[:, 0]                 # [M] log p(d_i | x, y_<i)
     M = pos.numel()
-    orig_feat = judge_features(hid_pos, spec, d_hidden[pos] if spec.include_draft else None)
     n = _window_lengths(pos, T, window)
     orig = torch.stack([logp_y[i : i + k + 1].mean() for i, k in zip(pos.tolist(), n.tolist())]) if M else logp_y[:0]
     alt, sub_hidden = _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec, max_packed_tokens,
                                      hid_pos.shape[-1], hid_pos.dtype)
-    sub_feat = judge_features(sub_hidden, spec, d_hidden[pos] if spec.include_draft else None)
+    sub_feat, orig_feat = _pair_features(spec, pos, d, y, lp_pos, d_logits, d_hidden, prev, hid_pos, sub_hidden, vocab)
     return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig.float().cpu(), alt.cpu(),
                           (orig.float() - alt).cpu(), sub_feat.cpu(), orig_feat.cpu(), T)
 
@@ -198,7 +219,7 @@ def score_response_naive(
     P, T = len(prompt_ids), len(response_ids)
     ids = torch.tensor([prompt_ids + response_ids], device=dev)
     y = ids[0, P:]
-    d, d_hidden = draft_proposals(draft, ids, P, vocab)
+    d, d_hidden, d_logits = draft_proposals(draft, ids, P, vocab)
     d = d.to(dev)
     full = forward_with_hidden(target, ids, spec, use_cache=False)
     logp = _logprobs(full.logits[0, P - 1 : -1], vocab)
@@ -214,13 +235,14 @@ def score_response_naive(
         s = _alt_terms(lp, y[i + 1 : i + k + 1], variant)
         alt.append(torch.cat([logp[i, d[i]][None], s]).mean())
         sub_h.append(o.hidden[0, P + i])
-    dh = d_hidden[pos] if spec.include_draft else None
     H = full.hidden.shape[-1]
     orig_t = torch.stack(orig) if orig else torch.empty(0, device=dev)
     alt_t = torch.stack(alt) if alt else torch.empty(0, device=dev)
     sub = torch.stack(sub_h) if sub_h else torch.empty(0, H, device=dev)
+    sub_f, orig_f = _pair_features(spec, pos, d, y, logp[pos], d_logits, d_hidden, full.hidden[0, P - 1 :][pos],
+                                   full.hidden[0, P:][pos], sub, vocab)
     return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig_t.cpu(), alt_t.cpu(), (orig_t - alt_t).cpu(),
-                          judge_features(sub, spec, dh).cpu(), judge_features(full.hidden[0, P:][pos], spec, dh).cpu(), T)
+                          sub_f.cpu(), orig_f.cpu(), T)
 
 
 def label_rule(ld: torch.Tensor, tau: float) -> torch.Tensor:
