@@ -6,12 +6,18 @@ label source, the validation operating points and metrics) and ``README.md``, a 
 that config. Eval loads nothing but this folder. ``save_pretrained`` / ``from_pretrained`` /
 ``push_to_hub`` come from ``huggingface_hub``'s ``ModelHubMixin``: ``from_pretrained`` takes a folder or
 a hub repo id. Label 1 = important = reject the draft token; the head outputs the logit of P(important).
+
+A head with ``objective: regress_ld`` predicts LD_N itself (trained by squared error on the mismatches)
+and reads it as P(important) = P(LD > τ) = Φ((pred − τ) / σ): the residual LD − pred taken as Gaussian
+with the validation residual's root-mean-square σ; τ is the training data's. Eval's P cut c is then the
+LD cut pred < τ + σ·Φ⁻¹(c), so one head serves any label threshold.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +34,7 @@ from selfjudge.cards import judge_model_card
 from selfjudge.io import write_json
 
 HEAD_KINDS = ("logistic", "mlp")
+OBJECTIVES = ("classify", "regress_ld")
 CONFIG_NAME = "judge_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
@@ -47,6 +54,9 @@ class JudgeConfig:
     metrics: dict = field(default_factory=dict)        # validation metrics at save time
     extra: dict = field(default_factory=dict)          # provenance: data folders, split, training settings
     format_version: int = FORMAT_VERSION               # folder layout version
+    objective: str = "classify"         # classify (logit of P(important)) | regress_ld (predicts LD_N)
+    ld_tau: float | None = None         # regress_ld: the label threshold τ of the training data
+    ld_sigma: float | None = None       # regress_ld: residual RMS of LD on validation (set after training)
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -59,6 +69,11 @@ class JudgeConfig:
             raise ValueError(f"judge.dropout must be in [0, 1), got {self.dropout}")
         if self.label_source not in ("selfjudge", "autojudge"):
             raise ValueError(f"label_source must be selfjudge or autojudge, got '{self.label_source}'")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"judge.objective '{self.objective}' is not one of {OBJECTIVES}")
+        if self.objective == "regress_ld" and (self.ld_tau is None or self.label_source != "selfjudge"):
+            raise ValueError("judge.objective=regress_ld needs the SelfJudge label (train.label_source=selfjudge) "
+                             "and its τ (ld_tau)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JudgeConfig":
@@ -124,7 +139,16 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
     @torch.no_grad()
     def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
         """P(important). features: [..., D] -> [...] float32."""
-        return torch.sigmoid(self.forward(features))
+        return self.proba_from_output(self.forward(features))
+
+    def proba_from_output(self, out: torch.Tensor) -> torch.Tensor:
+        """P(important) from :meth:`forward`'s output: sigmoid of the logit, or Φ((pred − τ)/σ) for LD."""
+        if self.config.objective == "classify":
+            return torch.sigmoid(out)
+        if not self.config.ld_sigma or self.config.ld_sigma <= 0:
+            raise ValueError("this regress_ld head has no residual scale (ld_sigma): it was saved before training ended")
+        z = (out.double() - float(self.config.ld_tau)) / float(self.config.ld_sigma)
+        return (0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))).float()
 
     # ------------------------------------------------------------------ persistence (ModelHubMixin)
     def save_pretrained(self, save_directory: str | Path, **hub_kwargs: Any) -> Path:

@@ -20,7 +20,7 @@ from selfjudge.features import FeatureSpec
 from selfjudge.shards import open_dataset
 
 LABEL_SOURCES = ("selfjudge", "autojudge")
-TORCH_COLUMNS = ["features", "label"]
+TORCH_COLUMNS = ["features", "label", "ld"]   # ld: the target of regress_ld heads (NaN on negatives)
 
 
 @dataclass

@@ -13,6 +13,7 @@ included (the consumed micro-batches of that epoch's fixed order are skipped).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -126,17 +127,30 @@ class _SkipSampler(Sampler):
 
 
 @torch.no_grad()
-def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over ``ds`` in order. forward: features [B, D] -> logits [B]."""
-    zs, ys = [], []
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size: int, device: str,
+            with_ld: bool = False) -> tuple[np.ndarray, ...]:
+    """Outputs and labels (and LD with ``with_ld``) over ``ds`` in order. forward: features [B, D] -> [B]."""
+    zs, ys, lds = [], [], []
     for start in range(0, len(ds), batch_size):
         b = ds[start : start + batch_size]
         zs.append(forward(b["features"].to(device)).float().cpu().numpy())
         ys.append(b["label"].numpy())
-    return np.concatenate(zs), np.concatenate(ys)
+        if with_ld:
+            lds.append(b["ld"].numpy())
+    out = (np.concatenate(zs), np.concatenate(ys))
+    return (*out, np.concatenate(lds)) if with_ld else out
 
 
-def _evaluate(forward: Callable, ds: Any, s: TrainSettings, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
+def _evaluate(forward: Callable, ds: Any, s: TrainSettings, device: str, head: JudgeHead
+              ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Validation metrics of P(important). A regress_ld head's σ is set here to the residual RMS of this
+    split, so its P = Φ((pred − τ)/σ); its loss is the squared error of LD."""
+    if head.config.objective == "regress_ld":
+        z, y, ld = predict(forward, ds, s.eval_batch_size, device, with_ld=True)
+        mse = float(np.mean((z.astype(np.float64) - ld) ** 2))
+        head.config.ld_sigma = max(math.sqrt(mse), 1e-6)
+        p = head.proba_from_output(torch.from_numpy(z.astype(np.float64))).double().numpy()
+        return summarize(y, p, mse), y, p
     z, y = predict(forward, ds, s.eval_batch_size, device)
     p = torch.sigmoid(torch.from_numpy(z.astype(np.float64))).numpy()
     return summarize(y, p, bce_loss(y, z)), y, p
@@ -189,6 +203,9 @@ def train_head(
     def forward(x: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B] logits; standardized in fp32 outside the engine
         return engine(head.standardize(x).to(dtype)).squeeze(-1).float()
 
+    regress = head.config.objective == "regress_ld"
+    if regress and len(train_ds) and bool(torch.isnan(train_ds[:4096]["ld"]).any()):
+        raise ValueError("a regress_ld head trains on mismatches only: set train.use_negatives=false")
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=False)
     epoch, batch_in_epoch, best, history, resumed_from = 0, 0, {"roc_auc": -1.0}, [], None
     if s.resume and (ckpt_dir / "latest").is_file():
@@ -221,8 +238,11 @@ def train_head(
         engine.train()
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False)
         for batch in bar:
-            y = batch["label"].float().to(dev)                            # [B]
-            loss = F.binary_cross_entropy_with_logits(forward(batch["features"].to(dev)), y)
+            out = forward(batch["features"].to(dev))                      # [B]
+            if regress:
+                loss = F.mse_loss(out, batch["ld"].float().to(dev))
+            else:
+                loss = F.binary_cross_entropy_with_logits(out, batch["label"].float().to(dev))
             engine.backward(loss)
             engine.step()
             batch_in_epoch += 1
@@ -238,7 +258,7 @@ def train_head(
             if after_step:
                 after_step(epoch, step)
         engine.eval()
-        m, _, _ = _evaluate(forward, val_ds, s, dev)
+        m, _, _ = _evaluate(forward, val_ds, s, dev, head)
         m.update(epoch=epoch, step=engine.global_steps)
         history.append(m)
         if rank == 0:
@@ -253,7 +273,7 @@ def train_head(
     if "state" in best:
         core.load_state_dict(best["state"])
     head.float().cpu().eval()
-    final, y, p = _evaluate(head, val_ds, s, "cpu")
+    final, y, p = _evaluate(head, val_ds, s, "cpu", head)
     th = operating_points(y, p, list(s.quantiles))
     at = {name: dict(zip(("precision", "recall"), precision_recall_at(y, p, th[name])))
           for name in ("youden", "precision_at_recall_0.8")}

@@ -63,7 +63,8 @@ def test_records_manifest_and_scores(tmp_path, cache_dir, tiny_pair):
     c = man["counts"]
     assert c["prompts"] == c["responses"] == 7 and c["records"] == len(rows) == 2 * c["mismatches"] > 0
     assert 0 < c["response_tokens"] <= 7 * 16
-    assert man["feature_dim"] == 64 and man["features"] == {"layers": [-1], "include_draft": False}
+    assert man["feature_dim"] == 64 and man["features"] == {"layers": [-1], "include_draft": False, "state_offsets": [0],
+                                                           "scalars": []}
     assert man["target_model"]["fingerprint"] and man["tokenizer"]["len"] == len(tiny_pair.tokenizer)
     assert man["tau_rule"]["mode"] == "quantile" and sum(man["ld_histogram"]["counts"]) == c["mismatches"]
     assert len(man["ld_histogram"]["bins"]) == len(man["ld_histogram"]["counts"]) + 1

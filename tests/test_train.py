@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,28 @@ def test_stage_writes_head_metrics_and_reloads_identically(data_dir, tmp_path):
     again = JudgeHead.from_pretrained(tmp_path / "judge" / "head")
     x = torch.randn(50, DIM) * 4
     assert torch.equal(head.predict_proba(x), again.predict_proba(x))
+
+
+def test_ld_regression_head(data_dir, tmp_path):
+    """judge=ld_mlp regresses LD on the mismatches; P(important) = Φ((pred − τ)/σ) with σ the validation
+    residual RMS, and its AUC is the one reported (the synthetic LD separates the labels)."""
+    from selfjudge.train.stage import run
+
+    with pytest.raises(ValueError, match="train.use_negatives=false"):
+        run(_cfg(tmp_path, "judge=ld_mlp", f"train.output_dir={tmp_path / 'neg'}"))
+    res = run(_cfg(tmp_path, "judge=ld_mlp", "train.use_negatives=false", "train.lr=0.003", "train.epochs=10"))
+    head = JudgeHead.from_pretrained(tmp_path / "judge" / "head")
+    c = head.config
+    assert c.objective == "regress_ld" and c.ld_tau == 0.1 and c.ld_sigma > 0 and res["roc_auc"] > 0.7
+    data = load_judge_data([str(data_dir)], "selfjudge", False, 0.2, 0)
+    x, ld = data.val[:]["features"], data.val[:]["ld"].double()
+    pred = head(x).double()
+    assert c.ld_sigma == pytest.approx(float(((pred - ld) ** 2).mean().sqrt()), rel=1e-4)
+    z = (pred - c.ld_tau) / c.ld_sigma
+    torch.testing.assert_close(head.predict_proba(x).double(), 0.5 * (1 + torch.erf(z / math.sqrt(2))), atol=1e-6, rtol=0)
+    assert roc_auc(data.val[:]["label"].numpy(), head.predict_proba(x).numpy()) == pytest.approx(res["roc_auc"], abs=1e-9)
+    with pytest.raises(ValueError, match="regress_ld needs the SelfJudge label"):
+        JudgeConfig(feature_dim=4, objective="regress_ld")
 
 
 def test_seeded_runs_are_identical(data_dir, tmp_path):

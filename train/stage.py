@@ -61,6 +61,8 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
     t, j, man = plain["train"], plain["judge"], data.manifest
     head = JudgeHead(JudgeConfig(
         kind=j["kind"], feature_dim=data.feature_dim, hidden_dim=int(j["hidden_dim"]), dropout=float(j["dropout"]),
+        objective=str(j.get("objective", "classify")),
+        ld_tau=float(man["tau"]) if j.get("objective") == "regress_ld" and "tau" in man else None,
         features=FeatureSpec.from_mapping(man.get("features")).as_dict(), target_model=man["target_model"],
         draft_model=man.get("draft_model") or {}, label_source=t["label_source"],
         extra={"data_dirs": folder_list(t["data_dir"]), "data_config_hash": man.get("config_hash"), "tau": man.get("tau"),

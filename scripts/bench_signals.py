@@ -1,0 +1,361 @@
+"""Signal study: which score predicts a harmful draft substitution? (issue 12, item 1)
+
+Reads data_gen folders (one per domain) whose features hold the superset layout the study slices,
+e.g. ``data_gen.features.layers=[14,-1] data_gen.features.state_offsets=[-1,0]
+data_gen.features.include_draft=true data_gen.features.scalars=[<all of selfjudge.features.SCALARS>]``,
+with AutoJudge labels (``data_gen.autojudge.enabled=true data_gen.autojudge.mode=independent``).
+For every mismatch (substituted rows only: the rules act on mismatches alone) and two labels,
+
+- ``selfjudge``: LD_N > τ (the folder's τ), and
+- ``answer``: the AutoJudge label (greedy continuation after the swap changes the task score; rows
+  without one are left out of that label's columns),
+
+it reports ROC-AUC and PR-AUC with prompt-clustered bootstrap 95 % intervals for: the training-free
+scores (KL(q‖p); the KL rule, which also rejects where the target's top-1 p > 0.9; the likelihood gap;
+−log p(d); the typical-acceptance criterion; top-k rank; the draft's −log q(d)), LD itself, and the
+judge's P(important) for each feature set and head. Every score is oriented so that higher means
+"important" (reject). The typical score is −ε*, the largest ε at which typical acceptance
+(p(d) > min(ε, √ε·e^−H)) still accepts d: ε* = p(d) if p(d) <= e^−2H, else (p(d)·e^H)².
+
+Heads (logistic, MLP, and an LD regressor read as P = Φ((pred − τ)/σ), σ the training residual std)
+are trained on ``--train`` folders when given, else cross-fitted on the held-out folder itself
+(``--folds`` prompt-level folds: each row is scored by a head that never saw its prompt). Heads train on
+substituted rows only: with the scalar features an original-token row (gap 0) is trivially label 0.
+"Validation" AUC is on 20 % of each training side's prompts (epoch selection); "held-out" is out of fold.
+
+    python scripts/bench_signals.py --data gsm8k=runs/sig_gsm8k/data mmlu=runs/sig_mmlu/data \\
+        --out docs/bench/signals_real
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from selfjudge.features import FeatureSpec
+from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.shards import open_dataset
+
+LABELS = ("selfjudge", "answer")
+RULE_SCORES = ("kl", "kl_rule", "likelihood_gap", "neg_logp", "typical", "topk_rank", "draft_neg_logq", "ld")
+HEADS = ("logistic", "mlp", "ld_reg")
+# feature sets: a name -> the FeatureSpec mapping a head trained on it would carry (sliced from the folder)
+FEATURE_SETS = {
+    "h_i": {"layers": [-1], "state_offsets": [0]},                                   # today's default
+    "h_i-1": {"layers": [-1], "state_offsets": [-1]},
+    "h_i-1,h_i": {"layers": [-1], "state_offsets": [-1, 0]},
+    "scalars": {"layers": [-1], "state_offsets": [], "scalars": "all"},
+    "h_i+scalars": {"layers": [-1], "state_offsets": [0], "scalars": "all"},
+    "h_i-1,h_i+scalars": {"layers": [-1], "state_offsets": [-1, 0], "scalars": "all"},
+    "2layers,h_i-1,h_i+scalars": {"layers": "all", "state_offsets": [-1, 0], "scalars": "all"},
+    "all+draft": {"layers": "all", "state_offsets": [-1, 0], "include_draft": True, "scalars": "all"},
+}
+
+
+# ------------------------------------------------------------------ data
+def load_folder(folder: str) -> dict:
+    """Substituted rows of one data_gen folder: features [N, D], labels, LD, prompt ids, the layout."""
+    ds, man = open_dataset(folder)
+    sub = np.asarray(ds.with_format("numpy", columns=["substituted"])[:]["substituted"])
+    idx = np.flatnonzero(sub)
+    rows = ds.select(idx).with_format("numpy", columns=["features", "label", "autojudge_label", "ld", "prompt_id"])[:]
+    spec = FeatureSpec.from_mapping(man["features"])
+    H, Hd = int(man["target_model"]["hidden_size"]), man["draft_model"].get("hidden_size")
+    return {"x": np.asarray(rows["features"], dtype=np.float32), "sj": np.asarray(rows["label"]).astype(int),
+            "aj": np.asarray(rows["autojudge_label"]).astype(int), "ld": np.asarray(rows["ld"], dtype=np.float64),
+            "prompt": np.asarray(rows["prompt_id"]).astype(str), "spec": spec, "H": H, "Hd": Hd,
+            "tau": float(man["tau"]), "manifest": man, "folder": folder}
+
+
+def resolve_set(name: str, stored: FeatureSpec) -> FeatureSpec | None:
+    """The FeatureSpec of a named feature set on this folder's layout (None if the folder lacks a part)."""
+    m = dict(FEATURE_SETS[name])
+    m["layers"] = list(stored.layers) if m["layers"] == "all" else m["layers"]
+    if m.get("scalars") == "all":
+        m["scalars"] = list(stored.scalars)
+    spec = FeatureSpec.from_mapping(m)
+    ok = (set(spec.layers) <= set(stored.layers) and set(spec.state_offsets) <= set(stored.state_offsets)
+          and set(spec.scalars) <= set(stored.scalars) and (stored.include_draft or not spec.include_draft))
+    return spec if ok and (spec.scalars or not m.get("scalars")) else None
+
+
+def column_index(stored: FeatureSpec, want: FeatureSpec, H: int, Hd: int | None) -> np.ndarray:
+    """Indices of ``want``'s layout inside a feature vector stored with layout ``stored``."""
+    cols = stored.columns(H, Hd)
+    out: list[np.ndarray] = []
+    for off in want.state_offsets:
+        base = cols[f"state@{off}"].start
+        for layer in want.layers:
+            k = stored.layers.index(layer)
+            out.append(np.arange(base + k * H, base + (k + 1) * H))
+    if want.include_draft:
+        out.append(np.arange(cols["draft"].start, cols["draft"].stop))
+    out += [np.arange(cols[n].start, cols[n].stop) for n in want.scalars]
+    return np.concatenate(out)
+
+
+def rule_scores(d: dict) -> dict[str, np.ndarray]:
+    """The training-free scores of every row from its stored scalar columns (higher = reject)."""
+    cols = d["spec"].columns(d["H"], d["Hd"])
+    need = ("target_logp", "target_top1_logp", "target_gap", "target_entropy", "target_log_rank", "draft_logp", "kl")
+    missing = [n for n in need if n not in cols]
+    if missing:
+        raise ValueError(f"'{d['folder']}' lacks the scalar features {missing}: regenerate it with "
+                         f"data_gen.features.scalars listing them")
+    c = {n: d["x"][:, cols[n].start].astype(np.float64) for n in need}
+    p, H = np.exp(c["target_logp"]), c["target_entropy"]
+    eps_star = np.where(p <= np.exp(-2 * H), p, (p * np.exp(H)) ** 2)
+    return {"kl": c["kl"], "kl_rule": np.where(np.exp(c["target_top1_logp"]) > 0.9, np.inf, c["kl"]),
+            "likelihood_gap": c["target_gap"], "neg_logp": -c["target_logp"], "typical": -eps_star,
+            "topk_rank": c["target_log_rank"], "draft_neg_logq": -c["draft_logp"], "ld": d["ld"]}
+
+
+# ------------------------------------------------------------------ metrics
+def _finite(s: np.ndarray) -> np.ndarray:
+    """+inf (always rejected) -> above every finite score, so rank metrics keep the order."""
+    s = s.astype(np.float64).copy()
+    fin = np.isfinite(s)
+    top = s[fin].max() if fin.any() else 0.0
+    s[np.isposinf(s)] = top + 1.0
+    return s
+
+
+def auc_pair(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    if len(np.unique(y)) < 2:
+        return math.nan, math.nan
+    s = _finite(s)
+    return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
+
+
+def bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
+    """ROC-AUC / PR-AUC with 95 % intervals from resampling prompts (mismatches of one response correlate)."""
+    roc, pr = auc_pair(y, s)
+    out = {"n": int(len(y)), "positives": int(y.sum()), "roc_auc": roc, "pr_auc": pr}
+    if math.isnan(roc) or n_boot <= 0:
+        return {**out, "roc_ci": [math.nan, math.nan], "pr_ci": [math.nan, math.nan]}
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    rs, ps = [], []
+    for _ in range(n_boot):
+        take = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        r, p = auc_pair(y[take], s[take])
+        if not math.isnan(r):
+            rs.append(r), ps.append(p)
+    q = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]  # noqa: E731
+    return {**out, "roc_ci": q(rs), "pr_ci": q(ps)}
+
+
+# ------------------------------------------------------------------ heads
+def _split(prompts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    h = np.array([int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:12], 16) / 16 ** 12 for p in prompts])
+    return h < fraction
+
+
+def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float, prompts: np.ndarray,
+             seed: int, epochs: int = 30) -> tuple[JudgeHead, float | None, float]:
+    """Train one head on (x, y) (or on LD for ``ld_reg``); epoch chosen on 20 % of the prompts.
+
+    Returns the head, its σ (``ld_reg``) and the validation ROC-AUC at the chosen epoch."""
+    val = _split(prompts, 0.2, seed)
+    if val.all() or not val.any():
+        val = np.arange(len(y)) % 5 == 0
+    tr = ~val
+    cfg = JudgeConfig(kind="logistic" if kind == "logistic" else "mlp", feature_dim=x.shape[1], hidden_dim=256,
+                      dropout=0.1 if kind != "logistic" else 0.0)
+    torch.manual_seed(seed)
+    head = JudgeHead(cfg).init_weights(seed)
+    xt = torch.from_numpy(x)
+    head.set_standardization(xt[tr].mean(0), xt[tr].std(0))
+    target = torch.from_numpy(ld if kind == "ld_reg" else y.astype(np.float64)).float()
+    opt = torch.optim.AdamW(head.net.parameters(), lr=1e-3, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    tri = torch.from_numpy(np.flatnonzero(tr))
+    best = (-1.0, None, None)
+    for _ in range(epochs):
+        head.train()
+        for b in tri[torch.randperm(len(tri), generator=g)].split(256):
+            out = head(xt[b])
+            loss = (torch.nn.functional.mse_loss(out, target[b]) if kind == "ld_reg"
+                    else torch.nn.functional.binary_cross_entropy_with_logits(out, target[b]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            pv = head(xt[val]).numpy()
+        r, _ = auc_pair(y[val], pv)
+        if math.isnan(r):
+            r = 0.0
+        if r > best[0]:
+            best = (r, {k: v.clone() for k, v in head.state_dict().items()}, None)
+    head.load_state_dict(best[1])
+    head.eval()
+    sigma = None
+    if kind == "ld_reg":
+        with torch.no_grad():
+            sigma = float((head(xt[tr]) - target[tr]).std())
+    return head, sigma, best[0]
+
+
+def head_proba(kind: str, head: JudgeHead, x: np.ndarray, tau: float, sigma: float | None) -> np.ndarray:
+    """P(important): sigmoid of the logit, or Φ((pred − τ)/σ) for the LD regressor."""
+    with torch.no_grad():
+        out = head(torch.from_numpy(x)).double()
+    if kind == "ld_reg":
+        return (0.5 * (1 + torch.erf((out - tau) / (sigma * math.sqrt(2))))).numpy()
+    return torch.sigmoid(out).numpy()
+
+
+def head_scores(held: dict, train: list[dict], sets: list[str], heads: list[str], labels: list[str], folds: int,
+                seed: int, epochs: int) -> tuple[dict, list[dict]]:
+    """{(set, head, train label): P(important) for every held-out row}, and the ablation rows."""
+    scores, ablation = {}, []
+    for name in sets:
+        spec = resolve_set(name, held["spec"])
+        if spec is None or any(resolve_set(name, t["spec"]) != spec for t in train):
+            continue
+        for label in labels:
+            for kind in heads:
+                if kind == "ld_reg" and label != "selfjudge":
+                    continue   # the LD regressor is the SelfJudge label's head
+                t0 = time.perf_counter()
+                pred = np.full(len(held["sj"]), np.nan)
+                vals = []
+                if train:
+                    parts = [(t, np.ones(len(t["sj"]), bool)) for t in train]
+                    plan = [(parts, np.ones(len(held["sj"]), bool))]
+                else:
+                    fold = (np.array([int(hashlib.sha256(f"fold{seed}:{p}".encode()).hexdigest()[:8], 16)
+                                      for p in held["prompt"]]) % folds)
+                    plan = [([(held, fold != k)], fold == k) for k in range(folds)]
+                for parts, test in plan:
+                    x = np.concatenate([column_index_rows(t, spec, m) for t, m in parts])
+                    y = np.concatenate([(t["sj"] if label == "selfjudge" else t["aj"])[m] for t, m in parts])
+                    ld = np.concatenate([t["ld"][m] for t, m in parts])
+                    pr = np.concatenate([t["prompt"][m] for t, m in parts])
+                    keep = y >= 0
+                    if len(np.unique(y[keep])) < 2:
+                        continue
+                    head, sigma, v = fit_head(kind, x[keep], y[keep], ld[keep], held["tau"], pr[keep], seed, epochs)
+                    vals.append(v)
+                    pred[test] = head_proba(kind, head, column_index_rows(held, spec, test), held["tau"], sigma)
+                if not vals:
+                    continue
+                scores[(name, kind, label)] = pred
+                ablation.append({"features": name, "spec": spec.as_dict(), "head": kind, "train_label": label,
+                                 "dim": int(spec.dim(held["H"], held["Hd"])), "val_roc_auc": float(np.mean(vals)),
+                                 "seconds": round(time.perf_counter() - t0, 2)})
+    return scores, ablation
+
+
+def column_index_rows(d: dict, spec: FeatureSpec, mask: np.ndarray) -> np.ndarray:
+    return d["x"][mask][:, column_index(d["spec"], spec, d["H"], d["Hd"])]
+
+
+# ------------------------------------------------------------------ report
+def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads: list[str], folds: int,
+          n_boot: int, seed: int, epochs: int) -> dict:
+    train = [load_folder(f) for f in train_dirs]
+    out: dict = {"domains": {}, "ablation": []}
+    for dom, folder in domains.items():
+        d = load_folder(folder)
+        scores = {f"rule:{k}": v for k, v in rule_scores(d).items()}
+        hs, abl = head_scores(d, train, sets, heads, list(LABELS), folds, seed, epochs)
+        for (name, kind, lab), v in hs.items():
+            scores[f"judge:{name}:{kind}:{lab}"] = v
+        res = {}
+        for label in LABELS:
+            y = d["sj"] if label == "selfjudge" else d["aj"]
+            keep = (y >= 0)
+            res[label] = {k: bootstrap(y[keep & np.isfinite(np.nan_to_num(v, posinf=1))].astype(int),
+                                       v[keep & np.isfinite(np.nan_to_num(v, posinf=1))],
+                                       d["prompt"][keep & np.isfinite(np.nan_to_num(v, posinf=1))], n_boot, seed)
+                          for k, v in scores.items()}
+        for a in abl:
+            a["domain"] = dom
+            for label in LABELS:
+                a[f"heldout_roc_auc_{label}"] = res[label][f"judge:{a['features']}:{a['head']}:{a['train_label']}"]["roc_auc"]
+        man = d["manifest"]
+        out["domains"][dom] = {"folder": folder, "tau": d["tau"], "counts": man.get("counts"),
+                               "mismatches": int(len(d["sj"])), "answer_labelled": int((d["aj"] >= 0).sum()),
+                               "prompts": int(len(np.unique(d["prompt"]))), "results": res}
+        out["ablation"] += abl
+    return out
+
+
+def _fmt(r: dict, key: str) -> str:
+    v, ci = r[key], r[key.replace("_auc", "_ci")]
+    return "–" if math.isnan(v) else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown(res: dict) -> str:
+    lines = []
+    for dom, d in res["domains"].items():
+        lines += [f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
+                  f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g})", "",
+                  "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
+                  "|---|---|---|---|---|---|---|"]
+        sj, aj = d["results"]["selfjudge"], d["results"]["answer"]
+        for k in sj:
+            lines.append(f"| {k} | {_fmt(sj[k], 'roc_auc')} | {_fmt(sj[k], 'pr_auc')} | {sj[k]['n']} ({sj[k]['positives']}) "
+                         f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |")
+        lines.append("")
+    if res["ablation"]:
+        lines += ["### Ablation (feature set × train label × head)", "",
+                  "| domain | features | dim | head | trained on | val ROC-AUC | held-out ROC-AUC vs SelfJudge | vs answer-change |",
+                  "|---|---|---|---|---|---|---|---|"]
+        f = lambda v: "–" if v is None or math.isnan(v) else f"{v:.3f}"  # noqa: E731
+        for a in res["ablation"]:
+            lines.append(f"| {a['domain']} | {a['features']} | {a['dim']} | {a['head']} | {a['train_label']} | "
+                         f"{f(a['val_roc_auc'])} | {f(a['heldout_roc_auc_selfjudge'])} | {f(a['heldout_roc_auc_answer'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", required=True, help="DOMAIN=FOLDER held-out data_gen folders")
+    ap.add_argument("--train", nargs="*", default=[], help="data_gen folders to train heads on (default: cross-fit)")
+    ap.add_argument("--sets", nargs="*", default=list(FEATURE_SETS), help=f"feature sets, from {list(FEATURE_SETS)}")
+    ap.add_argument("--heads", nargs="*", default=list(HEADS), help=f"head kinds, from {list(HEADS)}")
+    ap.add_argument("--folds", type=int, default=5, help="prompt-level cross-fitting folds (no --train)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of prompts")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    a = ap.parse_args(argv)
+    bad = [s for s in a.sets if s not in FEATURE_SETS] + [h for h in a.heads if h not in HEADS]
+    if bad:
+        raise SystemExit(f"unknown feature set or head {bad}; sets: {list(FEATURE_SETS)}, heads: {list(HEADS)}")
+    domains = {}
+    for item in a.data:
+        if "=" not in item:
+            raise SystemExit(f"--data takes DOMAIN=FOLDER, got '{item}'")
+        k, v = item.split("=", 1)
+        domains[k] = v
+    t0 = time.perf_counter()
+    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs)
+    res["settings"] = {**vars(a), "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
+                       "machine": platform.machine(), "threads": torch.get_num_threads(),
+                       "load_average": list(os.getloadavg())}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

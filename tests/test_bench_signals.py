@@ -1,0 +1,87 @@
+"""scripts/bench_signals.py on tiny data folders: scores read from the stored features equal their
+definitions, LD ranks the SelfJudge label perfectly, heads are cross-fitted or trained on another folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from sklearn.metrics import roc_auc_score
+
+from selfjudge.data_gen.stage import run as data_gen
+from selfjudge.features import SCALARS
+from selfjudge.shards import open_dataset
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_signals.py"
+FEATURES = ["data_gen.features.state_offsets=[-1,0]", f"data_gen.features.scalars=[{','.join(SCALARS)}]",
+            "data_gen.autojudge.enabled=true", "data_gen.autojudge.mode=independent"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_signals", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    out = {}
+    for name, offset in (("a", 0), ("b", 12)):
+        run_dir = tmp_path_factory.mktemp(f"sig_{name}")
+        with initialize_config_module("selfjudge.conf", version_base="1.3"):
+            cfg = compose("selfjudge", overrides=["experiment=tiny", f"run_dir={run_dir}", f"model.cache_dir={cache_dir}",
+                                                  "logger=none", "data_gen.tau.mode=value", "data_gen.tau.value=0.3",
+                                                  f"data_gen.dataset.offset={offset}", *FEATURES])
+        data_gen(cfg)
+        out[name] = run_dir / "data"
+    return out
+
+
+def test_signal_table_on_the_tiny_pair(folders, tmp_path):
+    bs = _script()
+    res = bs.main(["--data", f"tiny={folders['a']}", "--sets", "h_i", "scalars", "h_i-1,h_i+scalars",
+                   "--heads", "logistic", "ld_reg", "--folds", "2", "--bootstrap", "20", "--epochs", "2",
+                   "--out", str(tmp_path / "sig")])
+    assert json.loads((tmp_path / "sig.json").read_text())["domains"]["tiny"]["mismatches"] > 20
+    assert "| rule:kl |" in (tmp_path / "sig.md").read_text()
+    sj = res["domains"]["tiny"]["results"]["selfjudge"]
+    assert sj["rule:ld"]["roc_auc"] == 1.0                       # the label is LD > τ
+    # the likelihood-gap score equals its definition recomputed from the shards' own columns
+    ds, man = open_dataset(folders["a"])
+    rows = ds.filter(lambda r: r["substituted"]).with_format("numpy")[:]
+    cols = bs.FeatureSpec.from_mapping(man["features"]).columns(64, 64)
+    x = np.asarray(rows["features"], dtype=np.float64)
+    gap = x[:, cols["target_top1_logp"].start] - x[:, cols["target_logp"].start]
+    assert sj["rule:likelihood_gap"]["roc_auc"] == pytest.approx(roc_auc_score(rows["label"], gap), abs=1e-3)
+    lo, hi = sj["rule:kl"]["roc_ci"]
+    assert lo <= sj["rule:kl"]["roc_auc"] <= hi
+    heads = {k for k in sj if k.startswith("judge:")}
+    assert {"judge:h_i:logistic:selfjudge", "judge:scalars:ld_reg:selfjudge"} <= heads
+    assert all(0.0 <= sj[k]["roc_auc"] <= 1.0 for k in heads)
+    abl = {(a["features"], a["head"]) for a in res["ablation"]}
+    assert ("h_i-1,h_i+scalars", "logistic") in abl and len(abl) == 6
+    # the random tiny target never answers right, so no swap changes the score: the answer label has one class
+    assert math.isnan(res["domains"]["tiny"]["results"]["answer"]["rule:kl"]["roc_auc"])
+
+
+def test_heads_trained_on_another_folder(folders, tmp_path):
+    res = _script().main(["--data", f"held={folders['b']}", "--train", str(folders["a"]), "--sets", "scalars",
+                          "--heads", "mlp", "--bootstrap", "0", "--epochs", "2", "--out", str(tmp_path / "t")])
+    r = res["domains"]["held"]["results"]["selfjudge"]["judge:scalars:mlp:selfjudge"]
+    assert 0.0 <= r["roc_auc"] <= 1.0 and r["n"] == res["domains"]["held"]["mismatches"]
+
+
+def test_folder_without_the_scalars_is_refused(tmp_path, cache_dir):
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=["experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}",
+                                              "logger=none", "data_gen.dataset.limit=3"])
+    data_gen(cfg)
+    with pytest.raises(ValueError, match="lacks the scalar features .*data_gen.features.scalars"):
+        _script().main(["--data", f"x={tmp_path / 'data'}", "--heads", "logistic", "--sets", "h_i",
+                        "--out", str(tmp_path / "x")])
