@@ -264,13 +264,39 @@ def column_index_rows(d: dict, spec: FeatureSpec, mask: np.ndarray) -> np.ndarra
 
 
 # ------------------------------------------------------------------ report
+def load_domain(spec: str) -> dict:
+    """One domain's rows from one folder or several comma-separated folders (same layout and τ)."""
+    parts = [load_folder(f) for f in spec.split(",")]
+    d = parts[0]
+    for p in parts[1:]:
+        if p["spec"] != d["spec"] or p["tau"] != d["tau"] or p["H"] != d["H"]:
+            raise ValueError(f"'{p['folder']}' differs from '{d['folder']}' in feature layout or τ: one domain, one setup")
+        for k in ("x", "sj", "aj", "ld", "prompt"):
+            d[k] = np.concatenate([d[k], p[k]])
+    d["folder"] = spec
+    return d
+
+
+def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -> None:
+    """Per-mismatch labels and training-free scores (no features), gzipped JSON lines: small enough to
+    commit, so a later run adds its mismatches instead of starting over."""
+    import gzip
+    with gzip.open(path, "at") as f:
+        for i in range(len(d["sj"])):
+            f.write(json.dumps({"domain": domain, "prompt_id": str(d["prompt"][i]), "selfjudge": int(d["sj"][i]),
+                                "answer": int(d["aj"][i]), **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None
+                                                              for k, v in scores.items()}}) + "\n")
+
+
 def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads: list[str], folds: int,
-          n_boot: int, seed: int, epochs: int) -> dict:
+          n_boot: int, seed: int, epochs: int, dump: Path | None = None) -> dict:
     train = [load_folder(f) for f in train_dirs]
     out: dict = {"domains": {}, "ablation": []}
     for dom, folder in domains.items():
-        d = load_folder(folder)
+        d = load_domain(folder)
         scores = {f"rule:{k}": v for k, v in rule_scores(d).items()}
+        if dump is not None:
+            dump_rows(d, {k.removeprefix("rule:"): v for k, v in scores.items()}, dump, dom)
         hs, abl = head_scores(d, train, sets, heads, list(LABELS), folds, seed, epochs)
         for (name, kind, lab), v in hs.items():
             scores[f"judge:{name}:{kind}:{lab}"] = v
@@ -286,8 +312,7 @@ def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads
             a["domain"] = dom
             for label in LABELS:
                 a[f"heldout_roc_auc_{label}"] = res[label][f"judge:{a['features']}:{a['head']}:{a['train_label']}"]["roc_auc"]
-        man = d["manifest"]
-        out["domains"][dom] = {"folder": folder, "tau": d["tau"], "counts": man.get("counts"),
+        out["domains"][dom] = {"folder": folder, "tau": d["tau"],
                                "mismatches": int(len(d["sj"])), "answer_labelled": int((d["aj"] >= 0).sum()),
                                "prompts": int(len(np.unique(d["prompt"]))), "results": res}
         out["ablation"] += abl
@@ -324,7 +349,8 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", required=True, help="DOMAIN=FOLDER held-out data_gen folders")
+    ap.add_argument("--data", nargs="+", required=True,
+                    help="DOMAIN=FOLDER[,FOLDER...] held-out data_gen folders (several: one domain collected in chunks)")
     ap.add_argument("--train", nargs="*", default=[], help="data_gen folders to train heads on (default: cross-fit)")
     ap.add_argument("--sets", nargs="*", default=list(FEATURE_SETS), help=f"feature sets, from {list(FEATURE_SETS)}")
     ap.add_argument("--heads", nargs="*", default=list(HEADS), help=f"head kinds, from {list(HEADS)}")
@@ -333,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    ap.add_argument("--dump", action="store_true", help="also write <out>.rows.jsonl.gz: labels and rule scores per mismatch")
     a = ap.parse_args(argv)
     bad = [s for s in a.sets if s not in FEATURE_SETS] + [h for h in a.heads if h not in HEADS]
     if bad:
@@ -344,12 +371,15 @@ def main(argv: list[str] | None = None) -> dict:
         k, v = item.split("=", 1)
         domains[k] = v
     t0 = time.perf_counter()
-    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dump = out.with_suffix(".rows.jsonl.gz") if a.dump else None
+    if dump is not None and dump.exists():
+        dump.unlink()
+    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump)
     res["settings"] = {**vars(a), "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
                        "machine": platform.machine(), "threads": torch.get_num_threads(),
                        "load_average": list(os.getloadavg())}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     md = markdown(res)
     out.with_suffix(".md").write_text(md)

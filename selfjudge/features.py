@@ -137,39 +137,49 @@ def forward_with_hidden(
 
 def scalar_features(
     names: Sequence[str],
-    target_logp: torch.Tensor,
+    target_logits: torch.Tensor,
     tokens: torch.Tensor,
-    draft_logp: torch.Tensor | None = None,
+    draft_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The named rule quantities (see the module docstring) of ``tokens`` [...].
 
-    ``target_logp``/``draft_logp``: [..., V] float32 log-softmax of the untempered next-token logits at
-    the position that proposed each token. Returns [..., len(names)] float32.
+    ``target_logits``/``draft_logits``: [..., V] untempered next-token logits at the position that
+    proposed each token (any float dtype; computed in float32). Only the reductions the names need run,
+    straight from the logits (log p(d) = l_d - logsumexp(l), H = logsumexp(l) - sum p*l,
+    KL(q || p) = sum q*(m - l) - logsumexp(m) + logsumexp(l) for draft logits m): no [.., V] log-softmax
+    is kept. Returns [..., len(names)] float32.
     """
-    lp_d = target_logp.gather(-1, tokens[..., None].long())[..., 0]            # [...] log p(d)
-    top1 = target_logp.max(-1).values                                           # [...]
-    cols = []
-    for name in names:
-        if name == "target_logp":
-            cols.append(lp_d)
-        elif name == "target_top1_logp":
-            cols.append(top1)
-        elif name == "target_gap":
-            cols.append(top1 - lp_d)
-        elif name == "target_entropy":
-            cols.append(-(target_logp.exp() * target_logp).sum(-1))
-        elif name == "target_log_rank":
-            cols.append(torch.log1p((target_logp > lp_d[..., None]).sum(-1).float()))
-        elif name in DRAFT_SCALARS:
-            if draft_logp is None:
-                raise ValueError(f"feature '{name}' needs the draft's logits, none were given")
-            if name == "draft_logp":
-                cols.append(draft_logp.gather(-1, tokens[..., None].long())[..., 0])
-            else:
-                cols.append((draft_logp.exp() * (draft_logp - target_logp)).sum(-1))
-        else:
-            raise ValueError(f"unknown scalar feature '{name}'; known: {list(SCALARS)}")
-    return torch.stack(cols, -1).float() if cols else target_logp.new_zeros(*target_logp.shape[:-1], 0)
+    bad = [n for n in names if n not in SCALARS]
+    if bad:
+        raise ValueError(f"unknown scalar feature(s) {bad}; known: {list(SCALARS)}")
+    if any(n in DRAFT_SCALARS for n in names) and draft_logits is None:
+        raise ValueError(f"features {[n for n in names if n in DRAFT_SCALARS]} need the draft's logits, none were given")
+    want = set(names)
+    l = target_logits.float()                                                   # [..., V]
+    tok = tokens[..., None].long()
+    l_d = l.gather(-1, tok)[..., 0]                                             # [...] logit of d
+    val: dict[str, torch.Tensor] = {}
+    lse = torch.logsumexp(l, -1) if want & {"target_logp", "target_top1_logp", "target_entropy", "kl", "draft_logp"} \
+        else None
+    if want & {"target_top1_logp", "target_gap"}:
+        top = l.max(-1).values
+        val["target_top1_logp"] = top - lse if lse is not None else top
+        val["target_gap"] = top - l_d
+    if "target_logp" in want:
+        val["target_logp"] = l_d - lse
+    if "target_entropy" in want:
+        val["target_entropy"] = lse - (torch.softmax(l, -1) * l).sum(-1)
+    if "target_log_rank" in want:
+        val["target_log_rank"] = torch.log1p((l > l_d[..., None]).sum(-1).float())
+    if want & set(DRAFT_SCALARS):
+        m = draft_logits.float()
+        lse_q = torch.logsumexp(m, -1)
+        val["draft_logp"] = m.gather(-1, tok)[..., 0] - lse_q
+        if "kl" in want:
+            val["kl"] = (torch.softmax(m, -1) * (m - l)).sum(-1) - lse_q + lse
+    if not names:
+        return l.new_zeros(*l.shape[:-1], 0)
+    return torch.stack([val[n] for n in names], -1)
 
 
 def judge_features(

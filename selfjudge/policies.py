@@ -107,16 +107,9 @@ register("autojudge")(JudgeRule)
 def verify_features(v: Verification, spec: FeatureSpec) -> torch.Tensor:
     """The judge features of every proposed token from the verify pass: [(B,) γ, D] float32.
 
-    Scalars read the untempered distributions (the head was trained on greedy data): with temperature
-    0 that is ``v.target_logp`` / ``v.draft_logp``, which rules reading them share."""
-    sc = None
-    if spec.scalars:
-        if v.temperature > 0:
-            lp = torch.log_softmax(v.target_logits[..., :-1, :].float(), -1)
-            lq = None if v.draft_logits is None else torch.log_softmax(v.draft_logits.float(), -1)
-        else:
-            lp, lq = v.target_logp, (v.draft_logp if spec.needs_draft_logits else None)
-        sc = scalar_features(spec.scalars, lp, v.draft_tokens, lq)
+    Scalars read the untempered logits (the head was trained on greedy data), also when sampling."""
+    sc = scalar_features(spec.scalars, v.target_logits[..., :-1, :], v.draft_tokens, v.draft_logits) \
+        if spec.scalars else None
     return judge_features(v.target_hidden, spec, v.draft_hidden, prev_hidden=v.prev_hidden, scalars=sc)
 
 

@@ -58,17 +58,17 @@ def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int
     return logits.argmax(-1).to(ids.device), h.to(ids.device), logits.to(ids.device)
 
 
-def _pair_features(spec: FeatureSpec, pos, d, y, lp_pos, d_logits, d_hidden, prev, cur_orig, cur_sub, vocab):
+def _pair_features(spec: FeatureSpec, pos, d, y, t_logits, d_logits, d_hidden, prev, cur_orig, cur_sub):
     """Features of d_i (substituted) and y_i (original) at every mismatch i, by :func:`judge_features`.
 
-    lp_pos: [M, V] target log p(. | x, y_<i); d_logits: [T, V] draft logits; prev: [M, F] target state at
-    i-1; cur_orig / cur_sub: [M, F] target states at i reading y_i / d_i."""
+    t_logits: [M, V] target logits predicting position i; d_logits: [T, V] draft logits; prev: [M, F]
+    target state at i-1; cur_orig / cur_sub: [M, F] target states at i reading y_i / d_i."""
     dh = d_hidden[pos] if spec.include_draft else None
     sub_sc = orig_sc = None
     if spec.scalars:
-        lq = _logprobs(d_logits[pos], vocab) if spec.needs_draft_logits else None
-        sub_sc = scalar_features(spec.scalars, lp_pos, d[pos], lq)
-        orig_sc = scalar_features(spec.scalars, lp_pos, y[pos], lq)
+        lq = d_logits[pos] if spec.needs_draft_logits else None
+        sub_sc = scalar_features(spec.scalars, t_logits, d[pos], lq)
+        orig_sc = scalar_features(spec.scalars, t_logits, y[pos], lq)
     sub = judge_features(cur_sub, spec, dh, prev_hidden=prev, scalars=sub_sc)
     orig = judge_features(cur_orig, spec, dh, prev_hidden=prev, scalars=orig_sc)
     return sub, orig
@@ -119,6 +119,7 @@ def score_response(
         full = forward_with_hidden(target, ids, spec, use_cache=True)
         logp = _logprobs(full.logits[0, P - 1 : -1], vocab)           # [T, V]: predicts y_0..y_{T-1}
         logp_y = logp.gather(-1, y[:, None])[:, 0]                    # [T]
+        t_logits = full.logits[0, P - 1 : -1][pos][:, :vocab]         # [M, V] predicts position i
         lp_pos = logp[pos]                                            # [M, V] log p(. | x, y_<i)
         hid_pos = full.hidden[0, P:][pos]                             # [M, F] state at input y_i
         prev = full.hidden[0, P - 1 :][pos]                           # [M, F] state at i-1 (output p)
@@ -131,7 +132,8 @@ def score_response(
                              f"needs {want}: pass the trace made for this response with the same spec")
         logp_y = trace.logp_chosen.to(dev)
         head = target.get_output_embeddings()
-        lp_pos = _logprobs(head(trace.h_final[pos]).to(dev), vocab)    # [M, V]
+        t_logits = head(trace.h_final[pos]).to(dev)[:, :vocab]        # [M, V] predicts position i
+        lp_pos = _logprobs(t_logits, vocab)                           # [M, V]
         hid_pos = trace.h_spec[pos + 1]                               # step i+1's input is y_i
         prev = trace.h_spec[pos]                                      # step i's output is p(. | x, y_<i)
         cache = trace.cache
@@ -141,7 +143,7 @@ def score_response(
     orig = torch.stack([logp_y[i : i + k + 1].mean() for i, k in zip(pos.tolist(), n.tolist())]) if M else logp_y[:0]
     alt, sub_hidden = _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec, max_packed_tokens,
                                      hid_pos.shape[-1], hid_pos.dtype)
-    sub_feat, orig_feat = _pair_features(spec, pos, d, y, lp_pos, d_logits, d_hidden, prev, hid_pos, sub_hidden, vocab)
+    sub_feat, orig_feat = _pair_features(spec, pos, d, y, t_logits, d_logits, d_hidden, prev, hid_pos, sub_hidden)
     return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig.float().cpu(), alt.cpu(),
                           (orig.float() - alt).cpu(), sub_feat.cpu(), orig_feat.cpu(), T)
 
@@ -239,8 +241,8 @@ def score_response_naive(
     orig_t = torch.stack(orig) if orig else torch.empty(0, device=dev)
     alt_t = torch.stack(alt) if alt else torch.empty(0, device=dev)
     sub = torch.stack(sub_h) if sub_h else torch.empty(0, H, device=dev)
-    sub_f, orig_f = _pair_features(spec, pos, d, y, logp[pos], d_logits, d_hidden, full.hidden[0, P - 1 :][pos],
-                                   full.hidden[0, P:][pos], sub, vocab)
+    sub_f, orig_f = _pair_features(spec, pos, d, y, full.logits[0, P - 1 : -1][pos][:, :vocab], d_logits, d_hidden,
+                                   full.hidden[0, P - 1 :][pos], full.hidden[0, P:][pos], sub)
     return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig_t.cpu(), alt_t.cpu(), (orig_t - alt_t).cpu(),
                           sub_f.cpu(), orig_f.cpu(), T)
 

@@ -3,6 +3,7 @@ definitions, LD ranks the SelfJudge label perfectly, heads are cross-fitted or t
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
@@ -46,10 +47,13 @@ def folders(tmp_path_factory, cache_dir) -> dict[str, Path]:
 def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     bs = _script()
     res = bs.main(["--data", f"tiny={folders['a']}", "--sets", "h_i", "scalars", "h_i-1,h_i+scalars",
-                   "--heads", "logistic", "ld_reg", "--folds", "2", "--bootstrap", "20", "--epochs", "2",
+                   "--heads", "logistic", "ld_reg", "--folds", "2", "--bootstrap", "20", "--epochs", "2", "--dump",
                    "--out", str(tmp_path / "sig")])
     assert json.loads((tmp_path / "sig.json").read_text())["domains"]["tiny"]["mismatches"] > 20
     assert "| rule:kl |" in (tmp_path / "sig.md").read_text()
+    with gzip.open(tmp_path / "sig.rows.jsonl.gz", "rt") as f:
+        dumped = [json.loads(line) for line in f]
+    assert len(dumped) == res["domains"]["tiny"]["mismatches"] and {"selfjudge", "answer", "kl", "ld"} <= set(dumped[0])
     sj = res["domains"]["tiny"]["results"]["selfjudge"]
     assert sj["rule:ld"]["roc_auc"] == 1.0                       # the label is LD > τ
     # the likelihood-gap score equals its definition recomputed from the shards' own columns
@@ -71,10 +75,13 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
 
 
 def test_heads_trained_on_another_folder(folders, tmp_path):
-    res = _script().main(["--data", f"held={folders['b']}", "--train", str(folders["a"]), "--sets", "scalars",
-                          "--heads", "mlp", "--bootstrap", "0", "--epochs", "2", "--out", str(tmp_path / "t")])
+    bs = _script()
+    res = bs.main(["--data", f"held={folders['b']}", "--train", str(folders["a"]), "--sets", "scalars",
+                   "--heads", "mlp", "--bootstrap", "0", "--epochs", "2", "--out", str(tmp_path / "t")])
     r = res["domains"]["held"]["results"]["selfjudge"]["judge:scalars:mlp:selfjudge"]
     assert 0.0 <= r["roc_auc"] <= 1.0 and r["n"] == res["domains"]["held"]["mismatches"]
+    both = bs.load_domain(f"{folders['a']},{folders['b']}")          # one domain collected in two chunks
+    assert len(both["sj"]) == len(bs.load_folder(str(folders["a"]))["sj"]) + res["domains"]["held"]["mismatches"]
 
 
 def test_folder_without_the_scalars_is_refused(tmp_path, cache_dir):
