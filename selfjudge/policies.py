@@ -173,8 +173,8 @@ class LikelihoodGap(Policy):
     def accept(self, v: Verification) -> torch.Tensor | None:
         if self.threshold == 0:
             return None
-        logp = v.target_logp
-        return logp.max(-1).values - _at(logp, v.draft_tokens) < self.threshold
+        lg = v.target_logits[..., :-1, :].float() / v.scale              # the gap needs no normalisation:
+        return lg.max(-1).values - _at(lg, v.draft_tokens) < self.threshold   # log p(a) - log p(d) = (l_a - l_d)/T
 
 
 @register("kl")
