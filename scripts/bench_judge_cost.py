@@ -1,0 +1,78 @@
+"""Cost of the judge per round as a share of the verify phase, per feature set, beside the KL rule.
+
+    python scripts/bench_judge_cost.py                                   # real pair (qwen_coder_offline)
+    python scripts/bench_judge_cost.py --overrides model=tiny --tokens 48 --out /tmp/cost_tiny.json
+
+Each feature set gets an MLP head (256 hidden) with random weights of the right input size (the cost
+does not depend on the weights) and a cut of 0 < c < 1, so the rule runs every round; ``decode`` reports
+``rule_seconds`` (the rule alone) and ``verify_seconds`` (target verify pass + acceptance), exactly the
+eval's ``rule / verify`` column. Same prompts, same process; warm-up decode excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bench_common import load_pair_and_prompts
+from selfjudge.decoding import decode
+from selfjudge.features import SCALARS, FeatureSpec
+from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.policies import JudgeRule, build_policy
+
+CHEAP = ("target_logp", "target_top1_logp", "target_gap")
+SETS = {
+    "h_i": FeatureSpec(),
+    "h_i-1,h_i": FeatureSpec(state_offsets=(-1, 0)),
+    "h_i-1,h_i+logp,top1,gap": FeatureSpec(state_offsets=(-1, 0), scalars=CHEAP),
+    "h_i-1,h_i+all scalars": FeatureSpec(state_offsets=(-1, 0), scalars=SCALARS),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--overrides", nargs="*", default=[], help="hydra overrides (default model: qwen_coder_offline)")
+    ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per decode")
+    ap.add_argument("--gamma", type=int, default=8)
+    ap.add_argument("--out", default=None, help="JSON output path")
+    a = ap.parse_args()
+    _, pair, t_load, prompts = load_pair_and_prompts(a.overrides, a.prompts)
+    H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
+    policies = {}
+    for name, spec in SETS.items():
+        head = JudgeHead(JudgeConfig(kind="mlp", hidden_dim=256, feature_dim=spec.dim(H, Hd),
+                                     features=spec.as_dict())).init_weights(0).eval()
+        policies[f"judge {name}"] = JudgeRule(0.5, head)
+    policies["kl rule"] = build_policy("kl", 0.5)
+    policies["likelihood rule"] = build_policy("likelihood", 1.0)
+    kw = dict(gamma=a.gamma, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+    decode(pair.target, pair.draft, prompts[0], max_new_tokens=8, policy=policies["kl rule"], **kw)  # warm-up
+    rows = {}
+    for name, pol in policies.items():
+        rule = verify = 0.0
+        rounds = 0
+        for ids in prompts:
+            _, st = decode(pair.target, pair.draft, ids, max_new_tokens=a.tokens, policy=pol, **kw)
+            rule, verify, rounds = rule + st.rule_seconds, verify + st.verify_seconds, rounds + st.rounds
+        rows[name] = {"rule_share_of_verify": rule / verify, "rule_ms_per_round": 1e3 * rule / rounds,
+                      "verify_ms_per_round": 1e3 * verify / rounds, "rounds": rounds}
+        print(f"{name:28s} rule/verify {100 * rule / verify:6.2f} %   rule {1e3 * rule / rounds:8.2f} ms/round   "
+              f"verify {1e3 * verify / rounds:9.1f} ms/round", flush=True)
+    res = {"rows": rows, "gamma": a.gamma, "tokens": a.tokens, "prompts": a.prompts, "overrides": a.overrides,
+           "dtype": str(next(pair.target.parameters()).dtype), "threads": torch.get_num_threads(),
+           "load_average": list(os.getloadavg()), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
+           "load_seconds": t_load}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
