@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_common import load_pair_and_prompts
+
 from selfjudge.decoding import decode
 from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.judge import JudgeConfig, JudgeHead
@@ -52,7 +52,7 @@ def main() -> None:
         policies[f"judge {name}"] = JudgeRule(0.5, head)
     policies["kl rule"] = build_policy("kl", 0.5)
     policies["likelihood rule"] = build_policy("likelihood", 1.0)
-    kw = dict(gamma=a.gamma, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+    kw = {"gamma": a.gamma, "eos_ids": pair.eos_ids, "vocab": pair.vocab_size}
     decode(pair.target, pair.draft, prompts[0], max_new_tokens=8, policy=policies["kl rule"], **kw)  # warm-up
     rows = {}
     for name, pol in policies.items():

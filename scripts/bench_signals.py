@@ -140,7 +140,7 @@ def auc_pair(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
 def bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
     """ROC-AUC / PR-AUC with 95 % intervals from resampling prompts (mismatches of one response correlate)."""
     roc, pr = auc_pair(y, s)
-    out = {"n": int(len(y)), "positives": int(y.sum()), "roc_auc": roc, "pr_auc": pr}
+    out = {"n": len(y), "positives": int(y.sum()), "roc_auc": roc, "pr_auc": pr}
     if math.isnan(roc) or n_boot <= 0:
         return {**out, "roc_ci": [math.nan, math.nan], "pr_ci": [math.nan, math.nan]}
     uniq, inv = np.unique(groups, return_inverse=True)
@@ -152,7 +152,7 @@ def bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, see
         r, p = auc_pair(y[take], s[take])
         if not math.isnan(r):
             rs.append(r), ps.append(p)
-    q = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]  # noqa: E731
+    q = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]
     return {**out, "roc_ci": q(rs), "pr_ci": q(ps)}
 
 
@@ -313,8 +313,8 @@ def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads
             for label in LABELS:
                 a[f"heldout_roc_auc_{label}"] = res[label][f"judge:{a['features']}:{a['head']}:{a['train_label']}"]["roc_auc"]
         out["domains"][dom] = {"folder": folder, "tau": d["tau"],
-                               "mismatches": int(len(d["sj"])), "answer_labelled": int((d["aj"] >= 0).sum()),
-                               "prompts": int(len(np.unique(d["prompt"]))), "results": res}
+                               "mismatches": len(d["sj"]), "answer_labelled": int((d["aj"] >= 0).sum()),
+                               "prompts": len(np.unique(d["prompt"])), "results": res}
         out["ablation"] += abl
     return out
 
@@ -327,8 +327,8 @@ def _fmt(r: dict, key: str) -> str:
 def markdown(res: dict) -> str:
     lines = []
     for dom, d in res["domains"].items():
-        lines += [f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
-                  f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g})", "",
+        lines += [(f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
+                   f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g})"), "",
                   "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
                   "|---|---|---|---|---|---|---|"]
         sj, aj = d["results"]["selfjudge"], d["results"]["answer"]
@@ -340,7 +340,7 @@ def markdown(res: dict) -> str:
         lines += ["### Ablation (feature set × train label × head)", "",
                   "| domain | features | dim | head | trained on | val ROC-AUC | held-out ROC-AUC vs SelfJudge | vs answer-change |",
                   "|---|---|---|---|---|---|---|---|"]
-        f = lambda v: "–" if v is None or math.isnan(v) else f"{v:.3f}"  # noqa: E731
+        f = lambda v: "–" if v is None or math.isnan(v) else f"{v:.3f}"
         for a in res["ablation"]:
             lines.append(f"| {a['domain']} | {a['features']} | {a['dim']} | {a['head']} | {a['train_label']} | "
                          f"{f(a['val_roc_auc'])} | {f(a['heldout_roc_auc_selfjudge'])} | {f(a['heldout_roc_auc_answer'])} |")
