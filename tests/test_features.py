@@ -140,3 +140,25 @@ def test_head_with_new_features_loads_and_other_layouts_are_refused(tiny_pair, t
               ).save_pretrained(tmp_path / "b")
     with pytest.raises(ValueError, match="eval.judge_dir .*expects 327 features, the target gives 65"):
         load_head(tmp_path / "b", info, H, Hd)
+
+
+def test_training_folders_must_share_the_feature_layout(tmp_path):
+    """Old manifests (no new keys) and new ones of the same layout train together; two layouts of the
+    same size (a different scalar) are refused, naming the key."""
+    from selfjudge.judge_data import load_judge_data
+    from selfjudge.shards import read_manifest, write_manifest
+    from tests.judge_shards import DIM, make_shards
+
+    old = make_shards(tmp_path / "old", n_prompts=8, seed=1, prompt_prefix="o")
+    new = make_shards(tmp_path / "new", n_prompts=8, seed=2, prompt_prefix="n")
+    man = read_manifest(new)
+    write_manifest(new, {**man, "features": FeatureSpec().as_dict()})
+    data = load_judge_data([str(old), str(new)], "selfjudge", True, 0.2, 0)
+    assert data.feature_dim == DIM
+    for name, scalar in (("a", "kl"), ("b", "target_gap")):
+        d = make_shards(tmp_path / name, n_prompts=8, dim=DIM, seed=3, prompt_prefix=name)
+        m = read_manifest(d)
+        m["target_model"]["hidden_size"] = DIM - 1
+        write_manifest(d, {**m, "features": FeatureSpec(scalars=(scalar,)).as_dict()})
+    with pytest.raises(ValueError, match="different feature layouts"):
+        load_judge_data([str(tmp_path / "a"), str(tmp_path / "b")], "selfjudge", True, 0.2, 0)
