@@ -72,8 +72,10 @@ def judge_model_card(config: Mapping[str, Any], card_data: ModelCardData | None 
         "",
         f"- head: `{config.get('kind')}`, {config.get('feature_dim')} inputs"
         + (f", hidden width {config.get('hidden_dim')}" if config.get("kind") == "mlp" else ""),
-        f"- feature layout: target layers {feats.get('layers')}"
+        f"- feature layout: target layers {feats.get('layers')} at positions {feats.get('state_offsets', [0])} "
+        "(0: after the draft token, -1: the state whose output judges it)"
         + (", plus the draft's last hidden state" if feats.get("include_draft") else "")
+        + (f", plus the rule quantities {feats['scalars']}" if feats.get("scalars") else "")
         + " (standardised with the training mean and std stored in the weights)",
         f"- label source: `{config.get('label_source')}` (1 = important = reject)",
         f"- τ (LD threshold that made the labels): {_fmt(tau) if tau is not None else 'see the data manifest'}",
