@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from selfjudge.batch_decoding import decode_batch
+from selfjudge.code_exec import isolation
 from selfjudge.decoding import decode
 from selfjudge.generation import fixed_batches
 from selfjudge.extras import check_installed
@@ -262,6 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = {"complete": True, "title": title, "task": task.name, "examples": len(examples), "gamma": e["gamma"],
                "baseline_tokens_per_s": base["tokens_per_s"], "rows": rows, "code_version": code_version(),
                "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": e,
+               "code_isolation": isolation() if any(ex.task.startswith("humaneval") for ex in examples) else None,
                "engine": ("batch size 1, static KV cache + CUDA graphs" if graphs else
                           "batch size 1, DynamicCache rollback" if bs == 1 else
                           f"batch size {bs}, masked KV holes for rejected tokens") + ", one verify pass per round"}
