@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from selfjudge import datagen
 from selfjudge.extras import check_installed
 from selfjudge.io import code_version, config_hash
+from selfjudge.locks import stage_lock
 from selfjudge.models import pair_from_mapping
 from selfjudge.tasks import build_task
 
@@ -32,6 +33,7 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+@stage_lock(lambda cfg: cfg.data_gen.output_dir, "data_gen.output_dir")
 def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run data_gen for this rank; rank 0 finalizes. Returns a summary (counts, positive rate, τ on rank 0).
 

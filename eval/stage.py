@@ -26,7 +26,8 @@ from selfjudge.generation import fixed_batches
 from selfjudge.extras import check_installed
 from selfjudge.io import atomic_write_text, check_writable, code_version, config_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
-from selfjudge.metrics import prefix_agreement, summary_rows
+from selfjudge.locks import stage_lock
+from selfjudge.metrics import prefix_agreement, summary_rows, unique_records
 from selfjudge.models import format_prompt, pair_from_mapping
 from selfjudge.policies import POLICIES, build_policy, load_head
 from selfjudge.report import write_report
@@ -117,7 +118,8 @@ def build_grid(e: dict[str, Any], heads: dict[str, JudgeHead]) -> list[Method]:
 
 
 def _valid_records(path: Path) -> list[dict]:
-    """Whole records of per_example.jsonl; the file is rewritten without a line cut by a kill."""
+    """Whole, distinct records of per_example.jsonl; the file is rewritten without a line cut by a kill
+    or a duplicate."""
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -127,6 +129,7 @@ def _valid_records(path: Path) -> list[dict]:
             recs.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    recs = unique_records(recs)  # a second writer's copies (before folders were locked): dropped
     if len(recs) != len(lines) or (lines and not path.read_bytes().endswith(b"\n")):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
     return recs
@@ -136,6 +139,7 @@ def _seed(base: int, prompt_id: str) -> int:
     return (int(base) * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**63)
 
 
+@stage_lock(lambda cfg: cfg.eval.output_dir, "eval.output_dir")
 def run(cfg: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_installed(plain, ["eval"])

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfjudge.extras import check_installed
 from selfjudge.io import check_writable, config_hash, read_json, write_json
+from selfjudge.locks import stage_lock
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def _stage_runner(stage: str) -> Callable[[DictConfig], dict]:
     return run
 
 
+@stage_lock(lambda cfg: cfg.run_dir, "run_dir")
 def run(cfg: DictConfig) -> dict:
     """Run ``pipeline.stages`` in order; return {stage: summary or 'skipped'}."""
     stages = list(cfg.pipeline.stages)

@@ -97,9 +97,22 @@ def paired_with(records: Iterable[dict[str, Any]], reference: Iterable[dict[str,
     }
 
 
+def unique_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, threshold, prompt id), the first one: a later copy (two writers in one
+    folder) is dropped, never counted twice."""
+    seen, out = set(), []
+    for r in records:
+        key = (r["method"], r["threshold"], r["prompt_id"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def summary_rows(records: list[dict[str, Any]], keys: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, threshold): :func:`aggregate` with speedup against the target-only records,
-    plus :func:`paired_with` the lossless records (when the run has them)."""
+    plus :func:`paired_with` the lossless records (when the run has them). Duplicates are dropped."""
+    records = unique_records(records)
     base = aggregate(r for r in records if r["method"] == "target")
     lossless = [r for r in records if r["method"] == "lossless"]
     rows = []

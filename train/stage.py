@@ -20,6 +20,7 @@ from selfjudge.features import FeatureSpec
 from selfjudge.io import code_version, config_hash, write_json
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.judge_data import JudgeData, feature_stats, folder_list, load_judge_data
+from selfjudge.locks import stage_lock
 from selfjudge.trainer import ZERO_STAGES, TrainSettings, shutdown, train_head
 
 # keys of train.* that do not change what is trained (a checkpoint made under other values still fits)
@@ -75,6 +76,7 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
     return head
 
 
+@stage_lock(lambda cfg: cfg.train.output_dir, "train.output_dir")
 def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train the judge head; returns the final validation metrics and the written paths."""
     plain = OmegaConf.to_container(cfg, resolve=True)
