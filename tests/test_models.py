@@ -143,7 +143,7 @@ def test_hash_mismatch_leaves_nothing_in_cache(monkeypatch, tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(HashMismatch, match="sha256"):
         models.resolve_folder(ModelSpec("packaged", pm.name), LoadOptions(cache_dir=str(cache)), "target")
-    left = [p for p in cache.rglob("*") if p.is_file()]
+    left = [p for p in cache.rglob("*") if p.is_file() and ".selfjudge-lock" not in p.name]  # locks may stay
     assert left == []
     assert not any(p.is_dir() and "models" in p.parts for p in cache.rglob("*") if p.name.startswith("fake"))
 
