@@ -3,7 +3,7 @@
 Layout of a data folder::
 
     manifest.json                  # written last, atomically; "complete": true only when all ranks finished
-    shards/rank000-00000.parquet   # each shard written to a temp name and renamed: never read half-written
+    shards/rank000-00000.parquet   # each shard written to a temp name, fsynced and renamed: never half-written
     shards/rank000.progress.json   # per rank: shards written and the prompt ids they cover (for resume)
 
 Readers open the shards memory-mapped through ``datasets`` (Arrow), never all in RAM.
@@ -34,7 +34,7 @@ def progress_path(root: Path, rank: int) -> Path:
 
 
 def write_shard(root: str | Path, rank: int, index: int, table: pa.Table) -> Path:
-    """Write one shard atomically (temp file in the same folder, then rename)."""
+    """Write one shard durably and atomically: a temp file in the same folder, fsync, rename, fsync the folder."""
     folder = Path(root) / SHARD_DIR
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / shard_name(rank, index)
@@ -42,7 +42,14 @@ def write_shard(root: str | Path, rank: int, index: int, table: pa.Table) -> Pat
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
         os.replace(tmp, final)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # and so is the rename
+        finally:
+            os.close(dfd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

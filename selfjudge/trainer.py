@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from selfjudge.io import read_json, sha256_file, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.judge_metrics import bce_loss, operating_points, precision_recall_at, summarize
 
@@ -161,6 +164,42 @@ def _ckpt_tags(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: int(p.name[4:]))
 
 
+CKPT_HASHES = ".selfjudge-sha256.json"
+
+
+def _ckpt_hashes(tag_dir: Path) -> dict[str, str]:
+    return {str(f.relative_to(tag_dir)): sha256_file(f) for f in sorted(tag_dir.rglob("*"))
+            if f.is_file() and f.name != CKPT_HASHES}
+
+
+def _safe_checkpoint_loads(engine: Any) -> None:
+    """Make the engine read checkpoints with ``torch.load(weights_only=True)`` (DeepSpeed 0.19.8 unpickles them
+    in full), allowing only the three data classes its ZeRO optimizer states hold. A file that needs any other
+    class is loaded in full only when the checkpoint folder still has the sha256 recorded when it was saved."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        try:
+            with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")  # DeepSpeed saves protocol 4
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            tag_dir = Path(path).parent
+            saved = tag_dir / CKPT_HASHES
+            if not saved.is_file() or read_json(saved) != _ckpt_hashes(tag_dir):
+                raise RuntimeError(
+                    f"checkpoint file '{path}' holds objects that are not plain weights ({str(e).splitlines()[-3:]}) "
+                    f"and its folder does not match the sha256 recorded when it was saved: it was changed or not "
+                    f"written by this trainer; remove the checkpoints or set train.resume=false") from None
+            return torch.load(path, map_location=map_location, weights_only=False)  # unchanged since saved
+
+    engine.checkpoint_engine.load = load
+
+
 def train_head(
     head: JudgeHead,
     train_ds: Any,
@@ -209,6 +248,7 @@ def train_head(
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=False)
     epoch, batch_in_epoch, best, history, resumed_from = 0, 0, {"roc_auc": -1.0}, [], None
     if s.resume and (ckpt_dir / "latest").is_file():
+        _safe_checkpoint_loads(engine)
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise RuntimeError(f"could not load the checkpoint in '{ckpt_dir}': remove it or set train.resume=false")
@@ -227,6 +267,8 @@ def train_head(
         engine.save_checkpoint(str(ckpt_dir), tag=f"step{engine.global_steps}", client_state=client)
         torch.distributed.barrier()
         if rank == 0:
+            tag_dir = ckpt_dir / f"step{engine.global_steps}"
+            write_json(tag_dir / CKPT_HASHES, _ckpt_hashes(tag_dir))
             for old in _ckpt_tags(ckpt_dir)[: -max(s.keep_checkpoints, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
 
