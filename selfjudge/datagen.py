@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,11 +31,13 @@ from selfjudge.cards import write_dataset_card
 from selfjudge.features import FeatureSpec
 from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_traced
 from selfjudge.io import read_json, write_json
+from selfjudge.judge_metrics import quantile
 from selfjudge.models import ModelPair, format_prompt
 from selfjudge.scoring import SCORE_VARIANTS, ScoredResponse, label_rule, score_response, score_response_naive, tau_from_rule
 from selfjudge.tasks import Example, Task, example_system_prompt
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger features are stored as float32
 SCORERS = ("fast", "naive")
 COLUMNS = ("prompt_id", "task", "prompt_ids", "response_ids", "position", "target_token", "draft_token",
            "substituted", "orig", "alt", "ld", "label", "autojudge_label", "features")
@@ -116,6 +119,16 @@ def records(ex: Example, prompt: list[int], resp: list[int], sc: ScoredResponse,
 def to_table(rows: list[dict], feature_dtype: str, feature_dim: int) -> pa.Table:
     """Records -> an Arrow table with the contract's column types (features: fixed-size list)."""
     feats = np.stack([r["features"] for r in rows]) if rows else np.zeros((0, feature_dim), np.float32)
+    bad = np.nonzero(~np.isfinite(feats).all(axis=1))[0]
+    if len(bad):
+        r = rows[int(bad[0])]
+        raise ValueError(f"{len(bad)} record(s) have non-finite features (NaN/inf), first: prompt '{r['prompt_id']}' "
+                         f"position {r['position']}: the model's hidden states overflowed; run it in float32 "
+                         f"(model.dtype=float32)")
+    if feature_dtype == "float16" and len(feats) and float(np.abs(feats).max()) > FLOAT16_MAX:
+        warnings.warn(f"features up to {float(np.abs(feats).max()):.4g} exceed float16's range ({FLOAT16_MAX:g}): "
+                      f"this run stores them as float32 (data_gen.feature_dtype=float32 avoids the check)", stacklevel=2)
+        feature_dtype = "float32"
     flat = pa.array(feats.reshape(-1).astype(FEATURE_DTYPES[feature_dtype]))
     types = {"prompt_id": pa.string(), "task": pa.string(), "prompt_ids": pa.list_(pa.int32()),
              "response_ids": pa.list_(pa.int32()), "position": pa.int32(), "target_token": pa.int32(),
@@ -219,9 +232,15 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
         aj = np.asarray(t["autojudge_label"])[sub]
         aj_pos, aj_n = aj_pos + int((aj == 1).sum()), aj_n + int((aj != -1).sum())
     all_ld = torch.from_numpy(np.concatenate(lds)) if lds else torch.zeros(0)
+    # a shard whose features overflowed float16 was stored as float32: then every shard is (one schema)
+    wide = any(pq.read_schema(p).field("features").type.value_type == pa.float32() for p in paths)
+    feature_dtype = "float32" if wide else s.feature_dtype
     tau = tau_from_rule(all_ld, s.tau["mode"], float(s.tau["value"]), float(s.tau["quantile"]))
     for name, p in zip(names, paths):  # τ depends on the whole run: labels go in now, shard by shard, atomically
         t = pq.read_table(p)
+        if wide:
+            f = t.schema.get_field_index("features")
+            t = t.set_column(f, "features", t["features"].cast(pa.list_(pa.float32(), t.schema.field(f).type.list_size)))
         ld = torch.from_numpy(np.nan_to_num(np.asarray(t["ld"]), nan=-math.inf))
         lab = label_rule(ld, tau).numpy()  # negatives carry LD NaN -> -inf -> 0
         t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(lab, pa.int8()))
@@ -234,6 +253,7 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
     manifest = {
         **manifest_base,
         "complete": True,
+        "feature_dtype": feature_dtype,
         "shards": names,
         "tau": tau,
         "tau_rule": dict(s.tau),
@@ -245,7 +265,7 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
                    "autojudge_labelled": aj_n, "autojudge_positives": aj_pos},
         "positive_rate": positives / n_mis if n_mis else 0.0,
         "ld_histogram": {"bins": edges.tolist(), "counts": counts.astype(int).tolist()},
-        "ld_quantiles": {str(q): float(torch.quantile(all_ld, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if n_mis else {},
+        "ld_quantiles": {str(q): quantile(all_ld, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if n_mis else {},
     }
     write_dataset_card(out_dir, manifest)   # README.md: datasets.load_dataset(out_dir) reads the shards
     shards.write_manifest(out_dir, manifest)

@@ -6,9 +6,20 @@ a mismatch when ``P(important) < cut``. Every cut below is a value of ``p`` seen
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+
+def quantile(x: Any, q: float) -> float:
+    """The ``q`` quantile of ``x`` (a tensor or array; linear interpolation, as ``torch.quantile``), in float64
+    with numpy: no input-size limit (``torch.quantile`` refuses 2^24 elements or more)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError("quantile of an empty set")
+    return float(np.quantile(a, q))
 
 
 def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

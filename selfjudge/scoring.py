@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features, scalar_features
 from selfjudge.generation import TargetTrace
+from selfjudge.judge_metrics import quantile as quantile_of
 
 SCORE_VARIANTS = ("continuation", "max_logprob")
 
@@ -261,5 +262,5 @@ def tau_from_rule(all_ld: torch.Tensor, mode: str, value: float, quantile: float
             raise ValueError(f"data_gen.tau.quantile must be in (0, 1), got {quantile}")
         if all_ld.numel() == 0:
             raise ValueError("no mismatches were scored: cannot set data_gen.tau by quantile")
-        return float(torch.quantile(all_ld.float(), quantile))
+        return quantile_of(all_ld, quantile)  # numpy: no input-size limit (torch.quantile: < 2^24)
     raise ValueError(f"data_gen.tau.mode must be 'value' or 'quantile', got '{mode}'")
