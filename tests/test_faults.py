@@ -415,8 +415,10 @@ def test_changed_cache_file_is_found_by_hash_and_rebuilt(tmp_path, caplog):
     folder, log = tmp_path / "models" / "m", tmp_path / "builds.log"
     offline.build_folder_atomically(folder, _slow_build(log))
     data = bytearray((folder / "weights.bin").read_bytes())
+    assert offline.unchanged_since_verified(folder)
     data[500] ^= 0xFF                          # same size, other content
     (folder / "weights.bin").write_bytes(bytes(data))
+    assert not offline.unchanged_since_verified(folder)
     assert offline.verify(folder) == ["weights.bin"]
     with caplog.at_level(logging.WARNING, logger="selfjudge.offline"):
         offline.build_folder_atomically(folder, _slow_build(log))
