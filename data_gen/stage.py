@@ -13,7 +13,7 @@ from selfjudge import datagen
 from selfjudge.extras import check_installed
 from selfjudge.io import code_version, config_hash
 from selfjudge.locks import stage_lock
-from selfjudge.models import pair_from_mapping
+from selfjudge.models import model_key, pair_from_mapping, runtime_line
 from selfjudge.tasks import build_task
 
 STAGE_KEYS = ("output_dir", "overwrite", "dataset")  # data_gen keys that are not DataGenSettings
@@ -46,10 +46,12 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     task = build_task(d["dataset"])               # unknown dataset keys fail here
     examples = task.examples()
     rank, world = _dist()
-    hashed = {"model": plain["model"], "data_gen": {k: v for k, v in d.items() if k not in ("overwrite", "output_dir")},
-              "seed": plain["seed"]}
+    hashed = {"model": model_key(plain["model"]),  # dtype auto as resolved on this machine
+              "data_gen": {k: v for k, v in d.items() if k not in ("overwrite", "output_dir")}, "seed": plain["seed"]}
     h = config_hash(hashed)
     pair = pair_from_mapping(plain["model"])      # pairs with different vocabularies fail here
+    if rank == 0:
+        print(f"[data_gen] {runtime_line(pair.runtime)}")
     prompts = datagen.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
     out = d["output_dir"]
     if rank == 0:
@@ -65,7 +67,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
             "tokenizer": {"name_or_path": pair.tokenizer.name_or_path, "len": len(pair.tokenizer),
                           "vocab_size": pair.vocab_size},
             "feature_dim": s.features.dim(pair.target_info.hidden_size, pair.draft_info.hidden_size),
-            "features": s.features.as_dict(), "feature_dtype": s.feature_dtype,
+            "features": s.features.as_dict(), "feature_dtype": s.feature_dtype, "runtime": pair.runtime,
             "config_hash": h, "config": hashed, "seed": plain["seed"], "code_version": code_version(),
             "world_size": world, "task": task.name, "max_new_tokens": s.max_new_tokens,
             "label_sources": ["selfjudge"] + (["autojudge"] if s.autojudge.enabled and task.has_checker else []),

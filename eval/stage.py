@@ -28,7 +28,7 @@ from selfjudge.io import atomic_write_text, check_writable, code_version, config
 from selfjudge.judge import JudgeHead
 from selfjudge.locks import stage_lock
 from selfjudge.metrics import prefix_agreement, summary_rows, unique_records
-from selfjudge.models import format_prompt, pair_from_mapping
+from selfjudge.models import format_prompt, pair_from_mapping, resolve_model_config, runtime_line
 from selfjudge.policies import POLICIES, build_policy, load_head
 from selfjudge.report import write_report
 from selfjudge.tasks import build_task, example_system_prompt
@@ -151,8 +151,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ds["limit"] = e["limit"] if ds.get("limit") is None else min(ds["limit"], e["limit"])
     task = build_task(ds)
     specs = method_specs(e)  # config errors before the models load
-    mcfg = dict(plain["model"], device=e["device"])
+    mcfg = resolve_model_config(dict(plain["model"], device=e["device"]))  # dtype auto -> bf16/fp32 here
     pair = pair_from_mapping(mcfg)
+    print(f"[eval] {runtime_line(pair.runtime)}")
     dev = next(pair.target.parameters()).device
     tinfo = pair.target_info.as_dict()
     heads: dict[str, JudgeHead] = {}
@@ -176,6 +177,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     graphs = bool(e["cuda_graphs"]) and bs == 1 and dev.type == "cuda"
     if graphs:   # timings depend on it (tokens do not); only where it acts, so that other runs keep their key
         key_cfg["cuda_graphs"] = True
+    if set(pair.runtime["cpu_kernels"].values()) != {"default"}:  # the same: timings, not tokens
+        key_cfg["cpu_kernels"] = pair.runtime["cpu_kernels"]
     # (limit and offset are left out: records are per prompt id, so another slice reuses the ones it shares)
     ds_key = {k: v for k, v in ds.items() if k not in ("limit", "offset")}
     run_key = config_hash({**key_cfg, "dataset": ds_key, "target": tinfo.get("fingerprint"),
@@ -262,11 +265,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base = next(r for r in rows if r["method"] == "target")
     title = (f"{task.name}: {len(examples)} prompts, gamma={e['gamma']}, max_new_tokens={e['max_new_tokens']}, "
              f"T={e['temperature']}, batch size {bs}, target {pair.target_info.name}, draft {pair.draft_info.name}, "
-             f"{mcfg['dtype']} on {dev}")
+             f"{runtime_line(pair.runtime)} on {dev}")
     text = write_report(rows, out_dir, title)
     summary = {"complete": True, "title": title, "task": task.name, "examples": len(examples), "gamma": e["gamma"],
                "baseline_tokens_per_s": base["tokens_per_s"], "rows": rows, "code_version": code_version(),
-               "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": e,
+               "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": e, "runtime": pair.runtime,
                "code_isolation": isolation() if any(ex.task.startswith("humaneval") for ex in examples) else None,
                "engine": ("batch size 1, static KV cache + CUDA graphs" if graphs else
                           "batch size 1, DynamicCache rollback" if bs == 1 else

@@ -41,6 +41,8 @@ def _output_dir(cfg: DictConfig, stage: str) -> Path:
 
 def stage_hashes(cfg: DictConfig) -> dict[str, str]:
     """Chained hashes: each stage's hash covers its own sections and the previous stage's hash."""
+    from selfjudge.models import model_key
+
     plain = OmegaConf.to_container(cfg, resolve=True)
     hashes: dict[str, str] = {}
     prev = ""
@@ -48,6 +50,8 @@ def stage_hashes(cfg: DictConfig) -> dict[str, str]:
         parts: dict[str, Any] = {"prev": prev}
         for sec in HASHED_SECTIONS[stage]:
             val = plain.get(sec)
+            if sec == "model":  # dtype auto as resolved here; kernels change speed only
+                val = model_key(val)
             if isinstance(val, dict) and sec == stage:
                 val = {k: v for k, v in val.items() if k not in UNHASHED_KEYS}
             parts[sec] = val

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from selfjudge.io import sha256_file
+from selfjudge.kernels import apply_cpu_kernels
 from selfjudge.offline import build_folder_atomically, get_packaged, join_parts
 from selfjudge.tiny import TinyPairSpec, build_tiny_pair
 
@@ -27,6 +28,40 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("hub", "local", "gguf", "packaged", "tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU features that compute bf16 natively (x86 AVX512_BF16 or AMX; ARM BF16 / SVE BF16); elsewhere torch
+# emulates bf16 and a 1.5B linear runs ~12x slower than in fp32.
+NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def native_bf16_cpu() -> str | None:
+    """The first CPU feature (as torch detects it) that computes bf16 natively, or None."""
+    caps = torch.cpu.get_capabilities()
+    return next((f for f in NATIVE_BF16_CPU_FEATURES if caps.get(f)), None)
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(dtype name, why) for ``model.dtype`` on ``device``; ``auto`` picks the fastest safe dtype.
+
+    ``auto``: bfloat16 on CUDA (float16 where the GPU lacks bf16), bfloat16 on a CPU with native bf16,
+    float32 on other CPUs. An explicit dtype is kept as it is.
+    """
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype '{dtype}' is not one of {['auto', *sorted(DTYPES)]}")
+        return dtype, f"model.dtype={dtype}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"model.device={device} but torch sees no CUDA device; set model.device=cpu")
+        name = torch.cuda.get_device_name(torch.device(device))
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"auto: CUDA device {name} supports bf16"
+        return "float16", f"auto: CUDA device {name} lacks bf16"
+    if device != "cpu":
+        return "float32", f"auto: float32 on {device}"
+    feat = native_bf16_cpu()
+    if feat:
+        return "bfloat16", f"auto: CPU with native bf16 ({feat})"
+    return "float32", "auto: CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 would be emulated, ~12x slower"
 
 
 def default_cache_dir() -> Path:
@@ -51,8 +86,9 @@ class ModelSpec:
 
 @dataclass
 class LoadOptions:
-    dtype: str = "float32"             # float32 | bfloat16 | float16
+    dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (auto: see resolve_dtype)
     device: str = "cpu"                # cpu | cuda | cuda:N
+    cpu_kernels: str = "auto"          # auto | default | onednn (see selfjudge.kernels)
     device_map: str | None = None      # "auto" shards a target too large for one GPU
     cache_dir: str | None = None       # converted models live here (default ~/.cache/selfjudge)
     tiny: dict = field(default_factory=dict)  # TinyPairSpec fields, for source=tiny
@@ -61,10 +97,12 @@ class LoadOptions:
     def from_mapping(cls, d: Mapping[str, Any], where: str) -> "LoadOptions":
         return cls(**_checked_kwargs(cls, d, where))
 
+    def resolved_dtype(self) -> tuple[str, str]:
+        """(dtype name, why): ``auto`` resolved for this device."""
+        return resolve_dtype(self.dtype, self.resolved_device())
+
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
-        return DTYPES[self.dtype]
+        return DTYPES[self.resolved_dtype()[0]]
 
     def resolved_device(self) -> str:
         """``cuda`` means this rank's GPU under torchrun/deepspeed (LOCAL_RANK), else GPU 0."""
@@ -102,6 +140,7 @@ class ModelPair:
     tokenizer: Any
     target_info: ModelInfo
     draft_info: ModelInfo
+    runtime: dict = field(default_factory=dict)  # dtype and CPU kernels that ran, and why (see load_pair)
 
     @property
     def vocab_size(self) -> int:
@@ -300,7 +339,40 @@ def load_pair(target: ModelSpec, draft: ModelSpec, opts: LoadOptions) -> ModelPa
         )
     if t_tok.pad_token_id is None:
         t_tok.pad_token = t_tok.eos_token
-    return ModelPair(t_model, d_model, t_tok, t_info, d_info)
+    dtype, why = opts.resolved_dtype()
+    runtime = {"dtype": dtype, "dtype_reason": why, "cpu_kernels": {}, "cpu_kernels_reason": {}}
+    for role, model in (("target", t_model), ("draft", d_model)):
+        k, kwhy = apply_cpu_kernels(opts.cpu_kernels, model) if not opts.device_map else ("default", "device_map")
+        runtime["cpu_kernels"][role], runtime["cpu_kernels_reason"][role] = k, kwhy
+    log.info("dtype %s (%s); CPU kernels %s", dtype, why, runtime["cpu_kernels_reason"])
+    return ModelPair(t_model, d_model, t_tok, t_info, d_info, runtime)
+
+
+def runtime_line(runtime: dict) -> str:
+    """One line for logs and reports: ``bfloat16 (auto: ...), kernels target onednn, draft onednn``."""
+    ks = runtime.get("cpu_kernels") or {}
+    kern = ", ".join(f"{r} {k}" for r, k in ks.items())
+    return f"{runtime.get('dtype')} ({runtime.get('dtype_reason')}), kernels {kern or 'default'}"
+
+
+def resolve_model_config(model_cfg: Mapping[str, Any]) -> dict:
+    """The plain ``model`` config with ``dtype: auto`` replaced by what it resolves to on this machine.
+
+    Stages hash this form, so a run under ``auto`` keys like an explicit run of the same dtype.
+    """
+    d = dict(model_cfg)
+    d["dtype"] = resolve_dtype(d.get("dtype", "auto"), _device_of(d))[0]
+    return d
+
+
+def model_key(model_cfg: Mapping[str, Any]) -> dict:
+    """The part of the ``model`` config that decides outputs, for hashes: dtype resolved, kernels left out
+    (``cpu_kernels`` changes speed, and fp32 results only by rounding)."""
+    return {k: v for k, v in resolve_model_config(model_cfg).items() if k != "cpu_kernels"}
+
+
+def _device_of(d: Mapping[str, Any]) -> str:
+    return LoadOptions(device=d.get("device") or "cpu").resolved_device()
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:

@@ -34,6 +34,8 @@ def _model_cfg(cache_dir: Path, **tiny) -> dict:
         "target": {"source": "tiny", "name": "target", "revision": None, "adapter": None},
         "draft": {"source": "tiny", "name": "draft", "revision": None, "adapter": None},
         "dtype": "float32", "device": "cpu", "device_map": None,
+        # torch's own kernels unless the run asks for another (SELFJUDGE_TEST_CPU_KERNELS=onednn: whole suite on oneDNN)
+        "cpu_kernels": os.environ.get("SELFJUDGE_TEST_CPU_KERNELS", "default"),
         "cache_dir": str(cache_dir), "tiny": {**TINY_DEFAULT, **tiny},
     }
 

@@ -65,6 +65,7 @@ def test_records_manifest_and_scores(tmp_path, cache_dir, tiny_pair):
     assert 0 < c["response_tokens"] <= 7 * 16
     assert man["feature_dim"] == 64 and man["features"] == {"layers": [-1], "include_draft": False, "state_offsets": [0],
                                                            "scalars": []}
+    assert man["runtime"]["dtype"] == "float32" and man["runtime"]["cpu_kernels"]["target"] in ("default", "onednn")
     assert man["target_model"]["fingerprint"] and man["tokenizer"]["len"] == len(tiny_pair.tokenizer)
     assert man["tau_rule"]["mode"] == "quantile" and sum(man["ld_histogram"]["counts"]) == c["mismatches"]
     assert len(man["ld_histogram"]["bins"]) == len(man["ld_histogram"]["counts"]) + 1

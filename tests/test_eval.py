@@ -77,6 +77,8 @@ def test_eval_writes_everything_and_lossless_is_exact(tmp_path, cache_dir, promp
     for key in (("judge", 0.3), ("kl", 0.5)):   # the rule's own time is measured, inside the verify phase
         assert 0 < rows[key]["rule_share_of_verify"] < 1 and rows[key]["rule_ms_per_round"] > 0
     assert rows[("lossless", None)]["rule_share_of_verify"] == 0.0
+    assert summary["runtime"]["dtype"] == "float32" and summary["runtime"]["dtype_reason"] == "model.dtype=float32"
+    assert set(summary["runtime"]["cpu_kernels"]) == {"target", "draft"} and "float32" in summary["title"]
 
 
 def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch):

@@ -1,0 +1,134 @@
+"""CPU kernels for the models' linear layers, chosen per machine (``model.cpu_kernels``).
+
+- ``default``: torch's own path (``F.linear``: MKL sgemm in fp32, oneDNN matmul in bf16, unpacked weights).
+- ``onednn``: every ``nn.Linear`` (LM head included) reads a weight reordered once into oneDNN's blocked
+  layout (``torch.ops.mkldnn._reorder_linear_weight``) through ``torch.ops.mkldnn._linear_pointwise``, the
+  kernel inductor itself emits for frozen CPU linears. On CPUs torch's default fp32 path costs 2-4x more
+  at 5-9 rows (a verify pass) than at 1 row (a draft step); the packed weight keeps the verify pass close
+  to a single step (``scripts/bench_kernels.py``, ``docs/benchmarks.md``).
+- ``auto``: on a CPU with oneDNN, time both on one of the model's own MLP weights at 1 and 5 rows and keep
+  the faster; anywhere else (CUDA, no oneDNN) ``default``.
+
+Same model outputs up to fp32 rounding: oneDNN sums in another order, so logits differ by ~1e-6 relative
+(``tests/test_kernels.py`` bounds it and checks that greedy tokens on the tiny pair do not change).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CPU_KERNELS = ("auto", "default", "onednn")
+
+
+class OneDNNLinear(torch.nn.Module):
+    """An ``nn.Linear`` whose weight is packed once for oneDNN (CPU only; inference only)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # the packed weight is an opaque oneDNN tensor of the same shape: a buffer, not a parameter
+        self.register_buffer("weight", pack_weight(linear.weight.detach()), persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def measure_linear(w: torch.Tensor, rows=(1, 5), reps: int = 5) -> dict[str, float]:
+    """Milliseconds of ``default`` and ``onednn`` summed over ``rows`` (interleaved, median of ``reps``)."""
+    packed = pack_weight(w)
+    out = {"default": 0.0, "onednn": 0.0}
+    with torch.inference_mode():
+        for m in rows:
+            x = torch.randn(m, w.shape[1], dtype=w.dtype)
+            out["default"] += _median_ms(lambda: F.linear(x, w), reps)
+            out["onednn"] += _median_ms(lambda: onednn_linear(x, packed), reps)
+    return out
+
+
+def _probe_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The most frequent linear shape of a model that is not its LM head (the MLP's up projection)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    best = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            if best is None or m.weight.numel() > best.numel():
+                best = m.weight
+    return None if best is None else best.detach()
+
+
+def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
+    """(``default`` | ``onednn``, why) for a loaded model under ``model.cpu_kernels=choice``."""
+    if choice not in CPU_KERNELS:
+        raise ValueError(f"model.cpu_kernels '{choice}' is not one of {list(CPU_KERNELS)}")
+    p = next(model.parameters())
+    if choice == "default":
+        return "default", "model.cpu_kernels=default"
+    if p.device.type != "cpu":
+        if choice == "onednn":
+            raise ValueError(f"model.cpu_kernels=onednn needs model.device=cpu (the model is on {p.device}); "
+                             f"use cpu_kernels=auto or default")
+        return "default", f"not a CPU ({p.device.type})"
+    if not onednn_available():
+        if choice == "onednn":
+            raise ValueError("model.cpu_kernels=onednn: this torch build has no oneDNN (torch.backends.mkldnn)")
+        return "default", "torch has no oneDNN here"
+    if choice == "onednn":
+        return "onednn", "model.cpu_kernels=onednn"
+    w = _probe_weight(model)
+    if w is None:
+        return "default", "no linear layer to measure"
+    ms = measure_linear(w)
+    pick = "onednn" if ms["onednn"] < ms["default"] else "default"
+    return pick, (f"auto: a {tuple(w.shape)} {str(w.dtype).removeprefix('torch.')} linear at 1+5 rows took "
+                  f"{ms['default']:.2f} ms default, {ms['onednn']:.2f} ms oneDNN-packed")
+
+
+def use_onednn(model: torch.nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` (in place) for a :class:`OneDNNLinear`; returns how many."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, OneDNNLinear(child))
+                n += 1
+    return n
+
+
+def apply_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
+    """Resolve ``choice`` for ``model`` and apply it; returns (kernels, why)."""
+    kernels, why = resolve_cpu_kernels(choice, model)
+    if kernels == "onednn":
+        use_onednn(model)
+    return kernels, why
