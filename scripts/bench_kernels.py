@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.mkldnn  # noqa: F401  (torch.utils.mkldnn.to_mkldnn)
+import torch.utils.mkldnn  # torch.utils.mkldnn.to_mkldnn
 
 from selfjudge.io import code_version, write_json
 from selfjudge.kernels import onednn_linear, pack_weight, use_onednn
@@ -58,7 +58,7 @@ def machine() -> dict:
     caps = torch.cpu.get_capabilities()
     flags = sorted(f for f in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni") if caps.get(f))
     try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
     except (OSError, subprocess.SubprocessError):
         model = ""

@@ -72,8 +72,8 @@ def measure_linear(w: torch.Tensor, rows=(1, 5), reps: int = 5) -> dict[str, flo
     with torch.inference_mode():
         for m in rows:
             x = torch.randn(m, w.shape[1], dtype=w.dtype)
-            out["default"] += _median_ms(lambda: F.linear(x, w), reps)
-            out["onednn"] += _median_ms(lambda: onednn_linear(x, packed), reps)
+            out["default"] += _median_ms(lambda x=x: F.linear(x, w), reps)
+            out["onednn"] += _median_ms(lambda x=x: onednn_linear(x, packed), reps)
     return out
 
 
@@ -82,9 +82,8 @@ def _probe_weight(model: torch.nn.Module) -> torch.Tensor | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     best = None
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m is not head:
-            if best is None or m.weight.numel() > best.numel():
-                best = m.weight
+        if isinstance(m, torch.nn.Linear) and m is not head and (best is None or m.weight.numel() > best.numel()):
+            best = m.weight
     return None if best is None else best.detach()
 
 

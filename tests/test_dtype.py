@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from selfjudge import models
-from selfjudge.models import model_key, pair_from_mapping, resolve_dtype, resolve_model_config
+from selfjudge.models import (
+    model_key,
+    pair_from_mapping,
+    resolve_dtype,
+    resolve_model_config,
+)
 
 
 def _cpu(monkeypatch, **caps):

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 from selfjudge import kernels
 from selfjudge.decoding import decode
-from selfjudge.kernels import OneDNNLinear, apply_cpu_kernels, resolve_cpu_kernels, use_onednn
+from selfjudge.kernels import (
+    OneDNNLinear,
+    apply_cpu_kernels,
+    resolve_cpu_kernels,
+    use_onednn,
+)
 from selfjudge.models import format_prompt, pair_from_mapping
 
 pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
