@@ -132,8 +132,12 @@ def _stage_runner(stage: str) -> Callable[[DictConfig], dict]:
 @stage_lock(lambda cfg: cfg.run_dir, "run_dir")
 def run(cfg: DictConfig) -> dict:
     """Run ``pipeline.stages`` in order; return {stage: summary or 'skipped'}."""
+    started = time.perf_counter()
     stages = list(cfg.pipeline.stages)
     preflight(cfg, stages)
+    from selfjudge.pipeline.budget import fit_to_budget
+
+    budget = fit_to_budget(cfg, stages, started)  # pipeline.budget_minutes: may cut prompts/tokens, says what
     hashes = stage_hashes(cfg)
     results: dict[str, Any] = {}
     for stage in stages:
@@ -148,9 +152,11 @@ def run(cfg: DictConfig) -> dict:
             moved = _move_aside(out)  # made by another config: keep it, out of the way
             if moved:
                 print(f"[pipeline] {stage}: config changed; previous output kept at {moved}")
-        print(f"[pipeline] {stage}: running -> {out}")
+        est = f" (estimate {budget.seconds[stage] / 60:.1f} min from the warm-up rates)" if budget else ""
+        print(f"[pipeline] {stage}: running -> {out}{est}", flush=True)
         t0 = time.perf_counter()
         summary = _stage_runner(stage)(cfg)
+        print(f"[pipeline] {stage}: took {(time.perf_counter() - t0) / 60:.1f} min")
         write_json(marker, {"stage": stage, "config_hash": h, "seconds": time.perf_counter() - t0,
                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary})
         results[stage] = summary
