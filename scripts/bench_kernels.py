@@ -202,6 +202,27 @@ def bench_steps(dtypes, reps: int, layers: int | None, prompt: int = 64) -> list
     return out
 
 
+VARIANTS = ("default", "onednn", "mkldnn_tensor", "mkl_packed", "compile", "compile_autotune", "default_2t", "onednn_2t")
+
+
+def markdown(result: dict) -> str:
+    """The tables of docs/benchmarks.md from a bench_kernels.json."""
+    cols = [v for v in VARIANTS if any(v in r["ms_min"] for r in result["linears"])]
+    lines = ["| dtype | model | layer | shape | rows | " + " | ".join(cols) + " | oneDNN vs default |",
+             "|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
+    for r in result["linears"]:
+        ms = r["ms_min"]
+        cells = [f"{ms[c]:.2f}" if c in ms else "" for c in cols]
+        lines.append(f"| {r['dtype']} | {r['model']} | {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | "
+                     + " | ".join(cells) + f" | {r['vs_default']['onednn']:.2f}x |")
+    lines += ["", "| dtype | pass | default (ms) | oneDNN (ms) | oneDNN vs default | load (default / oneDNN) |",
+              "|---|---|---|---|---|---|"]
+    for r in result["steps"]:
+        lines.append(f"| {r['dtype']} | {r['what']} | {r['ms_min']['default']:.1f} | {r['ms_min']['onednn']:.1f} | "
+                     f"{r['vs_default']['onednn']:.2f}x | {r['load']['default'][0]} / {r['load']['onednn'][0]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15, help="timed calls per variant (median)")
@@ -210,7 +231,11 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-autotune", action="store_true", help="skip max-autotune-no-cudagraphs")
     ap.add_argument("--out", default=None, help="JSON output (e.g. docs/bench/bench_kernels.json)")
+    ap.add_argument("--table", default=None, help="print the markdown tables of an earlier JSON output and exit")
     a = ap.parse_args()
+    if a.table:
+        print(markdown(json.loads(Path(a.table).read_text())))
+        return
     torch.set_num_threads(1)
     shapes = [s for s in SHAPES if s[1] in COMPILED] if a.quick else SHAPES
     reps = 5 if a.quick else a.reps

@@ -108,7 +108,10 @@ def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
     w = _probe_weight(model)
     if w is None:
         return "default", "no linear layer to measure"
-    ms = measure_linear(w)
+    try:
+        ms = measure_linear(w)
+    except RuntimeError as err:  # e.g. a dtype this oneDNN build has no CPU kernel for
+        return "default", f"auto: oneDNN failed on a {str(w.dtype).removeprefix('torch.')} linear ({str(err)[:80]})"
     pick = "onednn" if ms["onednn"] < ms["default"] else "default"
     return pick, (f"auto: a {tuple(w.shape)} {str(w.dtype).removeprefix('torch.')} linear at 1+5 rows took "
                   f"{ms['default']:.2f} ms default, {ms['onednn']:.2f} ms oneDNN-packed")
