@@ -314,6 +314,7 @@ def test_second_run_on_a_busy_folder_is_refused_naming_the_first(ref, cache_dir,
 
     def midway(*a, **k):
         if not second:
+            second["code"] = None   # set before the fork: the second run itself calls the real function
             r = _Run(name, _overrides(tmp_path / "run", cache_dir, *_extra(name, ref)), tmp_path, "second",
                      fork=True)   # refused at the lock, before any DeepSpeed state is touched
             second.update(code=r.wait(), text=r.text())
