@@ -3,34 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Callable
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfjudge import datagen
+from selfjudge import labelling
 from selfjudge.extras import check_installed
-from selfjudge.io import code_version, config_hash
+from selfjudge.io import barrier, code_version, config_hash, identity, ranks
 from selfjudge.locks import stage_lock
 from selfjudge.models import model_key, pair_from_mapping, runtime_line
 from selfjudge.tasks import build_task
 
-STAGE_KEYS = ("output_dir", "overwrite", "dataset")  # data_gen keys that are not DataGenSettings
+log = logging.getLogger("selfjudge.data_gen")  # hydra's console and per-rank log file show it
+
+# what decides the data: these config sections, minus the keys named (they never change a record)
+IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir"), "seed": ()}
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size); a gloo group (for barriers only) when torchrun started several ranks."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return rank, world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
+def settings(plain: dict) -> labelling.DataGenSettings:
+    """The data_gen section checked (unknown keys, values) without loading anything."""
+    return labelling.DataGenSettings.from_section(plain["data_gen"])
 
 
 @stage_lock(lambda cfg: cfg.data_gen.output_dir, "data_gen.output_dir")
@@ -41,25 +36,23 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_installed(plain, ["data_gen"])
-    d = plain["data_gen"]
-    s = datagen.DataGenSettings.from_mapping({k: v for k, v in d.items() if k not in STAGE_KEYS})
-    task = build_task(d["dataset"])               # unknown dataset keys fail here
+    s = settings(plain)
+    task = build_task(s.dataset)                  # unknown dataset keys fail here
     examples = task.examples()
-    rank, world = _dist()
-    hashed = {"model": model_key(plain["model"]),  # dtype auto as resolved on this machine
-              "data_gen": {k: v for k, v in d.items() if k not in ("overwrite", "output_dir")}, "seed": plain["seed"]}
+    rank, world = ranks()
+    hashed = identity({**plain, "model": model_key(plain["model"])}, IDENTITY)  # dtype auto as resolved here
     h = config_hash(hashed)
     pair = pair_from_mapping(plain["model"])      # pairs with different vocabularies fail here
     if rank == 0:
-        print(f"[data_gen] {runtime_line(pair.runtime)}")
-    prompts = datagen.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
-    out = d["output_dir"]
+        log.info(runtime_line(pair.runtime))
+    prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
+    out = s.output_dir
     if rank == 0:
-        datagen.check_output_dir(out, h, world, bool(d["overwrite"]))
-    _barrier(world)
+        labelling.check_output_dir(out, h, world, s.overwrite)
+    barrier(world)
     torch.manual_seed(int(plain["seed"]))
-    stats = datagen.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard)
-    _barrier(world)
+    stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard)
+    barrier(world)
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}
     if rank == 0:
         base = {
@@ -72,9 +65,28 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
             "world_size": world, "task": task.name, "max_new_tokens": s.max_new_tokens,
             "label_sources": ["selfjudge"] + (["autojudge"] if s.autojudge.enabled and task.has_checker else []),
         }
-        manifest = datagen.finalize(out, world, s, base)
+        manifest = labelling.finalize(out, world, s, base)
         result.update(counts=manifest["counts"], positive_rate=manifest["positive_rate"], tau=manifest["tau"])
-        print(f"[data_gen] {json.dumps(manifest['counts'])} positive_rate={manifest['positive_rate']:.3f} "
-              f"tau={manifest['tau']:.4f} -> {out}")
-    _barrier(world)
+        if plain["logger"]["name"] == "wandb":
+            _log_wandb(plain, manifest)
+        log.info("%s positive_rate=%.3f tau=%.4f -> %s", json.dumps(manifest["counts"]), manifest["positive_rate"],
+                 manifest["tau"], out)
+    barrier(world)
     return result
+
+
+def _log_wandb(plain: dict, manifest: dict) -> None:
+    """The run's counts, positive rate, τ and LD histogram (rank 0, after finalize)."""
+    import numpy as np
+    import wandb
+
+    lg = plain["logger"]
+    run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], tags=[*lg["tags"], "data_gen"],
+                     config=plain, dir=plain["run_dir"], job_type="data_gen", group=lg.get("group"),
+                     reinit="finish_previous")
+    hist = manifest["ld_histogram"]
+    if hist["counts"]:
+        run.log({"data_gen/ld": wandb.Histogram(np_histogram=(np.asarray(hist["counts"]), np.asarray(hist["bins"])))})
+    run.summary.update({f"data_gen/{k}": v for k, v in manifest["counts"].items()})
+    run.summary.update({"data_gen/positive_rate": manifest["positive_rate"], "data_gen/tau": manifest["tau"]})
+    run.finish()

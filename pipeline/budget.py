@@ -8,6 +8,7 @@ the same, and finished stages are still skipped.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ HEAD_QUANTILES = 3      # thresholds a head_quantiles entry usually expands to (
 MARGIN_S = 60.0         # kept back for loading, writing reports and the unforeseen
 PLAN_FILE = "budget_plan.json"
 
+
+log = logging.getLogger("selfjudge.pipeline")  # hydra's console and per-rank log file show it
 
 def _prompt_count(ds: dict, limit: int | None = None) -> int:
     from selfjudge.tasks import build_task
@@ -79,24 +82,24 @@ def fit_to_budget(cfg: DictConfig, stages: list[str], started: float) -> Plan | 
     if saved.get("base_hash") == base:
         p = Plan(RunSize(**saved["plan"]["size"]), saved["plan"]["seconds"], saved["plan"]["budget_s"],
                  saved["plan"]["cuts"], saved["plan"]["fits"])
-        print(f"[pipeline] budget: the plan of {saved['made_at']} for these settings ({path}): {p.describe()}")
+        log.info(f"budget: the plan of {saved['made_at']} for these settings ({path}): {p.describe()}")
     else:
         from selfjudge.models import pair_from_mapping
 
-        print(f"[pipeline] budget {minutes} min: loading the pair and timing a few steps (warm-up) ...", flush=True)
+        log.info(f"budget {minutes} min: loading the pair and timing a few steps (warm-up) ...")
         pair = pair_from_mapping(plain["model"])
         t0 = time.perf_counter()
         rates = measure_rates(pair.target, pair.draft, size.gen_batch)
-        print(f"[pipeline] warm-up ({time.perf_counter() - t0:.0f} s): {rates.describe()}")
+        log.info(f"warm-up ({time.perf_counter() - t0:.0f} s): {rates.describe()}")
         del pair
         gc.collect()
         budget_s = float(minutes) * 60 - (time.perf_counter() - started) - MARGIN_S
         p = plan(size, rates, budget_s)
-        print(f"[pipeline] budget: {p.describe()}")
+        log.info(f"budget: {p.describe()}")
         write_json(path, {"base_hash": base, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                           "rates": rates.__dict__, "plan": p.as_dict(), "settings": size.__dict__})
     changed = _apply(cfg, size, p.size)
     if changed:
-        print(f"[pipeline] budget: set {', '.join(f'{k}={v}' for k, v in changed.items())}")
+        log.info(f"budget: set {', '.join(f'{k}={v}' for k, v in changed.items())}")
     return p
 

@@ -1,9 +1,11 @@
 """Run the stages in order, skipping each whose finished output matches its config.
 
-A stage is *finished* when its output folder holds ``.selfjudge-stage.json`` with the hash of the
-config that made it (its own section, the model pair, and the hash of the stage before it). A stage
-whose config changed is redone: its old output folder is renamed aside (never deleted). A stage that
-was interrupted has no marker and runs again; the stages themselves resume their partial work.
+A stage is *finished* when its output folder holds the completion marker (``selfjudge.io.MARKER``) with
+the hash of what made it: its config sections, the hash of the stage before it, and for eval the content
+of the judge head folders it reads (a head replaced by ``train.select --out`` redoes eval). Every stage's
+settings are checked before the first stage runs. A stage whose config changed is redone: its old output
+folder is renamed aside (never deleted), only once every setting has been checked. A stage that was
+interrupted has no marker and runs again; the stages themselves resume their partial work.
 """
 
 from __future__ import annotations
@@ -11,28 +13,53 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from selfjudge.extras import check_installed
-from selfjudge.io import check_writable, config_hash, read_json, write_json
+from selfjudge.io import (
+    MARKER,
+    check_writable,
+    config_hash,
+    folder_hash,
+    identity,
+    read_json,
+    read_marker,
+    write_marker,
+)
 from selfjudge.locks import stage_lock
+from selfjudge.settings import build
+from selfjudge.tasks import build_task
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("selfjudge.pipeline")  # hydra's console and per-rank log file show it
 
 STAGES = ("data_gen", "train", "eval")
-MARKER = ".selfjudge-stage.json"
-
-# Config sections that decide each stage's output (logger and launch settings do not).
-HASHED_SECTIONS = {
-    "data_gen": ("model", "data_gen", "seed"),
-    "train": ("train", "judge", "deepspeed", "seed"),
-    "eval": ("model", "eval", "seed"),
+# What decides each stage's whole output: config sections minus keys that never change it (logger and
+# launch settings are not hashed). The stages' own resume keys are narrower (see each stage).
+IDENTITY = {
+    "data_gen": {"model": (), "data_gen": ("overwrite", "output_dir"), "seed": ()},
+    "train": {"train": ("output_dir", "data_dir", "num_workers", "log_every", "resume"), "judge": (), "deepspeed": (),
+              "seed": ()},
+    "eval": {"model": (), "eval": ("output_dir", "judge_dir", "autojudge_dir", "resume"), "seed": ()},
 }
-# Keys inside a stage section that never change its result.
-UNHASHED_KEYS = {"overwrite", "output_dir", "data_dir", "judge_dir", "num_workers", "log_every", "resume"}
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The ``pipeline`` config section (conf/pipeline/default.yaml)."""
+
+    stages: list      # subset of STAGES, in order
+    force: bool       # redo stages even when their output is complete
+    budget_minutes: float | None  # fit the run to this many minutes (selfjudge.pipeline.budget; null: no cuts)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
 
 
 def _output_dir(cfg: DictConfig, stage: str) -> Path:
@@ -44,26 +71,25 @@ def stage_hashes(cfg: DictConfig) -> dict[str, str]:
     from selfjudge.models import model_key
 
     plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["model"] = model_key(plain["model"])  # dtype auto as resolved here; kernels change speed only
     hashes: dict[str, str] = {}
     prev = ""
     for stage in STAGES:
-        parts: dict[str, Any] = {"prev": prev}
-        for sec in HASHED_SECTIONS[stage]:
-            val = plain.get(sec)
-            if sec == "model":  # dtype auto as resolved here; kernels change speed only
-                val = model_key(val)
-            if isinstance(val, dict) and sec == stage:
-                val = {k: v for k, v in val.items() if k not in UNHASHED_KEYS}
-            parts[sec] = val
-        prev = hashes[stage] = config_hash(parts)
+        prev = hashes[stage] = config_hash(identity(plain, IDENTITY[stage], prev=prev))
     return hashes
 
 
+def eval_hash(cfg: DictConfig, chained: str) -> str:
+    """The eval stage's hash: its chained config hash and the content of every head folder it reads."""
+    from selfjudge.eval.stage import settings
+
+    s = settings(OmegaConf.to_container(cfg, resolve=True))
+    return config_hash({"config": chained, "heads": {k: folder_hash(d) for k, d in sorted(s.head_dirs().items())}})
+
+
 def is_finished(cfg: DictConfig, stage: str, h: str) -> bool:
-    marker = _output_dir(cfg, stage) / MARKER
-    if not marker.is_file():
-        return False
-    return read_json(marker).get("config_hash") == h
+    marker = read_marker(_output_dir(cfg, stage))
+    return marker is not None and marker.get("config_hash") == h
 
 
 def _move_aside(folder: Path) -> Path | None:
@@ -75,13 +101,16 @@ def _move_aside(folder: Path) -> Path | None:
 
 
 def preflight(cfg: DictConfig, stages: list[str]) -> None:
-    """Fail before any long work: unknown stages, missing packages, missing inputs, foreign judges,
-    unwritable folders."""
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    """Fail before any long work: unknown stages, missing packages, invalid settings, missing inputs, foreign
+    judges, unwritable folders."""
+    build(PipelineSettings, OmegaConf.to_container(cfg.pipeline, resolve=True), "pipeline")
     check_installed(OmegaConf.to_container(cfg, resolve=True), stages)
     check_writable(cfg.run_dir, "run_dir")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for s in stages:  # every stage's settings, before the first stage runs or any output is moved aside
+        _stage_module(s).settings(plain)
+        if s in ("data_gen", "eval"):
+            build_task(plain[s]["dataset"])  # dataset keys and names (the data itself loads later)
     for s in stages:
         check_writable(_output_dir(cfg, s), f"{s}.output_dir")
     if "train" in stages and "data_gen" not in stages:
@@ -119,14 +148,18 @@ def _check_judge_matches_target(cfg: DictConfig, head: Path) -> None:
         )
 
 
-def _stage_runner(stage: str) -> Callable[[DictConfig], dict]:
+def _stage_module(stage: str):
     if stage == "data_gen":
-        from selfjudge.data_gen.stage import run
+        from selfjudge.data_gen import stage as module
     elif stage == "train":
-        from selfjudge.train.stage import run
+        from selfjudge.train import stage as module
     else:
-        from selfjudge.eval.stage import run
-    return run
+        from selfjudge.eval import stage as module
+    return module
+
+
+def _stage_runner(stage: str) -> Callable[[DictConfig], dict]:
+    return _stage_module(stage).run
 
 
 @stage_lock(lambda cfg: cfg.run_dir, "run_dir")
@@ -141,28 +174,32 @@ def run(cfg: DictConfig) -> dict:
     hashes = stage_hashes(cfg)
     results: dict[str, Any] = {}
     for stage in stages:
-        h = hashes[stage]
+        h = eval_hash(cfg, hashes[stage]) if stage == "eval" else hashes[stage]  # heads: as train left them
         out = _output_dir(cfg, stage)
         if is_finished(cfg, stage, h) and not cfg.pipeline.force:
-            print(f"[pipeline] {stage}: finished output in {out} matches the config; skipped")
+            say(f"{stage}: finished output in {out} matches the config; skipped")
             results[stage] = read_json(out / MARKER).get("summary", {})
             continue
-        marker = out / MARKER
-        if marker.is_file() or cfg.pipeline.force:
+        if (out / MARKER).is_file() or cfg.pipeline.force:
             moved = _move_aside(out)  # made by another config: keep it, out of the way
             if moved:
-                print(f"[pipeline] {stage}: config changed; previous output kept at {moved}")
+                say(f"{stage}: config changed; previous output kept at {moved}")
         est = f" (estimate {budget.seconds[stage] / 60:.1f} min from the warm-up rates)" if budget else ""
-        print(f"[pipeline] {stage}: running -> {out}{est}", flush=True)
+        say(f"{stage}: running -> {out}{est}")
         t0 = time.perf_counter()
         summary = _stage_runner(stage)(cfg)
-        print(f"[pipeline] {stage}: took {(time.perf_counter() - t0) / 60:.1f} min")
-        write_json(marker, {"stage": stage, "config_hash": h, "seconds": time.perf_counter() - t0,
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary})
+        say(f"{stage}: took {(time.perf_counter() - t0) / 60:.1f} min")
+        write_marker(out, stage, h, seconds=time.perf_counter() - t0,
+                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), summary=summary)
         results[stage] = summary
     if "eval" in results:
         print_summary(cfg)
     return results
+
+
+def say(msg: str) -> None:
+    """A pipeline message (hydra's console and per-rank log file show it)."""
+    log.info(msg)
 
 
 def print_summary(cfg: DictConfig) -> None:
@@ -172,7 +209,7 @@ def print_summary(cfg: DictConfig) -> None:
     if not summary.is_file():
         return
     rows = read_json(summary)["rows"]
-    print(f"[pipeline] done. Report: {out / 'report.md'}  Plot: {out / 'pareto.png'}")
+    say(f"done. Report: {out / 'report.md'}  Plot: {out / 'pareto.png'}")
     best: dict[str, dict] = {}
     for r in rows:
         if r["method"] not in best or (r.get("speedup") or 0) > (best[r["method"]].get("speedup") or 0):
@@ -180,5 +217,5 @@ def print_summary(cfg: DictConfig) -> None:
     for m, r in best.items():
         th = "" if r.get("threshold") is None else f"@{r['threshold']:g}"
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
-        print(f"[pipeline] {m + th:<16} speedup {r.get('speedup') or 0:5.2f}x  accepted length "
+        say(f"{m + th:<16} speedup {r.get('speedup') or 0:5.2f}x  accepted length "
               f"{r['mean_accepted_length']:5.2f}  accuracy {acc}")

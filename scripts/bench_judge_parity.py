@@ -11,19 +11,32 @@ C grid (the authors' recipe). Both are scored by ``selfjudge.judge_metrics.roc_a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from selfjudge.io import write_json
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.judge_data import feature_stats, load_judge_data
 from selfjudge.judge_metrics import roc_auc
-from selfjudge.trainer import TrainSettings, make_ds_config, shutdown, train_head
+from selfjudge.trainer import TrainSettings, shutdown, train_head
+
+
+def train_settings(a: argparse.Namespace, weight_decay: float) -> TrainSettings:
+    """The train stage's settings (conf/ defaults) with this script's arguments."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from selfjudge.train.stage import settings_from
+
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=[
+            f"train.epochs={a.epochs}", f"train.lr={a.lr}", f"train.weight_decay={weight_decay}", f"seed={a.seed}",
+            f"train.device={a.device}", "train.resume=false", f"train.batch_size={a.batch_size}",
+            "train.log_every=1000000000", f"train.data_dir=[{','.join(a.data_dir)}]"])
+    return settings_from(OmegaConf.to_container(cfg, resolve=True))
 
 
 def main() -> None:
@@ -51,8 +64,7 @@ def main() -> None:
         for wd in a.weight_decays:
             head = JudgeHead(JudgeConfig(kind="logistic", feature_dim=data.feature_dim)).init_weights(a.seed)
             head.set_standardization(*feature_stats(data.train))
-            s = TrainSettings(epochs=a.epochs, lr=a.lr, weight_decay=wd, seed=a.seed, device=a.device, resume=False,
-                              deepspeed=make_ds_config(batch_size=a.batch_size), log_every=10**9)
+            s = train_settings(a, wd)
             t0 = time.perf_counter()
             train_head(head, data.train, data.val, s, Path(tmp) / f"wd{wd}")
             p = head.predict_proba(data.val[:]["features"]).numpy()

@@ -122,7 +122,7 @@ def bench_linears(shapes, rows, dtypes, reps: int, compile_modes: list[str]) -> 
                     v = _variants(w, x, modes)
                     fns = {name: f for name, f in v.items() if not name.endswith("_compile_s")}
                     samples = {name: [] for name in fns}
-                    for name, (fn, th) in fns.items():  # warm-up
+                    for _name, (fn, th) in fns.items():  # warm-up
                         torch.set_num_threads(th)
                         fn()
                     for _ in range(reps):  # interleaved: one call of each variant per round

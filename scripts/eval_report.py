@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from selfjudge.evaluation import RecordsFile
 from selfjudge.io import write_json
 from selfjudge.metrics import summary_rows
 from selfjudge.report import write_report
@@ -28,12 +29,7 @@ def main() -> None:
     src = Path(args.eval_dir) / "per_example.jsonl"
     if not src.is_file():
         raise SystemExit(f"eval_report: {src} does not exist: pass the eval output folder (eval.output_dir)")
-    recs = []
-    for line in src.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
+    recs = RecordsFile(args.eval_dir).read(repair=False)  # a line cut by a kill (or a running eval) is left out
     methods = list(dict.fromkeys((r["method"], r["threshold"]) for r in recs))
     if ("target", None) not in methods:
         raise SystemExit(f"eval_report: no target-only records in {src}: nothing to measure speedup against")

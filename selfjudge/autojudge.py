@@ -16,8 +16,9 @@ Mismatches not reached (budget ``max_mismatches``, or past the sequential stop) 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class AutoJudgeSettings:
     max_new_tokens: int    # tokens regenerated after a swap (also capped by the response's own budget)
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> "AutoJudgeSettings":
+    def from_mapping(cls, d: Mapping[str, Any]) -> AutoJudgeSettings:
         keys = {"enabled", "mode", "max_mismatches", "max_new_tokens"}
         if set(d) != keys:
             raise KeyError(f"data_gen.autojudge needs exactly the keys {sorted(keys)}, got {sorted(d)}")

@@ -22,8 +22,17 @@ import time
 import torch
 from transformers import DynamicCache
 
-from selfjudge.decoding import (AcceptRule, DecodeStats, Verification, _cache_kwarg, _correction, _draw, _sync,
-                                setup, standard_accept)
+from selfjudge.decoding import (
+    AcceptRule,
+    DecodeStats,
+    Verification,
+    _cache_kwarg,
+    _correction,
+    _draw,
+    _sync,
+    setup,
+    standard_accept,
+)
 from selfjudge.features import FeatureSpec, forward_with_hidden
 
 

@@ -9,8 +9,9 @@ it, ``datasets.load_dataset("<run>/data")`` reads the JSON sidecar files as data
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 

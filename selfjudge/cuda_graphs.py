@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from transformers import StaticCache
@@ -66,7 +66,7 @@ class StaticDecoder:
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager path
                 torch.cuda.synchronize(ids.device)
                 self.graphs, self.failure = None, f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly on the static cache: {self.failure}")
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly on the static cache: {self.failure}", stacklevel=2)
                 return fn(ids)
         return graph(ids)
 
@@ -100,7 +100,7 @@ def _where(model: torch.nn.Module) -> tuple:
     return ps[0].device, ps[0].dtype, tuple(p.data_ptr() for p in ps)
 
 
-_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, StaticDecoder]]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, StaticDecoder]] = weakref.WeakKeyDictionary()
 
 
 def static_decoder(model: torch.nn.Module, role: str, need: int, graphs: bool) -> StaticDecoder:

@@ -10,7 +10,7 @@ decoding of ``target``, and draft-only decoding is ``decode(draft, None, ...)``.
    proposes ``γ`` tokens one forward at a time, computing logits for the last position only;
 2. **verify**: the target reads ``[last, d_1..d_γ]`` in ONE forward pass over its cache
    (:func:`selfjudge.features.forward_with_hidden`), giving the distributions that judge each ``d_j``
-   and the hidden states where ``d_j`` is the input token (the judge's features, METHOD §2.8);
+   and the hidden states where ``d_j`` is the input token (the judge's features, docs/method.md);
 3. **accept**: ``d_j`` is kept iff the standard test (greedy match, or the speculative-sampling test
    ``u < p/q``) accepts it OR the policy's rule does; the longest kept prefix is committed plus one
    target token: the correction at the first rejection, or the bonus token after a full window;
@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

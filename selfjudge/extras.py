@@ -9,7 +9,8 @@ for one that is missing, instead of failing at the import hours later (eval logs
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 # module -> (pip requirement, extra that brings it)
 PACKAGES: dict[str, tuple[str, str]] = {

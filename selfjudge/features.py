@@ -18,11 +18,11 @@ and one small matmul per round, and no extra forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
-
 
 SCALARS = ("target_logp", "target_top1_logp", "target_gap", "target_entropy", "target_log_rank", "draft_logp", "kl")
 DRAFT_SCALARS = ("draft_logp", "kl")       # need the draft's logits
@@ -38,7 +38,7 @@ class FeatureSpec:
     scalars: tuple[str, ...] = ()           # rule quantities appended (SCALARS), in the order given
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any] | None) -> "FeatureSpec":
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> FeatureSpec:
         """From a config mapping; keys missing (a head saved before they existed) take the defaults."""
         d = dict(d or {})
         unknown = set(d) - set(FEATURE_KEYS)

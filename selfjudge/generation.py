@@ -13,8 +13,8 @@ over x ⊕ y a second time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -151,5 +151,4 @@ def greedy_responses(
 ) -> Iterator[tuple[int, list[int]]]:
     """Yield (prompt index, greedy response) for every prompt, in batches of similar length."""
     for idx in fixed_batches([len(p) for p in prompts], batch_size):
-        for i, resp in zip(idx, greedy_batch(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, pad_id, vocab)):
-            yield i, resp
+        yield from zip(idx, greedy_batch(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, pad_id, vocab))

@@ -1,33 +1,84 @@
-"""Atomic file writes, JSON helpers and the code version recorded in every output."""
+"""Atomic writes, JSON helpers, run identities (what made an output) and the code version in every output.
+
+One writer: :func:`atomic_path` (a temporary name in the same folder, fsync, then rename) and the helpers
+built on it; :func:`atomic_folder` does the same for a whole folder. One run identity: :func:`identity`
+(named config sections minus excluded keys, plus the hashes of input folders), hashed by :func:`config_hash`
+and stamped into an output folder by :func:`write_marker` once the stage that wrote it has finished.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from selfjudge import __version__
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error the file is fsynced and
+    renamed to ``path`` (readers see the old file or the whole new one, never a part), else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder``; when the block ends without error it replaces ``folder``
+    (an existing one is moved out of the way first and removed after), else it is removed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    old = folder.parent / f".{folder.name}.old"
+    try:
+        yield tmp
+        if old.exists():
+            shutil.rmtree(old)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -65,6 +116,41 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def folder_hash(folder: str | os.PathLike) -> str | None:
+    """Content hash of a folder's files (relative names and bytes; hidden files left out); None if absent."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in
+                                                                                p.relative_to(folder).parts)):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def identity(plain: Mapping[str, Any], sections: Mapping[str, tuple[str, ...]], **inputs: Any) -> dict:
+    """What decides an output: each named config section minus its excluded keys, plus ``inputs`` (the hashes
+    of input folders, an earlier stage's key). ``sections``: {section: keys left out}. Hash it with
+    :func:`config_hash`; every stage, and the pipeline, name their output this way."""
+    out: dict[str, Any] = {}
+    for sec, excluded in sections.items():
+        val = plain.get(sec)
+        out[sec] = {k: v for k, v in val.items() if k not in excluded} if isinstance(val, Mapping) else val
+    return {**out, **inputs}
+
+
+MARKER = ".selfjudge-stage.json"   # in a stage's output folder once the stage finished: {"stage", "config_hash", ...}
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    p = Path(folder) / MARKER
+    return read_json(p) if p.is_file() else None
+
+
+def write_marker(folder: str | os.PathLike, stage: str, key: str, **info: Any) -> None:
+    write_json(Path(folder) / MARKER, {"stage": stage, "config_hash": key, **info})
+
+
 def code_version() -> str:
     """Package version plus the git commit of the source tree when there is one."""
     root = Path(__file__).resolve().parent.parent
@@ -88,3 +174,21 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     except OSError as e:
         raise PermissionError(f"{what}: cannot write to '{folder}' ({e.strerror}); choose another folder") from e
     return folder
+
+
+def ranks() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; a gloo group (for barriers only) when there are several."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return rank, world
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -19,8 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
 from torch import nn
 
 from selfjudge.cards import judge_model_card
-from selfjudge.io import write_json
+from selfjudge.io import atomic_folder, write_json
 
 HEAD_KINDS = ("logistic", "mlp")
 OBJECTIVES = ("classify", "regress_ld")
@@ -76,7 +74,7 @@ class JudgeConfig:
                              "and its τ (ld_tau)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JudgeConfig":
+    def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -106,7 +104,7 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
                 nn.Linear(d, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.hidden_dim, 1)
             )
 
-    def init_weights(self, seed: int) -> "JudgeHead":
+    def init_weights(self, seed: int) -> JudgeHead:
         """Re-initialise ``net`` from ``seed`` alone (independent of the global RNG state)."""
         g = torch.Generator().manual_seed(int(seed))
         with torch.no_grad():
@@ -155,20 +153,9 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
         """Write the folder (weights, ``judge_config.json``, model card) atomically: built beside it, then
         swapped in, so readers never see half a head. ``push_to_hub=True, repo_id=...`` also uploads it."""
         folder = Path(save_directory)
-        folder.parent.mkdir(parents=True, exist_ok=True)
         push = hub_kwargs.pop("push_to_hub", False)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-        old = folder.parent / f".{folder.name}.old"
-        try:
+        with atomic_folder(folder) as tmp:
             ModelHubMixin.save_pretrained(self, tmp, model_card_kwargs=hub_kwargs.pop("model_card_kwargs", None))
-            if old.exists():
-                shutil.rmtree(old)
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
         if push:
             self.push_to_hub(repo_id=hub_kwargs.pop("repo_id", None) or folder.name, **hub_kwargs)
         return folder
@@ -185,7 +172,7 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
         return judge_model_card(asdict(self.config), self._hub_mixin_info.model_card_data, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "JudgeHead":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> JudgeHead:
         """Load a head folder written by ``save_pretrained`` (a local path, or a hub repo id) in fp32, eval mode.
         Keyword arguments: ``map_location`` (default cpu) and the mixin's hub options (revision, token, ...)."""
         name = str(pretrained_model_name_or_path)
@@ -205,7 +192,7 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
                          force_download: bool, local_files_only: bool, token: str | bool | None,
-                         map_location: str = "cpu", **_: Any) -> "JudgeHead":
+                         map_location: str = "cpu", **_: Any) -> JudgeHead:
         from safetensors.torch import load_file
 
         folder = Path(model_id)

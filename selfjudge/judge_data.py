@@ -8,9 +8,10 @@ split only build index mappings, so the features are never all in RAM. The valid
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: 
     val_ids = {p for p in uniq if is_val_prompt(p, seed, val_fraction)}
     if not val_ids or len(val_ids) == len(uniq):
         if len(uniq) < 2:
-            raise ValueError(f"train.data_dir has a single prompt: a prompt-level split needs at least two")
+            raise ValueError("train.data_dir has a single prompt: a prompt-level split needs at least two")
         val_ids = {uniq[-1]} if not val_ids else set(uniq[1:])  # too few prompts for the hash: keep both sides
     val_mask = np.fromiter((p in val_ids for p in pids), dtype=bool, count=len(pids))
     for side, mask in (("training", ~val_mask), ("validation", val_mask)):

@@ -6,7 +6,8 @@ a mismatch when ``P(important) < cut``. Every cut below is a value of ``p`` seen
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -20,9 +20,10 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -52,7 +53,7 @@ def env_wait() -> float:
     try:
         value = math.inf if raw in ("inf", "forever", "-1") else float(raw)
     except ValueError:
-        raise ValueError(f"{WAIT_ENV}={raw!r}: give seconds to wait for a busy folder (0: refuse, inf: no limit)")
+        raise ValueError(f"{WAIT_ENV}={raw!r}: give seconds to wait for a busy folder (0: refuse, inf: no limit)") from None
     return value if value >= 0 else math.inf
 
 

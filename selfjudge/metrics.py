@@ -4,7 +4,8 @@ as the eval stage writes them to per_example.jsonl."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def prefix_agreement(output: Sequence[int], reference: Sequence[int]) -> float:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ class ModelSpec:
             raise ValueError(f"model source '{self.source}' is not one of {SOURCES} (key: source)")
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], where: str) -> "ModelSpec":
+    def from_mapping(cls, d: Mapping[str, Any], where: str) -> ModelSpec:
         return cls(**_checked_kwargs(cls, d, where))
 
 
@@ -94,7 +95,7 @@ class LoadOptions:
     tiny: dict = field(default_factory=dict)  # TinyPairSpec fields, for source=tiny
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], where: str) -> "LoadOptions":
+    def from_mapping(cls, d: Mapping[str, Any], where: str) -> LoadOptions:
         return cls(**_checked_kwargs(cls, d, where))
 
     def resolved_dtype(self) -> tuple[str, str]:

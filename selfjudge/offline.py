@@ -20,10 +20,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from selfjudge.io import atomic_write_text, sha256_file
 from selfjudge.locks import folder_lock

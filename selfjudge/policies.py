@@ -20,8 +20,9 @@ temperature T > 0 the distributions compared are the tempered ones (logits / T).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 

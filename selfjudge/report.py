@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from selfjudge.io import atomic_write_text
+from selfjudge.io import atomic_path, atomic_write_text
 
 COLUMNS = ("method", "threshold", "accuracy", "agreement_exact", "agreement_prefix", "mean_accepted_length",
            "acceptance_rate", "tokens_per_s", "speedup")
@@ -101,10 +101,9 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

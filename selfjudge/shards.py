@@ -3,7 +3,7 @@
 Layout of a data folder::
 
     manifest.json                  # written last, atomically; "complete": true only when all ranks finished
-    shards/rank000-00000.parquet   # each shard written to a temp name, fsynced and renamed: never half-written
+    shards/rank000-00000.parquet   # each shard written to a temp name and renamed: never read half-written
     shards/rank000.progress.json   # per rank: shards written and the prompt ids they cover (for resume)
 
 Readers open the shards memory-mapped through ``datasets`` (Arrow), never all in RAM.
@@ -11,15 +11,14 @@ Readers open the shards memory-mapped through ``datasets`` (Arrow), never all in
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selfjudge.io import read_json, write_json
+from selfjudge.io import atomic_path, read_json, write_json
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -34,25 +33,11 @@ def progress_path(root: Path, rank: int) -> Path:
 
 
 def write_shard(root: str | Path, rank: int, index: int, table: pa.Table) -> Path:
-    """Write one shard durably and atomically: a temp file in the same folder, fsync, rename, fsync the folder."""
-    folder = Path(root) / SHARD_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / shard_name(rank, index)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    """Write one shard durably and atomically: a temp file in the same folder, fsync, rename, fsync the folder
+    (``io.atomic_path``)."""
+    final = Path(root) / SHARD_DIR / shard_name(rank, index)
+    with atomic_path(final) as tmp:  # fsynced before the rename
         pq.write_table(table, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
-        os.replace(tmp, final)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)  # and so is the rename
-        finally:
-            os.close(dfd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return final
 
 

@@ -13,6 +13,7 @@ included (the consumed micro-batches of that epoch's fixed order are skipped).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -20,9 +21,10 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ from selfjudge.io import read_json, sha256_file, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.judge_metrics import bce_loss, operating_points, precision_recall_at, summarize
 
+logger = logging.getLogger(__name__)
+
 ZERO_STAGES = (0, 1, 2)
 
 
@@ -44,25 +48,28 @@ def make_ds_config(batch_size: int = 256, grad_accum: int = 1, grad_clip: float 
             "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 20                    # passes over the training split
-    lr: float = 3e-3                    # AdamW learning rate
-    weight_decay: float = 1e-2          # AdamW (decoupled) weight decay
-    betas: tuple = (0.9, 0.999)         # AdamW betas
-    eps: float = 1e-8                   # AdamW epsilon
-    seed: int = 0                       # data order, init and dropout
-    num_workers: int = 0                # DataLoader workers
-    log_every: int = 50                 # optimizer steps between train-loss logs
-    checkpoint_every: int = 0           # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
-    keep_checkpoints: int = 2           # newest checkpoints kept on disk
-    resume: bool = True                 # continue from the newest checkpoint in ckpt_dir
-    device: str = "auto"                # auto | cpu | cuda
-    quantiles: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)  # validation-probability quantiles for the eval sweep
-    eval_batch_size: int = 4096         # rows per validation forward
-    bf16_on_gpu: bool = True            # bf16 engine on CUDA (CPU is always fp32)
-    deepspeed: dict = field(default_factory=make_ds_config)  # the DeepSpeed config (conf/deepspeed/*.yaml: config)
-    run_key: str = ""                   # identifies the training setup; a checkpoint of another key is refused
+    """What the trainer needs; the train stage builds it from train.*, judge and deepspeed (conf/ holds the
+    defaults: no field has one here)."""
+
+    epochs: int                         # passes over the training split
+    lr: float                           # AdamW learning rate
+    weight_decay: float                 # AdamW (decoupled) weight decay
+    betas: tuple                        # AdamW betas
+    eps: float                          # AdamW epsilon
+    seed: int                           # data order, init and dropout
+    num_workers: int                    # DataLoader workers
+    log_every: int                      # optimizer steps between train-loss logs
+    checkpoint_every: int               # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
+    keep_checkpoints: int               # newest checkpoints kept on disk
+    resume: bool                        # continue from the newest checkpoint in ckpt_dir
+    device: str                         # auto | cpu | cuda
+    quantiles: tuple                    # validation-probability quantiles for the eval sweep
+    eval_batch_size: int                # rows per validation forward
+    bf16_on_gpu: bool                   # bf16 engine on CUDA (CPU is always fp32)
+    deepspeed: dict                     # the DeepSpeed config (conf/deepspeed/*.yaml: config)
+    run_key: str                        # identifies the training setup (data included); other keys are refused
 
     @property
     def batch_size(self) -> int:
@@ -253,13 +260,14 @@ def train_head(
         if path is None:
             raise RuntimeError(f"could not load the checkpoint in '{ckpt_dir}': remove it or set train.resume=false")
         if client.get("run_key") != s.run_key:
-            raise ValueError(f"'{ckpt_dir}' holds checkpoints of another training setup: set train.resume=false to "
-                             f"start over, or choose another train.output_dir")
+            raise ValueError(f"'{ckpt_dir}' holds checkpoints of another training setup (other data, or other train, "
+                             f"judge or deepspeed settings): set train.resume=false to start over, or choose another "
+                             f"train.output_dir")
         epoch, batch_in_epoch = int(client["epoch"]), int(client["batch"])
         best, history, resumed_from = client["best"], client["history"], path
         torch.set_rng_state(client["rng"])
         if rank == 0:
-            print(f"[train] resumed from {path}: epoch {epoch}, micro-batch {batch_in_epoch}, step {engine.global_steps}")
+            logger.info(f"resumed from {path}: epoch {epoch}, micro-batch {batch_in_epoch}, step {engine.global_steps}")
 
     def save(ep: int, batch: int) -> None:
         client = {"epoch": ep, "batch": batch, "best": best, "history": history, "run_key": s.run_key,
@@ -304,7 +312,7 @@ def train_head(
         m.update(epoch=epoch, step=engine.global_steps)
         history.append(m)
         if rank == 0:
-            print(f"[train] epoch {epoch}: val loss {m['loss']:.4f} ROC-AUC {m['roc_auc']:.4f} PR-AUC {m['pr_auc']:.4f}")
+            logger.info(f"epoch {epoch}: val loss {m['loss']:.4f} ROC-AUC {m['roc_auc']:.4f} PR-AUC {m['pr_auc']:.4f}")
             if log:
                 log(engine.global_steps, {f"val/{k}": v for k, v in m.items()})
         if m["roc_auc"] > best["roc_auc"]:

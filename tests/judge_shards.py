@@ -1,4 +1,4 @@
-"""A data_gen-format shards folder for the judge tests (contract 2), built with ``selfjudge.shards``.
+"""A data_gen-format shards folder for the judge tests (the columns of labelling.to_table), built with ``selfjudge.shards``.
 
 Per prompt, ``per_prompt`` mismatches; each gives a substituted row (label 1 with probability ``pos_rate``)
 and an original-token negative (label 0). Features are drawn from two Gaussians (class means differ

@@ -4,7 +4,6 @@ window, token limits that cut windows and rows leaving the batch at different ro
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from selfjudge.data_gen.stage import run as data_gen
 from sklearn.metrics import roc_auc_score
 
+from selfjudge.data_gen.stage import run as data_gen
 from selfjudge.features import SCALARS
 from selfjudge.shards import open_dataset
 

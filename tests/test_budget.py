@@ -4,14 +4,15 @@ says what it cut; the pipeline applies the plan, prints estimates, and a rerun r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
-from selfjudge.pipeline import budget as pbudget
-from selfjudge.pipeline import stage as pipeline
 
 from selfjudge.budget import Rates, RunSize, estimate, measure_rates, plan
+from selfjudge.pipeline import budget as pbudget
+from selfjudge.pipeline import stage as pipeline
 
 # a 2-core CPU with native bf16 (about what the quickstart pair measures there) and one 4x slower
 FAST = Rates(step_s=0.2, batch_step_s=0.4, prefill_tok_s=100.0, draft_step_s=0.07)
@@ -82,7 +83,8 @@ def _cfg(run_dir: Path, cache_dir: Path, *extra: str):
                                                "logger=none", *extra])
 
 
-def test_pipeline_fits_the_budget_and_a_rerun_reuses_the_plan(tmp_path, cache_dir, monkeypatch, capsys):
+def test_pipeline_fits_the_budget_and_a_rerun_reuses_the_plan(tmp_path, cache_dir, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     calls = []
 
     def slow_rates(target, draft, batch, **kw):          # the tiny pair is fast: pretend a slow machine
@@ -92,10 +94,11 @@ def test_pipeline_fits_the_budget_and_a_rerun_reuses_the_plan(tmp_path, cache_di
     monkeypatch.setattr(pbudget, "measure_rates", slow_rates)
     run_dir = tmp_path / "run"
     pipeline.run(_cfg(run_dir, cache_dir, "pipeline.budget_minutes=10"))
-    out = capsys.readouterr().out
+    out = caplog.text
+    caplog.clear()
     assert calls == [4]                                  # measured once, at data_gen's batch size
     assert "data_gen prompts 12 -> 8" in out and "eval prompts 4 -> 2" in out
-    assert "[pipeline] data_gen: running" in out and "min from the warm-up rates" in out
+    assert "data_gen: running" in out and "min from the warm-up rates" in out
     man = json.loads((run_dir / "data" / "manifest.json").read_text())
     assert man["counts"]["prompts"] == 8
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
@@ -104,6 +107,6 @@ def test_pipeline_fits_the_budget_and_a_rerun_reuses_the_plan(tmp_path, cache_di
     assert saved["plan"]["cuts"][:2] == ["data_gen prompts 12 -> 8", "eval prompts 4 -> 2"]
 
     pipeline.run(_cfg(run_dir, cache_dir, "pipeline.budget_minutes=10"))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert calls == [4]                                  # not measured again: the stored plan
     assert "the plan of" in out and out.count("skipped") == 3

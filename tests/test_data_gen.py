@@ -154,12 +154,12 @@ def test_bad_input(tmp_path, cache_dir, tiny_model_cfg):
 
 
 def test_empty_prompt_set(tiny_pair):
-    from selfjudge import datagen
+    from selfjudge import labelling
     from selfjudge.tasks import build_task
 
     task = build_task({"name": "gsm_symbolic", "limit": 1})
     with pytest.raises(ValueError, match="data_gen.dataset gave no prompts"):
-        datagen.tokenize_examples(tiny_pair, task, [], None)
+        labelling.tokenize_examples(tiny_pair, task, [], None)
 
 
 def _free_port() -> int:

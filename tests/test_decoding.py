@@ -4,7 +4,6 @@ distribution. ``device`` parametrizes CUDA runs (scripts/gpu_check.sh: pytest --
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from selfjudge import evaluation
 from selfjudge.eval import stage
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.tasks import DatasetConfigError
@@ -91,8 +92,8 @@ def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch
     lines = (out / "per_example.jsonl").read_text().splitlines(keepends=True)
     (out / "per_example.jsonl").write_text("".join(lines[:7]) + lines[7][:20])
     calls = []
-    real = stage.decode
-    monkeypatch.setattr(stage, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evaluation.decode
+    monkeypatch.setattr(evaluation, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0"))
     assert len(calls) == 2                                        # records 8 and 9 only
     again = _records(out)

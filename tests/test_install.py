@@ -4,10 +4,10 @@ missing extra fails before any work, naming the extra."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _name(req: str) -> str:
-    return re.split(r"[<>=!~\[ ;]", req, 1)[0].lower().replace("_", "-")
+    return re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower().replace("_", "-")
 
 
 def test_pyproject_declares_ranges_and_constraints_pin_them():

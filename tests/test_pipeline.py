@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def _rows(run_dir: Path) -> int:
     return json.loads((run_dir / "data" / "manifest.json").read_text())["counts"]["records"]
 
 
-def test_tiny_pipeline_end_to_end_then_skips(tmp_path, cache_dir, capsys):
+def test_tiny_pipeline_end_to_end_then_skips(tmp_path, cache_dir, caplog):
+    caplog.set_level(logging.INFO)
     run_dir = tmp_path / "run"
     cfg = _cfg(run_dir, cache_dir)
     out = pipeline.run(cfg)
@@ -31,20 +33,22 @@ def test_tiny_pipeline_end_to_end_then_skips(tmp_path, cache_dir, capsys):
     for f in ("summary.json", "per_example.jsonl", "report.md", "pareto.png"):
         assert (run_dir / "eval" / f).is_file(), f
     assert (run_dir / "judge" / "head" / "judge_config.json").is_file()
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "lossless" in printed and "judge" in printed
+    caplog.clear()
     markers = {s: (run_dir / p / pipeline.MARKER).stat().st_mtime for s, p in
                (("data_gen", "data"), ("train", "judge"), ("eval", "eval"))}
 
     again = pipeline.run(_cfg(run_dir, cache_dir))
     assert set(again) == {"data_gen", "train", "eval"}
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert printed.count("skipped") == 3
     for s, p in (("data_gen", "data"), ("train", "judge"), ("eval", "eval")):
         assert (run_dir / p / pipeline.MARKER).stat().st_mtime == markers[s]
 
 
-def test_interrupted_stage_resumes_without_redoing_finished_ones(tmp_path, cache_dir, monkeypatch, capsys):
+def test_interrupted_stage_resumes_without_redoing_finished_ones(tmp_path, cache_dir, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     run_dir = tmp_path / "run"
     real_runner = pipeline._stage_runner
 
@@ -67,14 +71,15 @@ def test_interrupted_stage_resumes_without_redoing_finished_ones(tmp_path, cache
     assert (run_dir / "data" / pipeline.MARKER).stat().st_mtime == data_marker
     assert _rows(run_dir) == rows
     assert (run_dir / "eval" / pipeline.MARKER).is_file()
-    assert "data_gen: finished output" in capsys.readouterr().out
+    assert "data_gen: finished output" in caplog.text
 
 
-def test_changed_config_redoes_stage_and_keeps_old_output(tmp_path, cache_dir, capsys):
+def test_changed_config_redoes_stage_and_keeps_old_output(tmp_path, cache_dir, caplog):
+    caplog.set_level(logging.INFO)
     run_dir = tmp_path / "run"
     pipeline.run(_cfg(run_dir, cache_dir, "pipeline.stages=[data_gen]"))
     pipeline.run(_cfg(run_dir, cache_dir, "pipeline.stages=[data_gen]", "data_gen.window=3"))
-    assert "config changed" in capsys.readouterr().out
+    assert "config changed" in caplog.text
     assert list(run_dir.glob("data.replaced-*"))
 
 

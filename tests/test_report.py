@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import math
+
+import pytest
 
 from selfjudge.metrics import add_hist, aggregate, paired_with, prefix_agreement, summary_rows
 from selfjudge.report import markdown_table, pareto_plot, write_report

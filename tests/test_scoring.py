@@ -104,7 +104,7 @@ def test_feature_options_match_naive(tiny_pair):
 
 
 def test_scores_match_definition_by_hand(tiny_pair):
-    """Orig/Alt of one mismatch recomputed straight from the formulas in METHOD §2.6."""
+    """Orig/Alt of one mismatch recomputed straight from the formulas in docs/method.md."""
     ids, resp = _responses(tiny_pair)[1]
     a = score_response(tiny_pair.target, tiny_pair.draft, ids, resp, tiny_pair.vocab_size, window=3)
     j = 0

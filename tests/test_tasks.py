@@ -10,9 +10,20 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from selfjudge.tasks import (COMMON, DEFAULTS, DatasetConfigError, build_task, example_system_prompt, extract_code,
-                             extract_answer, extract_letter, humaneval_program, normalize_number, score_letter,
-                             score_number)
+from selfjudge.tasks import (
+    COMMON,
+    DEFAULTS,
+    DatasetConfigError,
+    build_task,
+    example_system_prompt,
+    extract_answer,
+    extract_code,
+    extract_letter,
+    humaneval_program,
+    normalize_number,
+    score_letter,
+    score_number,
+)
 from selfjudge.tasks.base import iter_json_array, package_file
 from selfjudge.tasks.sources import HUMANEVAL_FILE
 

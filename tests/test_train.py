@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from selfjudge import shards
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.judge_data import feature_stats, load_judge_data
 from selfjudge.judge_metrics import roc_auc
-from selfjudge.trainer import TrainSettings, make_ds_config, train_head
+from selfjudge.trainer import train_head
 from tests.judge_shards import DIM, make_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +55,10 @@ def test_every_head_parameter_changes_and_buffers_do_not(data_dir, tmp_path, kin
     stats = feature_stats(data.train)
     head.set_standardization(*stats)
     before = _params(head)
-    s = TrainSettings(epochs=2, lr=0.01, device="cpu", deepspeed=make_ds_config(batch_size=32))
+    from selfjudge.train.stage import settings_from
+
+    s = settings_from(OmegaConf.to_container(_cfg(tmp_path, "train.epochs=2", "train.lr=0.01", "train.batch_size=32",
+                                                  f"train.data_dir={data_dir}"), resolve=True))
     res = train_head(head, data.train, data.val, s, tmp_path / "ck")
     for k, v in head.named_parameters():
         assert not torch.equal(v, before[k]), f"{kind}: {k} did not change"

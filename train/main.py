@@ -10,8 +10,10 @@
 import hydra
 from omegaconf import DictConfig
 
+import selfjudge.conf.hooks  # noqa: F401  (the ${section:...} resolver of --help)
 
-@hydra.main(config_path="pkg://selfjudge.conf", config_name="selfjudge", version_base="1.3")
+
+@hydra.main(config_path="pkg://selfjudge.conf", config_name="cli_train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from selfjudge.train.stage import run
 

@@ -8,24 +8,67 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from selfjudge.extras import check_installed
 from selfjudge.features import FeatureSpec
-from selfjudge.io import code_version, config_hash, write_json
+from selfjudge.io import code_version, config_hash, identity, sha256_file, write_json
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.judge_data import JudgeData, feature_stats, folder_list, load_judge_data
 from selfjudge.locks import stage_lock
+from selfjudge.settings import build, check_keys, is_int, require
 from selfjudge.trainer import ZERO_STAGES, TrainSettings, shutdown, train_head
+
+log = logging.getLogger("selfjudge.train")  # hydra's console and per-rank log file show it
 
 # keys of train.* that do not change what is trained (a checkpoint made under other values still fits)
 _RUN_ONLY_KEYS = ("epochs", "output_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints",
-                  "resume", "eval_batch_size", "val_examples", "quantiles", "device")
+                  "resume", "eval_batch_size", "val_examples", "quantiles", "device", "data_dir")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The ``train`` config section (conf/train/default.yaml documents each key)."""
+
+    data_dir: Any                  # a data_gen output folder, or a list of them
+    output_dir: str
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    grad_clip: float
+    lr: float
+    weight_decay: float
+    val_fraction: float
+    label_source: str
+    use_negatives: bool
+    seed: int
+    num_workers: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: bool
+    device: str
+    eval_batch_size: int
+    val_examples: int
+    quantiles: list
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
+            require(is_int(getattr(self, key), 1), f"train.{key}", "an integer >= 1", getattr(self, key))
+        for key in ("num_workers", "checkpoint_every", "keep_checkpoints", "val_examples"):
+            require(is_int(getattr(self, key), 0), f"train.{key}", "an integer >= 0", getattr(self, key))
+        require(isinstance(self.lr, (int, float)) and self.lr > 0, "train.lr", "> 0", self.lr)
+        require(isinstance(self.quantiles, list) and all(isinstance(q, (int, float)) and 0 <= q <= 1
+                                                         for q in self.quantiles), "train.quantiles",
+                "a list of numbers in [0, 1]", self.quantiles)
 
 
 def deepspeed_options() -> dict[str, int]:
@@ -36,23 +79,40 @@ def deepspeed_options() -> dict[str, int]:
     return {f.name[:-5]: int(_O.create(f.read_text())["zero_stage"]) for f in folder.iterdir() if f.name.endswith(".yaml")}
 
 
-def settings_from(plain: dict) -> TrainSettings:
-    """TrainSettings from the resolved config (train.* and the deepspeed group)."""
-    t, ds = plain["train"], plain["deepspeed"]
+def settings(plain: dict) -> TrainSection:
+    """train, judge and deepspeed sections checked (unknown keys, values) without reading any data."""
+    t = build(TrainSection, plain["train"], "train")
+    check_keys(plain["judge"], ["kind", "hidden_dim", "dropout"], "judge")
+    check_keys(plain["deepspeed"], ["zero_stage", "bf16_on_gpu", "optimizer", "config"], "deepspeed")
+    check_keys(plain["deepspeed"]["optimizer"], ["lr", "weight_decay", "betas", "eps"], "deepspeed.optimizer")
     options = deepspeed_options()
+    ds = plain["deepspeed"]
     stage = int(ds["zero_stage"])
     if stage not in options.values() or stage not in ZERO_STAGES or int(ds["config"]["zero_optimization"]["stage"]) != stage:
         names = ", ".join(f"deepspeed={k}" for k in sorted(options))
         raise ValueError(f"deepspeed.zero_stage={stage} is not a stage the config defines: choose {names}")
+    return t
+
+
+def data_hashes(data_dirs: list[str]) -> list[str | None]:
+    """Content hash of each data folder's manifest: data regenerated in place gets another training key."""
+    return [sha256_file(Path(d) / "manifest.json") if (Path(d) / "manifest.json").is_file() else None
+            for d in data_dirs]
+
+
+def settings_from(plain: dict) -> TrainSettings:
+    """TrainSettings from the resolved config (train.*, judge and the deepspeed group), checked strictly."""
+    t = settings(plain)
+    ds = plain["deepspeed"]
     opt = ds["optimizer"]
-    run_key = config_hash({"train": {k: v for k, v in t.items() if k not in _RUN_ONLY_KEYS}, "judge": plain["judge"],
-                           "deepspeed": ds})
+    run_key = config_hash(identity(plain, {"train": _RUN_ONLY_KEYS, "judge": (), "deepspeed": ()},
+                                   data=data_hashes(folder_list(t.data_dir))))
     return TrainSettings(
-        epochs=int(t["epochs"]), lr=float(opt["lr"]), weight_decay=float(opt["weight_decay"]),
-        betas=tuple(float(b) for b in opt["betas"]), eps=float(opt["eps"]), seed=int(t["seed"]),
-        num_workers=int(t["num_workers"]), log_every=int(t["log_every"]), checkpoint_every=int(t["checkpoint_every"]),
-        keep_checkpoints=int(t["keep_checkpoints"]), resume=bool(t["resume"]), device=str(t["device"]),
-        quantiles=tuple(float(q) for q in t["quantiles"]), eval_batch_size=int(t["eval_batch_size"]),
+        epochs=t.epochs, lr=float(opt["lr"]), weight_decay=float(opt["weight_decay"]),
+        betas=tuple(float(b) for b in opt["betas"]), eps=float(opt["eps"]), seed=t.seed,
+        num_workers=t.num_workers, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, resume=bool(t.resume), device=str(t.device),
+        quantiles=tuple(float(q) for q in t.quantiles), eval_batch_size=t.eval_batch_size,
         bf16_on_gpu=bool(ds["bf16_on_gpu"]), deepspeed=dict(ds["config"]), run_key=run_key,
     )
 
@@ -101,7 +161,7 @@ def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -
                 "data_dirs": folder_list(t["data_dir"]), "label_source": t["label_source"], "judge": plain["judge"],
                 "lr": s.lr, "weight_decay": s.weight_decay, "zero_stage": s.zero_stage, "world_size": res["world"],
                 "resumed_from": res["resumed_from"], "run_key": s.run_key, "code_version": code_version()})
-            print(f"[train] val ROC-AUC {final['roc_auc']:.4f}  PR-AUC {final['pr_auc']:.4f}  positive rate "
+            log.info(f"val ROC-AUC {final['roc_auc']:.4f}  PR-AUC {final['pr_auc']:.4f}  positive rate "
                   f"{final['positive_rate']:.3f}  best epoch {final['best_epoch']}  ({final['seconds']:.1f} s) -> {out / 'head'}")
             if tracker:
                 tracker.finish(head, data, out)
@@ -124,7 +184,8 @@ class _Tracker:
         self.n_examples = int(plain["train"]["val_examples"])
         lg = plain["logger"]
         self.run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], config=plain,
-                              tags=list(lg["tags"]) + ["train"], dir=plain["run_dir"], job_type="train", reinit="finish_previous")
+                              tags=list(lg["tags"]) + ["train"], dir=plain["run_dir"], job_type="train", reinit="finish_previous",
+                              group=lg.get("group"))
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -155,7 +216,7 @@ def _decoder(manifest: dict) -> Callable[[list[int]], str]:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
             return lambda ids: tok.decode(ids)
         except (OSError, ValueError, KeyError) as e:
-            print(f"[train] tokenizer '{name}' did not load offline ({type(e).__name__}); the examples table shows token ids")
+            log.warning(f"tokenizer '{name}' did not load offline ({type(e).__name__}); the examples table shows token ids")
     return lambda ids: json.dumps(list(ids))
 
 

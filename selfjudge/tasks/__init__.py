@@ -11,11 +11,20 @@ the YAML files spell all of them out.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from selfjudge.tasks import sources
-from selfjudge.tasks.answers import (SCORERS, extract_code, extract_letter, extract_answer, humaneval_program,
-                                     normalize_number, score_letter, score_number)
+from selfjudge.tasks.answers import (
+    SCORERS,
+    extract_answer,
+    extract_code,
+    extract_letter,
+    humaneval_program,
+    normalize_number,
+    score_letter,
+    score_number,
+)
 from selfjudge.tasks.base import DatasetConfigError, Example, Task
 
 __all__ = ["DEFAULTS", "DatasetConfigError", "Example", "SCORERS", "Task", "build_task", "example_system_prompt",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Callable
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # Explicit answer markers, most specific first; each captures the text holding the answer (\boxed{} is

