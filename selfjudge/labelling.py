@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from selfjudge import shards
 from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
 from selfjudge.cards import write_dataset_card
-from selfjudge.features import FeatureSpec
+from selfjudge.features import FEATURE_KEYS, FeatureSpec
 from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_traced
 from selfjudge.io import read_json, write_json
 from selfjudge.judge_metrics import quantile
@@ -60,7 +60,7 @@ def _tau(d: Any, prefix: str) -> dict:
 
 
 def _features(d: Any, prefix: str) -> FeatureSpec:
-    check_keys(d, ["layers", "include_draft"], prefix)
+    check_keys(d, FEATURE_KEYS, prefix, required=False)  # missing keys: FeatureSpec's layout of older heads
     return FeatureSpec.from_mapping(d)
 
 

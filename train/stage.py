@@ -82,7 +82,7 @@ def deepspeed_options() -> dict[str, int]:
 def settings(plain: dict) -> TrainSection:
     """train, judge and deepspeed sections checked (unknown keys, values) without reading any data."""
     t = build(TrainSection, plain["train"], "train")
-    check_keys(plain["judge"], ["kind", "hidden_dim", "dropout"], "judge")
+    check_keys(plain["judge"], ["kind", "hidden_dim", "dropout", "objective"], "judge", required=False)
     check_keys(plain["deepspeed"], ["zero_stage", "bf16_on_gpu", "optimizer", "config"], "deepspeed")
     check_keys(plain["deepspeed"]["optimizer"], ["lr", "weight_decay", "betas", "eps"], "deepspeed.optimizer")
     options = deepspeed_options()
