@@ -297,10 +297,10 @@ def test_kill_9_at_a_random_point_then_rerun_equals_uninterrupted(ref, cache_dir
 # ------------------------------------------------------------------------------- two runs, one folder
 
 HOLD_POINT = {  # (module, attribute) called while the first run holds its folder
-    "data_gen": ("selfjudge.datagen", "to_table"),
+    "data_gen": ("selfjudge.labelling", "to_table"),
     "train": ("selfjudge.train.stage", "train_head"),
-    "eval": ("selfjudge.eval.stage", "decode"),
-    "pipeline": ("selfjudge.eval.stage", "decode"),
+    "eval": ("selfjudge.evaluation", "decode"),
+    "pipeline": ("selfjudge.evaluation", "decode"),
 }
 
 
@@ -330,7 +330,7 @@ def test_second_run_on_a_busy_folder_is_refused_naming_the_first(ref, cache_dir,
 def test_two_evals_at_once_one_waits_and_nothing_is_duplicated(ref, cache_dir, tmp_path):
     """The issue's case: two evals in one folder (176 duplicated records before); the second waits here."""
     over = _overrides(tmp_path / "run", cache_dir, "eval.judge_dir=null")
-    a = _Run("eval", over, tmp_path, "a", slow=("selfjudge.eval.stage", "decode", 0.2))
+    a = _Run("eval", over, tmp_path, "a", slow=("selfjudge.evaluation", "decode", 0.2))
     _holder_started(tmp_path / "run" / "eval")
     b = _Run("eval", over, tmp_path, "b", env={"SELFJUDGE_LOCK_WAIT": "inf"})
     assert a.wait() == 0, a.text()
@@ -518,7 +518,7 @@ def _rows(values: np.ndarray) -> list[dict]:
 
 
 def test_non_finite_features_are_refused_and_large_ones_kept_in_float32(tmp_path):
-    from selfjudge.datagen import to_table
+    from selfjudge.labelling import to_table
 
     bad = np.ones((3, 4), np.float32)
     bad[1, 2] = np.nan
@@ -537,7 +537,7 @@ def test_non_finite_features_are_refused_and_large_ones_kept_in_float32(tmp_path
 
 
 def test_a_run_with_one_overflowing_shard_stores_every_shard_in_float32(tmp_path):
-    from selfjudge.datagen import DataGenSettings, finalize, to_table
+    from selfjudge.labelling import DataGenSettings, finalize, to_table
     from selfjudge.io import write_json
 
     d = tmp_path / "data"
@@ -548,7 +548,7 @@ def test_a_run_with_one_overflowing_shard_stores_every_shard_in_float32(tmp_path
     names = [shards.write_shard(d, 0, i, t).name for i, t in enumerate(tables)]
     shards.write_progress(d, 0, {"shards": names, "done_prompt_ids": ["p0", "p1"], "response_tokens": 2})
     write_json(d / "shards" / "rank000.done.json", {})
-    s = DataGenSettings(8, 1, 4, "continuation", {"mode": "quantile", "value": 0, "quantile": 0.5}, None, "float16", 8,
+    s = DataGenSettings(str(d), False, {}, 8, 1, 4, "continuation", {"mode": "quantile", "value": 0, "quantile": 0.5}, None, "float16", 8,
                         "fast", 64, 64, None)
     man = finalize(d, 1, s, {"feature_dtype": "float16"})
     assert man["feature_dtype"] == "float32"
