@@ -537,8 +537,8 @@ def test_non_finite_features_are_refused_and_large_ones_kept_in_float32(tmp_path
 
 
 def test_a_run_with_one_overflowing_shard_stores_every_shard_in_float32(tmp_path):
-    from selfjudge.labelling import DataGenSettings, finalize, to_table
     from selfjudge.io import write_json
+    from selfjudge.labelling import DataGenSettings, finalize, to_table
 
     d = tmp_path / "data"
     big = np.ones((2, 4), np.float32) * 3
