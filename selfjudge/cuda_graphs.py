@@ -6,9 +6,11 @@ H100 (docs/bench/gpu_check_h100.txt), so a draft saved almost nothing. Replaying
 graph issues a whole forward pass at once. A graph needs fixed shapes and fixed memory, hence:
 
 - the KV cache is a transformers ``StaticCache`` of a fixed length, kept per (model, role) across
-  decodes; a new prompt rewinds it to length 0 and a rollback rewinds it by the rejected positions.
-  Entries past the length are stale but never read: a query at position q attends to positions
-  <= q, and the positions from the length up to q were written by that same forward pass;
+  decodes; a new prompt resets it and a rollback crops the rejected positions (``StaticCache.crop``,
+  which rewinds the length in place, so captured graphs keep reading the same tensor). Entries past
+  the length are stale but never read: a query at position q attends to positions <= q, and the
+  positions from the length up to q were written by that same forward pass. Sliding-window and other
+  non-full attention layers cannot be rewound that way once their window has filled: they are refused;
 - each fixed-shape call (a one- or two-token step, a verify window of one width and feature layout)
   is captured once and replayed with its input copied into a static buffer; outputs are cloned out.
 
@@ -26,6 +28,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 ROUND = 1024    # cache lengths: multiples of this, at least MIN_LEN, so that most prompts (and a short
 MIN_LEN = 2048  # warm-up decode) reuse one cache and its graphs; masked positions cost little at batch 1
@@ -37,27 +40,23 @@ class StaticDecoder:
     def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool):
         self.max_len, self.where = max_len, _where(model)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        other = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer})
+        if other:
+            raise ValueError(f"static_cache: {type(model).__name__} has attention layers of kind {other} "
+                             "(sliding-window or hybrid attention); rejected draft tokens can only be rewound "
+                             "on full-attention layers: decode this model without static_cache")
         self.graphs: dict[Hashable, _Graph] | None = {} if graphs else None
         self.pool = None                      # one memory pool shared by this model's graphs
         self.failure: str | None = None       # why capturing failed (then every call runs eagerly)
 
-    def _lengths(self) -> list[torch.Tensor]:
-        return [layer.cumulative_length for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
-
     def reset(self) -> None:
         """Length 0: the next prefill writes from position 0."""
-        for n in self._lengths():
-            n.zero_()
-
-    def rewind(self, n: int) -> None:
-        """Forget the newest n positions (in place: captured graphs keep reading the same tensor)."""
-        for length in self._lengths():
-            length.sub_(n)
+        self.cache.reset()
 
     def run(self, key: Hashable, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
             ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``fn(ids)``: replayed from a graph captured for ``key`` on CUDA once the cache exists, else eager."""
-        if self.graphs is None or ids.device.type != "cuda" or not self._lengths():
+        if self.graphs is None or ids.device.type != "cuda" or not self.cache.is_initialized:
             return fn(ids)
         graph = self.graphs.get(key)
         if graph is None:
@@ -81,7 +80,7 @@ class _Graph:
         with torch.cuda.stream(side):         # warm-up (workspaces, kernels chosen); it advances the cache length
             fn(self.inp)
         torch.cuda.current_stream(ids.device).wait_stream(side)
-        owner.rewind(ids.shape[1])            # ... so it is rewound; capturing runs nothing
+        owner.cache.crop(-ids.shape[1])       # ... so it is rewound; capturing runs nothing
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=owner.pool):
             self.out = fn(self.inp)

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from selfjudge.forward import lm_forward
+
 SCALARS = ("target_logp", "target_top1_logp", "target_gap", "target_entropy", "target_log_rank", "draft_logp", "kl")
 DRAFT_SCALARS = ("draft_logp", "kl")       # need the draft's logits
 STATE_OFFSETS = (-1, 0)                    # i-1: produced p(. | prefix); i: reads d
@@ -102,13 +104,6 @@ class ForwardOut:
     past_key_values: Any
 
 
-def _cache_of(out: Any) -> Any:
-    """The returned KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
-    fields = out if isinstance(out, dict) else vars(out)   # mapping access: no deprecated-property warning
-    cache = fields.get("cache")
-    return cache if cache is not None else fields.get("past_key_values")
-
-
 def forward_with_hidden(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -122,17 +117,8 @@ def forward_with_hidden(
     ``attention_mask``, ``position_ids``, ``use_cache``, ...; caches go in as ``cache=``). Outputs come
     back on ``input_ids``' device, also when ``device_map`` spreads the layers over several devices.
     """
-    home = input_ids.device
-    if spec.last_layer_only:
-        body = getattr(model, model.base_model_prefix)
-        out = body(input_ids=input_ids, **kwargs)
-        h = out.last_hidden_state                                  # [B, T, H], post final norm
-        logits = model.get_output_embeddings()(h)                  # [B, T, V]
-        return ForwardOut(logits.to(home), h.to(home), _cache_of(out))
-    out = model(input_ids=input_ids, output_hidden_states=True, **kwargs)
-    hs = out.hidden_states                                         # L+1 x [B, T, H]
-    h = torch.cat([hs[i].to(home) for i in spec.layers], dim=-1)   # [B, T, len(layers)*H]
-    return ForwardOut(out.logits.to(home), h, _cache_of(out))
+    out = lm_forward(model, input_ids, layers=spec.layers, **kwargs)
+    return ForwardOut(out.logits, out.features, out.cache)
 
 
 def scalar_features(

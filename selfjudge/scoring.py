@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features, scalar_features
+from selfjudge.forward import lm_forward
 from selfjudge.generation import TargetTrace
 from selfjudge.judge_metrics import quantile as quantile_of
 
@@ -54,9 +55,9 @@ def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int
     ids: [1, P+T]. Returns d [T], draft hidden [T, H_d] (the state at position P+i-1 predicts d_i) and
     logits [T, V] (model dtype).
     """
-    h = getattr(draft, draft.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state[0, P - 1 : -1]
-    logits = draft.get_output_embeddings()(h)[:, :vocab]             # [T, V]: the LM head on y's positions only
-    return logits.argmax(-1).to(ids.device), h.to(ids.device), logits.to(ids.device)
+    out = lm_forward(draft, ids, keep=slice(P - 1, -1), use_cache=False)   # the LM head on y's positions only
+    logits = out.logits[0, :, :vocab]                                  # [T, V]
+    return logits.argmax(-1), out.hidden[0], logits
 
 
 def _pair_features(spec: FeatureSpec, pos, d, y, t_logits, d_logits, d_hidden, prev, cur_orig, cur_sub):

@@ -133,7 +133,7 @@ def test_sampling_keeps_target_distribution():
 
 def test_bad_arguments(tiny_pair):
     kw = dict(max_new_tokens=4, eos_ids=[], vocab=tiny_pair.vocab_size)
-    with pytest.raises(ValueError, match="eval.gamma must be >= 1"):
+    with pytest.raises(ValueError, match="gamma must be >= 1"):
         decode_batch(tiny_pair.target, tiny_pair.draft, [[1, 2]], gamma=0, **kw)
     with pytest.raises(ValueError, match="empty prompt"):
         decode_batch(tiny_pair.target, tiny_pair.draft, [[1, 2], []], gamma=2, **kw)

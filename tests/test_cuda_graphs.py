@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfjudge import cuda_graphs
-from selfjudge.decoding import autoregressive, decode
+from selfjudge.decoding import decode
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.models import format_prompt
 from selfjudge.policies import JudgeRule
@@ -58,8 +58,8 @@ def test_static_cache_equals_default_and_greedy(request, which, device):
             for n in (1, 2, 9):                             # limits that cut windows
                 _same(*_both(pair, ids, gamma=4, max_new_tokens=n))
             for model in (pair.target, pair.draft):         # target-only and draft-only
-                out, _ = autoregressive(model, ids, max_new_tokens=30, eos_ids=pair.eos_ids, vocab=pair.vocab_size,
-                                        static_cache=True)
+                out, _ = decode(model, None, ids, gamma=0, max_new_tokens=30, eos_ids=pair.eos_ids,
+                                vocab=pair.vocab_size, static_cache=True)
                 assert out == _ref(model, ids, 30, pair.eos_ids)
         for role, model in (("target", pair.target), ("draft", pair.draft)):
             st = cuda_graphs._STATES[model][role]                # the static path did run
@@ -119,3 +119,17 @@ def test_cache_grows_and_moves_with_the_model(tiny_pair):
         assert cuda_graphs.static_decoder(m, "probe", 10, graphs=False) not in (b, c)
     finally:
         del cuda_graphs._STATES[m]["probe"]
+
+
+def test_sliding_window_models_are_refused():
+    """A static cache cannot rewind a sliding-window layer whose window has filled: refused, clearly."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=1)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="sliding-window or hybrid attention.*without static_cache"):
+        decode(model, None, [1, 2, 3], gamma=0, max_new_tokens=4, eos_ids=[], vocab=64, static_cache=True)
+    out, _ = decode(model, None, [1, 2, 3], gamma=0, max_new_tokens=4, eos_ids=[], vocab=64)   # the default path runs
+    assert len(out) == 4

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from selfjudge.decoding import autoregressive, decode
+from selfjudge.decoding import decode
 from selfjudge.models import format_prompt
 
 PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "the total price of 3 books", "what is 12 * 7",
@@ -49,7 +49,7 @@ def test_target_and_draft_alone_equal_their_generate(pair):
     for q in PROMPTS[:4]:
         ids = format_prompt(pair.tokenizer, q)
         for model in (pair.target, pair.draft):
-            out, st = autoregressive(model, ids, max_new_tokens=30, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+            out, st = decode(model, None, ids, gamma=0, max_new_tokens=30, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
             assert out == _ref(model, ids, 30, pair.eos_ids)
             assert st.rounds == 30 and st.draft_forwards == 0 and st.proposed == 0
 
@@ -180,9 +180,9 @@ def test_sampling_is_reproducible_with_a_seed(pair, device):
 
 
 def test_bad_arguments(tiny_pair):
-    with pytest.raises(ValueError, match="eval.gamma must be >= 1"):
+    with pytest.raises(ValueError, match="gamma must be >= 1"):
         _decode(tiny_pair, [1, 2], 0)
-    with pytest.raises(ValueError, match="eval.max_new_tokens"):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         _decode(tiny_pair, [1, 2], 2, n=0)
     with pytest.raises(ValueError, match="empty prompt"):
         _decode(tiny_pair, [], 2)

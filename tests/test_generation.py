@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfjudge.generation import fixed_batches, greedy_batch, greedy_responses
+from selfjudge.generation import fixed_batches, greedy_batch
 from selfjudge.models import format_prompt
 
 PROMPTS = ["hi", "how many apples does janet have if she buys 3 bags of 4?", "def sum list of int",
@@ -26,8 +26,11 @@ def test_batched_equals_unbatched_generate(pair_name, request):
     pair = request.getfixturevalue(pair_name)
     prompts = [format_prompt(pair.tokenizer, q) for q in PROMPTS]
     assert len({len(p) for p in prompts}) > 2  # left padding really happens
-    got = dict(greedy_responses(pair.target, prompts, 30, pair.eos_ids, pair.tokenizer.pad_token_id,
-                                pair.vocab_size, batch_size=3))
+    got = {}
+    for idx in fixed_batches([len(p) for p in prompts], 3):
+        outs = greedy_batch(pair.target, [prompts[i] for i in idx], 30, pair.eos_ids, pair.tokenizer.pad_token_id,
+                            pair.vocab_size)
+        got.update(zip(idx, outs))
     assert sorted(got) == list(range(len(PROMPTS)))
     for i, p in enumerate(prompts):
         assert got[i] == _reference(pair, p, 30, pair.eos_ids), f"prompt {i}"
@@ -49,5 +52,7 @@ def test_rows_stop_at_their_own_eos(tiny_pair):
 
 def test_fixed_batches_are_stable():
     assert fixed_batches([5, 3, 5, 1], 2) == [[3, 1], [0, 2]]
-    with pytest.raises(ValueError, match="data_gen.batch_size"):
+    with pytest.raises(ValueError, match="data_gen.batch_size must be >= 1"):
+        fixed_batches([1], 0, name="data_gen.batch_size")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
         fixed_batches([1], 0)
