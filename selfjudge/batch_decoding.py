@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from selfjudge.decoding import AcceptRule, DecodeStats, TargetTrace, run_rounds
 from selfjudge.features import FeatureSpec, forward_with_hidden
 from selfjudge.forward import lm_forward
+from selfjudge.schedule import Schedule
 
 
 class HoleCache:
@@ -110,10 +111,13 @@ def decode_batch(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     profile: bool = False,
+    schedule: Schedule | None = None,
+    confidence_stop: float | None = None,
 ) -> list[tuple[list[int], DecodeStats]]:
     """Decode every prompt; returns (new token ids, stats) per prompt, in order. Arguments as in
     :func:`selfjudge.decoding.decode`; ``draft=None`` decodes ``target`` alone, B rows per step.
-    ``pad_id`` fills the unused cells of the padded inputs (never attended to)."""
+    ``pad_id`` fills the unused cells of the padded inputs (never attended to). ``schedule``: one
+    window per round for all rows."""
     return run_batch(target, draft, prompts, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                      vocab=vocab, pad_id=pad_id, policy=policy, temperature=temperature, generator=generator,
-                     profile=profile)[0]
+                     profile=profile, schedule=schedule, confidence_stop=confidence_stop)[0]

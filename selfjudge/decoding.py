@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from selfjudge.cuda_graphs import StaticDecoder, static_decoder
 from selfjudge.features import FeatureSpec, forward_with_hidden
 from selfjudge.forward import lm_forward
+from selfjudge.schedule import FixedWindow, Schedule
 
 
 @dataclass
@@ -250,6 +251,8 @@ def run_rounds(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     profile: bool = False,
+    schedule: Schedule | None = None,
+    confidence_stop: float | None = None,
     trace: FeatureSpec | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[tuple[list[int], DecodeStats]], list[TargetTrace] | None]:
@@ -259,12 +262,19 @@ def run_rounds(
 
     Each round's wall time is shared equally by the rows active in it, so the rows' ``seconds`` add up
     to the batch's wall time. ``profile``: synchronise the device around each phase so that
-    ``draft_seconds``/``verify_seconds``/``rule_seconds`` are exact on CUDA. ``on_tokens`` (one row):
-    called after each round with the tokens it committed (streaming; its time counts in ``seconds``)."""
+    ``draft_seconds``/``verify_seconds``/``rule_seconds`` are exact on CUDA. ``schedule`` picks each
+    round's window, one for all rows (default: ``gamma`` every round; :mod:`selfjudge.schedule`), up to
+    ``gamma``. ``confidence_stop``: a round stops drafting after a token whose draft probability (top
+    of the draft's distribution) is below this in every row. ``on_tokens`` (one row): called after each
+    round with the tokens it committed (streaming; its time counts in ``seconds``)."""
     check_args(draft, prompts, gamma, max_new_tokens)
+    if confidence_stop is not None and not 0 <= confidence_stop <= 1:
+        raise ValueError(f"confidence_stop must be null or in [0, 1], got {confidence_stop}")
     if trace is not None and draft is not None:
         raise ValueError("a trace records target-only decoding: pass draft=None")
     gamma = gamma if draft is not None else 0
+    schedule = schedule if schedule is not None and gamma else FixedWindow(gamma)
+    timed = profile or schedule.measures
     spec = policy.feature_spec if policy is not None else FeatureSpec()
     want_logits = temperature > 0 or bool(policy is not None and policy.needs_draft_logits)
     want_hidden = bool(policy is not None and policy.needs_draft_hidden)
@@ -297,8 +307,7 @@ def run_rounds(
     while rows:
         n_act = len(rows)
         left = [max_new_tokens - len(outs[r]) for r in rows]
-        g = min(gamma, max(left) - 1)
-        props = [min(g, x - 1) for x in left]                         # draft tokens each row may keep
+        g = schedule.window(min(gamma, max(left) - 1))
         t_draft = t_rule = 0.0
         if g <= 0:                                                    # a plain target step for every row
             ones = torch.ones_like(last)
@@ -312,6 +321,7 @@ def run_rounds(
                 for i, r in enumerate(rows):
                     steps[r].append((lp[i], h_fin[i], h_spec[i]))
             news, kept = [[t] for t in nxt.tolist()], [0] * n_act
+            g = 0
             for i, r in enumerate(rows):
                 stats[r].rounds += 1
                 if drf:
@@ -332,8 +342,12 @@ def run_rounds(
                 if want_hidden:
                     hids.append(h)
                 inp, live, ps = tok[:, None], torch.ones_like(tok[:, None]), length[:, None] + s
+                if confidence_stop is not None and s < g - 1 and \
+                        bool((F.softmax(lg.float(), -1).amax(-1) < confidence_stop).all()):
+                    break
+            g = len(toks)
             D = torch.stack(toks, 1)                                  # [n, g]
-            if profile:
+            if timed:
                 sync(dev)
             t_draft = clock() - t_round
             # 2. verify the n windows [last, d_1..d_g] in one target pass
@@ -354,6 +368,7 @@ def run_rounds(
                 t_rule = clock() - t3
                 if rule is not None:
                     ok = std | rule
+            props = [min(g, x - 1) for x in left]                     # draft tokens each row may keep
             allow = torch.tensor(props, device=dev)
             lim = torch.arange(g, device=dev)[None] < allow[:, None]  # [n, g]
             greedy = temperature <= 0
@@ -406,6 +421,7 @@ def run_rounds(
         sync(dev)
         now = clock()
         dt = now - t_round
+        schedule.observe(g, kept, t_draft, dt - t_draft)
         for r in rows:
             st = stats[r]
             st.seconds += dt / n_act
@@ -435,6 +451,8 @@ def decode(
     generator: torch.Generator | None = None,
     profile: bool = False,
     static_cache: bool = False,
+    schedule: Schedule | None = None,
+    confidence_stop: float | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], DecodeStats]:
     """Decode one prompt; returns (new token ids, stats). ``draft=None``: ``target`` alone (gamma ignored).
@@ -444,6 +462,7 @@ def decode(
     ``draft_seconds``/``verify_seconds`` are exact on CUDA (costs a little speed). ``static_cache``:
     static KV caches kept across calls, and on CUDA the fixed-shape steps replay captured CUDA graphs
     (:mod:`selfjudge.cuda_graphs`; the latency mode on a GPU); same tokens as the default path.
+    ``schedule``/``confidence_stop``: per-round windows up to ``gamma`` (:func:`run_rounds`).
     ``on_tokens``: called after each round with the tokens it committed (streaming; its time counts in ``seconds``).
     """
     dev = next(target.parameters()).device
@@ -455,5 +474,6 @@ def decode(
 
     rows, _ = run_rounds(target, draft, [prompt], make_cache, gamma=gamma, max_new_tokens=max_new_tokens,
                          eos_ids=eos_ids, vocab=vocab, policy=policy, temperature=temperature, generator=generator,
-                         profile=profile, on_tokens=on_tokens)
+                         profile=profile, schedule=schedule, confidence_stop=confidence_stop,
+                         on_tokens=on_tokens)
     return rows[0]
