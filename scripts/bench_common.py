@@ -13,17 +13,18 @@ from selfjudge.tasks import build_task, example_system_prompt
 BRIEF = "Solve the problem step by step, briefly. End with: The answer is <number>."
 
 
-def load_pair_and_prompts(overrides: list[str], n_prompts: int):
+def load_pair_and_prompts(overrides: list[str], n_prompts: int, gsm8k: str | None = None):
     """(plain config, model pair, load seconds, n prompt token lists) for hydra ``overrides``
-    (default model=qwen_coder_offline): GSM-Symbolic problems with a brief-reasoning system prompt."""
+    (default model=qwen_coder_offline): GSM-Symbolic problems with a brief-reasoning system prompt, or
+    the GSM8K test problems of a local copy (``gsm8k``: its folder)."""
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
         cfg = compose("selfjudge", overrides=["logger=none", *overrides])
     plain = OmegaConf.to_container(cfg, resolve=True)
     t0 = time.perf_counter()
     pair = pair_from_mapping(plain["model"])
     t_load = time.perf_counter() - t0
-    task = build_task({"name": "gsm_symbolic", "limit": n_prompts, "seed": 1000000, "chat_template": True,
-                       "system_prompt": BRIEF})
+    source = {"name": "gsm8k", "split": "test", "path": gsm8k} if gsm8k else {"name": "gsm_symbolic", "seed": 1000000}
+    task = build_task({**source, "limit": n_prompts, "chat_template": True, "system_prompt": BRIEF})
     prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
                for ex in task.examples()]
     return plain, pair, t_load, prompts

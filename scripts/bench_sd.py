@@ -1,14 +1,22 @@
-"""Speed of our lossless SD against transformers' assisted generation and target-only decoding.
+"""Speed of our decoding methods against transformers' assisted generation and target-only decoding.
 
-Same prompts, same γ, same token counting (new tokens up to and including the first EOS), one
-process, methods interleaved per prompt so machine-load drift hits all alike; one warm-up prompt
-decoded by every method first and excluded.
+Methods (``--methods``, comma list): ``target`` (target alone), ``sd@G`` (lossless SD, fixed window G),
+``adaptive`` (lossless SD, window chosen per round from measured costs, up to ``--max-gamma``;
+:mod:`selfjudge.schedule`), ``adaptive_cs`` (the same plus the draft confidence stop
+``--confidence-stop``), ``hf@G`` (transformers assisted generation, window fixed to G), ``hf_dynamic``
+(assisted generation with the library's defaults: 20 tokens, confidence threshold 0.4), ``hf_target``.
+Same prompts, same token counting (new tokens up to and including the first EOS), one process, methods
+interleaved per prompt (the order alternates) so that load drift hits all alike; one warm-up prompt
+decoded by every method first and excluded. The adaptive schedule keeps one set of estimates for the
+whole run, the warm-up included. CPU flags, dtype, threads and load average go into the JSON.
 
-    python scripts/bench_sd.py --prompts 4 --max-new-tokens 96 --gamma 4 --out docs/bench/bench_sd.json
-    python scripts/bench_sd.py model=tiny --prompts 2        # trailing hydra overrides pick the pair
+    python scripts/bench_sd.py --gsm8k ../shared/data/gsm8k --prompts 6 --max-new-tokens 128 \\
+        --methods target,sd@2,sd@4,sd@8,adaptive,hf@4,hf_dynamic --threads 2
+    python scripts/bench_sd.py model=tiny --prompts 2 --methods target,sd@4,adaptive   # hydra overrides
 
-HF assisted generation reads its window from the DRAFT's generation_config: we fix it to γ with
-num_assistant_tokens=γ, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.
+HF assisted generation reads its window from the DRAFT's generation_config: ``hf@G`` sets
+num_assistant_tokens=G, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0;
+``hf_dynamic`` clears the three (the library's defaults apply).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -25,14 +34,20 @@ import torch
 
 from selfjudge.decoding import decode
 from selfjudge.io import code_version, write_json
+from selfjudge.schedule import AdaptiveWindow
 
 from bench_common import load_pair_and_prompts
 
+HF_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
 
-def _hf_assisted(pair, ids: list[int], gamma: int, n: int) -> tuple[list[int], float]:
-    cfg = pair.draft.generation_config
-    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = gamma, "constant", 0.0
-    return _hf(pair, ids, n, assistant_model=pair.draft)
+
+def cpu_flags() -> dict:
+    """Model name and the SIMD flags that decide CPU matmul speed (lscpu-style)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.M) or [None, ""])[1].split())
+    model = (re.search(r"^model name\s*:\s*(.*)$", info, re.M) or [None, platform.processor()])[1]
+    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model, "cpus": os.cpu_count(), "flags": sorted(f for f in want if f in flags)}
 
 
 def _hf(pair, ids: list[int], n: int, **kw) -> tuple[list[int], float]:
@@ -55,6 +70,13 @@ def _hf(pair, ids: list[int], n: int, **kw) -> tuple[list[int], float]:
     return toks, secs
 
 
+def _hf_assisted(pair, ids: list[int], n: int, gamma: int | None) -> tuple[list[int], float]:
+    cfg = pair.draft.generation_config
+    for key, value in zip(HF_KEYS, (gamma, "constant", 0.0) if gamma else (None, None, None)):
+        setattr(cfg, key, value)
+    return _hf(pair, ids, n, assistant_model=pair.draft)
+
+
 def _prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -66,29 +88,49 @@ def _prefix(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=4, help="timed prompts (GSM-Symbolic test problems)")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt")
-    ap.add_argument("--gamma", type=int, default=4, help="draft window")
+    ap.add_argument("--prompts", type=int, default=6, help="timed prompts")
+    ap.add_argument("--gsm8k", default=None, help="folder of a local GSM8K copy (test.jsonl); else GSM-Symbolic")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
+    ap.add_argument("--methods", default="target,sd@2,sd@4,sd@8,adaptive,hf@4,hf_dynamic", help="comma list")
+    ap.add_argument("--max-gamma", type=int, default=8, help="largest window of the adaptive schedule")
+    ap.add_argument("--confidence-stop", type=float, default=0.4, help="adaptive_cs: draft confidence stop")
     ap.add_argument("--repeats", type=int, default=1, help="passes over the prompts")
-    ap.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warm-up decodes (excluded)")
+    ap.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up decodes (excluded)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--methods", default="target,sd,hf_assisted", help="comma list of target,sd,hf_assisted,hf_target")
     ap.add_argument("--out", default="docs/bench/bench_sd.json", help="JSON result file")
     ap.add_argument("overrides", nargs="*", help="hydra overrides of conf/selfjudge.yaml (default model=qwen_coder_offline)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    plain, pair, t_load, prompts = load_pair_and_prompts(a.overrides, a.prompts + 1)  # + the warm-up prompt
+    plain, pair, t_load, prompts = load_pair_and_prompts(a.overrides, a.prompts + 1, a.gsm8k)  # + the warm-up
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     kw = dict(eos_ids=pair.eos_ids, vocab=pair.vocab_size)
-    run = {
-        "target": lambda ids, n: _ours(decode(pair.target, None, ids, gamma=0, max_new_tokens=n, **kw)),
-        "sd": lambda ids, n: _ours(decode(pair.target, pair.draft, ids, gamma=a.gamma, max_new_tokens=n, **kw)),
-        "hf_assisted": lambda ids, n: _hf_assisted(pair, ids, a.gamma, n),
-        "hf_target": lambda ids, n: _hf(pair, ids, n),
-    }
-    for m in methods:  # warm-up (excluded)
-        run[m](prompts[0], a.warmup_tokens)
+    hf_defaults = {k: getattr(pair.draft.generation_config, k, None) for k in HF_KEYS}
+    schedules = {"adaptive": AdaptiveWindow(a.max_gamma), "adaptive_cs": AdaptiveWindow(a.max_gamma)}
+
+    def ours(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
+        if m == "target":
+            toks, st = decode(pair.target, None, ids, gamma=0, max_new_tokens=n, **kw)
+        elif m.startswith("sd@"):
+            toks, st = decode(pair.target, pair.draft, ids, gamma=int(m[3:]), max_new_tokens=n, **kw)
+        else:
+            toks, st = decode(pair.target, pair.draft, ids, gamma=a.max_gamma, max_new_tokens=n, schedule=schedules[m],
+                              confidence_stop=a.confidence_stop if m == "adaptive_cs" else None, **kw)
+        return toks, st.seconds
+
+    def run(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
+        if m.startswith("hf@"):
+            return _hf_assisted(pair, ids, n, int(m[3:]))
+        if m == "hf_dynamic":
+            return _hf_assisted(pair, ids, n, None)
+        if m == "hf_target":
+            return _hf(pair, ids, n)
+        if m in ("target", "adaptive", "adaptive_cs") or re.fullmatch(r"sd@\d+", m):
+            return ours(m, ids, n)
+        raise SystemExit(f"unknown method '{m}' in --methods")
+
+    for m in methods:  # warm-up (excluded; the adaptive schedules measure their first costs here)
+        run(m, prompts[0], a.warmup_tokens)
     # forward calls and positions read by each model body, per method: shows re-reads and round counts
     reads = {"target": [0, 0], "draft": [0, 0]}
     for role, model in (("target", pair.target), ("draft", pair.draft)):
@@ -99,12 +141,12 @@ def main() -> None:
     res: dict[str, dict] = {m: {"tokens": 0, "seconds": 0.0, "per_prompt": [], "target_calls": 0, "target_positions": 0,
                                 "draft_calls": 0, "draft_positions": 0} for m in methods}
     outputs: dict[str, list[list[int]]] = {m: [] for m in methods}
-    load0 = os.getloadavg()
+    meta = dict(t_load=t_load, load0=os.getloadavg(), hf_defaults=hf_defaults, schedules=schedules)
     for rep in range(a.repeats):
         for i, ids in enumerate(prompts[1:]):
             for m in (methods if (i + rep) % 2 == 0 else methods[::-1]):  # alternate the order too
                 before = [*reads["target"], *reads["draft"]]
-                toks, secs = run[m](ids, a.max_new_tokens)
+                toks, secs = run(m, ids, a.max_new_tokens)
                 after = [*reads["target"], *reads["draft"]]
                 for k, key in enumerate(("target_calls", "target_positions", "draft_calls", "draft_positions")):
                     res[m][key] += after[k] - before[k]
@@ -114,53 +156,83 @@ def main() -> None:
                                              "tokens_per_s": round(len(toks) / secs, 3)})
                 if rep == 0:
                     outputs[m].append(toks)
-                print(f"[bench] prompt {i} {m:12s} {len(toks):4d} tok {secs:7.2f} s {len(toks) / secs:7.2f} tok/s", flush=True)
-            _write(a, pair, plain, prompts, methods, res, outputs, load0, t_load, done=False)
-    _write(a, pair, plain, prompts, methods, res, outputs, load0, t_load, done=True)
+                print(f"[bench] prompt {i} {m:12s} {len(toks):4d} tok {secs:7.2f} s {len(toks) / secs:7.2f} tok/s "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+            _write(a, pair, plain, prompts, methods, res, outputs, meta, done=False)
+    _write(a, pair, plain, prompts, methods, res, outputs, meta, done=True)
 
 
-def _write(a, pair, plain, prompts, methods, res, outputs, load0, t_load, done: bool) -> None:
+def _ratios(res: dict) -> dict:
+    tps = {m: r["tokens_per_s"] for m, r in res.items()}
+    out = {}
+    fixed = {m: v for m, v in tps.items() if m.startswith("sd@")}
+    for m in ("adaptive", "adaptive_cs", *fixed, "hf_dynamic", *(x for x in tps if x.startswith("hf@"))):
+        if m in tps and "target" in tps:
+            out[f"{m}/target"] = tps[m] / tps["target"]
+    for m in ("adaptive", "adaptive_cs"):
+        if m in tps and fixed:
+            best = max(fixed, key=fixed.get)
+            out[f"{m}/best_fixed({best})"] = tps[m] / fixed[best]
+        if m in tps and "hf_dynamic" in tps:
+            out[f"{m}/hf_dynamic"] = tps[m] / tps["hf_dynamic"]
+        for h in (x for x in tps if x.startswith("hf@")):
+            if m in tps:
+                out[f"{m}/{h}"] = tps[m] / tps[h]
+    for s in fixed:
+        h = "hf@" + s[3:]
+        if h in tps:
+            out[f"{s}/{h}"] = tps[s] / tps[h]
+    if "target" in tps and "hf_target" in tps:
+        out["target/hf_target"] = tps["target"] / tps["hf_target"]
+    return out
+
+
+def _write(a, pair, plain, prompts, methods, res, outputs, meta, done: bool) -> None:
     """Summarise what has been measured so far (a run cut short still leaves its numbers)."""
     res = {m: dict(r) for m, r in res.items() if r["seconds"] > 0}
     methods = [m for m in methods if m in res]
     if not methods:
         return
-    load1 = os.getloadavg()
     for m in methods:
         r = res[m]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        rates = [p["tokens_per_s"] for p in r["per_prompt"]]
-        r["median_prompt_tokens_per_s"] = statistics.median(rates)
-    ratios = {}
-    for a_m, b_m in (("sd", "hf_assisted"), ("sd", "target"), ("hf_assisted", "target"), ("target", "hf_target")):
-        if a_m in res and b_m in res:
-            ratios[f"{a_m}/{b_m}"] = res[a_m]["tokens_per_s"] / res[b_m]["tokens_per_s"]
+        r["median_prompt_tokens_per_s"] = statistics.median(p["tokens_per_s"] for p in r["per_prompt"])
+    ratios = _ratios(res)
     agree = {}
     if "target" in outputs:
         for m in methods:
-            pre = [_prefix(o, r) / max(1, len(r)) for o, r in zip(outputs[m], outputs["target"])]
-            agree[m] = {"exact": sum(o == r for o, r in zip(outputs[m], outputs["target"])) / len(pre),
-                        "prefix": sum(pre) / len(pre)}
+            pairs = list(zip(outputs[m], outputs["target"]))
+            agree[m] = {"exact": sum(o == r for o, r in pairs) / len(pairs),
+                        "prefix": sum(_prefix(o, r) / max(1, len(r)) for o, r in pairs) / len(pairs)}
+    scheds = {}
+    for name, s in meta["schedules"].items():
+        if name in methods:
+            hist = {g: s.chosen.count(g) for g in sorted(set(s.chosen))}
+            scheds[name] = {"windows_chosen": hist, "alpha": round(s.alpha, 4),
+                            "draft_step_s": s.draft_cost, "verify_s_by_width": dict(sorted(s.verify_cost.items()))}
+    model_cfg = plain["model"]
     summary = {
-        "what": "tokens/s of our lossless SD vs transformers assisted generation vs target-only, one process",
-        "target": pair.target_info.name, "draft": pair.draft_info.name, "dtype": plain["model"]["dtype"],
+        "what": "tokens/s of target-only, our lossless SD (fixed windows, adaptive schedule) and transformers "
+                "assisted generation (fixed window, library defaults), one process, methods interleaved",
+        "target": pair.target_info.name, "draft": pair.draft_info.name,
+        "dtype": str(next(pair.target.parameters()).dtype).replace("torch.", ""),
+        "dtype_config": model_cfg.get("dtype"), "kernels": model_cfg.get("kernels", "torch default"),
+        "mkldnn": torch.backends.mkldnn.is_available(),
         "device": str(next(pair.target.parameters()).device), "torch_threads": torch.get_num_threads(),
-        "gamma": a.gamma, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts) - 1, "repeats": a.repeats,
-        "load_seconds": round(t_load, 2), "loadavg_start": load0, "loadavg_end": load1,
+        "cpu": cpu_flags(), "prompts_source": "gsm8k test" if a.gsm8k else "gsm_symbolic",
+        "max_new_tokens": a.max_new_tokens, "prompts": len(prompts) - 1, "repeats": a.repeats,
+        "max_gamma": a.max_gamma, "confidence_stop": a.confidence_stop, "hf_draft_defaults": meta["hf_defaults"],
+        "load_seconds": round(meta["t_load"], 2), "loadavg_start": meta["load0"], "loadavg_end": os.getloadavg(),
         "platform": platform.platform(), "torch": torch.__version__, "code_version": code_version(),
-        "results": res, "ratios": ratios, "agreement_with_target": agree,
+        "results": res, "ratios": ratios, "agreement_with_target": agree, "schedules": scheds, "complete": done,
     }
-    summary["complete"] = done
     if done:
         print(json.dumps({"ratios": ratios, "tokens_per_s": {m: res[m]["tokens_per_s"] for m in methods},
-                          "agreement_with_target": agree, "loadavg": [load0, load1]}, indent=1))
+                          "agreement_with_target": agree, "schedules": scheds, "cpu": summary["cpu"],
+                          "dtype": summary["dtype"], "kernels": summary["kernels"],
+                          "loadavg": [summary["loadavg_start"], summary["loadavg_end"]]}, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, summary)
-
-
-def _ours(result) -> tuple[list[int], float]:
-    toks, st = result
-    return toks, st.seconds
 
 
 if __name__ == "__main__":

@@ -9,13 +9,18 @@ that maximises expected tokens per second::
     tokens(g) = (1 - α^(g+1)) / (1 - α)        # kept draft tokens + the target's own token
     cost(g)   = g · draft_step + verify(g + 1) # g = 0: one plain target step, verify(1)
 
-g = 0 (the target alone) when no window pays; every ``probe_every`` rounds it drafts anyway, so that
-α and the costs stay current and drafting can come back when it pays again. The window never changes
+Costs are running medians of the last few rounds per width (robust to the spikes of a shared
+machine); α is a discounted count of accepted and rejected draft tokens. g = 0 (the target alone)
+when no window pays. Every ``probe_every`` rounds it tries the window measured least often (a
+positive one when the target alone is best), so that α and the costs stay current and drafting can
+come back when it pays again. The window never changes
 the tokens of lossless decoding, only how many rounds produce them.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from typing import Callable, Protocol
 
 
@@ -49,23 +54,23 @@ class FixedWindow:
 class AdaptiveWindow:
     """The window that maximises expected tokens/s from measured costs and the observed acceptance.
 
-    ``max_gamma``: the largest window. ``decay``: weight of the past in the running estimates (per
-    round). ``cost``: a cost model ``cost(kind, width) -> seconds`` (``kind`` "draft" for one draft
+    ``max_gamma``: the largest window. ``decay``: weight of the past in the acceptance counts (per
+    round); ``keep``: rounds per running median. ``cost``: a cost model ``cost(kind, width) -> seconds`` (``kind`` "draft" for one draft
     step, "verify" for a target pass over ``width`` tokens) that replaces the measurements (tests).
     Keep one instance per (pair, machine) across decodes: its estimates carry over from the warm-up.
     """
 
     measures = True
 
-    def __init__(self, max_gamma: int, *, decay: float = 0.9, probe_every: int = 16,
-                 cost: Callable[[str, int], float] | None = None, seed: int = 0):
+    def __init__(self, max_gamma: int, *, decay: float = 0.95, keep: int = 9, probe_every: int = 16,
+                 cost: Callable[[str, int], float] | None = None):
         if max_gamma < 1:
             raise ValueError(f"the adaptive schedule needs a largest window >= 1, got {max_gamma}")
-        self.max_gamma, self.decay, self.probe_every, self.cost = max_gamma, decay, probe_every, cost
-        self.verify_cost: dict[int, float] = {}      # width -> running mean seconds of a target pass
-        self.draft_cost: float | None = None         # running mean seconds of one draft step
+        self.max_gamma, self.decay, self.keep, self.probe_every, self.cost = max_gamma, decay, keep, probe_every, cost
+        self._verify_runs: dict[int, deque] = {}     # width -> seconds of its last ``keep`` target passes
+        self._draft_runs: deque = deque(maxlen=keep)  # seconds per draft step, last ``keep`` rounds
         self.hits, self.misses = 1.0, 1.0            # discounted accepted / rejected draft tokens (prior 1, 1)
-        self.since_draft = 0                         # rounds since the last speculative one
+        self.rounds = 0
         self.chosen: list[int] = []                  # windows chosen, in order (for reports and tests)
         self._probes = [min(4, max_gamma), 0, max_gamma, 1]   # the first rounds measure a spread of widths
 
@@ -73,28 +78,36 @@ class AdaptiveWindow:
     def alpha(self) -> float:
         return self.hits / (self.hits + self.misses)
 
+    @property
+    def verify_cost(self) -> dict[int, float]:
+        """Width -> running median seconds of a target pass over that many tokens."""
+        return {w: statistics.median(r) for w, r in self._verify_runs.items()}
+
+    @property
+    def draft_cost(self) -> float | None:
+        """Running median seconds of one draft step (None before the first speculative round)."""
+        return statistics.median(self._draft_runs) if self._draft_runs else None
+
     def _verify(self, w: int) -> float | None:
         if self.cost is not None:
             return self.cost("verify", w)
-        known = sorted(self.verify_cost)
+        c = self.verify_cost
+        known = sorted(c)
         if not known:
             return None
-        if w in self.verify_cost:
-            return self.verify_cost[w]
+        if w in c:
+            return c[w]
         lo = [k for k in known if k < w]
         hi = [k for k in known if k > w]
         if lo and hi:                                # interpolate between the nearest measured widths
             a, b = lo[-1], hi[0]
-            return self.verify_cost[a] + (self.verify_cost[b] - self.verify_cost[a]) * (w - a) / (b - a)
-        if hi:                                       # narrower than all measured: no cheaper than 0
-            return self.verify_cost[hi[0]] * w / hi[0] if len(hi) == 1 else \
-                max(0.0, self.verify_cost[hi[0]] - (self.verify_cost[hi[1]] - self.verify_cost[hi[0]])
-                    * (hi[0] - w) / (hi[1] - hi[0]))
+            return c[a] + (c[b] - c[a]) * (w - a) / (b - a)
+        if hi:                                       # narrower than all measured: the narrowest's cost
+            return c[hi[0]]
         if len(lo) == 1:                             # wider than all measured: extend the last slope
-            return self.verify_cost[lo[-1]]
+            return c[lo[-1]]
         a, b = lo[-2], lo[-1]
-        slope = max(0.0, (self.verify_cost[b] - self.verify_cost[a]) / (b - a))
-        return self.verify_cost[b] + slope * (w - b)
+        return c[b] + max(0.0, (c[b] - c[a]) / (b - a)) * (w - b)
 
     def _draft(self) -> float | None:
         return self.cost("draft", 1) if self.cost is not None else self.draft_cost
@@ -121,22 +134,17 @@ class AdaptiveWindow:
             g = min(self._probes.pop(0), limit)
         else:
             g = self.best(limit)
-            if g == 0 and limit > 0 and self.since_draft >= self.probe_every:   # re-probe: can drafting pay again?
-                g = max(range(1, limit + 1), key=lambda k: self.rate(k) or 0.0)
+            if self.rounds % self.probe_every == self.probe_every - 1:     # re-probe the least measured window
+                runs = {k: len(self._verify_runs.get(k + 1, ())) for k in range(0 if g else 1, limit + 1)}
+                g = min(runs, key=lambda k: (runs[k], abs(k - g)))
+        self.rounds += 1
         self.chosen.append(g)
         return g
 
     def observe(self, g: int, kept: list[int], draft_seconds: float, verify_seconds: float) -> None:
-        k = self.decay
-        if g == 0:
-            self.since_draft += 1
-        else:
-            self.since_draft = 0
-            step = draft_seconds / g
-            self.draft_cost = step if self.draft_cost is None else k * self.draft_cost + (1 - k) * step
-            hits = sum(kept)
-            misses = sum(1 for n in kept if n < g)
-            self.hits, self.misses = k * self.hits + hits, k * self.misses + misses
-        w = g + 1
-        old = self.verify_cost.get(w)
-        self.verify_cost[w] = verify_seconds if old is None else k * old + (1 - k) * verify_seconds
+        if g > 0:
+            self._draft_runs.append(draft_seconds / g)
+            k = self.decay
+            self.hits = k * self.hits + sum(kept)
+            self.misses = k * self.misses + sum(1 for n in kept if n < g)
+        self._verify_runs.setdefault(g + 1, deque(maxlen=self.keep)).append(verify_seconds)

@@ -65,7 +65,7 @@ def test_expensive_draft_falls_back_to_the_target_alone_and_reprobes(pair):
     assert out == _greedy(pair, ids, 60)
     drafted = [i for i, g in enumerate(sched.chosen) if g > 0]
     assert len(drafted) <= len(sched.chosen) // 10 and st.proposed <= 8 * len(drafted)
-    assert all(b - a > 10 for a, b in zip(drafted, drafted[1:]))      # only the periodic re-probes draft
+    assert drafted and all(i % 10 == 9 for i in drafted)              # only the periodic re-probes draft
     assert st.rounds >= 45                                            # about one target pass per token
 
 
@@ -93,6 +93,9 @@ def test_measured_costs_interpolate_between_widths():
     sched.observe(4, [4], 0.4, 3.0)                  # width 5: 3 s; a draft step 0.1 s
     assert sched._verify(3) == pytest.approx(2.0) and sched._verify(9) == pytest.approx(5.0)
     assert sched.draft_cost == pytest.approx(0.1)
+    for seconds in (1.0, 50.0):                      # a spike of a shared machine moves the median little
+        sched.observe(0, [0], 0.0, seconds)
+    assert sched.verify_cost[1] == pytest.approx(1.0)
     assert FixedWindow(4).window(2) == 2 and FixedWindow(4).window(9) == 4
 
 
