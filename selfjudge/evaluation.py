@@ -35,12 +35,13 @@ from selfjudge.io import atomic_write_text, config_hash, folder_hash, read_json,
 from selfjudge.judge import JudgeHead
 from selfjudge.metrics import prefix_agreement, unique_records
 from selfjudge.policies import POLICIES, Policy, build_policy
+from selfjudge.schedule import AdaptiveWindow
 from selfjudge.settings import build, check_keys, is_int, require
 from selfjudge.tasks import Example, Task
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("target", "draft", "lossless")      # method names taken by the always-run methods
+BASELINES = ("target", "draft", "lossless", "lossless_adaptive")  # method names taken by the always-run methods
 HEAD_DIR_KEYS = {"judge": "judge_dir", "autojudge": "autojudge_dir"}  # judge policy -> its default head key
 RECORDS = "per_example.jsonl"
 KEY_FILE = "eval_key.json"
@@ -123,6 +124,8 @@ class EvalSettings:
     seed: int
     device: str
     draft_only: bool
+    schedule: str
+    confidence_stop: float | None
     cuda_graphs: bool
     profile: bool
     resume: bool
@@ -140,6 +143,10 @@ class EvalSettings:
         for key in ("warmup", "warmup_tokens"):
             require(is_int(getattr(self, key), 0), f"eval.{key}", "an integer >= 0", getattr(self, key))
         require(self.limit is None or is_int(self.limit, 1), "eval.limit", "null or an integer >= 1", self.limit)
+        require(self.schedule in ("fixed", "adaptive"), "eval.schedule", "'fixed' or 'adaptive'", self.schedule)
+        cs = self.confidence_stop
+        require(cs is None or (isinstance(cs, (int, float)) and not isinstance(cs, bool) and 0 <= cs <= 1),
+                "eval.confidence_stop", "null or a number in [0, 1]", cs)
         check_keys(self.policy_options or {}, ["typical_alpha", "kl_strict_top1"], "eval.policy_options",
                    required=False)
         object.__setattr__(self, "specs", parse_methods(self.methods, self.policy_options or {}))
@@ -170,6 +177,8 @@ def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
     """Target-only, lossless (and draft-only), then every method's thresholds; judge methods whose head
     folder is null are skipped. Thresholds are validated here, before any decoding."""
     grid = [Method("target", "target", None), Method("lossless", "lossless", None)]
+    if s.schedule == "adaptive":   # its own row: the rule comparisons keep the fixed window
+        grid.append(Method("lossless_adaptive", "lossless", None))
     if s.draft_only:
         grid.insert(1, Method("draft", "draft", None))
     for spec in s.specs:
@@ -207,6 +216,8 @@ def records_key(s: EvalSettings, dataset: Mapping[str, Any], target_fp: str | No
         key_cfg["batch_size"] = s.batch_size
     if graphs:   # timings depend on it (tokens do not); only where it acts, so that other runs keep their key
         key_cfg["cuda_graphs"] = True
+    if s.schedule != "fixed":   # the adaptive row's timings and rounds depend on these; fixed keeps older keys
+        key_cfg.update(schedule=s.schedule, confidence_stop=s.confidence_stop)
     if cpu_kernels and set(cpu_kernels.values()) != {"default"}:  # the same: timings, not tokens
         key_cfg["cpu_kernels"] = dict(cpu_kernels)
     # (limit and offset are left out: records are per prompt id, so another slice reuses the ones it shares)
@@ -341,12 +352,16 @@ def evaluate(pair: Any, task: Task, examples: list[Example], prompts: list[list[
         return None if m.policy in BASELINES else \
             build_policy(m.policy, m.threshold, head=heads.get(m.head_key), options=s.policy_options)
 
+    adaptive = AdaptiveWindow(s.gamma)   # one schedule for the run: its costs carry over from the warm-up
+
     def run_group(m: Method, items: list, n: int) -> list:
         """(tokens, stats) per (example, prompt ids) of items: batch-1 decodes, or one batched decode."""
         model, draft = {"target": (pair.target, None), "draft": (pair.draft, None)}.get(m.policy,
                                                                                            (pair.target, pair.draft))
         common = dict(gamma=s.gamma, max_new_tokens=n, eos_ids=pair.eos_ids, vocab=pair.vocab_size,
                       policy=policy_of(m), temperature=float(s.temperature))
+        if m.name == "lossless_adaptive":
+            common.update(schedule=adaptive, confidence_stop=s.confidence_stop)
         seed = _seed(s.seed, ",".join(ex.id for ex, _ in items))
         gen = torch.Generator(device=dev).manual_seed(seed) if s.temperature > 0 else None
         if bs == 1:
@@ -361,7 +376,7 @@ def evaluate(pair: Any, task: Task, examples: list[Example], prompts: list[list[
     todo = [(items, m) for group in groups for m in grid
             if (items := [(ex, ids) for ex, ids in group if (m.name, m.threshold, ex.id) not in done])]
     if todo and groups and s.warmup and s.warmup_tokens:  # one decode per kind of method, excluded from the results
-        kinds = {(m.policy, m.head_key): m for m in grid}
+        kinds = {(m.policy, m.head_key, m.name == "lossless_adaptive"): m for m in grid}
         # batched: one batch of the first eval.warmup prompts (through the batched engine); else one by one
         warm = [groups[0][: s.warmup]] if bs > 1 else groups[: s.warmup]
         for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):

@@ -163,6 +163,21 @@ def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
     assert all(r["score_source"] == "task" and r["score"] in (0.0, 1.0) for r in recs)
 
 
+def test_adaptive_schedule_is_its_own_row_and_key(tmp_path, cache_dir, prompts_file):
+    """eval.schedule=adaptive adds lossless_adaptive (fp32: the target's tokens), keyed apart from fixed runs."""
+    cfg = _cfg(tmp_path, cache_dir, *_jsonl(["eval.judge_dir=null", "~eval.methods", "+eval.methods={}",
+                                             "eval.schedule=adaptive", "eval.confidence_stop=0.4"], prompts_file))
+    stage.run(cfg)
+    out = tmp_path / "eval"
+    recs = _records(out)
+    assert sorted({r["method"] for r in recs}) == ["lossless", "lossless_adaptive", "target"]
+    assert all(r["agree_exact"] == 1.0 for r in recs if r["method"] == "lossless_adaptive")
+    key = json.loads((out / "eval_key.json").read_text())
+    assert key["settings"]["schedule"] == "adaptive" and key["settings"]["confidence_stop"] == 0.4
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["target", "lossless", "lossless_adaptive"]
+
+
 @pytest.mark.parametrize("override,err,match", [
     ("eval.gamma=0", ValueError, "eval.gamma must be an integer >= 1"),
     ("eval.methods={medusa:[1]}", ValueError, "unknown policy 'medusa' in eval.methods.medusa"),
@@ -171,6 +186,8 @@ def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
     ("eval.dataset.name=nope", DatasetConfigError, "unknown task 'nope'"),
     ("eval.temperature=-1", ValueError, "eval.temperature"),
     ("eval.batch_size=0", ValueError, "eval.batch_size must be an integer >= 1"),
+    ("eval.schedule=fast", ValueError, "eval.schedule must be 'fixed' or 'adaptive'"),
+    ("eval.confidence_stop=2", ValueError, "eval.confidence_stop must be null or a number in"),
 ])
 def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err, match):
     if override.startswith("eval.methods="):
