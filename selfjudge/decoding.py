@@ -25,9 +25,10 @@ Per round the host waits on the device once (greedy; twice with sampling, for th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ class Verification:
     def target_argmax(self) -> torch.Tensor:        # [B, γ+1]
         return self.target_logits.argmax(-1)
 
-    def row(self, i: int) -> "Verification":
+    def row(self, i: int) -> Verification:
         """Row i of a batched verification, without the row dimension."""
         def cut(x):
             return None if x is None else x[i]

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class Schedule(Protocol):
