@@ -19,7 +19,7 @@ from selfjudge.io import barrier, check_writable, code_version, folder_hash, ran
 from selfjudge.judge import JudgeHead
 from selfjudge.locks import stage_lock
 from selfjudge.metrics import summary_rows
-from selfjudge.models import format_prompt, pair_from_mapping, resolve_model_config, runtime_line
+from selfjudge.models import format_prompt, pair_from_mapping, runtime_line
 from selfjudge.policies import load_head
 from selfjudge.report import write_report
 from selfjudge.tasks import build_task, example_system_prompt
@@ -40,8 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = check_writable(s.output_dir, "eval.output_dir")
     ds = s.dataset_with_limit()
     task = build_task(ds)
-    mcfg = resolve_model_config(dict(plain["model"], device=s.device))  # dtype auto -> bf16/fp32 here
-    pair = pair_from_mapping(mcfg)
+    pair = pair_from_mapping(dict(plain["model"], device=s.device))  # dtype auto: resolved (and why) in runtime
     log.info(runtime_line(pair.runtime))
     dev = next(pair.target.parameters()).device
     tinfo = pair.target_info.as_dict()
@@ -58,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     graphs = bool(s.cuda_graphs) and s.batch_size == 1 and dev.type == "cuda"
     key, key_cfg = ev.records_key(s, ds, tinfo.get("fingerprint"), pair.draft_info.as_dict().get("fingerprint"),
-                                  mcfg["dtype"], graphs, pair.runtime["cpu_kernels"])
+                                  pair.runtime["dtype"], graphs, pair.runtime["cpu_kernels"])
     head_of = ev.head_hashes(s, heads)
     rank, world = ranks()  # torchrun: each rank decodes a slice of the prompts into its own records file
     out = ev.RecordsFile(out_dir)

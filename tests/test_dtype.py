@@ -3,6 +3,8 @@ bf16 (or fp16) on CUDA; an explicit dtype wins; hashes and keys hold the resolve
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,20 @@ def test_load_pair_with_auto_records_dtype_and_why(monkeypatch, tiny_model_cfg, 
     assert pair.runtime["dtype"] == str(want).removeprefix("torch.")
     assert pair.runtime["dtype_reason"].startswith("auto: CPU")
     assert pair.runtime["dtype"] in models.runtime_line(pair.runtime)
+
+
+def test_eval_summary_says_auto_and_keys_the_resolved_dtype(monkeypatch, tmp_path, cache_dir):
+    from hydra import compose, initialize_config_module
+
+    from selfjudge.eval import stage
+
+    _cpu(monkeypatch)                                   # no native bf16: auto -> float32, and the report says why
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=[
+            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "model.dtype=auto",
+            "eval.judge_dir=null", "eval.dataset.limit=1", "eval.max_new_tokens=8", "eval.warmup=0",
+            "~eval.methods", "+eval.methods={kl:[0.5]}"])
+    stage.run(cfg)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["runtime"]["dtype"] == "float32" and summary["runtime"]["dtype_reason"].startswith("auto: CPU without")
+    assert "auto: CPU without native bf16" in summary["title"]
