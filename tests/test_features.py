@@ -162,3 +162,31 @@ def test_training_folders_must_share_the_feature_layout(tmp_path):
         write_manifest(d, {**m, "features": FeatureSpec(scalars=(scalar,)).as_dict()})
     with pytest.raises(ValueError, match="different feature layouts"):
         load_judge_data([str(tmp_path / "a"), str(tmp_path / "b")], "selfjudge", True, 0.2, 0)
+
+
+@torch.no_grad()
+def test_batched_verify_features_equal_their_definitions(tiny_pair):
+    """decode_batch hands the rule [1, γ] rows (CPU): the same features, by hand, for each row's first round."""
+    from selfjudge.batch_decoding import decode_batch
+
+    pair = tiny_pair
+    H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
+    head = JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(),
+                                 target_model=pair.target_info.as_dict())).eval()
+    seen = []
+
+    class Spy(JudgeRule):
+        def accept(self, v):
+            seen.append((v.draft_tokens.clone(), verify_features(v, self.feature_spec)))
+            return super().accept(v)
+
+    prompts = [format_prompt(pair.tokenizer, p) for p in ("what is 12 * 7", "janet sells eggs")]
+    decode_batch(pair.target, pair.draft, prompts, gamma=4, max_new_tokens=10, eos_ids=pair.eos_ids,
+                 vocab=pair.vocab_size, policy=Spy(0.5, head))
+    for row, ids in enumerate(prompts):                     # the first call covers every row's first round
+        toks, feats = seen[row]
+        toks, feats = toks.reshape(-1), feats.reshape(len(toks.reshape(-1)), -1)
+        seq = ids + toks.tolist()
+        for j in range(len(toks)):
+            torch.testing.assert_close(feats[j], _by_hand(pair, seq, len(ids) + j, int(toks[j]), FULL, FULL.layers),
+                                       rtol=1e-4, atol=1e-4)
