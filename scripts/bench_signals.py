@@ -178,13 +178,13 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float
     xt = torch.from_numpy(x)
     head.set_standardization(xt[tr].mean(0), xt[tr].std(0))
     target = torch.from_numpy(ld if kind == "ld_reg" else y.astype(np.float64)).float()
-    opt = torch.optim.AdamW(head.net.parameters(), lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(head.net.parameters(), lr=3e-3, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed)
     tri = torch.from_numpy(np.flatnonzero(tr))
     best = (-1.0, None, None)
     for _ in range(epochs):
         head.train()
-        for b in tri[torch.randperm(len(tri), generator=g)].split(256):
+        for b in tri[torch.randperm(len(tri), generator=g)].split(32):   # small data: many small steps
             out = head(xt[b])
             loss = (torch.nn.functional.mse_loss(out, target[b]) if kind == "ld_reg"
                     else torch.nn.functional.binary_cross_entropy_with_logits(out, target[b]))
@@ -195,9 +195,9 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float
         with torch.no_grad():
             pv = head(xt[val]).numpy()
         r, _ = auc_pair(y[val], pv)
-        if math.isnan(r):
-            r = 0.0
-        if r > best[0]:
+        if math.isnan(r):      # one class on the validation side: keep the last epoch, report no AUC
+            best = (math.nan, {k: v.clone() for k, v in head.state_dict().items()}, None)
+        elif not r <= best[0]:
             best = (r, {k: v.clone() for k, v in head.state_dict().items()}, None)
     head.load_state_dict(best[1])
     head.eval()
@@ -254,7 +254,8 @@ def head_scores(held: dict, train: list[dict], sets: list[str], heads: list[str]
                     continue
                 scores[(name, kind, label)] = pred
                 ablation.append({"features": name, "spec": spec.as_dict(), "head": kind, "train_label": label,
-                                 "dim": int(spec.dim(held["H"], held["Hd"])), "val_roc_auc": float(np.mean(vals)),
+                                 "dim": int(spec.dim(held["H"], held["Hd"])), "val_roc_auc": float(np.nanmean(vals))
+                                 if not np.isnan(vals).all() else math.nan,
                                  "seconds": round(time.perf_counter() - t0, 2)})
     return scores, ablation
 
