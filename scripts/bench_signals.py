@@ -305,10 +305,10 @@ def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads
         for label in LABELS:
             y = d["sj"] if label == "selfjudge" else d["aj"]
             keep = (y >= 0)
-            res[label] = {k: bootstrap(y[keep & np.isfinite(np.nan_to_num(v, posinf=1))].astype(int),
-                                       v[keep & np.isfinite(np.nan_to_num(v, posinf=1))],
-                                       d["prompt"][keep & np.isfinite(np.nan_to_num(v, posinf=1))], n_boot, seed)
-                          for k, v in scores.items()}
+            res[label] = {}
+            for k, v in scores.items():      # NaN: rows a head could not score (its training folds had one class)
+                m = keep & ~np.isnan(v)
+                res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed)
         for a in abl:
             a["domain"] = dom
             for label in LABELS:
