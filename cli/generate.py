@@ -29,9 +29,22 @@ from __future__ import annotations
 
 import sys
 
-KEYS = {"run_dir": str, "model": str, "prompt": str, "judge": str, "policy": str, "threshold": float,
-        "gamma": int, "max_new_tokens": int, "do_sample": "bool", "temperature": float, "seed": int,
-        "system": str, "chat": "bool", "static_cache": "auto"}
+KEYS = {
+    "run_dir": str,
+    "model": str,
+    "prompt": str,
+    "judge": str,
+    "policy": str,
+    "threshold": float,
+    "gamma": int,
+    "max_new_tokens": int,
+    "do_sample": "bool",
+    "temperature": float,
+    "seed": int,
+    "system": str,
+    "chat": "bool",
+    "static_cache": "auto",
+}
 
 
 def _bool(key: str, v: str) -> bool:
@@ -94,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
     rule = gen.rule.name + (f"@{gen.rule.threshold:g}" if gen.rule.threshold is not None else "")
     per_pass = st.new_tokens / st.rounds if st.rounds else 0.0
-    print(f"[generate] {rule}: {st.new_tokens} tokens in {st.seconds:.2f} s "
-          f"({st.new_tokens / max(st.seconds, 1e-9):.1f} tok/s), {st.rounds} target passes "
-          f"({per_pass:.2f} tokens each)", file=sys.stderr)
+    print(
+        f"[generate] {rule}: {st.new_tokens} tokens in {st.seconds:.2f} s "
+        f"({st.new_tokens / max(st.seconds, 1e-9):.1f} tok/s), {st.rounds} target passes "
+        f"({per_pass:.2f} tokens each)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -9,8 +9,10 @@ from omegaconf import DictConfig, OmegaConf
 
 if not OmegaConf.has_resolver("section"):  # ${section:eval} in a --help template: that section as YAML
     OmegaConf.register_new_resolver(
-        "section", lambda name, *, _root_: OmegaConf.to_yaml(OmegaConf.select(_root_, name)).replace("$", "$$"),
-        use_cache=False)  # $$: hydra fills the template with string.Template, which reads ${run_dir} as a slot
+        "section",
+        lambda name, *, _root_: OmegaConf.to_yaml(OmegaConf.select(_root_, name)).replace("$", "$$"),
+        use_cache=False,
+    )  # $$: hydra fills the template with string.Template, which reads ${run_dir} as a slot
 
 
 class CheckRunDir(Callback):

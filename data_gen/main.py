@@ -1,7 +1,7 @@
 """selfjudge-data-gen: SelfJudge labels and judge features as sharded datasets.
 
-    selfjudge-data-gen model=tiny run_dir=runs/tiny
-    torchrun --nproc_per_node=8 -m selfjudge.data_gen.main model=qwen25_7b_05b model.device=cuda
+selfjudge-data-gen model=tiny run_dir=runs/tiny
+torchrun --nproc_per_node=8 -m selfjudge.data_gen.main model=qwen25_7b_05b model.device=cuda
 """
 
 import hydra

@@ -37,12 +37,12 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_installed(plain, ["data_gen"])
     s = settings(plain)
-    task = build_task(s.dataset)                  # unknown dataset keys fail here
+    task = build_task(s.dataset)  # unknown dataset keys fail here
     examples = task.examples()
     rank, world = ranks()
     hashed = identity({**plain, "model": model_key(plain["model"])}, IDENTITY)  # dtype auto as resolved here
     h = config_hash(hashed)
-    pair = pair_from_mapping(plain["model"])      # pairs with different vocabularies fail here
+    pair = pair_from_mapping(plain["model"])  # pairs with different vocabularies fail here
     if rank == 0:
         log.info(runtime_line(pair.runtime))
     prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
@@ -56,21 +56,37 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}
     if rank == 0:
         base = {
-            "target_model": pair.target_info.as_dict(), "draft_model": pair.draft_info.as_dict(),
-            "tokenizer": {"name_or_path": pair.tokenizer.name_or_path, "len": len(pair.tokenizer),
-                          "vocab_size": pair.vocab_size},
+            "target_model": pair.target_info.as_dict(),
+            "draft_model": pair.draft_info.as_dict(),
+            "tokenizer": {
+                "name_or_path": pair.tokenizer.name_or_path,
+                "len": len(pair.tokenizer),
+                "vocab_size": pair.vocab_size,
+            },
             "feature_dim": s.features.dim(pair.target_info.hidden_size, pair.draft_info.hidden_size),
-            "features": s.features.as_dict(), "feature_dtype": s.feature_dtype, "runtime": pair.runtime,
-            "config_hash": h, "config": hashed, "seed": plain["seed"], "code_version": code_version(),
-            "world_size": world, "task": task.name, "max_new_tokens": s.max_new_tokens,
+            "features": s.features.as_dict(),
+            "feature_dtype": s.feature_dtype,
+            "runtime": pair.runtime,
+            "config_hash": h,
+            "config": hashed,
+            "seed": plain["seed"],
+            "code_version": code_version(),
+            "world_size": world,
+            "task": task.name,
+            "max_new_tokens": s.max_new_tokens,
             "label_sources": ["selfjudge"] + (["autojudge"] if s.autojudge.enabled and task.has_checker else []),
         }
         manifest = labelling.finalize(out, world, s, base)
         result.update(counts=manifest["counts"], positive_rate=manifest["positive_rate"], tau=manifest["tau"])
         if plain["logger"]["name"] == "wandb":
             _log_wandb(plain, manifest)
-        log.info("%s positive_rate=%.3f tau=%.4f -> %s", json.dumps(manifest["counts"]), manifest["positive_rate"],
-                 manifest["tau"], out)
+        log.info(
+            "%s positive_rate=%.3f tau=%.4f -> %s",
+            json.dumps(manifest["counts"]),
+            manifest["positive_rate"],
+            manifest["tau"],
+            out,
+        )
     barrier(world)
     return result
 
@@ -81,9 +97,17 @@ def _log_wandb(plain: dict, manifest: dict) -> None:
     import wandb
 
     lg = plain["logger"]
-    run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], tags=[*lg["tags"], "data_gen"],
-                     config=plain, dir=plain["run_dir"], job_type="data_gen", group=lg.get("group"),
-                     reinit="finish_previous")
+    run = wandb.init(
+        project=lg["project"],
+        entity=lg["entity"],
+        mode=lg["mode"],
+        tags=[*lg["tags"], "data_gen"],
+        config=plain,
+        dir=plain["run_dir"],
+        job_type="data_gen",
+        group=lg.get("group"),
+        reinit="finish_previous",
+    )
     hist = manifest["ld_histogram"]
     if hist["counts"]:
         run.log({"data_gen/ld": wandb.Histogram(np_histogram=(np.asarray(hist["counts"]), np.asarray(hist["bins"])))})

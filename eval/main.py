@@ -1,6 +1,6 @@
 """selfjudge-eval: speculative decoding with the judge vs target-only, lossless SD and baselines.
 
-    selfjudge-eval run_dir=runs/qwen eval.gamma=8 dataset@eval.dataset=gsm8k_test
+selfjudge-eval run_dir=runs/qwen eval.gamma=8 dataset@eval.dataset=gsm8k_test
 """
 
 import hydra

@@ -44,20 +44,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info(runtime_line(pair.runtime))
     dev = next(pair.target.parameters()).device
     tinfo = pair.target_info.as_dict()
-    heads = {key: load_head(folder, tinfo, pair.target_info.hidden_size, pair.draft_info.hidden_size, dev,
-                            key=f"eval.{key}") for key, folder in s.head_dirs().items()}
+    heads = {
+        key: load_head(folder, tinfo, pair.target_info.hidden_size, pair.draft_info.hidden_size, dev, key=f"eval.{key}")
+        for key, folder in s.head_dirs().items()
+    }
     grid = ev.build_grid(s, heads)
     skipped = [x.name for x in s.specs if x.head_key is not None and x.head_key not in heads]
     if skipped:
         log.info("skipping %s: no head folder set (eval.judge_dir / eval.autojudge_dir)", skipped)
     examples = task.examples()
-    prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
-               for ex in examples]
+    prompts = [
+        format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template) for ex in examples
+    ]
     ev.check_prompt_lengths(examples, prompts, s, getattr(pair.target.config, "max_position_embeddings", None))
 
     graphs = bool(s.cuda_graphs) and s.batch_size == 1 and dev.type == "cuda"
-    key, key_cfg = ev.records_key(s, ds, tinfo.get("fingerprint"), pair.draft_info.as_dict().get("fingerprint"),
-                                  pair.runtime["dtype"], graphs, pair.runtime["cpu_kernels"])
+    key, key_cfg = ev.records_key(
+        s,
+        ds,
+        tinfo.get("fingerprint"),
+        pair.draft_info.as_dict().get("fingerprint"),
+        pair.runtime["dtype"],
+        graphs,
+        pair.runtime["cpu_kernels"],
+    )
     head_of = ev.head_hashes(s, heads)
     rank, world = ranks()  # torchrun: each rank decodes a slice of the prompts into its own records file
     out = ev.RecordsFile(out_dir)
@@ -77,45 +87,97 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ids_wanted = {ex.id for ex in examples}
     records = [r for r in records if r["prompt_id"] in ids_wanted]
-    rows = [{**row, "policy": m.policy} for m, row in zip(grid, summary_rows(records, [(m.name, m.threshold)
-                                                                                      for m in grid]))]
+    rows = [
+        {**row, "policy": m.policy}
+        for m, row in zip(grid, summary_rows(records, [(m.name, m.threshold) for m in grid]))
+    ]
     base = next(r for r in rows if r["method"] == "target")
-    title = (f"{task.name}: {len(examples)} prompts, gamma={s.gamma}, max_new_tokens={s.max_new_tokens}, "
-             f"T={s.temperature}, batch size {s.batch_size}, target {pair.target_info.name}, draft "
-             f"{pair.draft_info.name}, {runtime_line(pair.runtime)} on {dev}")
+    title = (
+        f"{task.name}: {len(examples)} prompts, gamma={s.gamma}, max_new_tokens={s.max_new_tokens}, "
+        f"T={s.temperature}, batch size {s.batch_size}, target {pair.target_info.name}, draft "
+        f"{pair.draft_info.name}, {runtime_line(pair.runtime)} on {dev}"
+    )
     text = write_report(rows, out_dir, title)
-    write_json(out_dir / "summary.json", {
-        "complete": True, "title": title, "task": task.name, "examples": len(examples), "gamma": s.gamma,
-        "baseline_tokens_per_s": base["tokens_per_s"], "rows": rows, "code_version": code_version(),
-        "target_model": tinfo, "draft_model": pair.draft_info.as_dict(), "config": plain["eval"], "heads": head_of, "runtime": pair.runtime,
-        "code_isolation": isolation() if any(ex.task.startswith("humaneval") for ex in examples) else None,
-        "engine": ev.engine_name(s.batch_size, graphs)})
+    write_json(
+        out_dir / "summary.json",
+        {
+            "complete": True,
+            "title": title,
+            "task": task.name,
+            "examples": len(examples),
+            "gamma": s.gamma,
+            "baseline_tokens_per_s": base["tokens_per_s"],
+            "rows": rows,
+            "code_version": code_version(),
+            "target_model": tinfo,
+            "draft_model": pair.draft_info.as_dict(),
+            "config": plain["eval"],
+            "heads": head_of,
+            "runtime": pair.runtime,
+            "code_isolation": isolation() if any(ex.task.startswith("humaneval") for ex in examples) else None,
+            "engine": ev.engine_name(s.batch_size, graphs),
+        },
+    )
     if plain["logger"]["name"] == "wandb":
         _log_wandb(plain, rows, s.head_dirs())
     log.info("%s", text)
     lossless = next(r for r in rows if r["method"] == "lossless")
-    return {"examples": len(examples), "rows": len(rows), "output_dir": str(out_dir),
-            "baseline_tokens_per_s": base["tokens_per_s"], "lossless_speedup": lossless["speedup"],
-            "best_speedup": {r["method"]: max(x["speedup"] or 0.0 for x in rows if x["method"] == r["method"])
-                             for r in rows}}
+    return {
+        "examples": len(examples),
+        "rows": len(rows),
+        "output_dir": str(out_dir),
+        "baseline_tokens_per_s": base["tokens_per_s"],
+        "lossless_speedup": lossless["speedup"],
+        "best_speedup": {
+            r["method"]: max(x["speedup"] or 0.0 for x in rows if x["method"] == r["method"]) for r in rows
+        },
+    }
 
 
 def _log_wandb(plain: dict, rows: list[dict], head_dirs: dict[str, str]) -> None:
     import wandb
 
     lg = plain["logger"]
-    run = wandb.init(project=lg["project"], entity=lg["entity"], mode=lg["mode"], tags=[*lg["tags"], "eval"],
-                     config=plain, dir=plain["run_dir"], job_type="eval", group=lg.get("group"), reinit="finish_previous")
+    run = wandb.init(
+        project=lg["project"],
+        entity=lg["entity"],
+        mode=lg["mode"],
+        tags=[*lg["tags"], "eval"],
+        config=plain,
+        dir=plain["run_dir"],
+        job_type="eval",
+        group=lg.get("group"),
+        reinit="finish_previous",
+    )
     for key, folder in head_dirs.items():  # lineage: the judge heads this eval used (same content: same artifact)
         name = f"judge-head-{JudgeHead.from_pretrained(folder).config.label_source}"
-        run.summary[f"eval/heads/{key}"] = {"artifact": name, "folder": str(folder), "content_hash": folder_hash(folder)}
+        run.summary[f"eval/heads/{key}"] = {
+            "artifact": name,
+            "folder": str(folder),
+            "content_hash": folder_hash(folder),
+        }
         if not run.offline:  # wandb links artifacts only online; offline runs keep the name and hash above
             art = wandb.Artifact(name, type="model", metadata={"eval_key": f"eval.{key}"})
             art.add_dir(str(folder))
             run.use_artifact(art)
-    cols = ["method", "threshold", "accuracy", "agreement_exact", "agreement_prefix", "mean_accepted_length",
-            "acceptance_rate", "tokens_per_s", "speedup", "accept_hist"]
-    run.log({"eval/results": wandb.Table(columns=cols, data=[[r[c] if c != "accept_hist" else str(r[c]) for c in cols]
-                                                             for r in rows])})
+    cols = [
+        "method",
+        "threshold",
+        "accuracy",
+        "agreement_exact",
+        "agreement_prefix",
+        "mean_accepted_length",
+        "acceptance_rate",
+        "tokens_per_s",
+        "speedup",
+        "accept_hist",
+    ]
+    run.log(
+        {
+            "eval/results": wandb.Table(
+                columns=cols, data=[[r[c] if c != "accept_hist" else str(r[c]) for c in cols] for r in rows]
+            )
+        }
+    )
     run.summary.update({f"eval/{r['method']}@{r['threshold']}/speedup": r["speedup"] for r in rows})
     run.finish()

@@ -18,12 +18,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from selfjudge.budget import Plan, RunSize, measure_rates, plan
 from selfjudge.io import config_hash, read_json, write_json
 
-HEAD_QUANTILES = 3      # thresholds a head_quantiles entry usually expands to (the head's stored sweep)
-MARGIN_S = 60.0         # kept back for loading, writing reports and the unforeseen
+HEAD_QUANTILES = 3  # thresholds a head_quantiles entry usually expands to (the head's stored sweep)
+MARGIN_S = 60.0  # kept back for loading, writing reports and the unforeseen
 PLAN_FILE = "budget_plan.json"
 
 
 log = logging.getLogger("selfjudge.pipeline")  # hydra's console and per-rank log file show it
+
 
 def _prompt_count(ds: dict, limit: int | None = None) -> int:
     from selfjudge.tasks import build_task
@@ -50,18 +51,27 @@ def run_size(plain: dict, stages: list[str]) -> RunSize:
     decodes, kinds = _eval_decodes(e)
     has_gen, has_eval = "data_gen" in stages, "eval" in stages
     return RunSize(
-        gen_prompts=_prompt_count(d["dataset"]) if has_gen else 0, gen_tokens=int(d["max_new_tokens"]),
+        gen_prompts=_prompt_count(d["dataset"]) if has_gen else 0,
+        gen_tokens=int(d["max_new_tokens"]),
         eval_prompts=_prompt_count(e["dataset"], e.get("limit")) if has_eval else 0,
-        eval_tokens=int(e["max_new_tokens"]), gen_batch=int(d["batch_size"]), window=int(d["window"]),
+        eval_tokens=int(e["max_new_tokens"]),
+        gen_batch=int(d["batch_size"]),
+        window=int(d["window"]),
         eval_decodes=decodes,
         warmup_tokens=kinds * int(e["warmup"]) * min(int(e["warmup_tokens"]), int(e["max_new_tokens"]))
-        if has_eval else 0)
+        if has_eval
+        else 0,
+    )
 
 
 def _apply(cfg: DictConfig, before: RunSize, after: RunSize) -> dict[str, Any]:
     """Set the config keys of the knobs that were cut; returns them."""
-    keys = {"gen_prompts": "data_gen.dataset.limit", "gen_tokens": "data_gen.max_new_tokens",
-            "eval_prompts": "eval.limit", "eval_tokens": "eval.max_new_tokens"}
+    keys = {
+        "gen_prompts": "data_gen.dataset.limit",
+        "gen_tokens": "data_gen.max_new_tokens",
+        "eval_prompts": "eval.limit",
+        "eval_tokens": "eval.max_new_tokens",
+    }
     changed = {keys[k]: getattr(after, k) for k in keys if getattr(after, k) != getattr(before, k)}
     with open_dict(cfg):
         for key, value in changed.items():
@@ -80,8 +90,13 @@ def fit_to_budget(cfg: DictConfig, stages: list[str], started: float) -> Plan | 
     path = Path(str(cfg.run_dir)) / PLAN_FILE
     saved = read_json(path) if path.is_file() else {}
     if saved.get("base_hash") == base:
-        p = Plan(RunSize(**saved["plan"]["size"]), saved["plan"]["seconds"], saved["plan"]["budget_s"],
-                 saved["plan"]["cuts"], saved["plan"]["fits"])
+        p = Plan(
+            RunSize(**saved["plan"]["size"]),
+            saved["plan"]["seconds"],
+            saved["plan"]["budget_s"],
+            saved["plan"]["cuts"],
+            saved["plan"]["fits"],
+        )
         log.info(f"budget: the plan of {saved['made_at']} for these settings ({path}): {p.describe()}")
     else:
         from selfjudge.models import pair_from_mapping
@@ -96,10 +111,17 @@ def fit_to_budget(cfg: DictConfig, stages: list[str], started: float) -> Plan | 
         budget_s = float(minutes) * 60 - (time.perf_counter() - started) - MARGIN_S
         p = plan(size, rates, budget_s)
         log.info(f"budget: {p.describe()}")
-        write_json(path, {"base_hash": base, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "rates": rates.__dict__, "plan": p.as_dict(), "settings": size.__dict__})
+        write_json(
+            path,
+            {
+                "base_hash": base,
+                "made_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "rates": rates.__dict__,
+                "plan": p.as_dict(),
+                "settings": size.__dict__,
+            },
+        )
     changed = _apply(cfg, size, p.size)
     if changed:
         log.info(f"budget: set {', '.join(f'{k}={v}' for k, v in changed.items())}")
     return p
-

@@ -1,7 +1,7 @@
 """selfjudge-pipeline: data_gen -> train -> eval under one config and one run folder.
 
-    selfjudge-pipeline experiment=quickstart     # the real offline Qwen pair, laptop size
-    selfjudge-pipeline experiment=tiny           # tiny random pair, under a minute
+selfjudge-pipeline experiment=quickstart     # the real offline Qwen pair, laptop size
+selfjudge-pipeline experiment=tiny           # tiny random pair, under a minute
 """
 
 import hydra

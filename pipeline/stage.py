@@ -42,8 +42,12 @@ STAGES = ("data_gen", "train", "eval")
 # launch settings are not hashed). The stages' own resume keys are narrower (see each stage).
 IDENTITY = {
     "data_gen": {"model": (), "data_gen": ("overwrite", "output_dir"), "seed": ()},
-    "train": {"train": ("output_dir", "data_dir", "num_workers", "log_every", "resume"), "judge": (), "deepspeed": (),
-              "seed": ()},
+    "train": {
+        "train": ("output_dir", "data_dir", "num_workers", "log_every", "resume"),
+        "judge": (),
+        "deepspeed": (),
+        "seed": (),
+    },
     "eval": {"model": (), "eval": ("output_dir", "judge_dir", "autojudge_dir", "resume"), "seed": ()},
 }
 
@@ -52,8 +56,8 @@ IDENTITY = {
 class PipelineSettings:
     """The ``pipeline`` config section (conf/pipeline/default.yaml)."""
 
-    stages: list      # subset of STAGES, in order
-    force: bool       # redo stages even when their output is complete
+    stages: list  # subset of STAGES, in order
+    force: bool  # redo stages even when their output is complete
     budget_minutes: float | None  # fit the run to this many minutes (selfjudge.pipeline.budget; null: no cuts)
 
     def __post_init__(self) -> None:
@@ -189,8 +193,14 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         summary = _stage_runner(stage)(cfg)
         say(f"{stage}: took {(time.perf_counter() - t0) / 60:.1f} min")
-        write_marker(out, stage, h, seconds=time.perf_counter() - t0,
-                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), summary=summary)
+        write_marker(
+            out,
+            stage,
+            h,
+            seconds=time.perf_counter() - t0,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            summary=summary,
+        )
         results[stage] = summary
     if "eval" in results:
         print_summary(cfg)
@@ -217,5 +227,7 @@ def print_summary(cfg: DictConfig) -> None:
     for m, r in best.items():
         th = "" if r.get("threshold") is None else f"@{r['threshold']:g}"
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
-        say(f"{m + th:<16} speedup {r.get('speedup') or 0:5.2f}x  accepted length "
-              f"{r['mean_accepted_length']:5.2f}  accuracy {acc}")
+        say(
+            f"{m + th:<16} speedup {r.get('speedup') or 0:5.2f}x  accepted length "
+            f"{r['mean_accepted_length']:5.2f}  accuracy {acc}"
+        )

@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", default="docs/bench/bench_batch.json")
-    ap.add_argument("overrides", nargs="*", help="hydra overrides of conf/selfjudge.yaml (default model=qwen_coder_offline)")
+    ap.add_argument(
+        "overrides", nargs="*", help="hydra overrides of conf/selfjudge.yaml (default model=qwen_coder_offline)"
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -56,30 +58,65 @@ def main() -> None:
     res = {}
     for bs in sizes:
         for method in ("target", "sd"):
-            run(method, bs, list(range(min(bs, len(prompts)))), 8)          # warm-up, excluded
+            run(method, bs, list(range(min(bs, len(prompts)))), 8)  # warm-up, excluded
             t0 = time.perf_counter()
             outs = [r for idx in fixed_batches([len(p) for p in prompts], bs) for r in run(method, bs, idx)]
             secs = time.perf_counter() - t0
             toks = sum(st.new_tokens for _, st in outs)
             rounds = sum(st.rounds for _, st in outs)
-            res[f"{method}@{bs}"] = {"method": method, "batch_size": bs, "tokens": toks, "seconds": secs,
-                                     "tokens_per_s": toks / secs, "mean_accepted_length": toks / rounds}
-            print(f"[bench_batch] {method:6s} batch {bs:3d}: {toks:6d} tok {secs:8.1f} s "
-                  f"{toks / secs:8.2f} tok/s  accepted length {toks / rounds:5.2f}", flush=True)
+            res[f"{method}@{bs}"] = {
+                "method": method,
+                "batch_size": bs,
+                "tokens": toks,
+                "seconds": secs,
+                "tokens_per_s": toks / secs,
+                "mean_accepted_length": toks / rounds,
+            }
+            print(
+                f"[bench_batch] {method:6s} batch {bs:3d}: {toks:6d} tok {secs:8.1f} s "
+                f"{toks / secs:8.2f} tok/s  accepted length {toks / rounds:5.2f}",
+                flush=True,
+            )
     base = res[f"target@{sizes[0]}"]["tokens_per_s"]
     for r in res.values():
         r["vs_target_batch_%d" % sizes[0]] = r["tokens_per_s"] / base
-        r["sd_speedup_same_batch"] = (r["tokens_per_s"] / res[f"target@{r['batch_size']}"]["tokens_per_s"]
-                                      if r["method"] == "sd" else 1.0)
-    summary = {"what": "tokens/s of target-only and lossless SD at several batch sizes, one process",
-               "target": pair.target_info.name, "draft": pair.draft_info.name, "dtype": plain["model"]["dtype"],
-               "device": str(next(pair.target.parameters()).device), "torch_threads": torch.get_num_threads(),
-               "gamma": a.gamma, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
-               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "platform": platform.platform(),
-               "torch": torch.__version__, "code_version": code_version(), "results": res}
-    print(json.dumps({k: {x: round(v[x], 3) for x in ("tokens_per_s", "vs_target_batch_%d" % sizes[0],
-                                                       "sd_speedup_same_batch", "mean_accepted_length")}
-                      for k, v in res.items()}, indent=1))
+        r["sd_speedup_same_batch"] = (
+            r["tokens_per_s"] / res[f"target@{r['batch_size']}"]["tokens_per_s"] if r["method"] == "sd" else 1.0
+        )
+    summary = {
+        "what": "tokens/s of target-only and lossless SD at several batch sizes, one process",
+        "target": pair.target_info.name,
+        "draft": pair.draft_info.name,
+        "dtype": plain["model"]["dtype"],
+        "device": str(next(pair.target.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "gamma": a.gamma,
+        "max_new_tokens": a.max_new_tokens,
+        "prompts": len(prompts),
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "code_version": code_version(),
+        "results": res,
+    }
+    print(
+        json.dumps(
+            {
+                k: {
+                    x: round(v[x], 3)
+                    for x in (
+                        "tokens_per_s",
+                        "vs_target_batch_%d" % sizes[0],
+                        "sd_speedup_same_batch",
+                        "mean_accepted_length",
+                    )
+                }
+                for k, v in res.items()
+            },
+            indent=1,
+        )
+    )
     write_json(a.out, summary)
 
 

@@ -25,6 +25,8 @@ def load_pair_and_prompts(overrides: list[str], n_prompts: int, gsm8k: str | Non
     t_load = time.perf_counter() - t0
     source = {"name": "gsm8k", "split": "test", "path": gsm8k} if gsm8k else {"name": "gsm_symbolic", "seed": 1000000}
     task = build_task({**source, "limit": n_prompts, "chat_template": True, "system_prompt": BRIEF})
-    prompts = [format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
-               for ex in task.examples()]
+    prompts = [
+        format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
+        for ex in task.examples()
+    ]
     return plain, pair, t_load, prompts

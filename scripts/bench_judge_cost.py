@@ -47,8 +47,11 @@ def main() -> None:
     H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
     policies = {}
     for name, spec in SETS.items():
-        head = JudgeHead(JudgeConfig(kind="mlp", hidden_dim=256, feature_dim=spec.dim(H, Hd),
-                                     features=spec.as_dict())).init_weights(0).eval()
+        head = (
+            JudgeHead(JudgeConfig(kind="mlp", hidden_dim=256, feature_dim=spec.dim(H, Hd), features=spec.as_dict()))
+            .init_weights(0)
+            .eval()
+        )
         policies[f"judge {name}"] = JudgeRule(0.5, head)
     policies["kl rule"] = build_policy("kl", 0.5)
     policies["likelihood rule"] = build_policy("likelihood", 1.0)
@@ -61,14 +64,30 @@ def main() -> None:
         for ids in prompts:
             _, st = decode(pair.target, pair.draft, ids, max_new_tokens=a.tokens, policy=pol, **kw)
             rule, verify, rounds = rule + st.rule_seconds, verify + st.verify_seconds, rounds + st.rounds
-        rows[name] = {"rule_share_of_verify": rule / verify, "rule_ms_per_round": 1e3 * rule / rounds,
-                      "verify_ms_per_round": 1e3 * verify / rounds, "rounds": rounds}
-        print(f"{name:28s} rule/verify {100 * rule / verify:6.2f} %   rule {1e3 * rule / rounds:8.2f} ms/round   "
-              f"verify {1e3 * verify / rounds:9.1f} ms/round", flush=True)
-    res = {"rows": rows, "gamma": a.gamma, "tokens": a.tokens, "prompts": a.prompts, "overrides": a.overrides,
-           "dtype": str(next(pair.target.parameters()).dtype), "threads": torch.get_num_threads(),
-           "load_average": list(os.getloadavg()), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-           "load_seconds": t_load}
+        rows[name] = {
+            "rule_share_of_verify": rule / verify,
+            "rule_ms_per_round": 1e3 * rule / rounds,
+            "verify_ms_per_round": 1e3 * verify / rounds,
+            "rounds": rounds,
+        }
+        print(
+            f"{name:28s} rule/verify {100 * rule / verify:6.2f} %   rule {1e3 * rule / rounds:8.2f} ms/round   "
+            f"verify {1e3 * verify / rounds:9.1f} ms/round",
+            flush=True,
+        )
+    res = {
+        "rows": rows,
+        "gamma": a.gamma,
+        "tokens": a.tokens,
+        "prompts": a.prompts,
+        "overrides": a.overrides,
+        "dtype": str(next(pair.target.parameters()).dtype),
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_seconds": t_load,
+    }
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")

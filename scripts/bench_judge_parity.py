@@ -32,10 +32,20 @@ def train_settings(a: argparse.Namespace, weight_decay: float) -> TrainSettings:
     from selfjudge.train.stage import settings_from
 
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=[
-            f"train.epochs={a.epochs}", f"train.lr={a.lr}", f"train.weight_decay={weight_decay}", f"seed={a.seed}",
-            f"train.device={a.device}", "train.resume=false", f"train.batch_size={a.batch_size}",
-            "train.log_every=1000000000", f"train.data_dir=[{','.join(a.data_dir)}]"])
+        cfg = compose(
+            "selfjudge",
+            overrides=[
+                f"train.epochs={a.epochs}",
+                f"train.lr={a.lr}",
+                f"train.weight_decay={weight_decay}",
+                f"seed={a.seed}",
+                f"train.device={a.device}",
+                "train.resume=false",
+                f"train.batch_size={a.batch_size}",
+                "train.log_every=1000000000",
+                f"train.data_dir=[{','.join(a.data_dir)}]",
+            ],
+        )
     return settings_from(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -88,14 +98,26 @@ def main() -> None:
     best_ours = max(ours.items(), key=lambda kv: kv[1]["roc_auc"])
     best_ref = max(ref.items(), key=lambda kv: kv[1]["roc_auc"])
     diff = best_ours[1]["roc_auc"] - best_ref[1]["roc_auc"]
-    print(f"[parity] ours {best_ours[1]['roc_auc']:.4f} (weight_decay={best_ours[0]:g})  sklearn {best_ref[1]['roc_auc']:.4f} "
-          f"(C={best_ref[0]:g})  difference {diff:+.4f}  {'OK' if abs(diff) <= 0.01 else 'OUTSIDE 0.01'}")
+    print(
+        f"[parity] ours {best_ours[1]['roc_auc']:.4f} (weight_decay={best_ours[0]:g})  sklearn {best_ref[1]['roc_auc']:.4f} "
+        f"(C={best_ref[0]:g})  difference {diff:+.4f}  {'OK' if abs(diff) <= 0.01 else 'OUTSIDE 0.01'}"
+    )
     out = Path(a.out) if a.out else Path(a.data_dir[0]).resolve().parent / "judge_parity.json"
-    write_json(out, {"data_dirs": a.data_dir, "split": {k: v for k, v in data.split.items() if k != "val_prompts"},
-                     "feature_dim": data.feature_dim, "ours": {str(k): v for k, v in ours.items()},
-                     "sklearn": {str(k): v for k, v in ref.items()}, "best_ours": best_ours[1]["roc_auc"],
-                     "best_sklearn": best_ref[1]["roc_auc"], "difference": diff, "within_0.01": abs(diff) <= 0.01,
-                     "settings": {k: v for k, v in vars(a).items() if k != "data_dir"}})
+    write_json(
+        out,
+        {
+            "data_dirs": a.data_dir,
+            "split": {k: v for k, v in data.split.items() if k != "val_prompts"},
+            "feature_dim": data.feature_dim,
+            "ours": {str(k): v for k, v in ours.items()},
+            "sklearn": {str(k): v for k, v in ref.items()},
+            "best_ours": best_ours[1]["roc_auc"],
+            "best_sklearn": best_ref[1]["roc_auc"],
+            "difference": diff,
+            "within_0.01": abs(diff) <= 0.01,
+            "settings": {k: v for k, v in vars(a).items() if k != "data_dir"},
+        },
+    )
     print(f"[parity] -> {out}")
 
 

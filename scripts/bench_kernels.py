@@ -42,14 +42,18 @@ from selfjudge.kernels import onednn_linear, pack_weight, use_onednn
 
 # (model, layer, out_features, in_features): Qwen2.5-Coder-1.5B (hidden 1536, MLP 8960, KV 256) and 0.5B
 SHAPES = [
-    ("target", "q/o_proj", 1536, 1536), ("target", "k/v_proj", 256, 1536),
-    ("target", "gate/up_proj", 8960, 1536), ("target", "down_proj", 1536, 8960),
+    ("target", "q/o_proj", 1536, 1536),
+    ("target", "k/v_proj", 256, 1536),
+    ("target", "gate/up_proj", 8960, 1536),
+    ("target", "down_proj", 1536, 8960),
     ("target", "lm_head", 151936, 1536),
-    ("draft", "q/o_proj", 896, 896), ("draft", "gate/up_proj", 4864, 896), ("draft", "down_proj", 896, 4864),
+    ("draft", "q/o_proj", 896, 896),
+    ("draft", "gate/up_proj", 4864, 896),
+    ("draft", "down_proj", 896, 4864),
     ("draft", "lm_head", 151936, 896),
 ]
-COMPILED = {"gate/up_proj", "down_proj"}   # torch.compile on the target's MLP shapes
-AUTOTUNED = {"gate/up_proj"}               # max-autotune on the largest one only (compiling takes long)
+COMPILED = {"gate/up_proj", "down_proj"}  # torch.compile on the target's MLP shapes
+AUTOTUNED = {"gate/up_proj"}  # max-autotune on the largest one only (compiling takes long)
 ROWS = (1, 5, 9, 64)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -62,9 +66,14 @@ def machine() -> dict:
         model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
     except (OSError, subprocess.SubprocessError):
         model = ""
-    return {"cpu": model or caps.get("cpu_name"), "cores": os.cpu_count(), "flags": flags,
-            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "platform": platform.platform()}
+    return {
+        "cpu": model or caps.get("cpu_name"),
+        "cores": os.cpu_count(),
+        "flags": flags,
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+    }
 
 
 def loadavg() -> list[float]:
@@ -116,8 +125,11 @@ def bench_linears(shapes, rows, dtypes, reps: int, compile_modes: list[str]) -> 
             w = (torch.randn(n, k, generator=g) * 0.02).to(dt)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(dt)
-                modes = [md for md in compile_modes if model == "target" and layer in COMPILED
-                         and (md == "default" or layer in AUTOTUNED)]
+                modes = [
+                    md
+                    for md in compile_modes
+                    if model == "target" and layer in COMPILED and (md == "default" or layer in AUTOTUNED)
+                ]
                 with torch.no_grad():  # not inference_mode: inductor's freezing refuses inference tensors
                     v = _variants(w, x, modes)
                     fns = {name: f for name, f in v.items() if not name.endswith("_compile_s")}
@@ -132,16 +144,26 @@ def bench_linears(shapes, rows, dtypes, reps: int, compile_modes: list[str]) -> 
                     torch.set_num_threads(1)
                 med = {name: round(statistics.median(s), 3) for name, s in samples.items()}
                 best_ms = {name: round(min(s), 3) for name, s in samples.items()}
-                row = {"model": model, "layer": layer, "shape": [n, k], "rows": m, "dtype": dname,
-                       "ms_min": best_ms, "ms_median": med,
-                       "vs_default": {name: round(best_ms["default"] / t, 2) for name, t in best_ms.items()},
-                       "load": loadavg()}
+                row = {
+                    "model": model,
+                    "layer": layer,
+                    "shape": [n, k],
+                    "rows": m,
+                    "dtype": dname,
+                    "ms_min": best_ms,
+                    "ms_median": med,
+                    "vs_default": {name: round(best_ms["default"] / t, 2) for name, t in best_ms.items()},
+                    "load": loadavg(),
+                }
                 row.update({name: round(t, 1) for name, t in v.items() if name.endswith("_compile_s")})
                 results.append(row)
                 best = min(best_ms, key=best_ms.get)
-                print(f"{dname:8s} {model:6s} {layer:12s} {n:6d}x{k:<5d} rows {m:2d}  "
-                      + "  ".join(f"{name} {t:.2f}" for name, t in best_ms.items())
-                      + f"  | best {best} {best_ms['default'] / best_ms[best]:.2f}x  load {row['load'][0]}", flush=True)
+                print(
+                    f"{dname:8s} {model:6s} {layer:12s} {n:6d}x{k:<5d} rows {m:2d}  "
+                    + "  ".join(f"{name} {t:.2f}" for name, t in best_ms.items())
+                    + f"  | best {best} {best_ms['default'] / best_ms[best]:.2f}x  load {row['load'][0]}",
+                    flush=True,
+                )
                 torch._dynamo.reset()
     return results
 
@@ -150,9 +172,18 @@ def target_model(dtype: torch.dtype, layers: int | None = None):
     """Qwen2.5-Coder-1.5B-Instruct's architecture with random weights (timing does not depend on values)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers or 28,
-                      num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                      rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=layers or 28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = Qwen2ForCausalLM(cfg).to(dtype)
@@ -182,7 +213,7 @@ def bench_steps(dtypes, reps: int, layers: int | None, prompt: int = 64) -> list
                 for r in range(reps + 1):  # round 0 is a warm-up
                     for width in (1, 9):
                         t0 = time.perf_counter()
-                        model(input_ids=ids[:, prompt:prompt + width], cache=c, use_cache=True)
+                        model(input_ids=ids[:, prompt : prompt + width], cache=c, use_cache=True)
                         dt_ms = (time.perf_counter() - t0) * 1e3
                         c.crop(-width)  # back to the prompt: every pass reads the same cache
                         if r:
@@ -192,34 +223,64 @@ def bench_steps(dtypes, reps: int, layers: int | None, prompt: int = 64) -> list
         for width in (1, 9):
             med = {k: round(statistics.median(times[k][width]), 1) for k in kinds}
             lo = {k: round(min(times[k][width]), 1) for k in kinds}
-            row = {"what": f"target {'decode step' if width == 1 else 'verify pass'} ({width} tokens)",
-                   "tokens": width, "dtype": dname, "layers": layers or 28, "ms_min": lo, "ms_median": med,
-                   "vs_default": {k: round(lo["default"] / t, 2) for k, t in lo.items()}, "load": loads}
+            row = {
+                "what": f"target {'decode step' if width == 1 else 'verify pass'} ({width} tokens)",
+                "tokens": width,
+                "dtype": dname,
+                "layers": layers or 28,
+                "ms_min": lo,
+                "ms_median": med,
+                "vs_default": {k: round(lo["default"] / t, 2) for k, t in lo.items()},
+                "load": loads,
+            }
             out.append(row)
-            print(f"{dname:8s} {row['what']:32s} " + "  ".join(f"{k} {t:.1f} ms" for k, t in lo.items())
-                  + f"  onednn {row['vs_default']['onednn']:.2f}x  load {loads}", flush=True)
+            print(
+                f"{dname:8s} {row['what']:32s} "
+                + "  ".join(f"{k} {t:.1f} ms" for k, t in lo.items())
+                + f"  onednn {row['vs_default']['onednn']:.2f}x  load {loads}",
+                flush=True,
+            )
         del model
     return out
 
 
-VARIANTS = ("default", "onednn", "mkldnn_tensor", "mkl_packed", "compile", "compile_autotune", "default_2t", "onednn_2t")
+VARIANTS = (
+    "default",
+    "onednn",
+    "mkldnn_tensor",
+    "mkl_packed",
+    "compile",
+    "compile_autotune",
+    "default_2t",
+    "onednn_2t",
+)
 
 
 def markdown(result: dict) -> str:
     """The tables of docs/benchmarks.md from a bench_kernels.json."""
     cols = [v for v in VARIANTS if any(v in r["ms_min"] for r in result["linears"])]
-    lines = ["| dtype | model | layer | shape | rows | " + " | ".join(cols) + " | oneDNN vs default |",
-             "|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
+    lines = [
+        "| dtype | model | layer | shape | rows | " + " | ".join(cols) + " | oneDNN vs default |",
+        "|---|---|---|---|---|" + "---|" * len(cols) + "---|",
+    ]
     for r in result["linears"]:
         ms = r["ms_min"]
         cells = [f"{ms[c]:.2f}" if c in ms else "" for c in cols]
-        lines.append(f"| {r['dtype']} | {r['model']} | {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | "
-                     + " | ".join(cells) + f" | {r['vs_default']['onednn']:.2f}x |")
-    lines += ["", "| dtype | pass | default (ms) | oneDNN (ms) | oneDNN vs default | load (default / oneDNN) |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['dtype']} | {r['model']} | {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | "
+            + " | ".join(cells)
+            + f" | {r['vs_default']['onednn']:.2f}x |"
+        )
+    lines += [
+        "",
+        "| dtype | pass | default (ms) | oneDNN (ms) | oneDNN vs default | load (default / oneDNN) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["steps"]:
-        lines.append(f"| {r['dtype']} | {r['what']} | {r['ms_min']['default']:.1f} | {r['ms_min']['onednn']:.1f} | "
-                     f"{r['vs_default']['onednn']:.2f}x | {r['load']['default'][0]} / {r['load']['onednn'][0]} |")
+        lines.append(
+            f"| {r['dtype']} | {r['what']} | {r['ms_min']['default']:.1f} | {r['ms_min']['onednn']:.1f} | "
+            f"{r['vs_default']['onednn']:.2f}x | {r['load']['default'][0]} / {r['load']['onednn'][0]} |"
+        )
     return "\n".join(lines)
 
 
@@ -241,16 +302,27 @@ def main() -> None:
     reps = 5 if a.quick else a.reps
     modes = [] if (a.quick or a.no_compile) else ["default"] + ([] if a.no_autotune else ["max-autotune-no-cudagraphs"])
     info = machine()
-    print(f"CPU {info['cpu']}, {info['cores']} cores, flags {' '.join(info['flags'])}, torch {info['torch']} "
-          f"({info['torch_cpu_capability']}); load {loadavg()}", flush=True)
+    print(
+        f"CPU {info['cpu']}, {info['cores']} cores, flags {' '.join(info['flags'])}, torch {info['torch']} "
+        f"({info['torch_cpu_capability']}); load {loadavg()}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     linears = bench_linears(shapes, ROWS, DTYPES, reps, modes)
     steps = bench_steps(DTYPES, 3 if a.quick else a.step_reps, 4 if a.quick else None)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info,
-              "command": "python scripts/bench_kernels.py" + (" --quick" if a.quick else ""),
-              "threads": "1 unless the variant ends in _2t", "reps": reps,
-              "statistic": "ms_min (ratios) and ms_median over interleaved repeats: the machine is shared", "linears": linears, "steps": steps,
-              "seconds": round(time.perf_counter() - t0, 1), "load_end": loadavg(), "code_version": code_version()}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": info,
+        "command": "python scripts/bench_kernels.py" + (" --quick" if a.quick else ""),
+        "threads": "1 unless the variant ends in _2t",
+        "reps": reps,
+        "statistic": "ms_min (ratios) and ms_median over interleaved repeats: the machine is shared",
+        "linears": linears,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_end": loadavg(),
+        "code_version": code_version(),
+    }
     if a.out:
         write_json(Path(a.out), result)
         print(f"wrote {a.out}")

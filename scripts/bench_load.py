@@ -1,6 +1,6 @@
 """Time loading the default offline pair from the cache (and the first conversion when the cache is empty).
 
-    .venv/bin/python scripts/bench_load.py [--out docs/bench/bench_load.json]
+.venv/bin/python scripts/bench_load.py [--out docs/bench/bench_load.json]
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ def main() -> None:
     ap.add_argument("--responses", type=int, default=3, help="number of responses (at most %d)" % len(PROMPTS))
     ap.add_argument("--new-tokens", type=int, default=256, help="response length")
     ap.add_argument("--window", type=int, default=20, help="LD window N")
-    ap.add_argument("--naive-mismatches", type=int, default=3, help="mismatches per response timed with the naive scorer")
+    ap.add_argument(
+        "--naive-mismatches", type=int, default=3, help="mismatches per response timed with the naive scorer"
+    )
     ap.add_argument("--check-mismatches", type=int, default=3, help="mismatches per response compared in fp32")
     ap.add_argument("--out", default=str(REPO / "docs/bench/bench_scoring.json"), help="JSON summary")
     args = ap.parse_args()
@@ -80,19 +82,33 @@ def main() -> None:
         _, t_k = _timed(lambda: score_response_naive(pair.target, pair.draft, p, r, V, args.window, limit=k))
         per_mismatch = (t_k - t_base) / max(1, k)
         t_naive = t_base + per_mismatch * M
-        timing.append({"prompt_tokens": len(p), "response_tokens": len(r), "mismatches": M, "fast_s": t_fast,
-                       "fast_s_untraced": t_untraced, "naive_base_s": t_base, "naive_timed_mismatches": k,
-                       "naive_s_per_mismatch": per_mismatch, "naive_s_extrapolated": t_naive,
-                       "speedup": t_naive / t_fast, "speedup_untraced": t_naive / t_untraced})
-        print(f"  T={len(r)} M={M}: fast {t_fast:.2f}s (untraced {t_untraced:.2f}s), naive ~{t_naive:.1f}s "
-              f"({k} timed, {per_mismatch:.2f}s each) -> {t_naive / t_fast:.1f}x ({t_naive / t_untraced:.1f}x untraced)")
+        timing.append(
+            {
+                "prompt_tokens": len(p),
+                "response_tokens": len(r),
+                "mismatches": M,
+                "fast_s": t_fast,
+                "fast_s_untraced": t_untraced,
+                "naive_base_s": t_base,
+                "naive_timed_mismatches": k,
+                "naive_s_per_mismatch": per_mismatch,
+                "naive_s_extrapolated": t_naive,
+                "speedup": t_naive / t_fast,
+                "speedup_untraced": t_naive / t_untraced,
+            }
+        )
+        print(
+            f"  T={len(r)} M={M}: fast {t_fast:.2f}s (untraced {t_untraced:.2f}s), naive ~{t_naive:.1f}s "
+            f"({k} timed, {per_mismatch:.2f}s each) -> {t_naive / t_fast:.1f}x ({t_naive / t_untraced:.1f}x untraced)"
+        )
     dtype = model_cfg["dtype"]
     del pair
     gc.collect()
 
     pair32 = _load(model_cfg, "float32")  # fp32 responses and traces of their own: the check is exact there
-    resps32, traces32 = greedy_batch_traced(pair32.target, prompts, args.new_tokens, pair32.eos_ids,
-                                            pair32.tokenizer.pad_token_id, V)
+    resps32, traces32 = greedy_batch_traced(
+        pair32.target, prompts, args.new_tokens, pair32.eos_ids, pair32.tokenizer.pad_token_id, V
+    )
     diffs = []
     for p, r, tr in zip(prompts, resps32, traces32):
         k = args.check_mismatches
@@ -100,29 +116,47 @@ def main() -> None:
         naive = score_response_naive(pair32.target, pair32.draft, p, r, V, args.window, limit=k)
         n = len(naive.positions)
         assert torch.equal(fast.positions[:n], naive.positions)
-        diffs.append({"mismatches_compared": n, "mismatches": len(fast.positions),
-                      "max_abs_ld_diff": float((fast.ld[:n] - naive.ld).abs().max()) if n else 0.0,
-                      "max_abs_orig_diff": float((fast.orig[:n] - naive.orig).abs().max()) if n else 0.0,
-                      "max_abs_feature_diff": float((fast.sub_features[:n] - naive.sub_features).abs().max()) if n else 0.0})
+        diffs.append(
+            {
+                "mismatches_compared": n,
+                "mismatches": len(fast.positions),
+                "max_abs_ld_diff": float((fast.ld[:n] - naive.ld).abs().max()) if n else 0.0,
+                "max_abs_orig_diff": float((fast.orig[:n] - naive.orig).abs().max()) if n else 0.0,
+                "max_abs_feature_diff": float((fast.sub_features[:n] - naive.sub_features).abs().max()) if n else 0.0,
+            }
+        )
     total_fast = sum(t["fast_s"] for t in timing)
     total_naive = sum(t["naive_s_extrapolated"] for t in timing)
     summary = {
-        "model_config": Path(args.model).name, "dtype_timing": dtype, "dtype_diff_check": "float32",
-        "window": args.window, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "generation_s": t_gen,
+        "model_config": Path(args.model).name,
+        "dtype_timing": dtype,
+        "dtype_diff_check": "float32",
+        "window": args.window,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "generation_s": t_gen,
         "note": "naive time extrapolated per mismatch from the first naive_timed_mismatches of each response",
-        "speedup": total_naive / total_fast, "fast_s_total": total_fast, "naive_s_total_extrapolated": total_naive,
+        "speedup": total_naive / total_fast,
+        "fast_s_total": total_fast,
+        "naive_s_total_extrapolated": total_naive,
         "speedup_untraced": total_naive / sum(t["fast_s_untraced"] for t in timing),
         "load_average_1_5_15": list(os.getloadavg()),
         "mismatches_total": sum(t["mismatches"] for t in timing),
         "max_abs_ld_diff_fp32": max(d["max_abs_ld_diff"] for d in diffs),
-        "per_response_timing": timing, "per_response_fp32_check": diffs, "prompts": prompts, "responses": resps,
+        "per_response_timing": timing,
+        "per_response_fp32_check": diffs,
+        "prompts": prompts,
+        "responses": resps,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"speedup {summary['speedup']:.1f}x per response (fast {total_fast:.1f}s vs naive ~{total_naive:.1f}s; "
-          f"{summary['speedup_untraced']:.1f}x without the generation trace), "
-          f"max |LD diff| fp32 {summary['max_abs_ld_diff_fp32']:.2e} -> {args.out}")
+    print(
+        f"speedup {summary['speedup']:.1f}x per response (fast {total_fast:.1f}s vs naive ~{total_naive:.1f}s; "
+        f"{summary['speedup_untraced']:.1f}x without the generation trace), "
+        f"max |LD diff| fp32 {summary['max_abs_ld_diff_fp32']:.2e} -> {args.out}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -56,13 +56,22 @@ def _hf(pair, ids: list[int], n: int, **kw) -> tuple[list[int], float]:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    out = pair.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                               eos_token_id=pair.eos_ids, pad_token_id=pair.eos_ids[0], temperature=None,
-                               top_p=None, top_k=None, **kw)
+    out = pair.target.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=pair.eos_ids,
+        pad_token_id=pair.eos_ids[0],
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        **kw,
+    )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     secs = time.perf_counter() - t0
-    toks = out[0, len(ids):].tolist()
+    toks = out[0, len(ids) :].tolist()
     for k, t in enumerate(toks):
         if t in pair.eos_ids:
             toks = toks[: k + 1]
@@ -98,7 +107,9 @@ def main() -> None:
     ap.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up decodes (excluded)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", default="docs/bench/bench_sd.json", help="JSON result file")
-    ap.add_argument("overrides", nargs="*", help="hydra overrides of conf/selfjudge.yaml (default model=qwen_coder_offline)")
+    ap.add_argument(
+        "overrides", nargs="*", help="hydra overrides of conf/selfjudge.yaml (default model=qwen_coder_offline)"
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -114,8 +125,16 @@ def main() -> None:
         elif m.startswith("sd@"):
             toks, st = decode(pair.target, pair.draft, ids, gamma=int(m[3:]), max_new_tokens=n, **kw)
         else:
-            toks, st = decode(pair.target, pair.draft, ids, gamma=a.max_gamma, max_new_tokens=n, schedule=schedules[m],
-                              confidence_stop=a.confidence_stop if m == "adaptive_cs" else None, **kw)
+            toks, st = decode(
+                pair.target,
+                pair.draft,
+                ids,
+                gamma=a.max_gamma,
+                max_new_tokens=n,
+                schedule=schedules[m],
+                confidence_stop=a.confidence_stop if m == "adaptive_cs" else None,
+                **kw,
+            )
         return toks, st.seconds
 
     def run(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
@@ -135,16 +154,30 @@ def main() -> None:
     reads = {"target": [0, 0], "draft": [0, 0]}
     for role, model in (("target", pair.target), ("draft", pair.draft)):
         body = getattr(model, model.base_model_prefix)
-        body.register_forward_pre_hook(lambda mod, args, kw, r=reads[role]: r.__setitem__(
-            slice(0, 2), [r[0] + 1, r[1] + (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[1]]),
-            with_kwargs=True)
-    res: dict[str, dict] = {m: {"tokens": 0, "seconds": 0.0, "per_prompt": [], "target_calls": 0, "target_positions": 0,
-                                "draft_calls": 0, "draft_positions": 0} for m in methods}
+        body.register_forward_pre_hook(
+            lambda mod, args, kw, r=reads[role]: r.__setitem__(
+                slice(0, 2),
+                [r[0] + 1, r[1] + (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[1]],
+            ),
+            with_kwargs=True,
+        )
+    res: dict[str, dict] = {
+        m: {
+            "tokens": 0,
+            "seconds": 0.0,
+            "per_prompt": [],
+            "target_calls": 0,
+            "target_positions": 0,
+            "draft_calls": 0,
+            "draft_positions": 0,
+        }
+        for m in methods
+    }
     outputs: dict[str, list[list[int]]] = {m: [] for m in methods}
     meta = dict(t_load=t_load, load0=os.getloadavg(), hf_defaults=hf_defaults, schedules=schedules)
     for rep in range(a.repeats):
         for i, ids in enumerate(prompts[1:]):
-            for m in (methods if (i + rep) % 2 == 0 else methods[::-1]):  # alternate the order too
+            for m in methods if (i + rep) % 2 == 0 else methods[::-1]:  # alternate the order too
                 before = [*reads["target"], *reads["draft"]]
                 toks, secs = run(m, ids, a.max_new_tokens)
                 after = [*reads["target"], *reads["draft"]]
@@ -152,12 +185,21 @@ def main() -> None:
                     res[m][key] += after[k] - before[k]
                 res[m]["tokens"] += len(toks)
                 res[m]["seconds"] += secs
-                res[m]["per_prompt"].append({"prompt": i, "tokens": len(toks), "seconds": round(secs, 4),
-                                             "tokens_per_s": round(len(toks) / secs, 3)})
+                res[m]["per_prompt"].append(
+                    {
+                        "prompt": i,
+                        "tokens": len(toks),
+                        "seconds": round(secs, 4),
+                        "tokens_per_s": round(len(toks) / secs, 3),
+                    }
+                )
                 if rep == 0:
                     outputs[m].append(toks)
-                print(f"[bench] prompt {i} {m:12s} {len(toks):4d} tok {secs:7.2f} s {len(toks) / secs:7.2f} tok/s "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                print(
+                    f"[bench] prompt {i} {m:12s} {len(toks):4d} tok {secs:7.2f} s {len(toks) / secs:7.2f} tok/s "
+                    f"load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
             _write(a, pair, plain, prompts, methods, res, outputs, meta, done=False)
     _write(a, pair, plain, prompts, methods, res, outputs, meta, done=True)
 
@@ -202,35 +244,68 @@ def _write(a, pair, plain, prompts, methods, res, outputs, meta, done: bool) -> 
     if "target" in outputs:
         for m in methods:
             pairs = list(zip(outputs[m], outputs["target"]))
-            agree[m] = {"exact": sum(o == r for o, r in pairs) / len(pairs),
-                        "prefix": sum(_prefix(o, r) / max(1, len(r)) for o, r in pairs) / len(pairs)}
+            agree[m] = {
+                "exact": sum(o == r for o, r in pairs) / len(pairs),
+                "prefix": sum(_prefix(o, r) / max(1, len(r)) for o, r in pairs) / len(pairs),
+            }
     scheds = {}
     for name, s in meta["schedules"].items():
         if name in methods:
             hist = {g: s.chosen.count(g) for g in sorted(set(s.chosen))}
-            scheds[name] = {"windows_chosen": hist, "alpha": round(s.alpha, 4),
-                            "draft_step_s": s.draft_cost, "verify_s_by_width": dict(sorted(s.verify_cost.items()))}
+            scheds[name] = {
+                "windows_chosen": hist,
+                "alpha": round(s.alpha, 4),
+                "draft_step_s": s.draft_cost,
+                "verify_s_by_width": dict(sorted(s.verify_cost.items())),
+            }
     model_cfg = plain["model"]
     summary = {
         "what": "tokens/s of target-only, our lossless SD (fixed windows, adaptive schedule) and transformers "
-                "assisted generation (fixed window, library defaults), one process, methods interleaved",
-        "target": pair.target_info.name, "draft": pair.draft_info.name,
+        "assisted generation (fixed window, library defaults), one process, methods interleaved",
+        "target": pair.target_info.name,
+        "draft": pair.draft_info.name,
         "dtype": str(next(pair.target.parameters()).dtype).replace("torch.", ""),
-        "dtype_config": model_cfg.get("dtype"), "kernels": model_cfg.get("kernels", "torch default"),
+        "dtype_config": model_cfg.get("dtype"),
+        "kernels": model_cfg.get("kernels", "torch default"),
         "mkldnn": torch.backends.mkldnn.is_available(),
-        "device": str(next(pair.target.parameters()).device), "torch_threads": torch.get_num_threads(),
-        "cpu": cpu_flags(), "prompts_source": "gsm8k test" if a.gsm8k else "gsm_symbolic",
-        "max_new_tokens": a.max_new_tokens, "prompts": len(prompts) - 1, "repeats": a.repeats,
-        "max_gamma": a.max_gamma, "confidence_stop": a.confidence_stop, "hf_draft_defaults": meta["hf_defaults"],
-        "load_seconds": round(meta["t_load"], 2), "loadavg_start": meta["load0"], "loadavg_end": os.getloadavg(),
-        "platform": platform.platform(), "torch": torch.__version__, "code_version": code_version(),
-        "results": res, "ratios": ratios, "agreement_with_target": agree, "schedules": scheds, "complete": done,
+        "device": str(next(pair.target.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_flags(),
+        "prompts_source": "gsm8k test" if a.gsm8k else "gsm_symbolic",
+        "max_new_tokens": a.max_new_tokens,
+        "prompts": len(prompts) - 1,
+        "repeats": a.repeats,
+        "max_gamma": a.max_gamma,
+        "confidence_stop": a.confidence_stop,
+        "hf_draft_defaults": meta["hf_defaults"],
+        "load_seconds": round(meta["t_load"], 2),
+        "loadavg_start": meta["load0"],
+        "loadavg_end": os.getloadavg(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "code_version": code_version(),
+        "results": res,
+        "ratios": ratios,
+        "agreement_with_target": agree,
+        "schedules": scheds,
+        "complete": done,
     }
     if done:
-        print(json.dumps({"ratios": ratios, "tokens_per_s": {m: res[m]["tokens_per_s"] for m in methods},
-                          "agreement_with_target": agree, "schedules": scheds, "cpu": summary["cpu"],
-                          "dtype": summary["dtype"], "kernels": summary["kernels"],
-                          "loadavg": [summary["loadavg_start"], summary["loadavg_end"]]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "ratios": ratios,
+                    "tokens_per_s": {m: res[m]["tokens_per_s"] for m in methods},
+                    "agreement_with_target": agree,
+                    "schedules": scheds,
+                    "cpu": summary["cpu"],
+                    "dtype": summary["dtype"],
+                    "kernels": summary["kernels"],
+                    "loadavg": [summary["loadavg_start"], summary["loadavg_end"]],
+                },
+                indent=1,
+            )
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, summary)
 

@@ -51,7 +51,7 @@ RULE_SCORES = ("kl", "kl_rule", "likelihood_gap", "neg_logp", "typical", "topk_r
 HEADS = ("logistic", "mlp", "ld_reg")
 # feature sets: a name -> the FeatureSpec mapping a head trained on it would carry (sliced from the folder)
 FEATURE_SETS = {
-    "h_i": {"layers": [-1], "state_offsets": [0]},                                   # today's default
+    "h_i": {"layers": [-1], "state_offsets": [0]},  # today's default
     "h_i-1": {"layers": [-1], "state_offsets": [-1]},
     "h_i-1,h_i": {"layers": [-1], "state_offsets": [-1, 0]},
     "scalars": {"layers": [-1], "state_offsets": [], "scalars": "all"},
@@ -71,10 +71,19 @@ def load_folder(folder: str) -> dict:
     rows = ds.select(idx).with_format("numpy", columns=["features", "label", "autojudge_label", "ld", "prompt_id"])[:]
     spec = FeatureSpec.from_mapping(man["features"])
     H, Hd = int(man["target_model"]["hidden_size"]), man["draft_model"].get("hidden_size")
-    return {"x": np.asarray(rows["features"], dtype=np.float32), "sj": np.asarray(rows["label"]).astype(int),
-            "aj": np.asarray(rows["autojudge_label"]).astype(int), "ld": np.asarray(rows["ld"], dtype=np.float64),
-            "prompt": np.asarray(rows["prompt_id"]).astype(str), "spec": spec, "H": H, "Hd": Hd,
-            "tau": float(man["tau"]), "manifest": man, "folder": folder}
+    return {
+        "x": np.asarray(rows["features"], dtype=np.float32),
+        "sj": np.asarray(rows["label"]).astype(int),
+        "aj": np.asarray(rows["autojudge_label"]).astype(int),
+        "ld": np.asarray(rows["ld"], dtype=np.float64),
+        "prompt": np.asarray(rows["prompt_id"]).astype(str),
+        "spec": spec,
+        "H": H,
+        "Hd": Hd,
+        "tau": float(man["tau"]),
+        "manifest": man,
+        "folder": folder,
+    }
 
 
 def resolve_set(name: str, stored: FeatureSpec) -> FeatureSpec | None:
@@ -84,8 +93,12 @@ def resolve_set(name: str, stored: FeatureSpec) -> FeatureSpec | None:
     if m.get("scalars") == "all":
         m["scalars"] = list(stored.scalars)
     spec = FeatureSpec.from_mapping(m)
-    ok = (set(spec.layers) <= set(stored.layers) and set(spec.state_offsets) <= set(stored.state_offsets)
-          and set(spec.scalars) <= set(stored.scalars) and (stored.include_draft or not spec.include_draft))
+    ok = (
+        set(spec.layers) <= set(stored.layers)
+        and set(spec.state_offsets) <= set(stored.state_offsets)
+        and set(spec.scalars) <= set(stored.scalars)
+        and (stored.include_draft or not spec.include_draft)
+    )
     return spec if ok and (spec.scalars or not m.get("scalars")) else None
 
 
@@ -110,14 +123,23 @@ def rule_scores(d: dict) -> dict[str, np.ndarray]:
     need = ("target_logp", "target_top1_logp", "target_gap", "target_entropy", "target_log_rank", "draft_logp", "kl")
     missing = [n for n in need if n not in cols]
     if missing:
-        raise ValueError(f"'{d['folder']}' lacks the scalar features {missing}: regenerate it with "
-                         f"data_gen.features.scalars listing them")
+        raise ValueError(
+            f"'{d['folder']}' lacks the scalar features {missing}: regenerate it with "
+            f"data_gen.features.scalars listing them"
+        )
     c = {n: d["x"][:, cols[n].start].astype(np.float64) for n in need}
     p, H = np.exp(c["target_logp"]), c["target_entropy"]
     eps_star = np.where(p <= np.exp(-2 * H), p, (p * np.exp(H)) ** 2)
-    return {"kl": c["kl"], "kl_rule": np.where(np.exp(c["target_top1_logp"]) > 0.9, np.inf, c["kl"]),
-            "likelihood_gap": c["target_gap"], "neg_logp": -c["target_logp"], "typical": -eps_star,
-            "topk_rank": c["target_log_rank"], "draft_neg_logq": -c["draft_logp"], "ld": d["ld"]}
+    return {
+        "kl": c["kl"],
+        "kl_rule": np.where(np.exp(c["target_top1_logp"]) > 0.9, np.inf, c["kl"]),
+        "likelihood_gap": c["target_gap"],
+        "neg_logp": -c["target_logp"],
+        "typical": -eps_star,
+        "topk_rank": c["target_log_rank"],
+        "draft_neg_logq": -c["draft_logp"],
+        "ld": d["ld"],
+    }
 
 
 # ------------------------------------------------------------------ metrics
@@ -158,12 +180,20 @@ def bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, see
 
 # ------------------------------------------------------------------ heads
 def _split(prompts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    h = np.array([int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:12], 16) / 16 ** 12 for p in prompts])
+    h = np.array([int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:12], 16) / 16**12 for p in prompts])
     return h < fraction
 
 
-def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float, prompts: np.ndarray,
-             seed: int, epochs: int = 30) -> tuple[JudgeHead, float | None, float]:
+def fit_head(
+    kind: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    ld: np.ndarray,
+    tau: float,
+    prompts: np.ndarray,
+    seed: int,
+    epochs: int = 30,
+) -> tuple[JudgeHead, float | None, float]:
     """Train one head on (x, y) (or on LD for ``ld_reg``); epoch chosen on 20 % of the prompts.
 
     Returns the head, its σ (``ld_reg``) and the validation ROC-AUC at the chosen epoch."""
@@ -171,8 +201,12 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float
     if val.all() or not val.any():
         val = np.arange(len(y)) % 5 == 0
     tr = ~val
-    cfg = JudgeConfig(kind="logistic" if kind == "logistic" else "mlp", feature_dim=x.shape[1], hidden_dim=256,
-                      dropout=0.1 if kind != "logistic" else 0.0)
+    cfg = JudgeConfig(
+        kind="logistic" if kind == "logistic" else "mlp",
+        feature_dim=x.shape[1],
+        hidden_dim=256,
+        dropout=0.1 if kind != "logistic" else 0.0,
+    )
     torch.manual_seed(seed)
     head = JudgeHead(cfg).init_weights(seed)
     xt = torch.from_numpy(x)
@@ -184,10 +218,13 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float
     best = (-1.0, None, None)
     for _ in range(epochs):
         head.train()
-        for b in tri[torch.randperm(len(tri), generator=g)].split(32):   # small data: many small steps
+        for b in tri[torch.randperm(len(tri), generator=g)].split(32):  # small data: many small steps
             out = head(xt[b])
-            loss = (torch.nn.functional.mse_loss(out, target[b]) if kind == "ld_reg"
-                    else torch.nn.functional.binary_cross_entropy_with_logits(out, target[b]))
+            loss = (
+                torch.nn.functional.mse_loss(out, target[b])
+                if kind == "ld_reg"
+                else torch.nn.functional.binary_cross_entropy_with_logits(out, target[b])
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -195,7 +232,7 @@ def fit_head(kind: str, x: np.ndarray, y: np.ndarray, ld: np.ndarray, tau: float
         with torch.no_grad():
             pv = head(xt[val]).numpy()
         r, _ = auc_pair(y[val], pv)
-        if math.isnan(r):      # one class on the validation side: keep the last epoch, report no AUC
+        if math.isnan(r):  # one class on the validation side: keep the last epoch, report no AUC
             best = (math.nan, {k: v.clone() for k, v in head.state_dict().items()}, None)
         elif not r <= best[0]:
             best = (r, {k: v.clone() for k, v in head.state_dict().items()}, None)
@@ -217,8 +254,16 @@ def head_proba(kind: str, head: JudgeHead, x: np.ndarray, tau: float, sigma: flo
     return torch.sigmoid(out).numpy()
 
 
-def head_scores(held: dict, train: list[dict], sets: list[str], heads: list[str], labels: list[str], folds: int,
-                seed: int, epochs: int) -> tuple[dict, list[dict]]:
+def head_scores(
+    held: dict,
+    train: list[dict],
+    sets: list[str],
+    heads: list[str],
+    labels: list[str],
+    folds: int,
+    seed: int,
+    epochs: int,
+) -> tuple[dict, list[dict]]:
     """{(set, head, train label): P(important) for every held-out row}, and the ablation rows."""
     scores, ablation = {}, []
     for name in sets:
@@ -228,7 +273,7 @@ def head_scores(held: dict, train: list[dict], sets: list[str], heads: list[str]
         for label in labels:
             for kind in heads:
                 if kind == "ld_reg" and label != "selfjudge":
-                    continue   # the LD regressor is the SelfJudge label's head
+                    continue  # the LD regressor is the SelfJudge label's head
                 t0 = time.perf_counter()
                 pred = np.full(len(held["sj"]), np.nan)
                 vals = []
@@ -236,8 +281,15 @@ def head_scores(held: dict, train: list[dict], sets: list[str], heads: list[str]
                     parts = [(t, np.ones(len(t["sj"]), bool)) for t in train]
                     plan = [(parts, np.ones(len(held["sj"]), bool))]
                 else:
-                    fold = (np.array([int(hashlib.sha256(f"fold{seed}:{p}".encode()).hexdigest()[:8], 16)
-                                      for p in held["prompt"]]) % folds)
+                    fold = (
+                        np.array(
+                            [
+                                int(hashlib.sha256(f"fold{seed}:{p}".encode()).hexdigest()[:8], 16)
+                                for p in held["prompt"]
+                            ]
+                        )
+                        % folds
+                    )
                     plan = [([(held, fold != k)], fold == k) for k in range(folds)]
                 for parts, test in plan:
                     x = np.concatenate([column_index_rows(t, spec, m) for t, m in parts])
@@ -253,10 +305,17 @@ def head_scores(held: dict, train: list[dict], sets: list[str], heads: list[str]
                 if not vals:
                     continue
                 scores[(name, kind, label)] = pred
-                ablation.append({"features": name, "spec": spec.as_dict(), "head": kind, "train_label": label,
-                                 "dim": int(spec.dim(held["H"], held["Hd"])), "val_roc_auc": float(np.nanmean(vals))
-                                 if not np.isnan(vals).all() else math.nan,
-                                 "seconds": round(time.perf_counter() - t0, 2)})
+                ablation.append(
+                    {
+                        "features": name,
+                        "spec": spec.as_dict(),
+                        "head": kind,
+                        "train_label": label,
+                        "dim": int(spec.dim(held["H"], held["Hd"])),
+                        "val_roc_auc": float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                )
     return scores, ablation
 
 
@@ -271,7 +330,9 @@ def load_domain(spec: str) -> dict:
     d = parts[0]
     for p in parts[1:]:
         if p["spec"] != d["spec"] or p["tau"] != d["tau"] or p["H"] != d["H"]:
-            raise ValueError(f"'{p['folder']}' differs from '{d['folder']}' in feature layout or τ: one domain, one setup")
+            raise ValueError(
+                f"'{p['folder']}' differs from '{d['folder']}' in feature layout or τ: one domain, one setup"
+            )
         for k in ("x", "sj", "aj", "ld", "prompt"):
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
@@ -282,15 +343,34 @@ def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -
     """Per-mismatch labels and training-free scores (no features), gzipped JSON lines: small enough to
     commit, so a later run adds its mismatches instead of starting over."""
     import gzip
+
     with gzip.open(path, "at") as f:
         for i in range(len(d["sj"])):
-            f.write(json.dumps({"domain": domain, "prompt_id": str(d["prompt"][i]), "selfjudge": int(d["sj"][i]),
-                                "answer": int(d["aj"][i]), **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None
-                                                              for k, v in scores.items()}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "domain": domain,
+                        "prompt_id": str(d["prompt"][i]),
+                        "selfjudge": int(d["sj"][i]),
+                        "answer": int(d["aj"][i]),
+                        **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None for k, v in scores.items()},
+                    }
+                )
+                + "\n"
+            )
 
 
-def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads: list[str], folds: int,
-          n_boot: int, seed: int, epochs: int, dump: Path | None = None) -> dict:
+def study(
+    domains: dict[str, str],
+    train_dirs: list[str],
+    sets: list[str],
+    heads: list[str],
+    folds: int,
+    n_boot: int,
+    seed: int,
+    epochs: int,
+    dump: Path | None = None,
+) -> dict:
     train = [load_folder(f) for f in train_dirs]
     out: dict = {"domains": {}, "ablation": []}
     for dom, folder in domains.items():
@@ -304,18 +384,25 @@ def study(domains: dict[str, str], train_dirs: list[str], sets: list[str], heads
         res = {}
         for label in LABELS:
             y = d["sj"] if label == "selfjudge" else d["aj"]
-            keep = (y >= 0)
+            keep = y >= 0
             res[label] = {}
-            for k, v in scores.items():      # NaN: rows a head could not score (its training folds had one class)
+            for k, v in scores.items():  # NaN: rows a head could not score (its training folds had one class)
                 m = keep & ~np.isnan(v)
                 res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed)
         for a in abl:
             a["domain"] = dom
             for label in LABELS:
-                a[f"heldout_roc_auc_{label}"] = res[label][f"judge:{a['features']}:{a['head']}:{a['train_label']}"]["roc_auc"]
-        out["domains"][dom] = {"folder": folder, "tau": d["tau"],
-                               "mismatches": len(d["sj"]), "answer_labelled": int((d["aj"] >= 0).sum()),
-                               "prompts": len(np.unique(d["prompt"])), "results": res}
+                a[f"heldout_roc_auc_{label}"] = res[label][f"judge:{a['features']}:{a['head']}:{a['train_label']}"][
+                    "roc_auc"
+                ]
+        out["domains"][dom] = {
+            "folder": folder,
+            "tau": d["tau"],
+            "mismatches": len(d["sj"]),
+            "answer_labelled": int((d["aj"] >= 0).sum()),
+            "prompts": len(np.unique(d["prompt"])),
+            "results": res,
+        }
         out["ablation"] += abl
     return out
 
@@ -328,30 +415,46 @@ def _fmt(r: dict, key: str) -> str:
 def markdown(res: dict) -> str:
     lines = []
     for dom, d in res["domains"].items():
-        lines += [(f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
-                   f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g})"), "",
-                  "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            (
+                f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
+                f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g})"
+            ),
+            "",
+            "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         sj, aj = d["results"]["selfjudge"], d["results"]["answer"]
         for k in sj:
-            lines.append(f"| {k} | {_fmt(sj[k], 'roc_auc')} | {_fmt(sj[k], 'pr_auc')} | {sj[k]['n']} ({sj[k]['positives']}) "
-                         f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |")
+            lines.append(
+                f"| {k} | {_fmt(sj[k], 'roc_auc')} | {_fmt(sj[k], 'pr_auc')} | {sj[k]['n']} ({sj[k]['positives']}) "
+                f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |"
+            )
         lines.append("")
     if res["ablation"]:
-        lines += ["### Ablation (feature set × train label × head)", "",
-                  "| domain | features | dim | head | trained on | val ROC-AUC | held-out ROC-AUC vs SelfJudge | vs answer-change |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Ablation (feature set × train label × head)",
+            "",
+            "| domain | features | dim | head | trained on | val ROC-AUC | held-out ROC-AUC vs SelfJudge | vs answer-change |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         f = lambda v: "–" if v is None or math.isnan(v) else f"{v:.3f}"
         for a in res["ablation"]:
-            lines.append(f"| {a['domain']} | {a['features']} | {a['dim']} | {a['head']} | {a['train_label']} | "
-                         f"{f(a['val_roc_auc'])} | {f(a['heldout_roc_auc_selfjudge'])} | {f(a['heldout_roc_auc_answer'])} |")
+            lines.append(
+                f"| {a['domain']} | {a['features']} | {a['dim']} | {a['head']} | {a['train_label']} | "
+                f"{f(a['val_roc_auc'])} | {f(a['heldout_roc_auc_selfjudge'])} | {f(a['heldout_roc_auc_answer'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", required=True,
-                    help="DOMAIN=FOLDER[,FOLDER...] held-out data_gen folders (several: one domain collected in chunks)")
+    ap.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="DOMAIN=FOLDER[,FOLDER...] held-out data_gen folders (several: one domain collected in chunks)",
+    )
     ap.add_argument("--train", nargs="*", default=[], help="data_gen folders to train heads on (default: cross-fit)")
     ap.add_argument("--sets", nargs="*", default=list(FEATURE_SETS), help=f"feature sets, from {list(FEATURE_SETS)}")
     ap.add_argument("--heads", nargs="*", default=list(HEADS), help=f"head kinds, from {list(HEADS)}")
@@ -360,7 +463,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
-    ap.add_argument("--dump", action="store_true", help="also write <out>.rows.jsonl.gz: labels and rule scores per mismatch")
+    ap.add_argument(
+        "--dump", action="store_true", help="also write <out>.rows.jsonl.gz: labels and rule scores per mismatch"
+    )
     a = ap.parse_args(argv)
     bad = [s for s in a.sets if s not in FEATURE_SETS] + [h for h in a.heads if h not in HEADS]
     if bad:
@@ -378,9 +483,14 @@ def main(argv: list[str] | None = None) -> dict:
     if dump is not None and dump.exists():
         dump.unlink()
     res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump)
-    res["settings"] = {**vars(a), "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
-                       "machine": platform.machine(), "threads": torch.get_num_threads(),
-                       "load_average": list(os.getloadavg())}
+    res["settings"] = {
+        **vars(a),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+    }
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     md = markdown(res)
     out.with_suffix(".md").write_text(md)

@@ -43,13 +43,23 @@ def main() -> None:
     rows = summary_rows(keep, methods)
     key_path = Path(args.eval_dir) / "eval_key.json"
     settings = json.loads(key_path.read_text()).get("settings", {}) if key_path.is_file() else {}
-    title = (f"partial: {len(complete)} of {len(by_prompt)} started prompts finished by every method; "
-             f"gamma={settings.get('gamma')}, max_new_tokens={settings.get('max_new_tokens')}")
+    title = (
+        f"partial: {len(complete)} of {len(by_prompt)} started prompts finished by every method; "
+        f"gamma={settings.get('gamma')}, max_new_tokens={settings.get('max_new_tokens')}"
+    )
     out = Path(args.out) if args.out else Path(args.eval_dir) / "partial"
     out.mkdir(parents=True, exist_ok=True)
     print(write_report(rows, out, title))
-    write_json(out / "summary.json", {"complete": False, "title": title, "prompts": sorted(complete),
-                                      "rows": rows, "load_average_1_5_15": list(os.getloadavg())})
+    write_json(
+        out / "summary.json",
+        {
+            "complete": False,
+            "title": title,
+            "prompts": sorted(complete),
+            "rows": rows,
+            "load_average_1_5_15": list(os.getloadavg()),
+        },
+    )
     print(f"-> {out}")
 
 

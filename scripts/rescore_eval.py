@@ -32,9 +32,16 @@ def rescore(eval_dir: Path) -> list[dict]:
     rows = []
     for (method, thr), pairs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         n = len(pairs)
-        rows.append({"method": method, "threshold": thr, "examples": n,
-                     "stored_accuracy": sum(a for a, _ in pairs) / n, "new_accuracy": sum(b for _, b in pairs) / n,
-                     "changed": sum(a != b for a, b in pairs)})
+        rows.append(
+            {
+                "method": method,
+                "threshold": thr,
+                "examples": n,
+                "stored_accuracy": sum(a for a, _ in pairs) / n,
+                "new_accuracy": sum(b for _, b in pairs) / n,
+                "changed": sum(a != b for a, b in pairs),
+            }
+        )
     return rows
 
 
@@ -47,8 +54,10 @@ def main() -> None:
     print("| method | threshold | examples | stored accuracy | new accuracy | outputs that changed score |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['threshold']} | {r['examples']} | {r['stored_accuracy']:.3f} | "
-              f"{r['new_accuracy']:.3f} | {r['changed']} |")
+        print(
+            f"| {r['method']} | {r['threshold']} | {r['examples']} | {r['stored_accuracy']:.3f} | "
+            f"{r['new_accuracy']:.3f} | {r['changed']} |"
+        )
     write_json(args.out or args.eval_dir / "rescored.json", {"eval_dir": str(args.eval_dir), "rows": rows})
 
 

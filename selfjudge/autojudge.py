@@ -31,10 +31,10 @@ AUTOJUDGE_MODES = ("sequential", "independent")
 
 @dataclass(frozen=True)
 class AutoJudgeSettings:
-    enabled: bool          # compute AutoJudge labels (tasks with a checker only)
-    mode: str              # sequential | independent
-    max_mismatches: int    # regenerations per response (cost bound)
-    max_new_tokens: int    # tokens regenerated after a swap (also capped by the response's own budget)
+    enabled: bool  # compute AutoJudge labels (tasks with a checker only)
+    mode: str  # sequential | independent
+    max_mismatches: int  # regenerations per response (cost bound)
+    max_new_tokens: int  # tokens regenerated after a swap (also capped by the response's own budget)
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> AutoJudgeSettings:
@@ -49,16 +49,28 @@ class AutoJudgeSettings:
         return s
 
 
-def _regenerate(pair: ModelPair, prompt: list[int], response: list[int], swaps: list[tuple[int, int]],
-                budget: int, max_new_tokens: int) -> list[list[int]]:
+def _regenerate(
+    pair: ModelPair,
+    prompt: list[int],
+    response: list[int],
+    swaps: list[tuple[int, int]],
+    budget: int,
+    max_new_tokens: int,
+) -> list[list[int]]:
     """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (i, d_i), at most ``budget`` tokens long."""
     caps = [0 if d in pair.eos_ids else max(0, min(max_new_tokens, budget - i - 1)) for i, d in swaps]
     todo = [j for j, c in enumerate(caps) if c > 0]
     regen: dict[int, list[int]] = {}
     if todo:  # one batch; greedy is prefix-consistent, so each row is cut to its own cap afterwards
         prefixes = [prompt + response[: swaps[j][0]] + [swaps[j][1]] for j in todo]
-        outs = greedy_batch(pair.target, prefixes, max(caps[j] for j in todo), pair.eos_ids,
-                            pair.tokenizer.pad_token_id, pair.vocab_size)
+        outs = greedy_batch(
+            pair.target,
+            prefixes,
+            max(caps[j] for j in todo),
+            pair.eos_ids,
+            pair.tokenizer.pad_token_id,
+            pair.vocab_size,
+        )
         regen = {j: o[: caps[j]] for j, o in zip(todo, outs)}
     return [response[:i] + [d] + regen.get(j, []) for j, (i, d) in enumerate(swaps)]
 

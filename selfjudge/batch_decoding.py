@@ -63,7 +63,7 @@ class HoleCache:
             return
         S = self.mask.shape[1]
         cols = torch.arange(width, device=self.mask.device)
-        self.mask[:, S - width:] *= (cols[None] < torch.tensor(keep, device=self.mask.device)[:, None]).long()
+        self.mask[:, S - width :] *= (cols[None] < torch.tensor(keep, device=self.mask.device)[:, None]).long()
         used = max(keep)
         if used < width:
             self.cache.crop(used - width)
@@ -89,8 +89,9 @@ class HoleCache:
         return row
 
 
-def run_batch(target, draft, prompts: list[list[int]], **kw) -> tuple[list[tuple[list[int], DecodeStats]],
-                                                                      list[TargetTrace] | None]:
+def run_batch(
+    target, draft, prompts: list[list[int]], **kw
+) -> tuple[list[tuple[list[int], DecodeStats]], list[TargetTrace] | None]:
     """:func:`selfjudge.decoding.run_rounds` on the masked-holes back-end (arguments as there)."""
     dev = next(target.parameters()).device
     return run_rounds(target, draft, prompts, lambda m, _role: HoleCache(m, kw["vocab"], len(prompts), dev), **kw)
@@ -118,6 +119,19 @@ def decode_batch(
     :func:`selfjudge.decoding.decode`; ``draft=None`` decodes ``target`` alone, B rows per step.
     ``pad_id`` fills the unused cells of the padded inputs (never attended to). ``schedule``: one
     window per round for all rows."""
-    return run_batch(target, draft, prompts, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                     vocab=vocab, pad_id=pad_id, policy=policy, temperature=temperature, generator=generator,
-                     profile=profile, schedule=schedule, confidence_stop=confidence_stop)[0]
+    return run_batch(
+        target,
+        draft,
+        prompts,
+        gamma=gamma,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        vocab=vocab,
+        pad_id=pad_id,
+        policy=policy,
+        temperature=temperature,
+        generator=generator,
+        profile=profile,
+        schedule=schedule,
+        confidence_stop=confidence_stop,
+    )[0]

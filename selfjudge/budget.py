@@ -22,41 +22,47 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-MISMATCH_SHARE = 0.25   # draft tokens that differ from the target's under teacher forcing (this pair: 10-25 %)
-TRAIN_SECONDS = 30.0    # the judge trains on a few hundred feature rows: seconds
+MISMATCH_SHARE = 0.25  # draft tokens that differ from the target's under teacher forcing (this pair: 10-25 %)
+TRAIN_SECONDS = 30.0  # the judge trains on a few hundred feature rows: seconds
 
 
 @dataclass(frozen=True)
 class Rates:
     """Seconds and tokens/s measured on this machine (see :func:`measure_rates`)."""
 
-    step_s: float           # target decode step, 1 row
-    batch_step_s: float     # target decode step, data_gen.batch_size rows
-    prefill_tok_s: float    # target tokens/s over one long forward pass
-    draft_step_s: float     # draft decode step, 1 row
+    step_s: float  # target decode step, 1 row
+    batch_step_s: float  # target decode step, data_gen.batch_size rows
+    prefill_tok_s: float  # target tokens/s over one long forward pass
+    draft_step_s: float  # draft decode step, 1 row
 
     def describe(self) -> str:
-        return (f"target {1 / self.step_s:.1f} tok/s at batch 1, {1 / self.batch_step_s:.2f} steps/s at the "
-                f"data_gen batch, prefill {self.prefill_tok_s:.0f} tok/s; draft {1 / self.draft_step_s:.1f} tok/s")
+        return (
+            f"target {1 / self.step_s:.1f} tok/s at batch 1, {1 / self.batch_step_s:.2f} steps/s at the "
+            f"data_gen batch, prefill {self.prefill_tok_s:.0f} tok/s; draft {1 / self.draft_step_s:.1f} tok/s"
+        )
 
 
 @dataclass(frozen=True)
 class RunSize:
     """What a run will do; the four cut-able knobs first."""
 
-    gen_prompts: int        # data_gen prompts
-    gen_tokens: int         # data_gen.max_new_tokens
-    eval_prompts: int       # eval prompts (excluding warm-up)
-    eval_tokens: int        # eval.max_new_tokens
-    gen_batch: int = 8      # data_gen.batch_size
-    window: int = 20        # data_gen.window
-    eval_decodes: int = 5   # decodes per eval prompt (target, lossless, each rule threshold ...)
+    gen_prompts: int  # data_gen prompts
+    gen_tokens: int  # data_gen.max_new_tokens
+    eval_prompts: int  # eval prompts (excluding warm-up)
+    eval_tokens: int  # eval.max_new_tokens
+    gen_batch: int = 8  # data_gen.batch_size
+    window: int = 20  # data_gen.window
+    eval_decodes: int = 5  # decodes per eval prompt (target, lossless, each rule threshold ...)
     warmup_tokens: int = 0  # eval warm-up tokens in all (kinds x warm-up prompts x warmup_tokens)
 
 
 # cut order and floors: training prompts, then eval prompts, then the length of answers
-KNOBS = (("gen_prompts", 8, "data_gen prompts"), ("eval_prompts", 2, "eval prompts"),
-         ("gen_tokens", 64, "data_gen max_new_tokens"), ("eval_tokens", 64, "eval max_new_tokens"))
+KNOBS = (
+    ("gen_prompts", 8, "data_gen prompts"),
+    ("eval_prompts", 2, "eval prompts"),
+    ("gen_tokens", 64, "data_gen max_new_tokens"),
+    ("eval_tokens", 64, "eval max_new_tokens"),
+)
 
 
 def estimate(size: RunSize, rates: Rates) -> dict[str, float]:
@@ -72,20 +78,27 @@ def estimate(size: RunSize, rates: Rates) -> dict[str, float]:
 
 @dataclass
 class Plan:
-    size: RunSize                 # what will run
-    seconds: dict[str, float]     # its estimate per stage
-    budget_s: float               # seconds available for the stages
-    cuts: list[str]               # what was cut, e.g. "eval prompts 4 -> 2"
-    fits: bool                    # False: even the floors exceed the budget (run at the floors)
+    size: RunSize  # what will run
+    seconds: dict[str, float]  # its estimate per stage
+    budget_s: float  # seconds available for the stages
+    cuts: list[str]  # what was cut, e.g. "eval prompts 4 -> 2"
+    fits: bool  # False: even the floors exceed the budget (run at the floors)
 
     def as_dict(self) -> dict:
-        return {"size": asdict(self.size), "seconds": self.seconds, "budget_s": self.budget_s, "cuts": self.cuts,
-                "fits": self.fits}
+        return {
+            "size": asdict(self.size),
+            "seconds": self.seconds,
+            "budget_s": self.budget_s,
+            "cuts": self.cuts,
+            "fits": self.fits,
+        }
 
     def describe(self) -> str:
         total = sum(self.seconds.values())
-        head = (f"estimate {total / 60:.1f} min (data_gen {self.seconds['data_gen'] / 60:.1f}, eval "
-                f"{self.seconds['eval'] / 60:.1f}) for a budget of {self.budget_s / 60:.1f} min")
+        head = (
+            f"estimate {total / 60:.1f} min (data_gen {self.seconds['data_gen'] / 60:.1f}, eval "
+            f"{self.seconds['eval'] / 60:.1f}) for a budget of {self.budget_s / 60:.1f} min"
+        )
         if not self.cuts:
             return head + ": nothing cut"
         tail = "; ".join(self.cuts)
@@ -148,13 +161,18 @@ def _step_s(model: torch.nn.Module, rows: int, context: int, reps: int) -> float
 
 
 @torch.inference_mode()
-def measure_rates(target: torch.nn.Module, draft: torch.nn.Module, batch: int, context: int = 64,
-                  reps: int = 4) -> Rates:
+def measure_rates(
+    target: torch.nn.Module, draft: torch.nn.Module, batch: int, context: int = 64, reps: int = 4
+) -> Rates:
     """Time decode steps (1 and ``batch`` rows) and a long forward pass: a few seconds on a CPU."""
     dev = next(target.parameters()).device
     vocab = target.get_input_embeddings().weight.shape[0]
     long_ids = torch.randint(0, vocab, (1, 256), generator=torch.Generator().manual_seed(1)).to(dev)
     target(input_ids=long_ids[:, :32])
     prefill = _median_s(lambda: target(input_ids=long_ids, logits_to_keep=1), 2)
-    return Rates(step_s=_step_s(target, 1, context, reps), batch_step_s=_step_s(target, batch, context, reps),
-                 prefill_tok_s=long_ids.shape[1] / prefill, draft_step_s=_step_s(draft, 1, context, reps))
+    return Rates(
+        step_s=_step_s(target, 1, context, reps),
+        batch_step_s=_step_s(target, batch, context, reps),
+        prefill_tok_s=long_ids.shape[1] / prefill,
+        draft_step_s=_step_s(draft, 1, context, reps),
+    )

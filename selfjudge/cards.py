@@ -27,8 +27,10 @@ def _fmt(x: Any) -> str:
 def _model_line(role: str, m: Mapping[str, Any]) -> str:
     if not m:
         return f"| {role} | (not recorded) | | |"
-    return (f"| {role} | `{m.get('name')}` ({m.get('source')}, {m.get('model_type')}, {m.get('num_layers')} layers, "
-            f"hidden {m.get('hidden_size')}) | `{m.get('fingerprint')}` | {m.get('vocab_size')} |")
+    return (
+        f"| {role} | `{m.get('name')}` ({m.get('source')}, {m.get('model_type')}, {m.get('num_layers')} layers, "
+        f"hidden {m.get('hidden_size')}) | `{m.get('fingerprint')}` | {m.get('vocab_size')} |"
+    )
 
 
 def judge_model_card(config: Mapping[str, Any], card_data: ModelCardData | None = None, **_: Any) -> ModelCard:
@@ -91,21 +93,30 @@ def judge_model_card(config: Mapping[str, Any], card_data: ModelCardData | None 
         "",
         "| point | cut | precision | recall |",
         "|---|---|---|---|",
-        *[f"| {k} | {_fmt(v)} | {_fmt((at.get(k) or {}).get('precision', ''))} | "
-          f"{_fmt((at.get(k) or {}).get('recall', ''))} |" for k, v in points.items()],
+        *[
+            f"| {k} | {_fmt(v)} | {_fmt((at.get(k) or {}).get('precision', ''))} | "
+            f"{_fmt((at.get(k) or {}).get('recall', ''))} |"
+            for k, v in points.items()
+        ],
     ]
     if qs:
-        lines += ["", "Quantiles of P(important) on the validation rows: "
-                  + ", ".join(f"{_fmt(lv)}: {_fmt(q)}" for lv, q in zip(levels, qs)) + "."]
+        lines += [
+            "",
+            "Quantiles of P(important) on the validation rows: "
+            + ", ".join(f"{_fmt(lv)}: {_fmt(q)}" for lv, q in zip(levels, qs))
+            + ".",
+        ]
     lines += ["", "The full record is `judge_config.json` in this folder."]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def dataset_card(manifest: Mapping[str, Any]) -> DatasetCard:
     """The dataset card of a data_gen folder, from its manifest."""
-    data = DatasetCardData(license="apache-2.0", tags=["speculative-decoding", "selfjudge"],
-                           configs=[{"config_name": "default",
-                                     "data_files": [{"split": "train", "path": "shards/*.parquet"}]}])
+    data = DatasetCardData(
+        license="apache-2.0",
+        tags=["speculative-decoding", "selfjudge"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.parquet"}]}],
+    )
     c = manifest.get("counts") or {}
     tgt, drf = manifest.get("target_model") or {}, manifest.get("draft_model") or {}
     lines = [

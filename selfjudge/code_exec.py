@@ -38,22 +38,47 @@ _TOKEN_VAR = "SELFJUDGE_EXEC_TOKEN"
 
 @dataclass
 class ExecResult:
-    passed: bool        # exit status 0, in time, and the sentinel after the program was printed
-    timed_out: bool     # killed at the time limit
+    passed: bool  # exit status 0, in time, and the sentinel after the program was printed
+    timed_out: bool  # killed at the time limit
     returncode: int | None
-    output: str         # the last 2,000 characters of stdout + stderr (sentinel removed)
+    output: str  # the last 2,000 characters of stdout + stderr (sentinel removed)
     isolation: str = "rlimits-only"  # bwrap | unshare | rlimits-only
 
 
 def _bwrap_prefix(folder: str) -> list[str]:
-    return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", folder, folder,
-            "--unshare-all", "--die-with-parent", "--new-session", "--chdir", folder]
+    return [
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--bind",
+        folder,
+        folder,
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--chdir",
+        folder,
+    ]
 
 
 def _unshare_prefix(folder: str) -> list[str]:
     del folder
-    return ["unshare", "--user", "--map-root-user", "--net", "--pid", "--mount", "--fork", "--kill-child",
-            "--mount-proc"]
+    return [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--net",
+        "--pid",
+        "--mount",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+    ]
 
 
 _PREFIXES = {"bwrap": _bwrap_prefix, "unshare": _unshare_prefix, "rlimits-only": lambda folder: []}
@@ -65,8 +90,14 @@ def _works(kind: str) -> bool:
         return False
     with tempfile.TemporaryDirectory(prefix="selfjudge-probe-") as tmp:
         try:
-            out = subprocess.run([*_PREFIXES[kind](tmp), sys.executable, "-I", "-c", "print('ok')"], cwd=tmp,
-                                 capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+            out = subprocess.run(
+                [*_PREFIXES[kind](tmp), sys.executable, "-I", "-c", "print('ok')"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.SubprocessError):
             return False
     return out.returncode == 0 and out.stdout.strip() == "ok"
@@ -80,8 +111,10 @@ def isolation() -> str:
         if forced not in ISOLATIONS:
             raise ValueError(f"SELFJUDGE_CODE_ISOLATION={forced!r}: choose one of {ISOLATIONS}")
         if not _works(forced):
-            raise RuntimeError(f"SELFJUDGE_CODE_ISOLATION={forced} does not work on this machine "
-                               f"(install bubblewrap, or allow user namespaces)")
+            raise RuntimeError(
+                f"SELFJUDGE_CODE_ISOLATION={forced} does not work on this machine "
+                f"(install bubblewrap, or allow user namespaces)"
+            )
         return forced
     return next(k for k in ISOLATIONS if _works(k))
 
@@ -144,19 +177,32 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> Ex
     token = secrets.token_hex(16)
     sentinel = f"SELFJUDGE-RAN-TO-END-{token}"
     # reached only when every line of the program (its tests included) ran; os.write: not print (may be replaced)
-    tail = (f"\n\n# selfjudge: reached only when everything above ran\nimport os as _sj_os, sys as _sj_sys\n"
-            f"_sj_sys.stdout.flush(); _sj_sys.stderr.flush()\n_sj_os.write(1, b'\\n{sentinel}\\n')\n")
+    tail = (
+        f"\n\n# selfjudge: reached only when everything above ran\nimport os as _sj_os, sys as _sj_sys\n"
+        f"_sj_sys.stdout.flush(); _sj_sys.stderr.flush()\n_sj_os.write(1, b'\\n{sentinel}\\n')\n"
+    )
     with tempfile.TemporaryDirectory(prefix="selfjudge-exec-") as tmp:
         prog = Path(tmp) / "program.py"
         prog.write_text(source + tail, encoding="utf-8")
         log_path = Path(tmp) / "output.txt"
-        env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
-               "HOME": tmp, "TMPDIR": tmp, _TOKEN_VAR: token}
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": tmp,
+            "TMPDIR": tmp,
+            _TOKEN_VAR: token,
+        }
         nproc = _user_processes() + 256 if posix else 0
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [*_PREFIXES[kind](tmp), sys.executable, "-I", str(prog)], cwd=tmp, env=env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=posix,
+                [*_PREFIXES[kind](tmp), sys.executable, "-I", str(prog)],
+                cwd=tmp,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=posix,
                 preexec_fn=(lambda: _limit_child(timeout, memory_mb, nproc)) if posix else None,
             )
             try:
@@ -172,5 +218,10 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 2048) -> Ex
         raw = log_path.read_bytes()
     ran_to_end = f"\n{sentinel}\n".encode() in raw
     text = raw.replace(f"\n{sentinel}\n".encode(), b"")[-4000:].decode("utf-8", errors="replace")[-2000:]
-    return ExecResult(passed=code == 0 and ran_to_end and not timed_out, timed_out=timed_out, returncode=code,
-                      output=text + ("\n[timeout]" if timed_out else ""), isolation=kind)
+    return ExecResult(
+        passed=code == 0 and ran_to_end and not timed_out,
+        timed_out=timed_out,
+        returncode=code,
+        output=text + ("\n[timeout]" if timed_out else ""),
+        isolation=kind,
+    )

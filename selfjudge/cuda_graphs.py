@@ -30,7 +30,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-ROUND = 1024    # cache lengths: multiples of this, at least MIN_LEN, so that most prompts (and a short
+ROUND = 1024  # cache lengths: multiples of this, at least MIN_LEN, so that most prompts (and a short
 MIN_LEN = 2048  # warm-up decode) reuse one cache and its graphs; masked positions cost little at batch 1
 
 
@@ -42,19 +42,22 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         other = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer})
         if other:
-            raise ValueError(f"static_cache: {type(model).__name__} has attention layers of kind {other} "
-                             "(sliding-window or hybrid attention); rejected draft tokens can only be rewound "
-                             "on full-attention layers: decode this model without static_cache")
+            raise ValueError(
+                f"static_cache: {type(model).__name__} has attention layers of kind {other} "
+                "(sliding-window or hybrid attention); rejected draft tokens can only be rewound "
+                "on full-attention layers: decode this model without static_cache"
+            )
         self.graphs: dict[Hashable, _Graph] | None = {} if graphs else None
-        self.pool = None                      # one memory pool shared by this model's graphs
-        self.failure: str | None = None       # why capturing failed (then every call runs eagerly)
+        self.pool = None  # one memory pool shared by this model's graphs
+        self.failure: str | None = None  # why capturing failed (then every call runs eagerly)
 
     def reset(self) -> None:
         """Length 0: the next prefill writes from position 0."""
         self.cache.reset()
 
-    def run(self, key: Hashable, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-            ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def run(
+        self, key: Hashable, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """``fn(ids)``: replayed from a graph captured for ``key`` on CUDA once the cache exists, else eager."""
         if self.graphs is None or ids.device.type != "cuda" or not self.cache.is_initialized:
             return fn(ids)
@@ -65,7 +68,9 @@ class StaticDecoder:
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager path
                 torch.cuda.synchronize(ids.device)
                 self.graphs, self.failure = None, f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly on the static cache: {self.failure}", stacklevel=2)
+                warnings.warn(
+                    f"CUDA graph capture failed, decoding eagerly on the static cache: {self.failure}", stacklevel=2
+                )
                 return fn(ids)
         return graph(ids)
 
@@ -77,10 +82,10 @@ class _Graph:
         self.inp = ids.clone()
         side = torch.cuda.Stream(device=ids.device)
         side.wait_stream(torch.cuda.current_stream(ids.device))
-        with torch.cuda.stream(side):         # warm-up (workspaces, kernels chosen); it advances the cache length
+        with torch.cuda.stream(side):  # warm-up (workspaces, kernels chosen); it advances the cache length
             fn(self.inp)
         torch.cuda.current_stream(ids.device).wait_stream(side)
-        owner.cache.crop(-ids.shape[1])       # ... so it is rewound; capturing runs nothing
+        owner.cache.crop(-ids.shape[1])  # ... so it is rewound; capturing runs nothing
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=owner.pool):
             self.out = fn(self.inp)
@@ -107,11 +112,15 @@ def static_decoder(model: torch.nn.Module, role: str, need: int, graphs: bool) -
     one (and new graphs) only when it is too short, the model's weights moved (device, dtype, memory) or ``graphs`` changed. Two roles keep a model that is
     both target and draft (an identical draft) on two caches."""
     spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
-    graphs = graphs and not spread      # a graph is captured on one device: a model over several runs eagerly
+    graphs = graphs and not spread  # a graph is captured on one device: a model over several runs eagerly
     per_model = _STATES.setdefault(model, {})
     st = per_model.get(role)
-    if (st is None or st.max_len < need or st.where != _where(model)
-            or (st.graphs is not None or st.failure is not None) != graphs):
+    if (
+        st is None
+        or st.max_len < need
+        or st.where != _where(model)
+        or (st.graphs is not None or st.failure is not None) != graphs
+    ):
         max_len = max(MIN_LEN, ROUND * math.ceil(need / ROUND))
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max_len > limit >= need:

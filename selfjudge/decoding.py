@@ -45,12 +45,12 @@ class Verification:
     """The target's verify pass over the proposals of a round; what acceptance rules read. Shapes carry
     a leading row dimension [B, ...] from the decoder; rules also accept one proposal without it."""
 
-    draft_tokens: torch.Tensor           # [B, γ]
-    target_logits: torch.Tensor          # [B, γ+1, V] (model dtype); row j-1 judges d_j, row γ the bonus token
-    target_hidden: torch.Tensor          # [B, γ, F] target state where d_j is the input token
-    draft_logits: torch.Tensor | None    # [B, γ, V]
-    draft_hidden: torch.Tensor | None    # [B, γ, H_d]
-    temperature: float                   # 0: greedy
+    draft_tokens: torch.Tensor  # [B, γ]
+    target_logits: torch.Tensor  # [B, γ+1, V] (model dtype); row j-1 judges d_j, row γ the bonus token
+    target_hidden: torch.Tensor  # [B, γ, F] target state where d_j is the input token
+    draft_logits: torch.Tensor | None  # [B, γ, V]
+    draft_hidden: torch.Tensor | None  # [B, γ, H_d]
+    temperature: float  # 0: greedy
     prev_hidden: torch.Tensor | None = None  # [B, γ, F] target state whose output judges d_j (input d_{j-1} / last)
 
     @property
@@ -59,25 +59,34 @@ class Verification:
         return self.temperature if self.temperature > 0 else 1.0
 
     @cached_property
-    def target_logp(self) -> torch.Tensor:          # [B, γ, V] log p(· | prefix, d_<j)
+    def target_logp(self) -> torch.Tensor:  # [B, γ, V] log p(· | prefix, d_<j)
         return F.log_softmax(self.target_logits[..., :-1, :].float() / self.scale, dim=-1)
 
     @cached_property
-    def draft_logp(self) -> torch.Tensor:           # [B, γ, V] log q(· | prefix, d_<j)
+    def draft_logp(self) -> torch.Tensor:  # [B, γ, V] log q(· | prefix, d_<j)
         if self.draft_logits is None:
             raise ValueError("this rule reads draft logits, but the policy did not ask for them (needs_draft_logits)")
         return F.log_softmax(self.draft_logits.float() / self.scale, dim=-1)
 
     @cached_property
-    def target_argmax(self) -> torch.Tensor:        # [B, γ+1]
+    def target_argmax(self) -> torch.Tensor:  # [B, γ+1]
         return self.target_logits.argmax(-1)
 
     def row(self, i: int) -> Verification:
         """Row i of a batched verification, without the row dimension."""
+
         def cut(x):
             return None if x is None else x[i]
-        return Verification(self.draft_tokens[i], self.target_logits[i], self.target_hidden[i],
-                            cut(self.draft_logits), cut(self.draft_hidden), self.temperature, cut(self.prev_hidden))
+
+        return Verification(
+            self.draft_tokens[i],
+            self.target_logits[i],
+            self.target_hidden[i],
+            cut(self.draft_logits),
+            cut(self.draft_hidden),
+            self.temperature,
+            cut(self.prev_hidden),
+        )
 
 
 class AcceptRule(Protocol):
@@ -95,18 +104,18 @@ class AcceptRule(Protocol):
 class DecodeStats:
     """Counts of one decoded example; the metrics built on them are defined in selfjudge.metrics."""
 
-    new_tokens: int = 0           # tokens generated, correction/bonus and EOS included
-    rounds: int = 0               # decode rounds = target forwards after the prefill
-    draft_forwards: int = 0       # draft forwards after the prefill (the catch-up read rides on the first one)
-    proposed: int = 0             # draft tokens proposed
-    accepted: int = 0             # draft tokens kept (by the standard test or the rule)
-    accepted_by_rule: int = 0     # kept tokens the standard test alone would have rejected (first rejection on)
+    new_tokens: int = 0  # tokens generated, correction/bonus and EOS included
+    rounds: int = 0  # decode rounds = target forwards after the prefill
+    draft_forwards: int = 0  # draft forwards after the prefill (the catch-up read rides on the first one)
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens kept (by the standard test or the rule)
+    accepted_by_rule: int = 0  # kept tokens the standard test alone would have rejected (first rejection on)
     accept_hist: list[int] = field(default_factory=list)  # index n: speculative rounds that kept n draft tokens
     prefill_seconds: float = 0.0  # prompt prefill, both models
-    draft_seconds: float = 0.0    # proposing (exact only with profile=True on CUDA)
-    verify_seconds: float = 0.0   # target verify passes + acceptance (exact only with profile=True on CUDA)
-    rule_seconds: float = 0.0     # the acceptance rule alone (judge head, ...), part of verify_seconds
-    seconds: float = 0.0          # wall time of the whole decode, prefill included
+    draft_seconds: float = 0.0  # proposing (exact only with profile=True on CUDA)
+    verify_seconds: float = 0.0  # target verify passes + acceptance (exact only with profile=True on CUDA)
+    rule_seconds: float = 0.0  # the acceptance rule alone (judge head, ...), part of verify_seconds
+    seconds: float = 0.0  # wall time of the whole decode, prefill included
 
     @property
     def target_forwards(self) -> int:
@@ -121,10 +130,11 @@ class TargetTrace:
     the input y_{s-1} after that. ``cache`` holds x ⊕ y_<T-1 (P+T-1 positions): every prefix a
     mismatch window needs, since windows start at i <= T-2.
     """
-    cache: DynamicCache          # one row, no padding
-    logp_chosen: torch.Tensor    # [T] float32: log p(y_s | x, y_<s)
-    h_final: torch.Tensor        # [T, H] post-norm last-layer state at step s (the LM head's input)
-    h_spec: torch.Tensor         # [T, F] judge-feature states at step s (FeatureSpec layers)
+
+    cache: DynamicCache  # one row, no padding
+    logp_chosen: torch.Tensor  # [T] float32: log p(y_s | x, y_<s)
+    h_final: torch.Tensor  # [T, H] post-norm last-layer state at step s (the LM head's input)
+    h_spec: torch.Tensor  # [T, F] judge-feature states at step s (FeatureSpec layers)
 
 
 def sync(device: torch.device) -> None:
@@ -145,7 +155,7 @@ def standard_accept(v: Verification, gen: torch.Generator | None = None) -> torc
     if v.temperature <= 0:
         return v.target_argmax[..., :-1] == v.draft_tokens
     idx = v.draft_tokens[..., None]
-    ratio = (v.target_logp.gather(-1, idx) - v.draft_logp.gather(-1, idx))[..., 0].exp()   # p/q [(B,) γ]
+    ratio = (v.target_logp.gather(-1, idx) - v.draft_logp.gather(-1, idx))[..., 0].exp()  # p/q [(B,) γ]
     u = torch.rand(ratio.shape, generator=gen, device=ratio.device)
     return u < ratio
 
@@ -156,11 +166,11 @@ def correction(v: Verification, n: torch.Tensor, proposed: torch.Tensor, gen: to
     rows = torch.arange(n.shape[0], device=n.device)
     if v.temperature <= 0:
         return v.target_argmax[rows, n]
-    p = F.softmax(v.target_logits[rows, n].float() / v.temperature, dim=-1)                # [B, V]
+    p = F.softmax(v.target_logits[rows, n].float() / v.temperature, dim=-1)  # [B, V]
     q = v.draft_logp[rows, n.clamp(max=v.draft_tokens.shape[1] - 1)].exp()
     resid = (p - q).clamp_min(0)
     total = resid.sum(-1, keepdim=True)
-    rejected = (n < proposed)[:, None] & (total > 0)                  # p == q: any draw from p is exact
+    rejected = (n < proposed)[:, None] & (total > 0)  # p == q: any draw from p is exact
     p = torch.where(rejected, resid / total.clamp_min(1e-30), p)
     return torch.multinomial(p, 1, generator=gen)[:, 0]
 
@@ -193,8 +203,8 @@ def left_pad(rows: list[list[int]], pad_id: int, dev: torch.device) -> tuple[tor
     valid = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            valid[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            valid[i, width - len(r) :] = 1
     return ids.to(dev), valid.to(dev)
 
 
@@ -213,16 +223,20 @@ class CroppedCache:
 
     def last(self, ids, valid, pos) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ids [1, k]; logits [1, V] and last-layer state [1, H] of the LAST position only."""
+
         def fn(x):
             out = lm_forward(self.model, x, keep=-1, cache=self.cache, use_cache=True)
             return out.logits[:, : self.vocab], out.hidden
+
         return self._run(("last", ids.shape[1], self.vocab), fn, ids) if ids.shape[1] <= 2 else fn(ids)
 
     def verify(self, ids, pos, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ids [1, k]; logits [1, k, V] and judge states [1, k, F] of every position."""
+
         def fn(x):
             out = forward_with_hidden(self.model, x, spec, use_cache=True, cache=self.cache)
             return out.logits[..., : self.vocab], out.hidden
+
         return self._run(("verify", ids.shape[1], spec, self.vocab), fn, ids)
 
     def _run(self, key, fn, ids):
@@ -231,7 +245,7 @@ class CroppedCache:
     def keep_first(self, width: int, keep: list[int]) -> None:
         """Of the newest ``width`` positions keep the first keep[0]."""
         if keep[0] < width:
-            self.cache.crop(keep[0] - width)                       # negative: drop that many positions
+            self.cache.crop(keep[0] - width)  # negative: drop that many positions
 
     def select(self, rows: torch.Tensor) -> None:
         """The one row finished: nothing to keep."""
@@ -286,7 +300,7 @@ def run_rounds(
     B = len(prompts)
     stats = [DecodeStats(accept_hist=[0] * (gamma + 1)) for _ in range(B)]
     outs: list[list[int]] = [[] for _ in range(B)]
-    steps: list[list[tuple]] = [[] for _ in range(B)]               # trace: (logp, h_final, h_spec) per step
+    steps: list[list[tuple]] = [[] for _ in range(B)]  # trace: (logp, h_final, h_spec) per step
     traces: list[TargetTrace | None] = [None] * B
     eos = set(eos_ids)
     sync(dev)
@@ -297,10 +311,10 @@ def run_rounds(
     pos = (valid.cumsum(-1) - 1).clamp_min(0)
     for c in (tgt, drf) if drf else (tgt,):
         c.prefill(ids, valid, pos)
-    rows = list(range(B))                                           # prompt index of each active row
-    length = torch.tensor([len(p) for p in prompts], device=dev)    # [n] committed tokens per row
-    last = torch.tensor([[p[-1]] for p in prompts], device=dev)     # [n, 1] newest committed token
-    pending = [[p[-1]] for p in prompts]                             # committed tokens the draft has not read
+    rows = list(range(B))  # prompt index of each active row
+    length = torch.tensor([len(p) for p in prompts], device=dev)  # [n] committed tokens per row
+    last = torch.tensor([[p[-1]] for p in prompts], device=dev)  # [n, 1] newest committed token
+    pending = [[p[-1]] for p in prompts]  # committed tokens the draft has not read
     sync(dev)
     t_round = clock()
     for r in rows:
@@ -310,13 +324,13 @@ def run_rounds(
         left = [max_new_tokens - len(outs[r]) for r in rows]
         g = schedule.window(min(gamma, max(left) - 1))
         t_draft = t_rule = 0.0
-        if g <= 0:                                                    # a plain target step for every row
+        if g <= 0:  # a plain target step for every row
             ones = torch.ones_like(last)
             if trace is None:
                 logits, _ = tgt.last(last, ones, length[:, None] - 1)
             else:
                 logits, h_fin, h_spec = tgt.traced(last, length[:, None] - 1, trace)
-            nxt = draw(logits, temperature, generator)               # [n]
+            nxt = draw(logits, temperature, generator)  # [n]
             if trace is not None:
                 lp = F.log_softmax(logits.float(), -1).gather(-1, nxt[:, None])[:, 0]
                 for i, r in enumerate(rows):
@@ -336,56 +350,65 @@ def run_rounds(
             toks, lgs, hids = [], [], []
             for s in range(g):
                 lg, h = drf.last(inp, live, ps)
-                tok = draw(lg, temperature, generator)                # [n]
+                tok = draw(lg, temperature, generator)  # [n]
                 toks.append(tok)
                 if want_logits:
                     lgs.append(lg)
                 if want_hidden:
                     hids.append(h)
                 inp, live, ps = tok[:, None], torch.ones_like(tok[:, None]), length[:, None] + s
-                if confidence_stop is not None and s < g - 1 and \
-                        bool((F.softmax(lg.float(), -1).amax(-1) < confidence_stop).all()):
+                if (
+                    confidence_stop is not None
+                    and s < g - 1
+                    and bool((F.softmax(lg.float(), -1).amax(-1) < confidence_stop).all())
+                ):
                     break
             g = len(toks)
-            D = torch.stack(toks, 1)                                  # [n, g]
+            D = torch.stack(toks, 1)  # [n, g]
             if timed:
                 sync(dev)
             t_draft = clock() - t_round
             # 2. verify the n windows [last, d_1..d_g] in one target pass
             vpos = length[:, None] - 1 + torch.arange(g + 1, device=dev)
             t_log, t_hid = tgt.verify(torch.cat([last, D], 1), vpos, spec)  # [n, g+1, V], [n, g+1, F]
-            v = Verification(D, t_log, t_hid[:, 1:], torch.stack(lgs, 1) if want_logits else None,
-                             torch.stack(hids, 1) if want_hidden else None, temperature, t_hid[:, :-1])
+            v = Verification(
+                D,
+                t_log,
+                t_hid[:, 1:],
+                torch.stack(lgs, 1) if want_logits else None,
+                torch.stack(hids, 1) if want_hidden else None,
+                temperature,
+                t_hid[:, :-1],
+            )
             # 3. accept: standard OR rule, within each row's allowance, longest kept prefix + one target token
-            std = standard_accept(v, generator)                       # [n, g]
+            std = standard_accept(v, generator)  # [n, g]
             ok = std
             if policy is not None:
                 if profile:
                     sync(dev)
                 t3 = clock()
-                rule = apply_rule(policy, v)                          # [n, g] or None
+                rule = apply_rule(policy, v)  # [n, g] or None
                 if profile:
                     sync(dev)
                 t_rule = clock() - t3
                 if rule is not None:
                     ok = std | rule
-            props = [min(g, x - 1) for x in left]                     # draft tokens each row may keep
+            props = [min(g, x - 1) for x in left]  # draft tokens each row may keep
             allow = torch.tensor(props, device=dev)
             lim = torch.arange(g, device=dev)[None] < allow[:, None]  # [n, g]
             greedy = temperature <= 0
             packed = torch.cat([D, v.target_argmax if greedy else D[:, :0], ok & lim, std & lim], 1).tolist()
-            w = 2 * g + 1 if greedy else g                            # one host sync: tokens, argmaxes, masks
-            kept = [(x[w:w + g] + [0]).index(0) for x in packed]      # longest kept prefix per row
+            w = 2 * g + 1 if greedy else g  # one host sync: tokens, argmaxes, masks
+            kept = [(x[w : w + g] + [0]).index(0) for x in packed]  # longest kept prefix per row
             n_t = torch.tensor(kept, device=dev)
-            corr = [x[g + n] for x, n in zip(packed, kept)] if greedy else \
-                correction(v, n_t, allow, generator).tolist()
+            corr = [x[g + n] for x, n in zip(packed, kept)] if greedy else correction(v, n_t, allow, generator).tolist()
             news = []
             for i, r in enumerate(rows):
-                n, d, std_i = kept[i], packed[i][:g], packed[i][w + g:]
+                n, d, std_i = kept[i], packed[i][:g], packed[i][w + g :]
                 news.append(d[:n] + [corr[i]])
                 st = stats[r]
                 st.rounds += 1
-                if props[i] > 0:                                      # else: a plain target step (batch-1 terms)
+                if props[i] > 0:  # else: a plain target step (batch-1 terms)
                     first_std_reject = (std_i + [0]).index(0)
                     st.accepted_by_rule += max(0, n - first_std_reject)
                     st.draft_forwards += props[i]
@@ -467,14 +490,27 @@ def decode(
     ``on_tokens``: called after each round with the tokens it committed (streaming; its time counts in ``seconds``).
     """
     dev = next(target.parameters()).device
-    need = len(prompt) + max_new_tokens + gamma + 1                # positions a cache can hold at most
+    need = len(prompt) + max_new_tokens + gamma + 1  # positions a cache can hold at most
 
     def make_cache(model, role):
         static = static_decoder(model, role, need, dev.type == "cuda") if static_cache else None
         return CroppedCache(model, vocab, static)
 
-    rows, _ = run_rounds(target, draft, [prompt], make_cache, gamma=gamma, max_new_tokens=max_new_tokens,
-                         eos_ids=eos_ids, vocab=vocab, policy=policy, temperature=temperature, generator=generator,
-                         profile=profile, schedule=schedule, confidence_stop=confidence_stop,
-                         on_tokens=on_tokens)
+    rows, _ = run_rounds(
+        target,
+        draft,
+        [prompt],
+        make_cache,
+        gamma=gamma,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        vocab=vocab,
+        policy=policy,
+        temperature=temperature,
+        generator=generator,
+        profile=profile,
+        schedule=schedule,
+        confidence_stop=confidence_stop,
+        on_tokens=on_tokens,
+    )
     return rows[0]

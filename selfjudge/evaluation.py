@@ -46,27 +46,37 @@ HEAD_DIR_KEYS = {"judge": "judge_dir", "autojudge": "autojudge_dir"}  # judge po
 RECORDS = "per_example.jsonl"
 KEY_FILE = "eval_key.json"
 # keys every record holds (summaries read them); records written by this version hold RECORD_KEYS
-REQUIRED_KEYS = ("prompt_id", "method", "threshold", "output_ids", "score", "rounds", "new_tokens", "proposed",
-                 "accepted", "seconds")
+REQUIRED_KEYS = (
+    "prompt_id",
+    "method",
+    "threshold",
+    "output_ids",
+    "score",
+    "rounds",
+    "new_tokens",
+    "proposed",
+    "accepted",
+    "seconds",
+)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """One eval.methods entry, checked (heads not loaded yet)."""
 
-    name: str                     # key in eval.methods
-    policy: str                   # registry name in selfjudge.policies
-    thresholds: Any               # a list of numbers, or "head_quantiles"
-    head_key: str | None          # eval.* key of its head folder (judge rules), e.g. judge_dir, methods.x.head_dir
+    name: str  # key in eval.methods
+    policy: str  # registry name in selfjudge.policies
+    thresholds: Any  # a list of numbers, or "head_quantiles"
+    head_key: str | None  # eval.* key of its head folder (judge rules), e.g. judge_dir, methods.x.head_dir
 
 
 @dataclass(frozen=True)
 class Method:
     """One column of the grid: a method at one threshold."""
 
-    name: str                  # key in eval.methods (or a baseline name)
-    policy: str                # registry name in selfjudge.policies (target/draft: plain decoding)
-    threshold: float | None    # the rule's threshold (None: no rule)
+    name: str  # key in eval.methods (or a baseline name)
+    policy: str  # registry name in selfjudge.policies (target/draft: plain decoding)
+    threshold: float | None  # the rule's threshold (None: no rule)
     head_key: str | None = None  # eval.* key of the head folder (judge rules)
 
 
@@ -79,28 +89,35 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
         head_key = None
         if isinstance(spec, Mapping):
             if set(spec) - {"policy", "thresholds", "head_dir"} or "thresholds" not in spec:
-                raise ValueError(f"eval.methods.{name} must be a threshold list or a map with keys policy, thresholds "
-                                 f"(and head_dir for judge rules); got keys {sorted(spec)}")
+                raise ValueError(
+                    f"eval.methods.{name} must be a threshold list or a map with keys policy, thresholds "
+                    f"(and head_dir for judge rules); got keys {sorted(spec)}"
+                )
             policy, ths = spec.get("policy", name), spec["thresholds"]
             if spec.get("head_dir"):
                 head_key = f"methods.{name}.head_dir"
         else:
             policy, ths = name, spec
         if policy not in POLICIES or policy == "lossless":
-            raise ValueError(f"unknown policy '{policy}' in eval.methods.{name}; known: "
-                             f"{sorted(p for p in POLICIES if p != 'lossless')}")
+            raise ValueError(
+                f"unknown policy '{policy}' in eval.methods.{name}; known: "
+                f"{sorted(p for p in POLICIES if p != 'lossless')}"
+            )
         if policy in HEAD_DIR_KEYS and head_key is None:
             head_key = HEAD_DIR_KEYS.get(name, HEAD_DIR_KEYS[policy])
         if ths != "head_quantiles" and not isinstance(ths, (list, tuple, int, float)):
-            raise ValueError(f"eval.methods.{name}: thresholds must be a list of numbers or head_quantiles, got {ths!r}")
+            raise ValueError(
+                f"eval.methods.{name}: thresholds must be a list of numbers or head_quantiles, got {ths!r}"
+            )
         if ths == "head_quantiles" and policy not in HEAD_DIR_KEYS:
             raise ValueError(f"eval.methods.{name}: head_quantiles needs a judge policy with a head folder")
         if ths != "head_quantiles":
             for t in ths if isinstance(ths, (list, tuple)) else [ths]:
                 if policy in HEAD_DIR_KEYS:  # the head is loaded later; its threshold range is known now
                     if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0):
-                        raise ValueError(f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) "
-                                         f"cut), got {t!r}")
+                        raise ValueError(
+                            f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) cut), got {t!r}"
+                        )
                 else:
                     build_policy(policy, t, options=options)
         out.append(MethodSpec(name, policy, ths, head_key))
@@ -136,19 +153,29 @@ class EvalSettings:
     def __post_init__(self) -> None:
         require(is_int(self.gamma, 1), "eval.gamma", "an integer >= 1 (draft tokens per round)", self.gamma)
         require(is_int(self.max_new_tokens, 1), "eval.max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        require(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "eval.temperature",
-                ">= 0 (0: greedy)", self.temperature)
-        require(is_int(self.batch_size, 1), "eval.batch_size", "an integer >= 1 (prompts decoded together)",
-                self.batch_size)
+        require(
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+            "eval.temperature",
+            ">= 0 (0: greedy)",
+            self.temperature,
+        )
+        require(
+            is_int(self.batch_size, 1), "eval.batch_size", "an integer >= 1 (prompts decoded together)", self.batch_size
+        )
         for key in ("warmup", "warmup_tokens"):
             require(is_int(getattr(self, key), 0), f"eval.{key}", "an integer >= 0", getattr(self, key))
         require(self.limit is None or is_int(self.limit, 1), "eval.limit", "null or an integer >= 1", self.limit)
         require(self.schedule in ("fixed", "adaptive"), "eval.schedule", "'fixed' or 'adaptive'", self.schedule)
         cs = self.confidence_stop
-        require(cs is None or (isinstance(cs, (int, float)) and not isinstance(cs, bool) and 0 <= cs <= 1),
-                "eval.confidence_stop", "null or a number in [0, 1]", cs)
-        check_keys(self.policy_options or {}, ["typical_alpha", "kl_strict_top1"], "eval.policy_options",
-                   required=False)
+        require(
+            cs is None or (isinstance(cs, (int, float)) and not isinstance(cs, bool) and 0 <= cs <= 1),
+            "eval.confidence_stop",
+            "null or a number in [0, 1]",
+            cs,
+        )
+        check_keys(
+            self.policy_options or {}, ["typical_alpha", "kl_strict_top1"], "eval.policy_options", required=False
+        )
         object.__setattr__(self, "specs", parse_methods(self.methods, self.policy_options or {}))
 
     @classmethod
@@ -163,8 +190,11 @@ class EvalSettings:
 
     def head_dirs(self) -> dict[str, str]:
         """eval.* head key -> folder, for every method whose head folder is set."""
-        return {s.head_key: self.head_dir(s.head_key) for s in self.specs
-                if s.head_key is not None and self.head_dir(s.head_key)}
+        return {
+            s.head_key: self.head_dir(s.head_key)
+            for s in self.specs
+            if s.head_key is not None and self.head_dir(s.head_key)
+        }
 
     def dataset_with_limit(self) -> dict:
         ds = dict(self.dataset)
@@ -177,7 +207,7 @@ def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
     """Target-only, lossless (and draft-only), then every method's thresholds; judge methods whose head
     folder is null are skipped. Thresholds are validated here, before any decoding."""
     grid = [Method("target", "target", None), Method("lossless", "lossless", None)]
-    if s.schedule == "adaptive":   # its own row: the rule comparisons keep the fixed window
+    if s.schedule == "adaptive":  # its own row: the rule comparisons keep the fixed window
         grid.append(Method("lossless_adaptive", "lossless", None))
     if s.draft_only:
         grid.insert(1, Method("draft", "draft", None))
@@ -188,35 +218,48 @@ def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
         if ths == "head_quantiles":
             ths = list(heads[spec.head_key].config.thresholds.get("quantiles") or [])
             if not ths:
-                raise ValueError(f"eval.methods.{spec.name}=head_quantiles, but the head in eval.{spec.head_key} "
-                                 "stores no thresholds.quantiles: list thresholds explicitly")
+                raise ValueError(
+                    f"eval.methods.{spec.name}=head_quantiles, but the head in eval.{spec.head_key} "
+                    "stores no thresholds.quantiles: list thresholds explicitly"
+                )
         for t in ths if isinstance(ths, (list, tuple)) else [ths]:
             build_policy(spec.policy, t, head=heads.get(spec.head_key), options=s.policy_options)
             grid.append(Method(spec.name, spec.policy, float(t), spec.head_key))
     return grid
 
 
-def check_prompt_lengths(examples: list[Example], prompts: list[list[int]], s: EvalSettings, context: int | None) -> None:
+def check_prompt_lengths(
+    examples: list[Example], prompts: list[list[int]], s: EvalSettings, context: int | None
+) -> None:
     """Refuse, by id, a prompt whose decode could run past the target's context (prompt + max_new_tokens +
     one window of γ + 1 positions), before anything is decoded."""
     limit = context or math.inf
     for ex, ids in zip(examples, prompts):
         need = len(ids) + s.max_new_tokens + s.gamma + 1
         if need > limit:
-            raise ValueError(f"prompt '{ex.id}' has {len(ids)} tokens; with eval.max_new_tokens={s.max_new_tokens} "
-                             f"and eval.gamma={s.gamma} it needs {need} positions, over the target's context of "
-                             f"{context}: drop the prompt (eval.dataset) or lower eval.max_new_tokens")
+            raise ValueError(
+                f"prompt '{ex.id}' has {len(ids)} tokens; with eval.max_new_tokens={s.max_new_tokens} "
+                f"and eval.gamma={s.gamma} it needs {need} positions, over the target's context of "
+                f"{context}: drop the prompt (eval.dataset) or lower eval.max_new_tokens"
+            )
 
 
-def records_key(s: EvalSettings, dataset: Mapping[str, Any], target_fp: str | None, draft_fp: str | None,
-                dtype: str, graphs: bool, cpu_kernels: Mapping[str, str] | None = None) -> tuple[str, dict]:
+def records_key(
+    s: EvalSettings,
+    dataset: Mapping[str, Any],
+    target_fp: str | None,
+    draft_fp: str | None,
+    dtype: str,
+    graphs: bool,
+    cpu_kernels: Mapping[str, str] | None = None,
+) -> tuple[str, dict]:
     """(key, settings it covers) of the records a rerun may keep (heads are keyed per record)."""
     key_cfg = {k: getattr(s, k) for k in ("gamma", "max_new_tokens", "temperature", "seed", "policy_options")}
     if s.batch_size != 1:  # timings (and bf16 rounding) depend on it; left out at 1 so older runs keep their key
         key_cfg["batch_size"] = s.batch_size
-    if graphs:   # timings depend on it (tokens do not); only where it acts, so that other runs keep their key
+    if graphs:  # timings depend on it (tokens do not); only where it acts, so that other runs keep their key
         key_cfg["cuda_graphs"] = True
-    if s.schedule != "fixed":   # the adaptive row's timings and rounds depend on these; fixed keeps older keys
+    if s.schedule != "fixed":  # the adaptive row's timings and rounds depend on these; fixed keeps older keys
         key_cfg.update(schedule=s.schedule, confidence_stop=s.confidence_stop)
     if cpu_kernels and set(cpu_kernels.values()) != {"default"}:  # the same: timings, not tokens
         key_cfg["cpu_kernels"] = dict(cpu_kernels)
@@ -266,8 +309,12 @@ class RecordsFile:
         if stale:
             keep = [r for r in records if r.get("head") == heads.get(r["method"])]
             names = sorted({r["method"] for r in stale})
-            self._aside(stale, "heads-" + config_hash(sorted({str(r.get("head")) for r in stale}))[:8],
-                        f"the head of {names} changed", keep=keep)
+            self._aside(
+                stale,
+                "heads-" + config_hash(sorted({str(r.get("head")) for r in stale}))[:8],
+                f"the head of {names} changed",
+                keep=keep,
+            )
             records = keep
         return records
 
@@ -294,12 +341,14 @@ class RecordsFile:
             except json.JSONDecodeError:
                 if i == len(lines) and not raw.endswith(b"\n"):
                     break  # cut by a kill while being written: redone
-                raise ValueError(f"{path} line {i} is not a JSON record: remove the line (its decode is redone)"
-                                 ) from None
+                raise ValueError(
+                    f"{path} line {i} is not a JSON record: remove the line (its decode is redone)"
+                ) from None
             missing = [k for k in REQUIRED_KEYS if k not in rec] if isinstance(rec, dict) else list(REQUIRED_KEYS)
             if missing:
-                raise ValueError(f"{path} line {i} is not an eval record (missing {missing}): remove the line "
-                                 "(its decode is redone)")
+                raise ValueError(
+                    f"{path} line {i} is not an eval record (missing {missing}): remove the line (its decode is redone)"
+                )
             recs.append(rec)
         recs = unique_records(recs)  # a second writer's copies (before folders were locked): dropped
         if repair and path == self.path and (len(recs) != len(lines) or (lines and not raw.endswith(b"\n"))):
@@ -316,29 +365,71 @@ def _seed(base: int, prompt_id: str) -> int:
     return (int(base) * 1_000_003 + zlib.crc32(prompt_id.encode())) % (2**63)
 
 
-def record(ex: Example, m: Method, ids: list[int], toks: list[int], text: str, st: Any, ref: list[int],
-           task: Task, eos_ids: list[int], batch: int, head: str | None) -> dict:
+def record(
+    ex: Example,
+    m: Method,
+    ids: list[int],
+    toks: list[int],
+    text: str,
+    st: Any,
+    ref: list[int],
+    task: Task,
+    eos_ids: list[int],
+    batch: int,
+    head: str | None,
+) -> dict:
     """The per_example.jsonl record of one decode (``ref``: the target-only output of the same prompt)."""
     score, source = task.score(ex, text), "task"
     if score is None:  # no checker: agreement with the target's own answer
         score, source = prefix_agreement(toks, ref), "agreement"
-    rec = {"prompt_id": ex.id, "task": ex.task, "method": m.name, "policy": m.policy, "threshold": m.threshold,
-           "prompt_tokens": len(ids), "output_ids": toks, "text": text, "score": score, "score_source": source,
-           "agree_exact": float(toks == ref), "agree_prefix": prefix_agreement(toks, ref),
-           "stopped_at_eos": bool(toks) and toks[-1] in eos_ids, "batch_size": batch,
-           "rounds": st.rounds, "new_tokens": st.new_tokens, "draft_forwards": st.draft_forwards,
-           "proposed": st.proposed, "accepted": st.accepted, "accepted_by_rule": st.accepted_by_rule,
-           "accept_hist": st.accept_hist, "seconds": st.seconds, "prefill_seconds": st.prefill_seconds,
-           "draft_seconds": st.draft_seconds, "verify_seconds": st.verify_seconds, "rule_seconds": st.rule_seconds}
+    rec = {
+        "prompt_id": ex.id,
+        "task": ex.task,
+        "method": m.name,
+        "policy": m.policy,
+        "threshold": m.threshold,
+        "prompt_tokens": len(ids),
+        "output_ids": toks,
+        "text": text,
+        "score": score,
+        "score_source": source,
+        "agree_exact": float(toks == ref),
+        "agree_prefix": prefix_agreement(toks, ref),
+        "stopped_at_eos": bool(toks) and toks[-1] in eos_ids,
+        "batch_size": batch,
+        "rounds": st.rounds,
+        "new_tokens": st.new_tokens,
+        "draft_forwards": st.draft_forwards,
+        "proposed": st.proposed,
+        "accepted": st.accepted,
+        "accepted_by_rule": st.accepted_by_rule,
+        "accept_hist": st.accept_hist,
+        "seconds": st.seconds,
+        "prefill_seconds": st.prefill_seconds,
+        "draft_seconds": st.draft_seconds,
+        "verify_seconds": st.verify_seconds,
+        "rule_seconds": st.rule_seconds,
+    }
     if head is not None:
         rec["head"] = head
     return rec
 
 
-def evaluate(pair: Any, task: Task, examples: list[Example], prompts: list[list[int]], s: EvalSettings,
-             grid: list[Method], heads: Mapping[str, JudgeHead], records: list[dict], out: RecordsFile,
-             graphs: bool = False, head_of: Mapping[str, str | None] | None = None, rank: int = 0,
-             world: int = 1) -> list[dict]:
+def evaluate(
+    pair: Any,
+    task: Task,
+    examples: list[Example],
+    prompts: list[list[int]],
+    s: EvalSettings,
+    grid: list[Method],
+    heads: Mapping[str, JudgeHead],
+    records: list[dict],
+    out: RecordsFile,
+    graphs: bool = False,
+    head_of: Mapping[str, str | None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict]:
     """Decode every (prompt, method) of ``grid`` not in ``records``, appending each record to ``out`` as it
     finishes; returns every record (earlier ones first). With several ranks this rank takes every
     ``world``-th group of prompts from ``rank`` on (the same groups as one rank would make)."""
@@ -349,32 +440,50 @@ def evaluate(pair: Any, task: Task, examples: list[Example], prompts: list[list[
     target_out = {r["prompt_id"]: r["output_ids"] for r in records if r["method"] == "target"}
 
     def policy_of(m: Method) -> Policy | None:
-        return None if m.policy in BASELINES else \
-            build_policy(m.policy, m.threshold, head=heads.get(m.head_key), options=s.policy_options)
+        return (
+            None
+            if m.policy in BASELINES
+            else build_policy(m.policy, m.threshold, head=heads.get(m.head_key), options=s.policy_options)
+        )
 
-    adaptive = AdaptiveWindow(s.gamma)   # one schedule for the run: its costs carry over from the warm-up
+    adaptive = AdaptiveWindow(s.gamma)  # one schedule for the run: its costs carry over from the warm-up
 
     def run_group(m: Method, items: list, n: int) -> list:
         """(tokens, stats) per (example, prompt ids) of items: batch-1 decodes, or one batched decode."""
-        model, draft = {"target": (pair.target, None), "draft": (pair.draft, None)}.get(m.policy,
-                                                                                           (pair.target, pair.draft))
-        common = dict(gamma=s.gamma, max_new_tokens=n, eos_ids=pair.eos_ids, vocab=pair.vocab_size,
-                      policy=policy_of(m), temperature=float(s.temperature))
+        model, draft = {"target": (pair.target, None), "draft": (pair.draft, None)}.get(
+            m.policy, (pair.target, pair.draft)
+        )
+        common = dict(
+            gamma=s.gamma,
+            max_new_tokens=n,
+            eos_ids=pair.eos_ids,
+            vocab=pair.vocab_size,
+            policy=policy_of(m),
+            temperature=float(s.temperature),
+        )
         if m.name == "lossless_adaptive":
             common.update(schedule=adaptive, confidence_stop=s.confidence_stop)
         seed = _seed(s.seed, ",".join(ex.id for ex, _ in items))
         gen = torch.Generator(device=dev).manual_seed(seed) if s.temperature > 0 else None
         if bs == 1:
             return [decode(model, draft, items[0][1], generator=gen, profile=s.profile, static_cache=graphs, **common)]
-        return decode_batch(model, draft, [ids for _, ids in items], pad_id=pair.tokenizer.pad_token_id or 0,
-                            generator=gen, **common)
+        return decode_batch(
+            model, draft, [ids for _, ids in items], pad_id=pair.tokenizer.pad_token_id or 0, generator=gen, **common
+        )
 
     # prompts grouped for decoding: one by one, or batches of similar length (always the same batches)
-    groups = [[(examples[i], prompts[i]) for i in idx] for idx in fixed_batches([len(p) for p in prompts], bs)] \
-        if bs > 1 else [[x] for x in zip(examples, prompts)]
+    groups = (
+        [[(examples[i], prompts[i]) for i in idx] for idx in fixed_batches([len(p) for p in prompts], bs)]
+        if bs > 1
+        else [[x] for x in zip(examples, prompts)]
+    )
     groups = groups[rank::world]
-    todo = [(items, m) for group in groups for m in grid
-            if (items := [(ex, ids) for ex, ids in group if (m.name, m.threshold, ex.id) not in done])]
+    todo = [
+        (items, m)
+        for group in groups
+        for m in grid
+        if (items := [(ex, ids) for ex, ids in group if (m.name, m.threshold, ex.id) not in done])
+    ]
     if todo and groups and s.warmup and s.warmup_tokens:  # one decode per kind of method, excluded from the results
         kinds = {(m.policy, m.head_key, m.name == "lossless_adaptive"): m for m in grid}
         # batched: one batch of the first eval.warmup prompts (through the batched engine); else one by one
@@ -382,17 +491,24 @@ def evaluate(pair: Any, task: Task, examples: list[Example], prompts: list[list[
         for m in tqdm(list(kinds.values()), desc="eval warm-up", unit="decode", leave=False):
             for items in warm:
                 run_group(m, items, min(s.warmup_tokens, s.max_new_tokens))
-    with open(out.path, "a", encoding="utf-8") as f, \
-            tqdm(total=sum(len(items) for items, _ in todo), desc=f"eval rank {rank}" if world > 1 else "eval",
-                 unit="decode", disable=rank != 0) as bar:
+    with (
+        open(out.path, "a", encoding="utf-8") as f,
+        tqdm(
+            total=sum(len(items) for items, _ in todo),
+            desc=f"eval rank {rank}" if world > 1 else "eval",
+            unit="decode",
+            disable=rank != 0,
+        ) as bar,
+    ):
         for items, m in todo:
             results = run_group(m, items, s.max_new_tokens)
             for (ex, ids), (toks, st) in zip(items, results):
                 text = pair.tokenizer.decode(toks, skip_special_tokens=True)
                 if m.name == "target":
                     target_out[ex.id] = toks
-                rec = record(ex, m, ids, toks, text, st, target_out[ex.id], task, pair.eos_ids, len(items),
-                             head_of.get(m.name))
+                rec = record(
+                    ex, m, ids, toks, text, st, target_out[ex.id], task, pair.eos_ids, len(items), head_of.get(m.name)
+                )
                 f.write(json.dumps(rec) + "\n")
                 records.append(rec)
             f.flush()
@@ -403,7 +519,10 @@ def evaluate(pair: Any, task: Task, examples: list[Example], prompts: list[list[
 
 
 def engine_name(bs: int, graphs: bool) -> str:
-    return ("batch size 1, static KV cache + CUDA graphs" if graphs else
-            "batch size 1, DynamicCache rollback" if bs == 1 else
-            f"batch size {bs}, masked KV holes for rejected tokens") + ", one verify pass per round"
-
+    return (
+        "batch size 1, static KV cache + CUDA graphs"
+        if graphs
+        else "batch size 1, DynamicCache rollback"
+        if bs == 1
+        else f"batch size {bs}, masked KV holes for rejected tokens"
+    ) + ", one verify pass per round"

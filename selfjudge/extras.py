@@ -62,5 +62,7 @@ def check_installed(plain: Mapping[str, Any], stages: Iterable[str]) -> None:
     extras = sorted({PACKAGES[m][1] for m in missing})
     what = "; ".join(f"{PACKAGES[m][0]} for {why}" for m, why in missing.items())
     names = ",".join(extras)
-    raise ModuleNotFoundError(f"missing packages: {what}. Install them with: pip install 'selfjudge[{names}]' "
-                              f"(from a checkout: pip install -e '.[{names}]')")
+    raise ModuleNotFoundError(
+        f"missing packages: {what}. Install them with: pip install 'selfjudge[{names}]' "
+        f"(from a checkout: pip install -e '.[{names}]')"
+    )

@@ -27,17 +27,17 @@ import torch
 from selfjudge.forward import lm_forward
 
 SCALARS = ("target_logp", "target_top1_logp", "target_gap", "target_entropy", "target_log_rank", "draft_logp", "kl")
-DRAFT_SCALARS = ("draft_logp", "kl")       # need the draft's logits
-STATE_OFFSETS = (-1, 0)                    # i-1: produced p(. | prefix); i: reads d
+DRAFT_SCALARS = ("draft_logp", "kl")  # need the draft's logits
+STATE_OFFSETS = (-1, 0)  # i-1: produced p(. | prefix); i: reads d
 FEATURE_KEYS = ("layers", "include_draft", "state_offsets", "scalars")
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    layers: tuple[int, ...] = (-1,)         # indices into hidden_states (0 = embeddings, -1 = last layer, post-norm)
-    include_draft: bool = False             # append the draft's last hidden state (draft+target layout)
-    state_offsets: tuple[int, ...] = (0,)   # target states read: 0 at i (input d), -1 at i-1 (output p); () none
-    scalars: tuple[str, ...] = ()           # rule quantities appended (SCALARS), in the order given
+    layers: tuple[int, ...] = (-1,)  # indices into hidden_states (0 = embeddings, -1 = last layer, post-norm)
+    include_draft: bool = False  # append the draft's last hidden state (draft+target layout)
+    state_offsets: tuple[int, ...] = (0,)  # target states read: 0 at i (input d), -1 at i-1 (output p); () none
+    scalars: tuple[str, ...] = ()  # rule quantities appended (SCALARS), in the order given
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> FeatureSpec:
@@ -52,19 +52,26 @@ class FeatureSpec:
         if not layers:
             raise ValueError("features.layers must name at least one layer (e.g. [-1])")
         if not set(offsets) <= set(STATE_OFFSETS) or len(set(offsets)) != len(offsets):
-            raise ValueError(f"features.state_offsets must be distinct values from {list(STATE_OFFSETS)}, got {list(offsets)}")
+            raise ValueError(
+                f"features.state_offsets must be distinct values from {list(STATE_OFFSETS)}, got {list(offsets)}"
+            )
         bad = [x for x in scalars if x not in SCALARS]
         if bad or len(set(scalars)) != len(scalars):
             raise ValueError(f"features.scalars must be distinct names from {list(SCALARS)}, got {list(scalars)}")
-        spec = cls(layers=layers, include_draft=bool(d.get("include_draft", False)), state_offsets=offsets,
-                   scalars=scalars)
+        spec = cls(
+            layers=layers, include_draft=bool(d.get("include_draft", False)), state_offsets=offsets, scalars=scalars
+        )
         if not offsets and not spec.include_draft and not scalars:
             raise ValueError("features select nothing: give features.state_offsets, include_draft or scalars")
         return spec
 
     def as_dict(self) -> dict:
-        return {"layers": list(self.layers), "include_draft": self.include_draft,
-                "state_offsets": list(self.state_offsets), "scalars": list(self.scalars)}
+        return {
+            "layers": list(self.layers),
+            "include_draft": self.include_draft,
+            "state_offsets": list(self.state_offsets),
+            "scalars": list(self.scalars),
+        }
 
     def dim(self, target_hidden: int, draft_hidden: int | None = None) -> int:
         return sum(s.stop - s.start for s in self.columns(target_hidden, draft_hidden).values())
@@ -99,8 +106,8 @@ class FeatureSpec:
 
 @dataclass
 class ForwardOut:
-    logits: torch.Tensor            # [B, T, V]
-    hidden: torch.Tensor            # [B, T, F_target]: selected target layers, concatenated
+    logits: torch.Tensor  # [B, T, V]
+    hidden: torch.Tensor  # [B, T, F_target]: selected target layers, concatenated
     past_key_values: Any
 
 
@@ -139,14 +146,19 @@ def scalar_features(
     if bad:
         raise ValueError(f"unknown scalar feature(s) {bad}; known: {list(SCALARS)}")
     if any(n in DRAFT_SCALARS for n in names) and draft_logits is None:
-        raise ValueError(f"features {[n for n in names if n in DRAFT_SCALARS]} need the draft's logits, none were given")
+        raise ValueError(
+            f"features {[n for n in names if n in DRAFT_SCALARS]} need the draft's logits, none were given"
+        )
     want = set(names)
-    l = target_logits.float()                                                   # [..., V]
+    l = target_logits.float()  # [..., V]
     tok = tokens[..., None].long()
-    l_d = l.gather(-1, tok)[..., 0]                                             # [...] logit of d
+    l_d = l.gather(-1, tok)[..., 0]  # [...] logit of d
     val: dict[str, torch.Tensor] = {}
-    lse = torch.logsumexp(l, -1) if want & {"target_logp", "target_top1_logp", "target_entropy", "kl", "draft_logp"} \
+    lse = (
+        torch.logsumexp(l, -1)
+        if want & {"target_logp", "target_top1_logp", "target_entropy", "kl", "draft_logp"}
         else None
+    )
     if want & {"target_top1_logp", "target_gap"}:
         top = l.max(-1).values
         val["target_top1_logp"] = top - lse if lse is not None else top
@@ -195,8 +207,10 @@ def judge_features(
         parts.append(draft_hidden)
     if spec.scalars:
         if scalars is None or scalars.shape[-1] != len(spec.scalars):
-            raise ValueError(f"features.scalars={list(spec.scalars)} but {None if scalars is None else scalars.shape[-1]} "
-                             f"scalar columns were given")
+            raise ValueError(
+                f"features.scalars={list(spec.scalars)} but {None if scalars is None else scalars.shape[-1]} "
+                f"scalar columns were given"
+            )
         parts.append(scalars)
     dev = parts[0].device
     return torch.cat([p.to(dev).float() for p in parts], dim=-1)

@@ -18,10 +18,10 @@ import torch
 
 @dataclass
 class LMOut:
-    logits: torch.Tensor     # [B, K, V] at the kept positions (K dropped for an integer ``keep``)
-    hidden: torch.Tensor     # [B, K, H] last-layer state after the final norm (the LM head's input)
-    features: torch.Tensor   # [B, K, len(layers) * H] the requested layers' states, concatenated
-    cache: Any               # the KV cache the body returned (None without one)
+    logits: torch.Tensor  # [B, K, V] at the kept positions (K dropped for an integer ``keep``)
+    hidden: torch.Tensor  # [B, K, H] last-layer state after the final norm (the LM head's input)
+    features: torch.Tensor  # [B, K, len(layers) * H] the requested layers' states, concatenated
+    cache: Any  # the KV cache the body returned (None without one)
 
 
 @cache
@@ -38,13 +38,20 @@ def cache_kwarg(module: torch.nn.Module) -> str:
 
 def returned_cache(out: Any) -> Any:
     """The KV cache a model returned: field ``cache`` (transformers >= 5.2x) or ``past_key_values`` (5.20)."""
-    fields = out if isinstance(out, dict) else vars(out)   # mapping access: no deprecated-property warning
+    fields = out if isinstance(out, dict) else vars(out)  # mapping access: no deprecated-property warning
     c = fields.get("cache")
     return c if c is not None else fields.get("past_key_values")
 
 
-def lm_forward(model: torch.nn.Module, input_ids: torch.Tensor, *, keep: Any = slice(None),
-               layers: Sequence[int] = (-1,), cache: Any = None, **kwargs: Any) -> LMOut:
+def lm_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    keep: Any = slice(None),
+    layers: Sequence[int] = (-1,),
+    cache: Any = None,
+    **kwargs: Any,
+) -> LMOut:
     """Run ``model``'s body over ``input_ids`` [B, T] and its LM head over positions ``keep`` (an index
     or slice of the T axis: ``-1`` is the last position only). ``layers`` index the hidden states
     (0 = embeddings, -1 = last layer after the final norm); other layers than ``(-1,)`` ask the body

@@ -56,8 +56,13 @@ def _from_generate_call(model: torch.nn.Module, name: str) -> Any:
     return None
 
 
-def make_policy(*, judge: JudgeHead | str | Path | None = None, policy: str | None = None,
-                threshold: float | None = None, options: Mapping[str, Any] | None = None) -> Policy:
+def make_policy(
+    *,
+    judge: JudgeHead | str | Path | None = None,
+    policy: str | None = None,
+    threshold: float | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Policy:
     """The acceptance rule: ``policy`` by name (default ``judge`` when a head is given, else lossless);
     ``judge``: a JudgeHead, a head folder or a hub repo id; ``threshold``: the rule's threshold (judge:
     the P(important) cut, default the head's 0.5)."""
@@ -83,8 +88,10 @@ def _check_head_fits(rule: Policy, target: torch.nn.Module, draft: torch.nn.Modu
     spec = FeatureSpec.from_mapping(head.config.features)
     want = spec.dim(target.config.hidden_size, draft.config.hidden_size if draft is not None else None)
     if head.config.feature_dim != want:
-        raise ValueError(f"the judge head expects {head.config.feature_dim} features; this target gives {want} "
-                         f"(hidden size {target.config.hidden_size}, layers {spec.layers}): a head for another model")
+        raise ValueError(
+            f"the judge head expects {head.config.feature_dim} features; this target gives {want} "
+            f"(hidden size {target.config.hidden_size}, layers {spec.layers}): a head for another model"
+        )
     dev = next(target.parameters()).device
     if next(head.parameters()).device != dev:
         head.to(dev)
@@ -103,17 +110,35 @@ def _eos_ids(cfg) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def run_engine(target: torch.nn.Module, draft: torch.nn.Module | None, prompts: list[list[int]], *, rule: Policy,
-               gamma: int, max_new_tokens: int, eos_ids: list[int], temperature: float = 0.0,
-               generator: torch.Generator | None = None, static_cache: bool | None = None, pad_id: int = 0,
-               on_tokens=None) -> list[tuple[list[int], DecodeStats]]:
+def run_engine(
+    target: torch.nn.Module,
+    draft: torch.nn.Module | None,
+    prompts: list[list[int]],
+    *,
+    rule: Policy,
+    gamma: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    static_cache: bool | None = None,
+    pad_id: int = 0,
+    on_tokens=None,
+) -> list[tuple[list[int], DecodeStats]]:
     """Decode prompts with the eval engine: batch 1 through ``decode`` (streaming, static caches), more
     through ``decode_batch``. ``static_cache=None``: on at batch 1 on CUDA."""
     _check_head_fits(rule, target, draft)
     vocab = _vocab(target, draft)
     policy = None if rule.name == "lossless" else rule
-    common = dict(gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids, vocab=vocab, policy=policy,
-                  temperature=temperature, generator=generator)
+    common = dict(
+        gamma=gamma,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        vocab=vocab,
+        policy=policy,
+        temperature=temperature,
+        generator=generator,
+    )
     if len(prompts) == 1:
         if static_cache is None:
             static_cache = next(target.parameters()).device.type == "cuda"
@@ -157,31 +182,56 @@ def judge_generate(
         streamer = _from_generate_call(model, "streamer")
     if judge_threshold is not None and threshold is not None:
         raise ValueError("pass judge_threshold or threshold, not both")
-    rule = make_policy(judge=judge, policy=policy, threshold=judge_threshold if judge_threshold is not None
-                       else threshold, options=policy_options)
-    ignored = sorted({type(p).__name__ for p in (logits_processor or [])} - _ENGINE_PROCESSORS
-                     | {type(c).__name__ for c in (stopping_criteria or [])} - _ENGINE_CRITERIA)
+    rule = make_policy(
+        judge=judge,
+        policy=policy,
+        threshold=judge_threshold if judge_threshold is not None else threshold,
+        options=policy_options,
+    )
+    ignored = sorted(
+        {type(p).__name__ for p in (logits_processor or [])} - _ENGINE_PROCESSORS
+        | {type(c).__name__ for c in (stopping_criteria or [])} - _ENGINE_CRITERIA
+    )
     if ignored:
-        log.warning("judge_generate decodes with greedy or plain temperature sampling and stops at EOS or "
-                    "max_new_tokens; ignored: %s", ", ".join(ignored))
+        log.warning(
+            "judge_generate decodes with greedy or plain temperature sampling and stops at EOS or "
+            "max_new_tokens; ignored: %s",
+            ", ".join(ignored),
+        )
     if getattr(cfg, "num_beams", 1) not in (None, 1) or getattr(cfg, "num_return_sequences", 1) not in (None, 1):
         raise ValueError("judge_generate decodes one sequence per prompt: set num_beams=1, num_return_sequences=1")
     mask = model_kwargs.get("attention_mask")
-    rows = input_ids.tolist() if mask is None else [
-        [t for t, m in zip(r, mr) if m] for r, mr in zip(input_ids.tolist(), mask.tolist())]
+    rows = (
+        input_ids.tolist()
+        if mask is None
+        else [[t for t, m in zip(r, mr) if m] for r, mr in zip(input_ids.tolist(), mask.tolist())]
+    )
     prompt_len = input_ids.shape[1]
     max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - prompt_len
     temperature = float(cfg.temperature if cfg.temperature is not None else 1.0) if cfg.do_sample else 0.0
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (_eos_ids(cfg) or [0])[0]
     on_tokens = None
     if streamer is not None:
+
         def on_tokens(toks: list[int]) -> None:
             if toks:
                 streamer.put(torch.tensor(toks, dtype=torch.long))
+
     try:
-        res = run_engine(model, assistant_model, rows, rule=rule, gamma=gamma, max_new_tokens=max_new,
-                         eos_ids=_eos_ids(cfg), temperature=temperature, generator=generator,
-                         static_cache=static_cache, pad_id=int(pad), on_tokens=on_tokens)
+        res = run_engine(
+            model,
+            assistant_model,
+            rows,
+            rule=rule,
+            gamma=gamma,
+            max_new_tokens=max_new,
+            eos_ids=_eos_ids(cfg),
+            temperature=temperature,
+            generator=generator,
+            static_cache=static_cache,
+            pad_id=int(pad),
+            on_tokens=on_tokens,
+        )
     finally:
         if streamer is not None:
             streamer.end()
@@ -209,10 +259,20 @@ class Generator:
     rule: Policy
     eos_ids: list[int]
 
-    def __call__(self, prompt: str | list[dict], *, max_new_tokens: int = 256, gamma: int = 4,
-                 do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
-                 system: str | None = None, chat: bool = True, stream=None,
-                 static_cache: bool | None = None) -> tuple[str, DecodeStats]:
+    def __call__(
+        self,
+        prompt: str | list[dict],
+        *,
+        max_new_tokens: int = 256,
+        gamma: int = 4,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        system: str | None = None,
+        chat: bool = True,
+        stream=None,
+        static_cache: bool | None = None,
+    ) -> tuple[str, DecodeStats]:
         """Decode one prompt; (text, stats). ``stream``: a callable given each round's new text (e.g.
         ``print(..., end="", flush=True)``) or a transformers streamer (``put``/``end``)."""
         from selfjudge.models import format_prompt
@@ -223,10 +283,19 @@ class Generator:
             gen = torch.Generator(device=next(self.target.parameters()).device)
             gen.manual_seed(0 if seed is None else int(seed))
         on_tokens, finish = _text_sink(self.tokenizer, stream) if stream is not None else (None, None)
-        (toks, st), = run_engine(self.target, self.draft, [ids], rule=self.rule, gamma=gamma,
-                                 max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
-                                 temperature=temperature if do_sample else 0.0, generator=gen,
-                                 static_cache=static_cache, on_tokens=on_tokens)
+        ((toks, st),) = run_engine(
+            self.target,
+            self.draft,
+            [ids],
+            rule=self.rule,
+            gamma=gamma,
+            max_new_tokens=max_new_tokens,
+            eos_ids=self.eos_ids,
+            temperature=temperature if do_sample else 0.0,
+            generator=gen,
+            static_cache=static_cache,
+            on_tokens=on_tokens,
+        )
         if finish is not None:
             finish()
         return self.tokenizer.decode(toks, skip_special_tokens=True), st
@@ -242,11 +311,12 @@ def _text_sink(tokenizer, stream):
     def sink(toks: list[int], final: bool = False) -> None:
         state["ids"] += toks
         text = tokenizer.decode(state["ids"], skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:    # a character still being spelled out: wait for its bytes
+        if text.endswith("\ufffd") and not final:  # a character still being spelled out: wait for its bytes
             return
         if len(text) > len(state["text"]):
-            stream(text[len(state["text"]):])
+            stream(text[len(state["text"]) :])
         state["text"] = text
+
     return sink, lambda: sink([], final=True)
 
 
@@ -261,8 +331,10 @@ def model_config_of_run(run_dir: str | Path) -> dict:
             model = (read_json(p).get("config") or {}).get("model")
             if model:
                 return dict(model)
-    raise FileNotFoundError(f"run_dir '{run_dir}' has no data/manifest.json or eval/summary.json with the model "
-                            f"config: pass the pair by name (model=qwen_coder_offline) or as models")
+    raise FileNotFoundError(
+        f"run_dir '{run_dir}' has no data/manifest.json or eval/summary.json with the model "
+        f"config: pass the pair by name (model=qwen_coder_offline) or as models"
+    )
 
 
 def model_config_by_name(name: str) -> dict:
@@ -279,11 +351,19 @@ def model_config_by_name(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
 
 
-def load_generator(*, run_dir: str | Path | None = None, model: str | Mapping[str, Any] | None = None,
-                   model_overrides: Mapping[str, Any] | None = None, target: torch.nn.Module | None = None,
-                   draft: torch.nn.Module | None = None, tokenizer: Any = None,
-                   judge: JudgeHead | str | Path | None = None, policy: str | None = None,
-                   threshold: float | None = None, policy_options: Mapping[str, Any] | None = None) -> Generator:
+def load_generator(
+    *,
+    run_dir: str | Path | None = None,
+    model: str | Mapping[str, Any] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    target: torch.nn.Module | None = None,
+    draft: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    judge: JudgeHead | str | Path | None = None,
+    policy: str | None = None,
+    threshold: float | None = None,
+    policy_options: Mapping[str, Any] | None = None,
+) -> Generator:
     """Load a pair and a rule. The pair: loaded models (``target``, ``draft``, ``tokenizer``), else ``model``
     (a preset name or a ``model`` config mapping), else the one ``run_dir`` was made with; ``model_overrides``
     replace top-level keys of the config (dtype, device, cache_dir). The judge: ``judge`` (a head, a folder
@@ -300,25 +380,52 @@ def load_generator(*, run_dir: str | Path | None = None, model: str | Mapping[st
         eos = eos_token_ids(target, tokenizer)
     else:
         if model is None and run_dir is None:
-            raise ValueError("pass run_dir=<a run folder>, model=<a model preset such as qwen_coder_offline> "
-                             "or target=/draft=/tokenizer=")
-        cfg = model_config_by_name(model) if isinstance(model, str) else dict(model) if model is not None \
+            raise ValueError(
+                "pass run_dir=<a run folder>, model=<a model preset such as qwen_coder_offline> "
+                "or target=/draft=/tokenizer="
+            )
+        cfg = (
+            model_config_by_name(model)
+            if isinstance(model, str)
+            else dict(model)
+            if model is not None
             else model_config_of_run(run_dir)
+        )
         cfg.update(model_overrides or {})
         pair = pair_from_mapping(cfg)
         target, draft, tokenizer, eos = pair.target, pair.draft, pair.tokenizer, pair.eos_ids
         if wants_head and head is not None and not isinstance(head, JudgeHead) and Path(head).is_dir():
-            head = load_head(head, pair.target_info.as_dict(), pair.target_info.hidden_size,
-                             pair.draft_info.hidden_size, next(target.parameters()).device, key="judge")
+            head = load_head(
+                head,
+                pair.target_info.as_dict(),
+                pair.target_info.hidden_size,
+                pair.draft_info.hidden_size,
+                next(target.parameters()).device,
+                key="judge",
+            )
         if isinstance(head, JudgeHead):
-            head.check_compatible(pair.target_info.as_dict(), FeatureSpec.from_mapping(head.config.features).dim(
-                pair.target_info.hidden_size, pair.draft_info.hidden_size))
+            head.check_compatible(
+                pair.target_info.as_dict(),
+                FeatureSpec.from_mapping(head.config.features).dim(
+                    pair.target_info.hidden_size, pair.draft_info.hidden_size
+                ),
+            )
     rule = make_policy(judge=head if wants_head else None, policy=name, threshold=threshold, options=policy_options)
     return Generator(target, draft, tokenizer, rule, eos)
 
 
-_LOAD_KEYS = ("run_dir", "model", "model_overrides", "target", "draft", "tokenizer", "judge", "policy", "threshold",
-              "policy_options")
+_LOAD_KEYS = (
+    "run_dir",
+    "model",
+    "model_overrides",
+    "target",
+    "draft",
+    "tokenizer",
+    "judge",
+    "policy",
+    "threshold",
+    "policy_options",
+)
 
 
 def generate_text(prompt: str | list[dict], **kwargs: Any) -> str:

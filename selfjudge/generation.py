@@ -61,6 +61,15 @@ def greedy_batch_traced(
 
 
 def _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, spec):
-    rows, traces = run_batch(model, None, prompts, gamma=0, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                             vocab=vocab, pad_id=pad_id, trace=spec)
+    rows, traces = run_batch(
+        model,
+        None,
+        prompts,
+        gamma=0,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        vocab=vocab,
+        pad_id=pad_id,
+        trace=spec,
+    )
     return [toks for toks, _ in rows], traces

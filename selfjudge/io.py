@@ -122,8 +122,9 @@ def folder_hash(folder: str | os.PathLike) -> str | None:
     if not folder.is_dir():
         return None
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in
-                                                                                p.relative_to(folder).parts)):
+    for f in sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts)
+    ):
         h.update(str(f.relative_to(folder)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()[:16]
 
@@ -139,7 +140,7 @@ def identity(plain: Mapping[str, Any], sections: Mapping[str, tuple[str, ...]], 
     return {**out, **inputs}
 
 
-MARKER = ".selfjudge-stage.json"   # in a stage's output folder once the stage finished: {"stage", "config_hash", ...}
+MARKER = ".selfjudge-stage.json"  # in a stage's output folder once the stage finished: {"stage", "config_hash", ...}
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:

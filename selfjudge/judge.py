@@ -40,21 +40,25 @@ FORMAT_VERSION = 1
 
 @dataclass
 class JudgeConfig:
-    kind: str = "logistic"              # logistic | mlp
-    feature_dim: int = 0                # input size (len(layers) * target hidden [+ draft hidden])
-    hidden_dim: int = 256               # MLP width (ignored by logistic)
-    dropout: float = 0.0                # MLP dropout (ignored by logistic)
+    kind: str = "logistic"  # logistic | mlp
+    feature_dim: int = 0  # input size (len(layers) * target hidden [+ draft hidden])
+    hidden_dim: int = 256  # MLP width (ignored by logistic)
+    dropout: float = 0.0  # MLP dropout (ignored by logistic)
     features: dict = field(default_factory=lambda: {"layers": [-1], "include_draft": False})  # FeatureSpec.as_dict()
-    target_model: dict = field(default_factory=dict)   # ModelInfo.as_dict() of the target (fingerprint, hidden_size, ...)
-    draft_model: dict = field(default_factory=dict)    # ModelInfo.as_dict() of the draft
-    label_source: str = "selfjudge"     # selfjudge | autojudge
-    thresholds: dict = field(default_factory=dict)     # operating points on P(important): youden, precision_at_recall_0.8, quantiles
-    metrics: dict = field(default_factory=dict)        # validation metrics at save time
-    extra: dict = field(default_factory=dict)          # provenance: data folders, split, training settings
-    format_version: int = FORMAT_VERSION               # folder layout version
-    objective: str = "classify"         # classify (logit of P(important)) | regress_ld (predicts LD_N)
-    ld_tau: float | None = None         # regress_ld: the label threshold τ of the training data
-    ld_sigma: float | None = None       # regress_ld: residual RMS of LD on validation (set after training)
+    target_model: dict = field(
+        default_factory=dict
+    )  # ModelInfo.as_dict() of the target (fingerprint, hidden_size, ...)
+    draft_model: dict = field(default_factory=dict)  # ModelInfo.as_dict() of the draft
+    label_source: str = "selfjudge"  # selfjudge | autojudge
+    thresholds: dict = field(
+        default_factory=dict
+    )  # operating points on P(important): youden, precision_at_recall_0.8, quantiles
+    metrics: dict = field(default_factory=dict)  # validation metrics at save time
+    extra: dict = field(default_factory=dict)  # provenance: data folders, split, training settings
+    format_version: int = FORMAT_VERSION  # folder layout version
+    objective: str = "classify"  # classify (logit of P(important)) | regress_ld (predicts LD_N)
+    ld_tau: float | None = None  # regress_ld: the label threshold τ of the training data
+    ld_sigma: float | None = None  # regress_ld: residual RMS of LD on validation (set after training)
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -70,8 +74,9 @@ class JudgeConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"judge.objective '{self.objective}' is not one of {OBJECTIVES}")
         if self.objective == "regress_ld" and (self.ld_tau is None or self.label_source != "selfjudge"):
-            raise ValueError("judge.objective=regress_ld needs the SelfJudge label (train.label_source=selfjudge) "
-                             "and its τ (ld_tau)")
+            raise ValueError(
+                "judge.objective=regress_ld needs the SelfJudge label (train.label_source=selfjudge) and its τ (ld_tau)"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:
@@ -82,8 +87,13 @@ class JudgeConfig:
         return cls(**d)
 
 
-class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apache-2.0",
-                tags=["speculative-decoding", "selfjudge", "judge-head"]):
+class JudgeHead(
+    nn.Module,
+    ModelHubMixin,
+    library_name="selfjudge",
+    license="apache-2.0",
+    tags=["speculative-decoding", "selfjudge", "judge-head"],
+):
     """P(important | h) = sigmoid(f((h - mean) / std)), f linear or Linear-GELU-Dropout-Linear.
 
     ``mean``/``std`` are buffers (never trained); standardization always runs in fp32 so that large
@@ -93,10 +103,10 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
     def __init__(self, config: JudgeConfig):
         super().__init__()
         self.config = config
-        self._hub_mixin_config = None   # the mixin writes no config.json: judge_config.json is the one config
+        self._hub_mixin_config = None  # the mixin writes no config.json: judge_config.json is the one config
         d = config.feature_dim
-        self.register_buffer("mean", torch.zeros(d))   # [D]
-        self.register_buffer("std", torch.ones(d))     # [D]
+        self.register_buffer("mean", torch.zeros(d))  # [D]
+        self.register_buffer("std", torch.ones(d))  # [D]
         if config.kind == "logistic":
             self.net: nn.Module = nn.Linear(d, 1)
         else:
@@ -110,7 +120,7 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
         with torch.no_grad():
             for m in self.net.modules():
                 if isinstance(m, nn.Linear):
-                    bound = 1.0 / m.in_features ** 0.5  # PyTorch's default uniform range
+                    bound = 1.0 / m.in_features**0.5  # PyTorch's default uniform range
                     m.weight.copy_(torch.empty_like(m.weight, device="cpu").uniform_(-bound, bound, generator=g))
                     m.bias.copy_(torch.empty_like(m.bias, device="cpu").uniform_(-bound, bound, generator=g))
         return self
@@ -118,7 +128,9 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store the training features' mean and std ([D] each); std is floored at 1e-6."""
         if mean.shape != self.mean.shape or std.shape != self.std.shape:
-            raise ValueError(f"standardization stats have shape {tuple(mean.shape)}, the head expects ({self.config.feature_dim},)")
+            raise ValueError(
+                f"standardization stats have shape {tuple(mean.shape)}, the head expects ({self.config.feature_dim},)"
+            )
         self.mean.copy_(mean.float())
         self.std.copy_(std.float().clamp_min(1e-6))
 
@@ -144,7 +156,9 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
         if self.config.objective == "classify":
             return torch.sigmoid(out)
         if not self.config.ld_sigma or self.config.ld_sigma <= 0:
-            raise ValueError("this regress_ld head has no residual scale (ld_sigma): it was saved before training ended")
+            raise ValueError(
+                "this regress_ld head has no residual scale (ld_sigma): it was saved before training ended"
+            )
         z = (out.double() - float(self.config.ld_tau)) / float(self.config.ld_sigma)
         return (0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))).float()
 
@@ -179,20 +193,29 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
         if not os.path.isdir(name) and not _looks_like_repo_id(name):
             raise FileNotFoundError(f"no judge head folder at '{name}' (and it is not a hub repo id 'owner/name')")
         mixin_log = logging.getLogger("huggingface_hub.hub_mixin")
-        quiet = _DropConfigJsonNotice()        # a head keeps its config in judge_config.json, not config.json
+        quiet = _DropConfigJsonNotice()  # a head keeps its config in judge_config.json, not config.json
         mixin_log.addFilter(quiet)
         try:
             return super().from_pretrained(name, **kwargs)
-        except (EntryNotFoundError, OfflineModeIsEnabled):   # the config.json probe, offline: the cache may hold it
+        except (EntryNotFoundError, OfflineModeIsEnabled):  # the config.json probe, offline: the cache may hold it
             hub = {k: kwargs.pop(k, None) for k in ("revision", "cache_dir", "token")}
             return cls._from_pretrained(model_id=name, force_download=False, local_files_only=True, **hub, **kwargs)
         finally:
             mixin_log.removeFilter(quiet)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
-                         force_download: bool, local_files_only: bool, token: str | bool | None,
-                         map_location: str = "cpu", **_: Any) -> JudgeHead:
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        **_: Any,
+    ) -> JudgeHead:
         from safetensors.torch import load_file
 
         folder = Path(model_id)
@@ -205,13 +228,25 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
                 )
         else:
             try:
-                cfg_path, w_path = (Path(hf_hub_download(model_id, f, revision=revision, cache_dir=cache_dir,
-                                                         force_download=force_download, token=token,
-                                                         local_files_only=local_files_only))
-                                    for f in (CONFIG_NAME, WEIGHTS_NAME))
+                cfg_path, w_path = (
+                    Path(
+                        hf_hub_download(
+                            model_id,
+                            f,
+                            revision=revision,
+                            cache_dir=cache_dir,
+                            force_download=force_download,
+                            token=token,
+                            local_files_only=local_files_only,
+                        )
+                    )
+                    for f in (CONFIG_NAME, WEIGHTS_NAME)
+                )
             except Exception as e:
-                raise FileNotFoundError(f"no judge head folder at '{model_id}', and no hub repo of that id could be "
-                                        f"read ({CONFIG_NAME}, {WEIGHTS_NAME}): {type(e).__name__}: {e}") from e
+                raise FileNotFoundError(
+                    f"no judge head folder at '{model_id}', and no hub repo of that id could be "
+                    f"read ({CONFIG_NAME}, {WEIGHTS_NAME}): {type(e).__name__}: {e}"
+                ) from e
         head = cls(JudgeConfig.from_dict(json.loads(cfg_path.read_text())))
         head.load_state_dict(load_file(str(w_path), device=map_location))
         head.eval()
@@ -220,7 +255,11 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
     def check_compatible(self, target_info: dict[str, Any], feature_dim: int) -> None:
         """Fail clearly when this head was trained for another target model or feature size."""
         mine = self.config.target_model or {}
-        if mine.get("fingerprint") and target_info.get("fingerprint") and mine["fingerprint"] != target_info["fingerprint"]:
+        if (
+            mine.get("fingerprint")
+            and target_info.get("fingerprint")
+            and mine["fingerprint"] != target_info["fingerprint"]
+        ):
             raise ValueError(
                 f"judge head was trained for target '{mine.get('name')}' ({mine['fingerprint'][:23]}...), "
                 f"but the loaded target is '{target_info.get('name')}' ({target_info['fingerprint'][:23]}...): "
@@ -236,8 +275,9 @@ class JudgeHead(nn.Module, ModelHubMixin, library_name="selfjudge", license="apa
 def _looks_like_repo_id(name: str) -> bool:
     """'owner/name' or 'name' as the hub spells repo ids (no path separators beyond one slash, no dots first)."""
     parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") and p.replace("-", "").replace("_", "")
-                                        .replace(".", "").isalnum() for p in parts)
+    return 1 <= len(parts) <= 2 and all(
+        p and not p.startswith(".") and p.replace("-", "").replace("_", "").replace(".", "").isalnum() for p in parts
+    )
 
 
 class _DropConfigJsonNotice(logging.Filter):

@@ -21,16 +21,16 @@ from selfjudge.features import FeatureSpec
 from selfjudge.shards import open_dataset
 
 LABEL_SOURCES = ("selfjudge", "autojudge")
-TORCH_COLUMNS = ["features", "label", "ld"]   # ld: the target of regress_ld heads (NaN on negatives)
+TORCH_COLUMNS = ["features", "label", "ld"]  # ld: the target of regress_ld heads (NaN on negatives)
 
 
 @dataclass
 class JudgeData:
-    train: Any                 # datasets.Dataset, torch format: features [D] (float16/32), label int
-    val: Any                   # same, validation prompts only
+    train: Any  # datasets.Dataset, torch format: features [D] (float16/32), label int
+    val: Any  # same, validation prompts only
     feature_dim: int
-    manifest: dict             # of the first folder (all folders share the target model and layout)
-    split: dict                # seed, fraction, validation prompt ids, row and prompt counts
+    manifest: dict  # of the first folder (all folders share the target model and layout)
+    split: dict  # seed, fraction, validation prompt ids, row and prompt counts
 
 
 def folder_list(data_dir: str | Path | Sequence[str | Path]) -> list[str]:
@@ -44,7 +44,7 @@ def folder_list(data_dir: str | Path | Sequence[str | Path]) -> list[str]:
 def is_val_prompt(prompt_id: str, seed: int, fraction: float) -> bool:
     """Prompt-level split: a stable hash of (seed, prompt_id) below ``fraction`` -> validation."""
     h = int(hashlib.sha256(f"{seed}:{prompt_id}".encode()).hexdigest()[:12], 16)
-    return h / float(16 ** 12) < fraction
+    return h / float(16**12) < fraction
 
 
 def _check_folder(folder: str, ds: Any, man: dict) -> int:
@@ -56,27 +56,35 @@ def _check_folder(folder: str, ds: Any, man: dict) -> int:
     if col == -1 and len(ds):
         col = len(ds[0]["features"])
     if col != dim:
-        raise ValueError(f"features in '{folder}' have size {col}, but its manifest says feature_dim={dim}: "
-                         f"the folder is inconsistent, regenerate it with data_gen (train.data_dir)")
+        raise ValueError(
+            f"features in '{folder}' have size {col}, but its manifest says feature_dim={dim}: "
+            f"the folder is inconsistent, regenerate it with data_gen (train.data_dir)"
+        )
     tgt, drf = man.get("target_model") or {}, man.get("draft_model") or {}
     if "features" in man and tgt.get("hidden_size"):
         spec = FeatureSpec.from_mapping(man["features"])
         want = spec.dim(int(tgt["hidden_size"]), drf.get("hidden_size"))
         if want != dim:
-            raise ValueError(f"'{folder}': manifest feature_dim={dim} does not match its features layout "
-                             f"{spec.as_dict()} with target hidden size {tgt['hidden_size']} (= {want})")
+            raise ValueError(
+                f"'{folder}': manifest feature_dim={dim} does not match its features layout "
+                f"{spec.as_dict()} with target hidden size {tgt['hidden_size']} (= {want})"
+            )
     return dim
 
 
 def _same(manifests: list[dict], dirs: list[str], key: str, what: str, get) -> None:
     vals = {d: get(m) for d, m in zip(dirs, manifests)}
     if len({repr(v) for v in vals.values()}) > 1:
-        raise ValueError(f"train.data_dir mixes shards with different {what}: "
-                         + "; ".join(f"'{d}': {v}" for d, v in vals.items()) + f" ({key}): train one judge per target and layout")
+        raise ValueError(
+            f"train.data_dir mixes shards with different {what}: "
+            + "; ".join(f"'{d}': {v}" for d, v in vals.items())
+            + f" ({key}): train one judge per target and layout"
+        )
 
 
-def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: bool, val_fraction: float,
-                    seed: int) -> JudgeData:
+def load_judge_data(
+    data_dirs: Sequence[str], label_source: str, use_negatives: bool, val_fraction: float, seed: int
+) -> JudgeData:
     """Open, check, filter and split the shards of one or more data_gen folders (same target model)."""
     import datasets
 
@@ -91,12 +99,22 @@ def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: 
         _check_folder(d, ds, man)
         parts.append(ds)
         manifests.append(man)
-    _same(manifests, dirs, "target_model.fingerprint", "target models", lambda m: (m.get("target_model") or {}).get("fingerprint"))
+    _same(
+        manifests,
+        dirs,
+        "target_model.fingerprint",
+        "target models",
+        lambda m: (m.get("target_model") or {}).get("fingerprint"),
+    )
     _same(manifests, dirs, "feature_dim", "feature sizes", lambda m: m["feature_dim"])
-    _same(manifests, dirs, "features", "feature layouts", lambda m: FeatureSpec.from_mapping(m.get("features")).as_dict())
+    _same(
+        manifests, dirs, "features", "feature layouts", lambda m: FeatureSpec.from_mapping(m.get("features")).as_dict()
+    )
     if label_source == "autojudge" and "autojudge" not in manifests[0].get("label_sources", ["autojudge"]):
-        raise ValueError(f"train.label_source=autojudge, but '{dirs[0]}' has no AutoJudge labels "
-                         f"(manifest label_sources {manifests[0].get('label_sources')}): enable them in data_gen")
+        raise ValueError(
+            f"train.label_source=autojudge, but '{dirs[0]}' has no AutoJudge labels "
+            f"(manifest label_sources {manifests[0].get('label_sources')}): enable them in data_gen"
+        )
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if label_source == "autojudge":  # rows without an AutoJudge label (-1) are dropped
         ds = ds.filter(lambda a: [x != -1 for x in a], input_columns="autojudge_label", batched=True, batch_size=65536)
@@ -104,13 +122,17 @@ def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: 
     if not use_negatives:
         ds = ds.filter(lambda s: list(s), input_columns="substituted", batched=True, batch_size=65536)
     if len(ds) == 0:
-        raise ValueError(f"train.data_dir {dirs} has no rows with {label_source} labels "
-                         f"(train.label_source={label_source}, train.use_negatives={use_negatives}): nothing to train on")
-    labels = ds.with_format("numpy", columns=["label"])[:]["label"]           # [N] int8 (small: no features)
+        raise ValueError(
+            f"train.data_dir {dirs} has no rows with {label_source} labels "
+            f"(train.label_source={label_source}, train.use_negatives={use_negatives}): nothing to train on"
+        )
+    labels = ds.with_format("numpy", columns=["label"])[:]["label"]  # [N] int8 (small: no features)
     if labels.min() == labels.max():
-        raise ValueError(f"all {len(labels)} rows have label {int(labels[0])}: the judge needs both classes "
-                         f"(check data_gen.tau, train.label_source or train.use_negatives)")
-    pids = ds.select_columns(["prompt_id"])[:]["prompt_id"]                     # [N] str
+        raise ValueError(
+            f"all {len(labels)} rows have label {int(labels[0])}: the judge needs both classes "
+            f"(check data_gen.tau, train.label_source or train.use_negatives)"
+        )
+    pids = ds.select_columns(["prompt_id"])[:]["prompt_id"]  # [N] str
     uniq = sorted(set(pids))
     val_ids = {p for p in uniq if is_val_prompt(p, seed, val_fraction)}
     if not val_ids or len(val_ids) == len(uniq):
@@ -120,14 +142,23 @@ def load_judge_data(data_dirs: Sequence[str], label_source: str, use_negatives: 
     val_mask = np.fromiter((p in val_ids for p in pids), dtype=bool, count=len(pids))
     for side, mask in (("training", ~val_mask), ("validation", val_mask)):
         if len(np.unique(labels[mask])) < 2:
-            raise ValueError(f"the {side} split has only one class ({int(mask.sum())} rows): change train.val_fraction "
-                             f"or train.seed, or generate more data")
+            raise ValueError(
+                f"the {side} split has only one class ({int(mask.sum())} rows): change train.val_fraction "
+                f"or train.seed, or generate more data"
+            )
     train = ds.select(np.nonzero(~val_mask)[0]).with_format("torch", columns=TORCH_COLUMNS)
     val = ds.select(np.nonzero(val_mask)[0]).with_format("torch", columns=TORCH_COLUMNS)
-    split = {"seed": seed, "val_fraction": val_fraction, "val_prompts": sorted(val_ids),
-             "n_train_prompts": len(uniq) - len(val_ids), "n_val_prompts": len(val_ids),
-             "n_train_rows": int((~val_mask).sum()), "n_val_rows": int(val_mask.sum()),
-             "train_positive_rate": float(labels[~val_mask].mean()), "val_positive_rate": float(labels[val_mask].mean())}
+    split = {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "val_prompts": sorted(val_ids),
+        "n_train_prompts": len(uniq) - len(val_ids),
+        "n_val_prompts": len(val_ids),
+        "n_train_rows": int((~val_mask).sum()),
+        "n_val_rows": int(val_mask.sum()),
+        "train_positive_rate": float(labels[~val_mask].mean()),
+        "val_positive_rate": float(labels[val_mask].mean()),
+    }
     return JudgeData(train, val, int(manifests[0]["feature_dim"]), manifests[0], split)
 
 
@@ -136,8 +167,8 @@ def feature_stats(ds: Any, batch_size: int = 8192) -> tuple[torch.Tensor, torch.
     """Mean and std ([D] each, float32) of the features in one streaming pass (float64, shifted sums)."""
     n, s, ss, shift = 0, None, None, None
     for start in tqdm(range(0, len(ds), batch_size), desc="feature stats", leave=False, disable=len(ds) <= batch_size):
-        x = ds[start : start + batch_size]["features"].double()   # [b, D]
-        shift = x[0].clone() if shift is None else shift            # shifting keeps the variance precise
+        x = ds[start : start + batch_size]["features"].double()  # [b, D]
+        shift = x[0].clone() if shift is None else shift  # shifting keeps the variance precise
         x = x - shift
         s = x.sum(0) if s is None else s + x.sum(0)
         ss = (x * x).sum(0) if ss is None else ss + (x * x).sum(0)

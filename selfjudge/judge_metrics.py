@@ -39,8 +39,8 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)                      # 1-based rank of the last member of each tie group
-    avg_rank = ends - (counts - 1) / 2.0          # mean rank inside each tie group
+    ends = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    avg_rank = ends - (counts - 1) / 2.0  # mean rank inside each tie group
     ranks = avg_rank[inv]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
@@ -90,7 +90,7 @@ def operating_points(y: np.ndarray, p: np.ndarray, quantiles: Sequence[float], m
     tpr, fpr = tp / y.sum(), fp / (~y).sum()
     j = int(np.argmax(tpr - fpr))
     prec = tp / (tp + fp)
-    ok = np.nonzero(tpr >= min_recall)[0]          # never empty: the lowest cut has recall 1
+    ok = np.nonzero(tpr >= min_recall)[0]  # never empty: the lowest cut has recall 1
     k = int(ok[np.argmax(prec[ok])])
     return {
         "youden": float(th[j]),
@@ -104,8 +104,16 @@ def summarize(y: np.ndarray, p: np.ndarray, loss: float, cut: float = 0.5) -> di
     """Loss, ROC-AUC, PR-AUC, positive rate and precision/recall at ``cut`` over one split."""
     y, p = _check(y, p)
     prec, rec = precision_recall_at(y, p, cut)
-    return {"loss": float(loss), "roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p), "positive_rate": float(np.mean(y)),
-            "cut": float(cut), "precision": prec, "recall": rec, "n": int(len(y))}
+    return {
+        "loss": float(loss),
+        "roc_auc": roc_auc(y, p),
+        "pr_auc": pr_auc(y, p),
+        "positive_rate": float(np.mean(y)),
+        "cut": float(cut),
+        "precision": prec,
+        "recall": rec,
+        "n": int(len(y)),
+    }
 
 
 def bce_loss(y: np.ndarray, logits: np.ndarray) -> float:

@@ -96,8 +96,10 @@ def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
         return "default", "model.cpu_kernels=default"
     if p.device.type != "cpu":
         if choice == "onednn":
-            raise ValueError(f"model.cpu_kernels=onednn needs model.device=cpu (the model is on {p.device}); "
-                             f"use cpu_kernels=auto or default")
+            raise ValueError(
+                f"model.cpu_kernels=onednn needs model.device=cpu (the model is on {p.device}); "
+                f"use cpu_kernels=auto or default"
+            )
         return "default", f"not a CPU ({p.device.type})"
     if not onednn_available():
         if choice == "onednn":
@@ -113,8 +115,10 @@ def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
     except RuntimeError as err:  # e.g. a dtype this oneDNN build has no CPU kernel for
         return "default", f"auto: oneDNN failed on a {str(w.dtype).removeprefix('torch.')} linear ({str(err)[:80]})"
     pick = "onednn" if ms["onednn"] < ms["default"] else "default"
-    return pick, (f"auto: a {tuple(w.shape)} {str(w.dtype).removeprefix('torch.')} linear at 1+5 rows took "
-                  f"{ms['default']:.2f} ms default, {ms['onednn']:.2f} ms oneDNN-packed")
+    return pick, (
+        f"auto: a {tuple(w.shape)} {str(w.dtype).removeprefix('torch.')} linear at 1+5 rows took "
+        f"{ms['default']:.2f} ms default, {ms['onednn']:.2f} ms oneDNN-packed"
+    )
 
 
 def use_onednn(model: torch.nn.Module) -> int:

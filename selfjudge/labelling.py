@@ -50,8 +50,22 @@ from selfjudge.tasks import Example, Task, example_system_prompt
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger features are stored as float32
 SCORERS = ("fast", "naive")
-COLUMNS = ("prompt_id", "task", "prompt_ids", "response_ids", "position", "target_token", "draft_token",
-           "substituted", "orig", "alt", "ld", "label", "autojudge_label", "features")
+COLUMNS = (
+    "prompt_id",
+    "task",
+    "prompt_ids",
+    "response_ids",
+    "position",
+    "target_token",
+    "draft_token",
+    "substituted",
+    "orig",
+    "alt",
+    "ld",
+    "label",
+    "autojudge_label",
+    "features",
+)
 
 
 def _tau(d: Any, prefix: str) -> dict:
@@ -73,30 +87,42 @@ def _autojudge(d: Any, prefix: str) -> AutoJudgeSettings:
 class DataGenSettings:
     """The ``data_gen`` config section (conf/data_gen/default.yaml documents each key)."""
 
-    output_dir: str                # shards + manifest.json
-    overwrite: bool                # replace an output_dir made by another config or rank count
-    dataset: dict                  # the prompts (selfjudge.tasks.build_task checks it)
-    max_new_tokens: int            # response length limit
-    batch_size: int                # prompts per greedy generation batch
-    window: int                    # N of LD_N
-    score_variant: str             # continuation | max_logprob
-    tau: dict                      # {mode: value|quantile, value, quantile}
-    features: FeatureSpec          # judge feature layout
-    feature_dtype: str             # float16 | float32 (stored)
-    shard_size: int                # records per shard (memory bound)
-    scorer: str                    # fast | naive
-    max_prompt_tokens: int         # longer prompts are an error
-    max_packed_tokens: int         # window tokens per packed scoring pass
-    autojudge: AutoJudgeSettings   # AutoJudge labels (optional)
+    output_dir: str  # shards + manifest.json
+    overwrite: bool  # replace an output_dir made by another config or rank count
+    dataset: dict  # the prompts (selfjudge.tasks.build_task checks it)
+    max_new_tokens: int  # response length limit
+    batch_size: int  # prompts per greedy generation batch
+    window: int  # N of LD_N
+    score_variant: str  # continuation | max_logprob
+    tau: dict  # {mode: value|quantile, value, quantile}
+    features: FeatureSpec  # judge feature layout
+    feature_dtype: str  # float16 | float32 (stored)
+    shard_size: int  # records per shard (memory bound)
+    scorer: str  # fast | naive
+    max_prompt_tokens: int  # longer prompts are an error
+    max_packed_tokens: int  # window tokens per packed scoring pass
+    autojudge: AutoJudgeSettings  # AutoJudge labels (optional)
 
     def __post_init__(self) -> None:
-        require(self.score_variant in SCORE_VARIANTS, "data_gen.score_variant", f"one of {SCORE_VARIANTS}",
-                self.score_variant)
+        require(
+            self.score_variant in SCORE_VARIANTS,
+            "data_gen.score_variant",
+            f"one of {SCORE_VARIANTS}",
+            self.score_variant,
+        )
         require(self.scorer in SCORERS, "data_gen.scorer", f"one of {SCORERS}", self.scorer)
-        require(self.feature_dtype in FEATURE_DTYPES, "data_gen.feature_dtype", f"one of {sorted(FEATURE_DTYPES)}",
-                self.feature_dtype)
-        require(self.tau.get("mode") in ("value", "quantile"), "data_gen.tau.mode", "'value' or 'quantile'",
-                self.tau.get("mode"))
+        require(
+            self.feature_dtype in FEATURE_DTYPES,
+            "data_gen.feature_dtype",
+            f"one of {sorted(FEATURE_DTYPES)}",
+            self.feature_dtype,
+        )
+        require(
+            self.tau.get("mode") in ("value", "quantile"),
+            "data_gen.tau.mode",
+            "'value' or 'quantile'",
+            self.tau.get("mode"),
+        )
         for key in ("window", "max_new_tokens", "batch_size", "shard_size", "max_packed_tokens", "max_prompt_tokens"):
             require(is_int(getattr(self, key), 1), f"data_gen.{key}", "an integer >= 1", getattr(self, key))
 
@@ -115,11 +141,15 @@ def tokenize_examples(pair: ModelPair, task: Task, examples: list[Example], s: D
     for ex in examples:
         ids = format_prompt(pair.tokenizer, ex.prompt, example_system_prompt(task, ex), task.chat_template)
         if len(ids) > s.max_prompt_tokens:
-            raise ValueError(f"prompt '{ex.id}' has {len(ids)} tokens, over data_gen.max_prompt_tokens="
-                             f"{s.max_prompt_tokens}: raise it or drop the prompt")
+            raise ValueError(
+                f"prompt '{ex.id}' has {len(ids)} tokens, over data_gen.max_prompt_tokens="
+                f"{s.max_prompt_tokens}: raise it or drop the prompt"
+            )
         if len(ids) + s.max_new_tokens > context:
-            raise ValueError(f"prompt '{ex.id}' has {len(ids)} tokens; with data_gen.max_new_tokens={s.max_new_tokens} "
-                             f"it exceeds the target's context of {context} tokens")
+            raise ValueError(
+                f"prompt '{ex.id}' has {len(ids)} tokens; with data_gen.max_new_tokens={s.max_new_tokens} "
+                f"it exceeds the target's context of {context} tokens"
+            )
         out.append(ids)
     return out
 
@@ -129,16 +159,24 @@ def records(ex: Example, prompt: list[int], resp: list[int], sc: ScoredResponse,
     rows = []
     for j in range(len(sc.positions)):
         for substituted in (True, False):
-            rows.append({
-                "prompt_id": ex.id, "task": ex.task, "prompt_ids": prompt, "response_ids": resp,
-                "position": int(sc.positions[j]), "target_token": int(sc.target_tokens[j]),
-                "draft_token": int(sc.draft_tokens[j]), "substituted": substituted,
-                "orig": float(sc.orig[j]), "alt": float(sc.alt[j]),
-                "ld": float(sc.ld[j]) if substituted else math.nan,
-                "label": -1 if substituted else 0,  # set by finalize() once τ is known
-                "autojudge_label": aj[j] if substituted or aj[j] == -1 else 0,
-                "features": (sc.sub_features if substituted else sc.orig_features)[j].numpy(),
-            })
+            rows.append(
+                {
+                    "prompt_id": ex.id,
+                    "task": ex.task,
+                    "prompt_ids": prompt,
+                    "response_ids": resp,
+                    "position": int(sc.positions[j]),
+                    "target_token": int(sc.target_tokens[j]),
+                    "draft_token": int(sc.draft_tokens[j]),
+                    "substituted": substituted,
+                    "orig": float(sc.orig[j]),
+                    "alt": float(sc.alt[j]),
+                    "ld": float(sc.ld[j]) if substituted else math.nan,
+                    "label": -1 if substituted else 0,  # set by finalize() once τ is known
+                    "autojudge_label": aj[j] if substituted or aj[j] == -1 else 0,
+                    "features": (sc.sub_features if substituted else sc.orig_features)[j].numpy(),
+                }
+            )
     return rows
 
 
@@ -148,18 +186,34 @@ def to_table(rows: list[dict], feature_dtype: str, feature_dim: int) -> pa.Table
     bad = np.nonzero(~np.isfinite(feats).all(axis=1))[0]
     if len(bad):
         r = rows[int(bad[0])]
-        raise ValueError(f"{len(bad)} record(s) have non-finite features (NaN/inf), first: prompt '{r['prompt_id']}' "
-                         f"position {r['position']}: the model's hidden states overflowed; run it in float32 "
-                         f"(model.dtype=float32)")
+        raise ValueError(
+            f"{len(bad)} record(s) have non-finite features (NaN/inf), first: prompt '{r['prompt_id']}' "
+            f"position {r['position']}: the model's hidden states overflowed; run it in float32 "
+            f"(model.dtype=float32)"
+        )
     if feature_dtype == "float16" and len(feats) and float(np.abs(feats).max()) > FLOAT16_MAX:
-        warnings.warn(f"features up to {float(np.abs(feats).max()):.4g} exceed float16's range ({FLOAT16_MAX:g}): "
-                      f"this run stores them as float32 (data_gen.feature_dtype=float32 avoids the check)", stacklevel=2)
+        warnings.warn(
+            f"features up to {float(np.abs(feats).max()):.4g} exceed float16's range ({FLOAT16_MAX:g}): "
+            f"this run stores them as float32 (data_gen.feature_dtype=float32 avoids the check)",
+            stacklevel=2,
+        )
         feature_dtype = "float32"
     flat = pa.array(feats.reshape(-1).astype(FEATURE_DTYPES[feature_dtype]))
-    types = {"prompt_id": pa.string(), "task": pa.string(), "prompt_ids": pa.list_(pa.int32()),
-             "response_ids": pa.list_(pa.int32()), "position": pa.int32(), "target_token": pa.int32(),
-             "draft_token": pa.int32(), "substituted": pa.bool_(), "orig": pa.float32(), "alt": pa.float32(),
-             "ld": pa.float32(), "label": pa.int8(), "autojudge_label": pa.int8()}
+    types = {
+        "prompt_id": pa.string(),
+        "task": pa.string(),
+        "prompt_ids": pa.list_(pa.int32()),
+        "response_ids": pa.list_(pa.int32()),
+        "position": pa.int32(),
+        "target_token": pa.int32(),
+        "draft_token": pa.int32(),
+        "substituted": pa.bool_(),
+        "orig": pa.float32(),
+        "alt": pa.float32(),
+        "ld": pa.float32(),
+        "label": pa.int8(),
+        "autojudge_label": pa.int8(),
+    }
     cols = {k: pa.array([r[k] for r in rows], t) for k, t in types.items()}
     cols["features"] = pa.FixedSizeListArray.from_arrays(flat, feature_dim)
     return pa.table({k: cols[k] for k in COLUMNS})
@@ -192,14 +246,21 @@ def run_rank(
     buf_ids: list[str] = []
     buf_tokens = 0
     t0, n_new = time.perf_counter(), 0
-    bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=f"data_gen rank {rank}",
-               unit="prompt", disable=rank != 0)
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - sum(map(len, todo)),
+        desc=f"data_gen rank {rank}",
+        unit="prompt",
+        disable=rank != 0,
+    )
 
     def flush() -> None:
         nonlocal buf, buf_ids, buf_tokens
         index = len(progress["shards"])
         if buf:
-            progress["shards"].append(shards.write_shard(out_dir, rank, index, to_table(buf, s.feature_dtype, dim)).name)
+            progress["shards"].append(
+                shards.write_shard(out_dir, rank, index, to_table(buf, s.feature_dtype, dim)).name
+            )
         progress["done_prompt_ids"].extend(buf_ids)
         progress["response_tokens"] += buf_tokens
         shards.write_progress(out_dir, rank, progress)  # after the shard: a kill in between redoes the shard
@@ -208,8 +269,13 @@ def run_rank(
             after_shard(index)
 
     for batch in todo:
-        gen_args = ([prompts[i] for i in batch], s.max_new_tokens, pair.eos_ids, pair.tokenizer.pad_token_id,
-                    pair.vocab_size)
+        gen_args = (
+            [prompts[i] for i in batch],
+            s.max_new_tokens,
+            pair.eos_ids,
+            pair.tokenizer.pad_token_id,
+            pair.vocab_size,
+        )
         if s.scorer == "fast":  # the fast scorer reads the target's pass over x ⊕ y from the generation
             resps, traces = greedy_batch_traced(pair.target, *gen_args, spec=s.features)
         else:
@@ -217,12 +283,31 @@ def run_rank(
         for i, resp, trace in zip(batch, resps, traces):
             ex, prompt = examples[i], prompts[i]
             extra = {"trace": trace} if trace is not None else {}
-            sc = score(pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant,
-                       s.features, **kw, **extra)
+            sc = score(
+                pair.target,
+                pair.draft,
+                prompt,
+                resp,
+                pair.vocab_size,
+                s.window,
+                s.score_variant,
+                s.features,
+                **kw,
+                **extra,
+            )
             aj = [-1] * len(sc.positions)
             if use_aj:
-                aj = autojudge_labels(pair, task, ex, prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist(),
-                                      s.autojudge, s.max_new_tokens)
+                aj = autojudge_labels(
+                    pair,
+                    task,
+                    ex,
+                    prompt,
+                    resp,
+                    sc.positions.tolist(),
+                    sc.draft_tokens.tolist(),
+                    s.autojudge,
+                    s.max_new_tokens,
+                )
             buf.extend(records(ex, prompt, resp, sc, aj))
             buf_ids.append(ex.id)
             buf_tokens += len(resp)
@@ -235,8 +320,14 @@ def run_rank(
     if buf_ids:
         flush()
     bar.close()
-    stats = {"rank": rank, "world_size": world, "prompts": len(mine), "prompts_this_run": sum(map(len, todo)),
-             "response_tokens_this_run": n_new, "seconds": round(time.perf_counter() - t0, 3)}
+    stats = {
+        "rank": rank,
+        "world_size": world,
+        "prompts": len(mine),
+        "prompts_this_run": sum(map(len, todo)),
+        "response_tokens_this_run": n_new,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     write_json(Path(out_dir) / shards.SHARD_DIR / f"rank{rank:03d}.done.json", stats)
     return stats
 
@@ -266,7 +357,9 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
         t = pq.read_table(p)
         if wide:
             f = t.schema.get_field_index("features")
-            t = t.set_column(f, "features", t["features"].cast(pa.list_(pa.float32(), t.schema.field(f).type.list_size)))
+            t = t.set_column(
+                f, "features", t["features"].cast(pa.list_(pa.float32(), t.schema.field(f).type.list_size))
+            )
         ld = torch.from_numpy(np.nan_to_num(np.asarray(t["ld"]), nan=-math.inf))
         lab = label_rule(ld, tau).numpy()  # negatives carry LD NaN -> -inf -> 0
         t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(lab, pa.int8()))
@@ -285,15 +378,21 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
         "tau_rule": dict(s.tau),
         "score_variant": s.score_variant,
         "window": s.window,
-        "counts": {"prompts": n_prompts, "responses": n_prompts,
-                   "response_tokens": sum(p["response_tokens"] for p in progresses),
-                   "mismatches": n_mis, "positives": positives, "records": 2 * n_mis,
-                   "autojudge_labelled": aj_n, "autojudge_positives": aj_pos},
+        "counts": {
+            "prompts": n_prompts,
+            "responses": n_prompts,
+            "response_tokens": sum(p["response_tokens"] for p in progresses),
+            "mismatches": n_mis,
+            "positives": positives,
+            "records": 2 * n_mis,
+            "autojudge_labelled": aj_n,
+            "autojudge_positives": aj_pos,
+        },
         "positive_rate": positives / n_mis if n_mis else 0.0,
         "ld_histogram": {"bins": edges.tolist(), "counts": counts.astype(int).tolist()},
         "ld_quantiles": {str(q): quantile(all_ld, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if n_mis else {},
     }
-    write_dataset_card(out_dir, manifest)   # README.md: datasets.load_dataset(out_dir) reads the shards
+    write_dataset_card(out_dir, manifest)  # README.md: datasets.load_dataset(out_dir) reads the shards
     shards.write_manifest(out_dir, manifest)
     return manifest
 
@@ -315,8 +414,10 @@ def check_output_dir(out_dir: str | Path, cfg_hash: str, world: int, overwrite: 
                 raise FileExistsError(f"data_gen.output_dir '{out_dir}' {problem}; {fix}")
             shutil.rmtree(out_dir)
     elif out_dir.is_dir() and any(out_dir.iterdir()):  # never deleted, even with overwrite: not ours
-        raise FileExistsError(f"data_gen.output_dir '{out_dir}' is not empty and is not a data_gen output; "
-                              f"choose another data_gen.output_dir")
+        raise FileExistsError(
+            f"data_gen.output_dir '{out_dir}' is not empty and is not a data_gen output; "
+            f"choose another data_gen.output_dir"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
         write_json(stamp, {"config_hash": cfg_hash, "world_size": world})

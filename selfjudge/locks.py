@@ -53,7 +53,9 @@ def env_wait() -> float:
     try:
         value = math.inf if raw in ("inf", "forever", "-1") else float(raw)
     except ValueError:
-        raise ValueError(f"{WAIT_ENV}={raw!r}: give seconds to wait for a busy folder (0: refuse, inf: no limit)") from None
+        raise ValueError(
+            f"{WAIT_ENV}={raw!r}: give seconds to wait for a busy folder (0: refuse, inf: no limit)"
+        ) from None
     return value if value >= 0 else math.inf
 
 
@@ -62,8 +64,7 @@ def _holder(info: Path) -> str:
         h = read_json(info)
     except (OSError, ValueError):
         return "another process (it has not said who it is yet)"
-    return (f"pid {h.get('pid')} on host {h.get('host')}, command '{h.get('command')}', "
-            f"since {h.get('since')}")
+    return f"pid {h.get('pid')} on host {h.get('host')}, command '{h.get('command')}', since {h.get('since')}"
 
 
 @contextmanager
@@ -83,16 +84,27 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: float | None = None)
         if wait <= 0:
             raise FolderBusy(
                 f"{what} '{folder}' is in use by {_holder(info)}: wait for that run to finish (or stop it), "
-                f"choose another folder, or set {WAIT_ENV}=<seconds> to wait for it") from None
+                f"choose another folder, or set {WAIT_ENV}=<seconds> to wait for it"
+            ) from None
         print(f"[selfjudge] {what} '{folder}' is in use by {_holder(info)}; waiting for it", file=sys.stderr)
         try:
             lock.acquire(timeout=-1 if math.isinf(wait) else wait)
         except Timeout:
-            raise FolderBusy(f"{what} '{folder}' is still in use by {_holder(info)} after {wait:g} s "
-                             f"({WAIT_ENV}); try again later or choose another folder") from None
+            raise FolderBusy(
+                f"{what} '{folder}' is still in use by {_holder(info)} after {wait:g} s "
+                f"({WAIT_ENV}); try again later or choose another folder"
+            ) from None
     try:
-        write_json(info, {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
-                          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "folder": str(folder)})
+        write_json(
+            info,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": shlex.join(sys.argv),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "folder": str(folder),
+            },
+        )
         yield lock_file
     finally:
         info.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | 
     for r in recs:
         hist = add_hist(hist, r["accept_hist"])
     tps = new / secs if secs > 0 else 0.0
-    timed = [r for r in recs if "rule_seconds" in r]     # records written before the rule was timed lack it
+    timed = [r for r in recs if "rule_seconds" in r]  # records written before the rule was timed lack it
     verify = sum(r["verify_seconds"] for r in timed)
     rule = sum(r["rule_seconds"] for r in timed)
     timed_rounds = sum(r["rounds"] for r in timed)
@@ -62,18 +62,18 @@ def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | 
         "tokens_per_s": tps,
         # speedup: tokens/s over the target-only tokens/s of the same prompts in the same process
         "speedup": tps / baseline_tokens_per_s if baseline_tokens_per_s else None,
-        "new_tokens": new,                      # generated tokens, all examples
-        "target_forwards": rounds,              # target forwards after prefill, all examples
+        "new_tokens": new,  # generated tokens, all examples
+        "target_forwards": rounds,  # target forwards after prefill, all examples
         "draft_forwards": sum(r["draft_forwards"] for r in recs),
-        "proposed": prop,                       # draft tokens proposed
-        "accepted": acc,                        # draft tokens kept
+        "proposed": prop,  # draft tokens proposed
+        "accepted": acc,  # draft tokens kept
         "accepted_by_rule": sum(r["accepted_by_rule"] for r in recs),  # kept only thanks to the rule
-        "seconds": secs,                        # decode wall time, all examples
+        "seconds": secs,  # decode wall time, all examples
         # rule cost: the acceptance rule's time (judge head: one small matmul per round) as a share of the
         # verify phase it is part of (exact on CUDA with eval.profile=true)
         "rule_share_of_verify": rule / verify if verify > 0 else None,
         "rule_ms_per_round": 1e3 * rule / timed_rounds if timed_rounds else None,
-        "accept_hist": hist,                    # index n: speculative rounds that kept n draft tokens
+        "accept_hist": hist,  # index n: speculative rounds that kept n draft tokens
     }
 
 
@@ -83,8 +83,11 @@ def paired_with(records: Iterable[dict[str, Any]], reference: Iterable[dict[str,
     smaller differences than the two accuracies' own errors) and the ratio of mean accepted lengths."""
     ref = {r["prompt_id"]: r for r in reference}
     recs = [r for r in records if r["prompt_id"] in ref]
-    diffs = [r["score"] - ref[r["prompt_id"]]["score"] for r in recs
-             if r["score"] is not None and ref[r["prompt_id"]]["score"] is not None]
+    diffs = [
+        r["score"] - ref[r["prompt_id"]]["score"]
+        for r in recs
+        if r["score"] is not None and ref[r["prompt_id"]]["score"] is not None
+    ]
     n = len(diffs)
     mean = sum(diffs) / n if n else None
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
@@ -119,6 +122,12 @@ def summary_rows(records: list[dict[str, Any]], keys: Sequence[tuple[str, Any]])
     rows = []
     for m, t in keys:
         mine = [r for r in records if r["method"] == m and r["threshold"] == t]
-        rows.append({"method": m, "threshold": t, **aggregate(mine, base["tokens_per_s"]),
-                     **(paired_with(mine, lossless) if lossless else {})})
+        rows.append(
+            {
+                "method": m,
+                "threshold": t,
+                **aggregate(mine, base["tokens_per_s"]),
+                **(paired_with(mine, lossless) if lossless else {}),
+            }
+        )
     return rows

@@ -71,10 +71,10 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class ModelSpec:
-    source: str                  # hub | local | gguf | packaged | tiny
-    name: str                    # hub id, folder, .gguf path, packaged name, or target/draft for tiny
+    source: str  # hub | local | gguf | packaged | tiny
+    name: str  # hub id, folder, .gguf path, packaged name, or target/draft for tiny
     revision: str | None = None  # hub revision (branch, tag or commit)
-    adapter: str | None = None   # PEFT adapter folder or hub id, merged into the weights on load
+    adapter: str | None = None  # PEFT adapter folder or hub id, merged into the weights on load
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -87,11 +87,11 @@ class ModelSpec:
 
 @dataclass
 class LoadOptions:
-    dtype: str = "auto"                # auto | float32 | bfloat16 | float16 (auto: see resolve_dtype)
-    device: str = "cpu"                # cpu | cuda | cuda:N
-    cpu_kernels: str = "auto"          # auto | default | onednn (see selfjudge.kernels)
-    device_map: str | None = None      # "auto" shards a target too large for one GPU
-    cache_dir: str | None = None       # converted models live here (default ~/.cache/selfjudge)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: see resolve_dtype)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    cpu_kernels: str = "auto"  # auto | default | onednn (see selfjudge.kernels)
+    device_map: str | None = None  # "auto" shards a target too large for one GPU
+    cache_dir: str | None = None  # converted models live here (default ~/.cache/selfjudge)
     tiny: dict = field(default_factory=dict)  # TinyPairSpec fields, for source=tiny
 
     @classmethod
@@ -122,8 +122,8 @@ class ModelInfo:
     role: str
     source: str
     name: str
-    folder: str                  # the folder the weights were read from
-    fingerprint: str             # sha256 of the GGUF (packaged/gguf), hub commit, or of the weight files
+    folder: str  # the folder the weights were read from
+    fingerprint: str  # sha256 of the GGUF (packaged/gguf), hub commit, or of the weight files
     model_type: str
     num_layers: int
     hidden_size: int
@@ -399,9 +399,7 @@ def format_prompt(tokenizer, prompt: str | list[dict], system: str | None = None
             raise TypeError("a message list needs chat=True (dataset.chat_template)")
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if tokenizer.chat_template is None:
-        raise ValueError(
-            "the tokenizer has no chat template; set dataset.chat_template=false to feed raw text"
-        )
+        raise ValueError("the tokenizer has no chat template; set dataset.chat_template=false to feed raw text")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": system}] + messages

@@ -36,14 +36,14 @@ VERIFIED = ".selfjudge-verified.json"  # the files' (inode, size, mtime, ctime) 
 
 @dataclass(frozen=True)
 class PackagedModel:
-    name: str            # short name used in configs
-    hub_id: str          # the same model on the hub
-    module_prefix: str   # part modules are f"{module_prefix}{i}" for i in 1..n_parts
+    name: str  # short name used in configs
+    hub_id: str  # the same model on the hub
+    module_prefix: str  # part modules are f"{module_prefix}{i}" for i in 1..n_parts
     n_parts: int
-    pip_spec: str        # the install command's package pattern
+    pip_spec: str  # the install command's package pattern
     version: str
-    sha256: str          # of the joined GGUF
-    size: int            # bytes of the joined GGUF
+    sha256: str  # of the joined GGUF
+    size: int  # bytes of the joined GGUF
 
     def install_command(self) -> str:
         return (
@@ -178,8 +178,11 @@ def _hash_files(folder: Path, names: list[str], sync: bool = False) -> dict[str,
 
 
 def _files_of(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and p.name not in (COMPLETE_MARKER, VERIFIED))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in (COMPLETE_MARKER, VERIFIED)
+    )
 
 
 def _recorded(folder: Path) -> dict[str, str] | None:
@@ -261,8 +264,8 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
         return folder  # the common case: checked without waiting for any lock
     folder.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder, "model cache entry", wait=math.inf):
-        recorded = _recorded(folder)   # another process may have finished it meanwhile
-        if recorded == {}:             # a marker from before hashes were recorded: record them now
+        recorded = _recorded(folder)  # another process may have finished it meanwhile
+        if recorded == {}:  # a marker from before hashes were recorded: record them now
             log.info("recording the sha256 of the files of %s (cache made by an older selfjudge)", folder)
             _mark_complete(folder, sync=False)
             _save_stamps(folder)
@@ -271,8 +274,12 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
             bad = verify(folder)
             if not bad:
                 return folder
-            log.warning("model cache %s: %d file(s) differ from their recorded sha256 (%s): rebuilding it",
-                        folder, len(bad), ", ".join(bad[:3]))
+            log.warning(
+                "model cache %s: %d file(s) differ from their recorded sha256 (%s): rebuilding it",
+                folder,
+                len(bad),
+                ", ".join(bad[:3]),
+            )
         if folder.exists():
             shutil.rmtree(folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))

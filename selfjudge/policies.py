@@ -39,9 +39,9 @@ class Policy:
 
     name = "lossless"
     threshold: float | None = None
-    needs_draft_logits = False        # the rule reads the draft's distributions
-    needs_draft_hidden = False        # the rule reads the draft's hidden states
-    feature_spec = FeatureSpec()      # target hidden states the verify pass must return
+    needs_draft_logits = False  # the rule reads the draft's distributions
+    needs_draft_hidden = False  # the rule reads the draft's hidden states
+    feature_spec = FeatureSpec()  # target hidden states the verify pass must return
 
     def accept(self, v: Verification) -> torch.Tensor | None:
         return None
@@ -57,6 +57,7 @@ def register(name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         POLICIES[name] = cls
         return cls
+
     return deco
 
 
@@ -88,7 +89,9 @@ class JudgeRule(Policy):
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) cut), got {t}")
         if head is None:
-            raise ValueError(f"policy '{name}' needs a judge head folder (eval.judge_dir / eval.methods.{name}.head_dir)")
+            raise ValueError(
+                f"policy '{name}' needs a judge head folder (eval.judge_dir / eval.methods.{name}.head_dir)"
+            )
         self.head, self.threshold, self.name = head, t, name
         self.feature_spec = FeatureSpec.from_mapping(head.config.features)
         self.needs_draft_hidden = self.feature_spec.include_draft
@@ -109,8 +112,11 @@ def verify_features(v: Verification, spec: FeatureSpec) -> torch.Tensor:
     """The judge features of every proposed token from the verify pass: [(B,) γ, D] float32.
 
     Scalars read the untempered logits (the head was trained on greedy data), also when sampling."""
-    sc = scalar_features(spec.scalars, v.target_logits[..., :-1, :], v.draft_tokens, v.draft_logits) \
-        if spec.scalars else None
+    sc = (
+        scalar_features(spec.scalars, v.target_logits[..., :-1, :], v.draft_tokens, v.draft_logits)
+        if spec.scalars
+        else None
+    )
     return judge_features(v.target_hidden, spec, v.draft_hidden, prev_hidden=v.prev_hidden, scalars=sc)
 
 
@@ -132,8 +138,8 @@ class TopK(Policy):
             return None
         if self.threshold >= V:
             return torch.ones_like(v.draft_tokens, dtype=torch.bool)
-        lg = v.target_logits[..., :-1, :]                                          # [γ, V]
-        kth = lg.topk(int(self.threshold), dim=-1).values[..., -1]                 # [γ] k-th largest logit
+        lg = v.target_logits[..., :-1, :]  # [γ, V]
+        kth = lg.topk(int(self.threshold), dim=-1).values[..., -1]  # [γ] k-th largest logit
         return _at(lg, v.draft_tokens) >= kth
 
 
@@ -148,14 +154,16 @@ class Typical(Policy):
         if eps < 0:
             raise ValueError(f"eval.methods.typical: epsilon must be >= 0, got {eps}")
         self.threshold = eps
-        self.alpha = math.sqrt(eps) if typical_alpha is None else _num(typical_alpha, "eval.policy_options.typical_alpha")
+        self.alpha = (
+            math.sqrt(eps) if typical_alpha is None else _num(typical_alpha, "eval.policy_options.typical_alpha")
+        )
 
     def accept(self, v: Verification) -> torch.Tensor | None:
         if math.isinf(self.threshold) and math.isinf(self.alpha):
             return None
-        logp = v.target_logp                                                       # [γ, V]
-        ent = -(logp.exp() * logp).sum(-1)                                         # [γ] H(p)
-        bar = torch.clamp(self.alpha * torch.exp(-ent), max=self.threshold)        # [γ] min(ε, α e^-H)
+        logp = v.target_logp  # [γ, V]
+        ent = -(logp.exp() * logp).sum(-1)  # [γ] H(p)
+        bar = torch.clamp(self.alpha * torch.exp(-ent), max=self.threshold)  # [γ] min(ε, α e^-H)
         return _at(logp, v.draft_tokens).exp() > bar
 
 
@@ -174,8 +182,8 @@ class LikelihoodGap(Policy):
     def accept(self, v: Verification) -> torch.Tensor | None:
         if self.threshold == 0:
             return None
-        lg = v.target_logits[..., :-1, :].float() / v.scale              # the gap needs no normalisation:
-        return lg.max(-1).values - _at(lg, v.draft_tokens) < self.threshold   # log p(a) - log p(d) = (l_a - l_d)/T
+        lg = v.target_logits[..., :-1, :].float() / v.scale  # the gap needs no normalisation:
+        return lg.max(-1).values - _at(lg, v.draft_tokens) < self.threshold  # log p(a) - log p(d) = (l_a - l_d)/T
 
 
 @register("kl")
@@ -197,13 +205,14 @@ class KLRule(Policy):
     def accept(self, v: Verification) -> torch.Tensor | None:
         if self.threshold == 0:
             return None
-        lp, lq = v.target_logp, v.draft_logp                                       # [γ, V] each
-        kl = (lq.exp() * (lq - lp)).sum(-1)                                        # [γ] KL(q || p)
+        lp, lq = v.target_logp, v.draft_logp  # [γ, V] each
+        kl = (lq.exp() * (lq - lp)).sum(-1)  # [γ] KL(q || p)
         return (kl < self.threshold) & (lp.max(-1).values.exp() <= self.strict_top1)
 
 
-def build_policy(name: str, threshold: Any = None, *, head: JudgeHead | None = None,
-                 options: Mapping[str, Any] | None = None) -> Policy:
+def build_policy(
+    name: str, threshold: Any = None, *, head: JudgeHead | None = None, options: Mapping[str, Any] | None = None
+) -> Policy:
     """A policy by registry name. ``head``: the judge head (judge/autojudge); ``options``: policy_options."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy '{name}' (eval.methods.*.policy); known: {sorted(POLICIES)}")
@@ -218,8 +227,14 @@ def build_policy(name: str, threshold: Any = None, *, head: JudgeHead | None = N
     return POLICIES[name](threshold, **opts)
 
 
-def load_head(folder: str | Path, target_info: Mapping[str, Any], target_hidden: int, draft_hidden: int,
-              device: torch.device | str = "cpu", key: str = "eval.judge_dir") -> JudgeHead:
+def load_head(
+    folder: str | Path,
+    target_info: Mapping[str, Any],
+    target_hidden: int,
+    draft_hidden: int,
+    device: torch.device | str = "cpu",
+    key: str = "eval.judge_dir",
+) -> JudgeHead:
     """Load a head folder and check it fits the loaded target (model fingerprint, feature size)."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{key}: no judge head folder at '{folder}' (run the train stage, or set {key})")

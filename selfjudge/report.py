@@ -8,8 +8,17 @@ from typing import Any
 
 from selfjudge.io import atomic_path, atomic_write_text
 
-COLUMNS = ("method", "threshold", "accuracy", "agreement_exact", "agreement_prefix", "mean_accepted_length",
-           "acceptance_rate", "tokens_per_s", "speedup")
+COLUMNS = (
+    "method",
+    "threshold",
+    "accuracy",
+    "agreement_exact",
+    "agreement_prefix",
+    "mean_accepted_length",
+    "acceptance_rate",
+    "tokens_per_s",
+    "speedup",
+)
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -39,22 +48,29 @@ def _share(x: float | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
     """One line per (method, threshold): quality, speed and the accept-length histogram."""
-    lines = [f"## {title}" if title else "", "",
-             "| method | threshold | accuracy | vs lossless (± SE) | agree exact | agree prefix | accepted length "
-             "| vs lossless | acceptance | tokens/s | speedup | rule / verify | accepted per round (share of rounds) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title}" if title else "",
+        "",
+        "| method | threshold | accuracy | vs lossless (± SE) | agree exact | agree prefix | accepted length "
+        "| vs lossless | acceptance | tokens/s | speedup | rule / verify | accepted per round (share of rounds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {_threshold(r['threshold'])} | {_fmt(r['accuracy'], '.3f')} | {_delta(r)} "
             f"| {_fmt(r['agreement_exact'], '.3f')} | {_fmt(r['agreement_prefix'], '.3f')} "
             f"| {r['mean_accepted_length']:.2f} | {_fmt(r.get('accepted_length_vs_lossless'), '.2f')}x "
             f"| {_fmt(r['acceptance_rate'], '.3f')} | {r['tokens_per_s']:.2f} "
-            f"| {_fmt(r['speedup'], '.2f')}x | {_share(r.get('rule_share_of_verify'))} | {_hist(r['accept_hist'])} |")
-    lines += ["", "accuracy: task score (prefix agreement with target-only where there is no checker); "
-              "vs lossless: paired difference from lossless SD on the same prompts, ± its standard error, and the "
-              "ratio of accepted lengths; "
-              "accepted length: new tokens per target forward; speedup: tokens/s over target-only, same prompts, "
-              "same process, warm-up excluded; rule / verify: the acceptance rule's time as a share of the verify phase."]
+            f"| {_fmt(r['speedup'], '.2f')}x | {_share(r.get('rule_share_of_verify'))} | {_hist(r['accept_hist'])} |"
+        )
+    lines += [
+        "",
+        "accuracy: task score (prefix agreement with target-only where there is no checker); "
+        "vs lossless: paired difference from lossless SD on the same prompts, ± its standard error, and the "
+        "ratio of accepted lengths; "
+        "accepted length: new tokens per target forward; speedup: tokens/s over target-only, same prompts, "
+        "same process, warm-up excluded; rule / verify: the acceptance rule's time as a share of the verify phase.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -75,17 +91,24 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     nan = float("nan")
     for i, (name, rs) in enumerate(methods.items()):
         style = dict(marker="*", markersize=12, linestyle="none") if len(rs) == 1 else dict(marker="o")
-        style["color"] = f"C{i % 10}"                     # one colour per method in every panel
+        style["color"] = f"C{i % 10}"  # one colour per method in every panel
         for ax, key in zip(axes, ("speedup", "mean_accepted_length")):
-            pts = sorted((r[key] if r[key] is not None else nan, r["accuracy"] if r["accuracy"] is not None else nan)
-                         for r in rs)
+            pts = sorted(
+                (r[key] if r[key] is not None else nan, r["accuracy"] if r["accuracy"] is not None else nan) for r in rs
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
-        if paired and name not in ("target", "draft"):   # SD methods against lossless SD, same prompts
-            pts = sorted((r.get("accepted_length_vs_lossless") or nan,
-                          nan if r.get("accuracy_vs_lossless") is None else r["accuracy_vs_lossless"],
-                          r.get("accuracy_vs_lossless_se") or 0.0) for r in rs)
-            axes[2].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=name,
-                             capsize=3, **style)
+        if paired and name not in ("target", "draft"):  # SD methods against lossless SD, same prompts
+            pts = sorted(
+                (
+                    r.get("accepted_length_vs_lossless") or nan,
+                    nan if r.get("accuracy_vs_lossless") is None else r["accuracy_vs_lossless"],
+                    r.get("accuracy_vs_lossless_se") or 0.0,
+                )
+                for r in rs
+            )
+            axes[2].errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=name, capsize=3, **style
+            )
     axes[0].set_xlabel("speedup over target-only (x)")
     axes[1].set_xlabel("mean accepted length (tokens per target forward)")
     for ax in axes[:2]:

@@ -26,7 +26,7 @@ from typing import Protocol
 
 
 class Schedule(Protocol):
-    measures: bool          # whether the decoder should time the phases exactly (device syncs)
+    measures: bool  # whether the decoder should time the phases exactly (device syncs)
 
     def window(self, limit: int) -> int:
         """Draft tokens to propose this round, 0..limit (0: a plain target step)."""
@@ -63,17 +63,24 @@ class AdaptiveWindow:
 
     measures = True
 
-    def __init__(self, max_gamma: int, *, decay: float = 0.95, keep: int = 9, probe_every: int = 16,
-                 cost: Callable[[str, int], float] | None = None):
+    def __init__(
+        self,
+        max_gamma: int,
+        *,
+        decay: float = 0.95,
+        keep: int = 9,
+        probe_every: int = 16,
+        cost: Callable[[str, int], float] | None = None,
+    ):
         if max_gamma < 1:
             raise ValueError(f"the adaptive schedule needs a largest window >= 1, got {max_gamma}")
         self.max_gamma, self.decay, self.keep, self.probe_every, self.cost = max_gamma, decay, keep, probe_every, cost
-        self._verify_runs: dict[int, deque] = {}     # width -> seconds of its last ``keep`` target passes
+        self._verify_runs: dict[int, deque] = {}  # width -> seconds of its last ``keep`` target passes
         self._draft_runs: deque = deque(maxlen=keep)  # seconds per draft step, last ``keep`` rounds
-        self.hits, self.misses = 1.0, 1.0            # discounted accepted / rejected draft tokens (prior 1, 1)
+        self.hits, self.misses = 1.0, 1.0  # discounted accepted / rejected draft tokens (prior 1, 1)
         self.rounds = 0
-        self.chosen: list[int] = []                  # windows chosen, in order (for reports and tests)
-        self._probes = [min(4, max_gamma), 0, max_gamma, 1]   # the first rounds measure a spread of widths
+        self.chosen: list[int] = []  # windows chosen, in order (for reports and tests)
+        self._probes = [min(4, max_gamma), 0, max_gamma, 1]  # the first rounds measure a spread of widths
 
     @property
     def alpha(self) -> float:
@@ -100,12 +107,12 @@ class AdaptiveWindow:
             return c[w]
         lo = [k for k in known if k < w]
         hi = [k for k in known if k > w]
-        if lo and hi:                                # interpolate between the nearest measured widths
+        if lo and hi:  # interpolate between the nearest measured widths
             a, b = lo[-1], hi[0]
             return c[a] + (c[b] - c[a]) * (w - a) / (b - a)
-        if hi:                                       # narrower than all measured: the narrowest's cost
+        if hi:  # narrower than all measured: the narrowest's cost
             return c[hi[0]]
-        if len(lo) == 1:                             # wider than all measured: extend the last slope
+        if len(lo) == 1:  # wider than all measured: extend the last slope
             return c[lo[-1]]
         a, b = lo[-2], lo[-1]
         return c[b] + max(0.0, (c[b] - c[a]) / (b - a)) * (w - b)
@@ -135,7 +142,7 @@ class AdaptiveWindow:
             g = min(self._probes.pop(0), limit)
         else:
             g = self.best(limit)
-            if self.rounds % self.probe_every == self.probe_every - 1:     # re-probe the least measured window
+            if self.rounds % self.probe_every == self.probe_every - 1:  # re-probe the least measured window
                 runs = {k: len(self._verify_runs.get(k + 1, ())) for k in range(0 if g else 1, limit + 1)}
                 g = min(runs, key=lambda k: (runs[k], abs(k - g)))
         self.rounds += 1

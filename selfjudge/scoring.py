@@ -31,15 +31,15 @@ SCORE_VARIANTS = ("continuation", "max_logprob")
 
 @dataclass
 class ScoredResponse:
-    positions: torch.Tensor       # [M] mismatch positions (index into the response)
-    target_tokens: torch.Tensor   # [M] y_i
-    draft_tokens: torch.Tensor    # [M] d_i
-    orig: torch.Tensor            # [M] Orig_N(i)
-    alt: torch.Tensor             # [M] Alt_N(i)
-    ld: torch.Tensor              # [M] LD_N(i)
-    sub_features: torch.Tensor    # [M, D] features of d_i at i (state at i of ỹ: input token d_i)
-    orig_features: torch.Tensor   # [M, D] features of y_i at i (state at i of y: input y_i): label-0 negatives
-    n_tokens: int                 # response length T
+    positions: torch.Tensor  # [M] mismatch positions (index into the response)
+    target_tokens: torch.Tensor  # [M] y_i
+    draft_tokens: torch.Tensor  # [M] d_i
+    orig: torch.Tensor  # [M] Orig_N(i)
+    alt: torch.Tensor  # [M] Alt_N(i)
+    ld: torch.Tensor  # [M] LD_N(i)
+    sub_features: torch.Tensor  # [M, D] features of d_i at i (state at i of ỹ: input token d_i)
+    orig_features: torch.Tensor  # [M, D] features of y_i at i (state at i of y: input y_i): label-0 negatives
+    n_tokens: int  # response length T
 
 
 def _logprobs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -47,16 +47,15 @@ def _logprobs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draft_proposals(draft, ids: torch.Tensor, P: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced draft argmax for every response position, the draft state that produced it, and
     the draft's logits there.
 
     ids: [1, P+T]. Returns d [T], draft hidden [T, H_d] (the state at position P+i-1 predicts d_i) and
     logits [T, V] (model dtype).
     """
-    out = lm_forward(draft, ids, keep=slice(P - 1, -1), use_cache=False)   # the LM head on y's positions only
-    logits = out.logits[0, :, :vocab]                                  # [T, V]
+    out = lm_forward(draft, ids, keep=slice(P - 1, -1), use_cache=False)  # the LM head on y's positions only
+    logits = out.logits[0, :, :vocab]  # [T, V]
     return logits.argmax(-1), out.hidden[0], logits
 
 
@@ -77,7 +76,7 @@ def _pair_features(spec: FeatureSpec, pos, d, y, t_logits, d_logits, d_hidden, p
 
 
 def _window_lengths(positions: torch.Tensor, T: int, window: int) -> torch.Tensor:
-    return torch.clamp(T - 1 - positions, max=window)                  # n_i >= 1 since i < T-1
+    return torch.clamp(T - 1 - positions, max=window)  # n_i >= 1 since i < T-1
 
 
 def _alt_terms(logp_win: torch.Tensor, targets: torch.Tensor, variant: str) -> torch.Tensor:
@@ -112,42 +111,67 @@ def score_response(
     P, T = len(prompt_ids), len(response_ids)
     if P < 1:
         raise ValueError("score_response needs a non-empty prompt (the first response token is predicted from it)")
-    ids = torch.tensor([prompt_ids + response_ids], device=dev)       # [1, P+T]
-    y = ids[0, P:]                                                     # [T]
+    ids = torch.tensor([prompt_ids + response_ids], device=dev)  # [1, P+T]
+    y = ids[0, P:]  # [T]
     d, d_hidden, d_logits = draft_proposals(draft, ids, P, vocab)
     d = d.to(dev)
-    pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()           # [M]
+    pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()  # [M]
     if trace is None:
         full = forward_with_hidden(target, ids, spec, use_cache=True)
-        logp = _logprobs(full.logits[0, P - 1 : -1], vocab)           # [T, V]: predicts y_0..y_{T-1}
-        logp_y = logp.gather(-1, y[:, None])[:, 0]                    # [T]
-        t_logits = full.logits[0, P - 1 : -1][pos][:, :vocab]         # [M, V] predicts position i
-        lp_pos = logp[pos]                                            # [M, V] log p(. | x, y_<i)
-        hid_pos = full.hidden[0, P:][pos]                             # [M, F] state at input y_i
-        prev = full.hidden[0, P - 1 :][pos]                           # [M, F] state at i-1 (output p)
+        logp = _logprobs(full.logits[0, P - 1 : -1], vocab)  # [T, V]: predicts y_0..y_{T-1}
+        logp_y = logp.gather(-1, y[:, None])[:, 0]  # [T]
+        t_logits = full.logits[0, P - 1 : -1][pos][:, :vocab]  # [M, V] predicts position i
+        lp_pos = logp[pos]  # [M, V] log p(. | x, y_<i)
+        hid_pos = full.hidden[0, P:][pos]  # [M, F] state at input y_i
+        prev = full.hidden[0, P - 1 :][pos]  # [M, F] state at i-1 (output p)
         cache = full.past_key_values
     else:
         want = len(spec.layers) * trace.h_final.shape[-1]
         if trace.logp_chosen.numel() != T or trace.h_spec.shape[-1] != want:
-            raise ValueError(f"the trace covers {trace.logp_chosen.numel()} tokens with {trace.h_spec.shape[-1]} "
-                             f"feature values; this response has {T} tokens and features.layers={list(spec.layers)} "
-                             f"needs {want}: pass the trace made for this response with the same spec")
+            raise ValueError(
+                f"the trace covers {trace.logp_chosen.numel()} tokens with {trace.h_spec.shape[-1]} "
+                f"feature values; this response has {T} tokens and features.layers={list(spec.layers)} "
+                f"needs {want}: pass the trace made for this response with the same spec"
+            )
         logp_y = trace.logp_chosen.to(dev)
         head = target.get_output_embeddings()
-        t_logits = head(trace.h_final[pos]).to(dev)[:, :vocab]        # [M, V] predicts position i
-        lp_pos = _logprobs(t_logits, vocab)                           # [M, V]
-        hid_pos = trace.h_spec[pos + 1]                               # step i+1's input is y_i
-        prev = trace.h_spec[pos]                                      # step i's output is p(. | x, y_<i)
+        t_logits = head(trace.h_final[pos]).to(dev)[:, :vocab]  # [M, V] predicts position i
+        lp_pos = _logprobs(t_logits, vocab)  # [M, V]
+        hid_pos = trace.h_spec[pos + 1]  # step i+1's input is y_i
+        prev = trace.h_spec[pos]  # step i's output is p(. | x, y_<i)
         cache = trace.cache
-    logp_d = lp_pos.gather(-1, d[pos][:, None])[:, 0]                 # [M] log p(d_i | x, y_<i)
+    logp_d = lp_pos.gather(-1, d[pos][:, None])[:, 0]  # [M] log p(d_i | x, y_<i)
     M = pos.numel()
     n = _window_lengths(pos, T, window)
     orig = torch.stack([logp_y[i : i + k + 1].mean() for i, k in zip(pos.tolist(), n.tolist())]) if M else logp_y[:0]
-    alt, sub_hidden = _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec, max_packed_tokens,
-                                     hid_pos.shape[-1], hid_pos.dtype)
+    alt, sub_hidden = _score_windows(
+        target,
+        cache,
+        P,
+        y,
+        d,
+        logp_d,
+        pos,
+        n,
+        vocab,
+        variant,
+        spec,
+        max_packed_tokens,
+        hid_pos.shape[-1],
+        hid_pos.dtype,
+    )
     sub_feat, orig_feat = _pair_features(spec, pos, d, y, t_logits, d_logits, d_hidden, prev, hid_pos, sub_hidden)
-    return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig.float().cpu(), alt.cpu(),
-                          (orig.float() - alt).cpu(), sub_feat.cpu(), orig_feat.cpu(), T)
+    return ScoredResponse(
+        pos.cpu(),
+        y[pos].cpu(),
+        d[pos].cpu(),
+        orig.float().cpu(),
+        alt.cpu(),
+        (orig.float() - alt).cpu(),
+        sub_feat.cpu(),
+        orig_feat.cpu(),
+        T,
+    )
 
 
 def _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec, max_packed_tokens, F_dim, h_dtype):
@@ -175,25 +199,30 @@ def _score_windows(target, cache, P, y, d, logp_d, pos, n, vocab, variant, spec,
         # Allowed: cached key c < position of the query's window start (the prefix x ⊕ y_<i),
         # and window keys of the same window at or before the query.
         win_start = torch.tensor([P + int(pos[j]) for j in range(start, end)], device=dev)
-        qs = win_start[owner_t - start]                                         # [W]
-        prefix_ok = torch.arange(L, device=dev)[None, :] < qs[:, None]          # [W, L]
+        qs = win_start[owner_t - start]  # [W]
+        prefix_ok = torch.arange(L, device=dev)[None, :] < qs[:, None]  # [W, L]
         same = owner_t[:, None] == owner_t[None, :]
         causal = torch.arange(W, device=dev)[None, :] <= torch.arange(W, device=dev)[:, None]
-        allowed = torch.cat([prefix_ok, same & causal], dim=1)                  # [W, L+W] bool
+        allowed = torch.cat([prefix_ok, same & causal], dim=1)  # [W, L+W] bool
         # Additive float mask: sdpa takes it as is, and eager attention (which adds the mask to the
         # scores) would misread a bool one. A 4D mask bypasses transformers' own mask building.
         mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-        mask = mask[None, None]                                                 # [1, 1, W, L+W]
+        mask = mask[None, None]  # [1, 1, W, L+W]
         out = forward_with_hidden(
-            target, toks_t[None], spec, cache=cache, attention_mask=mask,
-            position_ids=posn_t[None], use_cache=True,
+            target,
+            toks_t[None],
+            spec,
+            cache=cache,
+            attention_mask=mask,
+            position_ids=posn_t[None],
+            use_cache=True,
         )
-        cache.crop(-W)                                                          # back to the prefix
-        lp = _logprobs(out.logits[0], vocab)                                    # [W, V]
+        cache.crop(-W)  # back to the prefix
+        lp = _logprobs(out.logits[0], vocab)  # [W, V]
         off = 0
         for j in range(start, end):
             i, k = int(pos[j]), int(n[j])
-            s = _alt_terms(lp[off : off + k], y[i + 1 : i + k + 1], variant)    # [k]
+            s = _alt_terms(lp[off : off + k], y[i + 1 : i + k + 1], variant)  # [k]
             alt[j] = torch.cat([logp_d[j][None], s]).mean()
             sub_hidden[j] = out.hidden[0, off]
             off += k
@@ -235,7 +264,7 @@ def score_response_naive(
         swapped = ids.clone()
         swapped[0, P + i] = d[i]
         o = forward_with_hidden(target, swapped, spec, use_cache=False)
-        lp = _logprobs(o.logits[0, P + i : P + i + k], vocab)              # predicts y_{i+1..i+k}
+        lp = _logprobs(o.logits[0, P + i : P + i + k], vocab)  # predicts y_{i+1..i+k}
         s = _alt_terms(lp, y[i + 1 : i + k + 1], variant)
         alt.append(torch.cat([logp[i, d[i]][None], s]).mean())
         sub_h.append(o.hidden[0, P + i])
@@ -243,10 +272,29 @@ def score_response_naive(
     orig_t = torch.stack(orig) if orig else torch.empty(0, device=dev)
     alt_t = torch.stack(alt) if alt else torch.empty(0, device=dev)
     sub = torch.stack(sub_h) if sub_h else torch.empty(0, H, device=dev)
-    sub_f, orig_f = _pair_features(spec, pos, d, y, full.logits[0, P - 1 : -1][pos][:, :vocab], d_logits, d_hidden,
-                                   full.hidden[0, P - 1 :][pos], full.hidden[0, P:][pos], sub)
-    return ScoredResponse(pos.cpu(), y[pos].cpu(), d[pos].cpu(), orig_t.cpu(), alt_t.cpu(), (orig_t - alt_t).cpu(),
-                          sub_f.cpu(), orig_f.cpu(), T)
+    sub_f, orig_f = _pair_features(
+        spec,
+        pos,
+        d,
+        y,
+        full.logits[0, P - 1 : -1][pos][:, :vocab],
+        d_logits,
+        d_hidden,
+        full.hidden[0, P - 1 :][pos],
+        full.hidden[0, P:][pos],
+        sub,
+    )
+    return ScoredResponse(
+        pos.cpu(),
+        y[pos].cpu(),
+        d[pos].cpu(),
+        orig_t.cpu(),
+        alt_t.cpu(),
+        (orig_t - alt_t).cpu(),
+        sub_f.cpu(),
+        orig_f.cpu(),
+        T,
+    )
 
 
 def label_rule(ld: torch.Tensor, tau: float) -> torch.Tensor:

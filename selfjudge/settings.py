@@ -26,12 +26,15 @@ def check_keys(d: Mapping[str, Any], known: set[str] | list[str], prefix: str, r
         raise ValueError(f"unknown key '{prefix}.{k}'{hint}")
     missing = sorted(known - set(d)) if required else []
     if missing:
-        raise ValueError(f"missing key(s) {[f'{prefix}.{k}' for k in missing]}: the config section '{prefix}' lacks "
-                         "them (an old or hand-written config?); take them from conf/")
+        raise ValueError(
+            f"missing key(s) {[f'{prefix}.{k}' for k in missing]}: the config section '{prefix}' lacks "
+            "them (an old or hand-written config?); take them from conf/"
+        )
 
 
-def build(cls: type[T], d: Mapping[str, Any], prefix: str,
-          nested: Mapping[str, Callable[[Any, str], Any]] | None = None) -> T:
+def build(
+    cls: type[T], d: Mapping[str, Any], prefix: str, nested: Mapping[str, Callable[[Any, str], Any]] | None = None
+) -> T:
     """``cls(**d)`` with every field required and no other key allowed; ``nested``: field -> convert(value,
     prefix.field). The class's own ``__post_init__`` checks the values."""
     if not isinstance(d, Mapping):

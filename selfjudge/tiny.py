@@ -39,16 +39,16 @@ _WORDS = (
 @dataclass(frozen=True)
 class TinyPairSpec:
     seed: int = 0
-    arch: str = "qwen2"          # qwen2 | llama
-    vocab_size: int = 512        # BPE merges are trained up to this size
+    arch: str = "qwen2"  # qwen2 | llama
+    vocab_size: int = 512  # BPE merges are trained up to this size
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 128
     max_positions: int = 2048
-    init_std: float = 0.1        # weight init std
-    draft_noise: float = 0.05    # relative std of the noise added to the draft's weights
+    init_std: float = 0.1  # weight init std
+    draft_noise: float = 0.05  # relative std of the noise added to the draft's weights
 
     def key(self) -> str:
         import hashlib

@@ -43,9 +43,15 @@ ZERO_STAGES = (0, 1, 2)
 
 def make_ds_config(batch_size: int = 256, grad_accum: int = 1, grad_clip: float = 1.0, zero_stage: int = 0) -> dict:
     """A DeepSpeed config like the ones in conf/deepspeed/ (for library users and tests)."""
-    return {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
 
 
 @dataclass(frozen=True)
@@ -53,23 +59,23 @@ class TrainSettings:
     """What the trainer needs; the train stage builds it from train.*, judge and deepspeed (conf/ holds the
     defaults: no field has one here)."""
 
-    epochs: int                         # passes over the training split
-    lr: float                           # AdamW learning rate
-    weight_decay: float                 # AdamW (decoupled) weight decay
-    betas: tuple                        # AdamW betas
-    eps: float                          # AdamW epsilon
-    seed: int                           # data order, init and dropout
-    num_workers: int                    # DataLoader workers
-    log_every: int                      # optimizer steps between train-loss logs
-    checkpoint_every: int               # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
-    keep_checkpoints: int               # newest checkpoints kept on disk
-    resume: bool                        # continue from the newest checkpoint in ckpt_dir
-    device: str                         # auto | cpu | cuda
-    quantiles: tuple                    # validation-probability quantiles for the eval sweep
-    eval_batch_size: int                # rows per validation forward
-    bf16_on_gpu: bool                   # bf16 engine on CUDA (CPU is always fp32)
-    deepspeed: dict                     # the DeepSpeed config (conf/deepspeed/*.yaml: config)
-    run_key: str                        # identifies the training setup (data included); other keys are refused
+    epochs: int  # passes over the training split
+    lr: float  # AdamW learning rate
+    weight_decay: float  # AdamW (decoupled) weight decay
+    betas: tuple  # AdamW betas
+    eps: float  # AdamW epsilon
+    seed: int  # data order, init and dropout
+    num_workers: int  # DataLoader workers
+    log_every: int  # optimizer steps between train-loss logs
+    checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
+    keep_checkpoints: int  # newest checkpoints kept on disk
+    resume: bool  # continue from the newest checkpoint in ckpt_dir
+    device: str  # auto | cpu | cuda
+    quantiles: tuple  # validation-probability quantiles for the eval sweep
+    eval_batch_size: int  # rows per validation forward
+    bf16_on_gpu: bool  # bf16 engine on CUDA (CPU is always fp32)
+    deepspeed: dict  # the DeepSpeed config (conf/deepspeed/*.yaml: config)
+    run_key: str  # identifies the training setup (data included); other keys are refused
 
     @property
     def batch_size(self) -> int:
@@ -114,8 +120,10 @@ def init_distributed(device: str) -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != device:
-        raise RuntimeError(f"DeepSpeed already runs on '{get_accelerator().device_name()}' in this process: "
-                           f"train.device={device} needs a fresh process")
+        raise RuntimeError(
+            f"DeepSpeed already runs on '{get_accelerator().device_name()}' in this process: "
+            f"train.device={device} needs a fresh process"
+        )
     if device == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip the 75-90 s JIT build of the shm op
     if not torch.distributed.is_initialized():
@@ -137,8 +145,9 @@ class _SkipSampler(Sampler):
 
 
 @torch.no_grad()
-def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size: int, device: str,
-            with_ld: bool = False) -> tuple[np.ndarray, ...]:
+def predict(
+    forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size: int, device: str, with_ld: bool = False
+) -> tuple[np.ndarray, ...]:
     """Outputs and labels (and LD with ``with_ld``) over ``ds`` in order. forward: features [B, D] -> [B]."""
     zs, ys, lds = [], [], []
     for start in range(0, len(ds), batch_size):
@@ -151,8 +160,9 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Any, batch_size
     return (*out, np.concatenate(lds)) if with_ld else out
 
 
-def _evaluate(forward: Callable, ds: Any, s: TrainSettings, device: str, head: JudgeHead
-              ) -> tuple[dict, np.ndarray, np.ndarray]:
+def _evaluate(
+    forward: Callable, ds: Any, s: TrainSettings, device: str, head: JudgeHead
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Validation metrics of P(important). A regress_ld head's σ is set here to the residual RMS of this
     split, so its P = Φ((pred − τ)/σ); its loss is the squared error of LD."""
     if head.config.objective == "regress_ld":
@@ -175,8 +185,11 @@ CKPT_HASHES = ".selfjudge-sha256.json"
 
 
 def _ckpt_hashes(tag_dir: Path) -> dict[str, str]:
-    return {str(f.relative_to(tag_dir)): sha256_file(f) for f in sorted(tag_dir.rglob("*"))
-            if f.is_file() and f.name != CKPT_HASHES}
+    return {
+        str(f.relative_to(tag_dir)): sha256_file(f)
+        for f in sorted(tag_dir.rglob("*"))
+        if f.is_file() and f.name != CKPT_HASHES
+    }
 
 
 def _safe_checkpoint_loads(engine: Any) -> None:
@@ -201,7 +214,8 @@ def _safe_checkpoint_loads(engine: Any) -> None:
                 raise RuntimeError(
                     f"checkpoint file '{path}' holds objects that are not plain weights ({str(e).splitlines()[-3:]}) "
                     f"and its folder does not match the sha256 recorded when it was saved: it was changed or not "
-                    f"written by this trainer; remove the checkpoints or set train.resume=false") from None
+                    f"written by this trainer; remove the checkpoints or set train.resume=false"
+                ) from None
             return torch.load(path, map_location=map_location, weights_only=False)  # unchanged since saved
 
     engine.checkpoint_engine.load = load
@@ -224,11 +238,13 @@ def train_head(
     its operating points under ``thresholds``.
     """
     if s.zero_stage not in ZERO_STAGES:
-        raise ValueError(f"ZeRO stage {s.zero_stage} is not supported by the judge trainer: choose deepspeed=zero0, "
-                         f"zero1 or zero2")
+        raise ValueError(
+            f"ZeRO stage {s.zero_stage} is not supported by the judge trainer: choose deepspeed=zero0, zero1 or zero2"
+        )
     device = resolve_device(s.device)
     rank, world = init_distributed(device)  # before the first deepspeed import: it fixes the accelerator
     import deepspeed
+
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = f"cuda:{local}" if device == "cuda" else "cpu"
     if device == "cuda":
@@ -260,9 +276,11 @@ def train_head(
         if path is None:
             raise RuntimeError(f"could not load the checkpoint in '{ckpt_dir}': remove it or set train.resume=false")
         if client.get("run_key") != s.run_key:
-            raise ValueError(f"'{ckpt_dir}' holds checkpoints of another training setup (other data, or other train, "
-                             f"judge or deepspeed settings): set train.resume=false to start over, or choose another "
-                             f"train.output_dir")
+            raise ValueError(
+                f"'{ckpt_dir}' holds checkpoints of another training setup (other data, or other train, "
+                f"judge or deepspeed settings): set train.resume=false to start over, or choose another "
+                f"train.output_dir"
+            )
         epoch, batch_in_epoch = int(client["epoch"]), int(client["batch"])
         best, history, resumed_from = client["best"], client["history"], path
         torch.set_rng_state(client["rng"])
@@ -270,8 +288,14 @@ def train_head(
             logger.info(f"resumed from {path}: epoch {epoch}, micro-batch {batch_in_epoch}, step {engine.global_steps}")
 
     def save(ep: int, batch: int) -> None:
-        client = {"epoch": ep, "batch": batch, "best": best, "history": history, "run_key": s.run_key,
-                  "rng": torch.get_rng_state()}
+        client = {
+            "epoch": ep,
+            "batch": batch,
+            "best": best,
+            "history": history,
+            "run_key": s.run_key,
+            "rng": torch.get_rng_state(),
+        }
         engine.save_checkpoint(str(ckpt_dir), tag=f"step{engine.global_steps}", client_state=client)
         torch.distributed.barrier()
         if rank == 0:
@@ -284,11 +308,13 @@ def train_head(
     while epoch < s.epochs:
         sampler.set_epoch(epoch)
         skip = batch_in_epoch * s.batch_size
-        loader = DataLoader(train_ds, batch_size=s.batch_size, sampler=_SkipSampler(sampler, skip), num_workers=s.num_workers)
+        loader = DataLoader(
+            train_ds, batch_size=s.batch_size, sampler=_SkipSampler(sampler, skip), num_workers=s.num_workers
+        )
         engine.train()
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False)
         for batch in bar:
-            out = forward(batch["features"].to(dev))                      # [B]
+            out = forward(batch["features"].to(dev))  # [B]
             if regress:
                 loss = F.mse_loss(out, batch["ld"].float().to(dev))
             else:
@@ -325,13 +351,27 @@ def train_head(
     head.float().cpu().eval()
     final, y, p = _evaluate(head, val_ds, s, "cpu", head)
     th = operating_points(y, p, list(s.quantiles))
-    at = {name: dict(zip(("precision", "recall"), precision_recall_at(y, p, th[name])))
-          for name in ("youden", "precision_at_recall_0.8")}
-    final.update(best_epoch=best.get("epoch"), seconds=time.perf_counter() - t0, world_size=world,
-                 global_steps=int(engine.global_steps), thresholds=th, at_thresholds=at)
+    at = {
+        name: dict(zip(("precision", "recall"), precision_recall_at(y, p, th[name])))
+        for name in ("youden", "precision_at_recall_0.8")
+    }
+    final.update(
+        best_epoch=best.get("epoch"),
+        seconds=time.perf_counter() - t0,
+        world_size=world,
+        global_steps=int(engine.global_steps),
+        thresholds=th,
+        at_thresholds=at,
+    )
     torch.distributed.barrier()
-    return {"final": final, "history": history, "rank": rank, "world": world,
-            "global_steps": int(engine.global_steps), "resumed_from": resumed_from}
+    return {
+        "final": final,
+        "history": history,
+        "rank": rank,
+        "world": world,
+        "global_steps": int(engine.global_steps),
+        "resumed_from": resumed_from,
+    }
 
 
 def shutdown() -> None:

@@ -17,9 +17,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 TINY_DEFAULT = {
-    "seed": 0, "arch": "qwen2", "vocab_size": 512, "hidden_size": 64, "num_layers": 2,
-    "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128, "max_positions": 2048,
-    "init_std": 0.1, "draft_noise": 0.05,
+    "seed": 0,
+    "arch": "qwen2",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "max_positions": 2048,
+    "init_std": 0.1,
+    "draft_noise": 0.05,
 }
 
 
@@ -33,10 +41,13 @@ def _model_cfg(cache_dir: Path, **tiny) -> dict:
     return {
         "target": {"source": "tiny", "name": "target", "revision": None, "adapter": None},
         "draft": {"source": "tiny", "name": "draft", "revision": None, "adapter": None},
-        "dtype": "float32", "device": "cpu", "device_map": None,
+        "dtype": "float32",
+        "device": "cpu",
+        "device_map": None,
         # torch's own kernels unless the run asks for another (SELFJUDGE_TEST_CPU_KERNELS=onednn: whole suite on oneDNN)
         "cpu_kernels": os.environ.get("SELFJUDGE_TEST_CPU_KERNELS", "default"),
-        "cache_dir": str(cache_dir), "tiny": {**TINY_DEFAULT, **tiny},
+        "cache_dir": str(cache_dir),
+        "tiny": {**TINY_DEFAULT, **tiny},
     }
 
 

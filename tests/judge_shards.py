@@ -16,16 +16,38 @@ import pyarrow as pa
 from selfjudge import shards
 
 DIM = 16
-COLUMN_TYPES = {"prompt_id": pa.string(), "task": pa.string(), "prompt_ids": pa.list_(pa.int32()),
-                "response_ids": pa.list_(pa.int32()), "position": pa.int32(), "target_token": pa.int32(),
-                "draft_token": pa.int32(), "substituted": pa.bool_(), "orig": pa.float32(), "alt": pa.float32(),
-                "ld": pa.float32(), "label": pa.int8(), "autojudge_label": pa.int8()}
+COLUMN_TYPES = {
+    "prompt_id": pa.string(),
+    "task": pa.string(),
+    "prompt_ids": pa.list_(pa.int32()),
+    "response_ids": pa.list_(pa.int32()),
+    "position": pa.int32(),
+    "target_token": pa.int32(),
+    "draft_token": pa.int32(),
+    "substituted": pa.bool_(),
+    "orig": pa.float32(),
+    "alt": pa.float32(),
+    "ld": pa.float32(),
+    "label": pa.int8(),
+    "autojudge_label": pa.int8(),
+}
 
 
-def make_shards(root: Path, n_prompts: int = 40, per_prompt: int = 10, seed: int = 0, fingerprint: str = "sha256:" + "a" * 64,
-                dim: int = DIM, one_class: bool = False, separation: float = 1.2, pos_rate: float = 0.4,
-                feature_dtype: str = "float16", shard_rows: int = 300, tokenizer: str | None = None,
-                prompt_prefix: str = "p") -> Path:
+def make_shards(
+    root: Path,
+    n_prompts: int = 40,
+    per_prompt: int = 10,
+    seed: int = 0,
+    fingerprint: str = "sha256:" + "a" * 64,
+    dim: int = DIM,
+    one_class: bool = False,
+    separation: float = 1.2,
+    pos_rate: float = 0.4,
+    feature_dtype: str = "float16",
+    shard_rows: int = 300,
+    tokenizer: str | None = None,
+    prompt_prefix: str = "p",
+) -> Path:
     """Write the folder and return it. ``one_class``: every label 0."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=dim)
@@ -42,28 +64,69 @@ def make_shards(root: Path, n_prompts: int = 40, per_prompt: int = 10, seed: int
                 lab = imp if sub else 0
                 x = rng.normal(size=dim) + separation * (lab - 0.5) * direction
                 feats.append(offset + scale * x)
-                rows.append({"prompt_id": f"{prompt_prefix}{p}", "task": "synthetic", "prompt_ids": [1, 2, 3 + p],
-                             "response_ids": resp, "position": i, "target_token": resp[i], "draft_token": resp[i] + 1,
-                             "substituted": sub, "orig": -1.0, "alt": -1.0 - ld, "ld": ld if sub else math.nan,
-                             "label": lab, "autojudge_label": aj if sub or aj == -1 else 0})
+                rows.append(
+                    {
+                        "prompt_id": f"{prompt_prefix}{p}",
+                        "task": "synthetic",
+                        "prompt_ids": [1, 2, 3 + p],
+                        "response_ids": resp,
+                        "position": i,
+                        "target_token": resp[i],
+                        "draft_token": resp[i] + 1,
+                        "substituted": sub,
+                        "orig": -1.0,
+                        "alt": -1.0 - ld,
+                        "ld": ld if sub else math.nan,
+                        "label": lab,
+                        "autojudge_label": aj if sub or aj == -1 else 0,
+                    }
+                )
     f = np.stack(feats).astype(feature_dtype)
-    table = pa.table({**{k: pa.array([r[k] for r in rows], t) for k, t in COLUMN_TYPES.items()},
-                      "features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), dim)})
+    table = pa.table(
+        {
+            **{k: pa.array([r[k] for r in rows], t) for k, t in COLUMN_TYPES.items()},
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), dim),
+        }
+    )
     names = []
     for k, start in enumerate(range(0, len(table), shard_rows)):
         shards.write_shard(root, 0, k, table.slice(start, shard_rows))
         names.append(shards.shard_name(0, k))
     n_mis = len(rows) // 2
     positives = sum(r["label"] for r in rows if r["substituted"])
-    target = {"role": "target", "source": "synthetic", "name": "synthetic-target", "folder": "none",
-              "fingerprint": fingerprint, "model_type": "qwen2", "num_layers": 2, "hidden_size": dim, "vocab_size": 512,
-              "adapter": None}
-    shards.write_manifest(root, {
-        "complete": True, "shards": names, "feature_dim": dim, "features": {"layers": [-1], "include_draft": False},
-        "target_model": target, "draft_model": {**target, "role": "draft", "name": "synthetic-draft", "fingerprint": "sha256:d"},
-        "tokenizer": {"name_or_path": tokenizer, "len": 512} if tokenizer else {"name_or_path": None, "len": 512},
-        "config_hash": f"synthetic{seed}", "config": {}, "seed": seed, "code_version": "test",
-        "counts": {"prompts": n_prompts, "mismatches": n_mis, "positives": positives, "records": len(rows)},
-        "positive_rate": positives / n_mis, "ld_histogram": {"bins": [], "counts": []}, "tau": 0.1,
-        "score_variant": "continuation", "window": 8, "label_sources": ["selfjudge", "autojudge"]})
+    target = {
+        "role": "target",
+        "source": "synthetic",
+        "name": "synthetic-target",
+        "folder": "none",
+        "fingerprint": fingerprint,
+        "model_type": "qwen2",
+        "num_layers": 2,
+        "hidden_size": dim,
+        "vocab_size": 512,
+        "adapter": None,
+    }
+    shards.write_manifest(
+        root,
+        {
+            "complete": True,
+            "shards": names,
+            "feature_dim": dim,
+            "features": {"layers": [-1], "include_draft": False},
+            "target_model": target,
+            "draft_model": {**target, "role": "draft", "name": "synthetic-draft", "fingerprint": "sha256:d"},
+            "tokenizer": {"name_or_path": tokenizer, "len": 512} if tokenizer else {"name_or_path": None, "len": 512},
+            "config_hash": f"synthetic{seed}",
+            "config": {},
+            "seed": seed,
+            "code_version": "test",
+            "counts": {"prompts": n_prompts, "mismatches": n_mis, "positives": positives, "records": len(rows)},
+            "positive_rate": positives / n_mis,
+            "ld_histogram": {"bins": [], "counts": []},
+            "tau": 0.1,
+            "score_variant": "continuation",
+            "window": 8,
+            "label_sources": ["selfjudge", "autojudge"],
+        },
+    )
     return root

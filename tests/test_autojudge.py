@@ -27,7 +27,7 @@ def _case(pair, q: str, n: int = 24):
     ex = Example(id="q0", prompt=q, reference=None, task="toy")
     task = Task("toy", TASK_CFG, lambda: [ex], _checker)
     prompt = format_prompt(pair.tokenizer, q)
-    resp = pair.target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    resp = pair.target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt) :].tolist()
     sc = score_response(pair.target, pair.draft, prompt, resp, pair.vocab_size, window=4)
     return task, ex, prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist()
 
@@ -38,7 +38,7 @@ def _by_hand(pair, task, ex, prompt, resp, i, d, budget):
     new = resp[:i] + [d]
     if cap > 0 and d not in pair.eos_ids:
         pre = prompt + new
-        out = pair.target.generate(torch.tensor([pre]), max_new_tokens=cap, do_sample=False)[0, len(pre):].tolist()
+        out = pair.target.generate(torch.tensor([pre]), max_new_tokens=cap, do_sample=False)[0, len(pre) :].tolist()
         new += out[: next((k + 1 for k, t in enumerate(out) if t in pair.eos_ids), len(out))]
     text = lambda ids: pair.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     return int(task.score(ex, text(new)) != task.score(ex, text(resp)))
@@ -79,10 +79,20 @@ def test_settings_errors():
 
 def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=[
-            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "logger=none",
-            "data_gen.max_new_tokens=12", "data_gen.dataset.limit=3", "data_gen.autojudge.enabled=true",
-            "data_gen.autojudge.mode=independent", "data_gen.autojudge.max_mismatches=2"])
+        cfg = compose(
+            "selfjudge",
+            overrides=[
+                "experiment=tiny",
+                f"run_dir={tmp_path}",
+                f"model.cache_dir={cache_dir}",
+                "logger=none",
+                "data_gen.max_new_tokens=12",
+                "data_gen.dataset.limit=3",
+                "data_gen.autojudge.enabled=true",
+                "data_gen.autojudge.mode=independent",
+                "data_gen.autojudge.max_mismatches=2",
+            ],
+        )
     out = run(cfg)
     man = shards.read_manifest(tmp_path / "data")
     assert man["label_sources"] == ["selfjudge", "autojudge"]

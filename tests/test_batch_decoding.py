@@ -13,14 +13,22 @@ from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.models import format_prompt
 from selfjudge.policies import build_policy
 
-PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "the total price of 3 books", "what is 12 * 7",
-           "tom has 5 cars and gives 2", "print the result", "students in each class"]
+PROMPTS = [
+    "how many apples",
+    "janet sells eggs",
+    "def sum list",
+    "the total price of 3 books",
+    "what is 12 * 7",
+    "tom has 5 cars and gives 2",
+    "print the result",
+    "students in each class",
+]
 COUNTERS = ("new_tokens", "rounds", "draft_forwards", "proposed", "accepted", "accepted_by_rule", "accept_hist")
 
 
 def _prompts(pair, qs=PROMPTS):
     ids = [format_prompt(pair.tokenizer, q) for q in qs]
-    assert len({len(x) for x in ids}) > 1                 # rows really need padding
+    assert len({len(x) for x in ids}) > 1  # rows really need padding
     return ids
 
 
@@ -61,33 +69,48 @@ def test_eos_inside_window_and_rows_leaving_early(pair):
     for pos in (3, 11, 22):
         rows = _check_rows(pair, prompts, 5, 40, eos=[full[pos]])
         lengths = {len(out) for out, _ in rows}
-        assert len(lengths) > 1 and min(lengths) <= pos + 1      # rows ended at different rounds
+        assert len(lengths) > 1 and min(lengths) <= pos + 1  # rows ended at different rounds
 
 
 def _head(pair, seed=0, include_draft=False):
     H = pair.target_info.hidden_size + (pair.draft_info.hidden_size if include_draft else 0)
-    head = JudgeHead(JudgeConfig(feature_dim=H, target_model=pair.target_info.as_dict(),
-                                 features={"layers": [-1], "include_draft": include_draft}))
+    head = JudgeHead(
+        JudgeConfig(
+            feature_dim=H,
+            target_model=pair.target_info.as_dict(),
+            features={"layers": [-1], "include_draft": include_draft},
+        )
+    )
     torch.manual_seed(seed)
     with torch.no_grad():
         head.net.weight.normal_(0, 0.3)
     return head.to(next(pair.target.parameters()).device).eval()
 
 
-@pytest.mark.parametrize("name,threshold", [("judge", 0.5), ("judge_draft", 0.5), ("topk", 3), ("likelihood", 1.5),
-                                            ("kl", 1.0), ("typical", 0.3)])
+@pytest.mark.parametrize(
+    "name,threshold",
+    [("judge", 0.5), ("judge_draft", 0.5), ("topk", 3), ("likelihood", 1.5), ("kl", 1.0), ("typical", 0.3)],
+)
 def test_rule_policies_rows_equal_batch_one(pair, name, threshold):
     if name.startswith("judge"):
         policy = build_policy("judge", threshold, head=_head(pair, include_draft=name == "judge_draft"))
     else:
         policy = build_policy(name, threshold)
     rows = _check_rows(pair, _prompts(pair)[:6], 4, 30, policy=policy)
-    assert sum(st.accepted_by_rule for _, st in rows) > 0       # the rule changed decisions
+    assert sum(st.accepted_by_rule for _, st in rows) > 0  # the rule changed decisions
 
 
 def test_judge_rule_cost_is_timed(pair):
-    rows = decode_batch(pair.target, pair.draft, _prompts(pair)[:3], gamma=4, max_new_tokens=12,
-                        eos_ids=pair.eos_ids, vocab=pair.vocab_size, policy=build_policy("judge", 0.5, head=_head(pair)))
+    rows = decode_batch(
+        pair.target,
+        pair.draft,
+        _prompts(pair)[:3],
+        gamma=4,
+        max_new_tokens=12,
+        eos_ids=pair.eos_ids,
+        vocab=pair.vocab_size,
+        policy=build_policy("judge", 0.5, head=_head(pair)),
+    )
     assert all(0 < st.rule_seconds < st.verify_seconds < st.seconds for _, st in rows)
 
 
@@ -95,8 +118,9 @@ def test_seconds_add_up_to_the_batch_wall_time(pair):
     import time
 
     t0 = time.perf_counter()
-    rows = decode_batch(pair.target, pair.draft, _prompts(pair), gamma=4, max_new_tokens=20,
-                        eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+    rows = decode_batch(
+        pair.target, pair.draft, _prompts(pair), gamma=4, max_new_tokens=20, eos_ids=pair.eos_ids, vocab=pair.vocab_size
+    )
     wall = time.perf_counter() - t0
     total = sum(st.seconds for _, st in rows)
     assert 0.9 * wall <= total <= wall
@@ -105,10 +129,19 @@ def test_seconds_add_up_to_the_batch_wall_time(pair):
 def test_sampling_identical_draft_keeps_every_token(identical_pair):
     pair = identical_pair
     gen = torch.Generator().manual_seed(0)
-    rows = decode_batch(pair.target, pair.draft, _prompts(pair)[:4], gamma=4, max_new_tokens=20, eos_ids=[],
-                        vocab=pair.vocab_size, temperature=0.8, generator=gen)
+    rows = decode_batch(
+        pair.target,
+        pair.draft,
+        _prompts(pair)[:4],
+        gamma=4,
+        max_new_tokens=20,
+        eos_ids=[],
+        vocab=pair.vocab_size,
+        temperature=0.8,
+        generator=gen,
+    )
     for out, st in rows:
-        assert len(out) == 20 and st.accepted == st.proposed         # p == q: u < 1 always holds
+        assert len(out) == 20 and st.accepted == st.proposed  # p == q: u < 1 always holds
 
 
 def test_sampling_keeps_target_distribution():
@@ -123,8 +156,9 @@ def test_sampling_keeps_target_distribution():
     gen = torch.Generator().manual_seed(3)
     first, rejected = torch.zeros(V), 0
     for _ in range(10):
-        for out, st in decode_batch(target, draft, [prompt] * 150, gamma=2, max_new_tokens=2, eos_ids=[], vocab=V,
-                                    temperature=T, generator=gen):
+        for out, st in decode_batch(
+            target, draft, [prompt] * 150, gamma=2, max_new_tokens=2, eos_ids=[], vocab=V, temperature=T, generator=gen
+        ):
             first[out[0]] += 1
             rejected += st.proposed - st.accepted
     assert rejected > 300

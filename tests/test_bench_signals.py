@@ -19,8 +19,12 @@ from selfjudge.features import SCALARS
 from selfjudge.shards import open_dataset
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_signals.py"
-FEATURES = ["data_gen.features.state_offsets=[-1,0]", f"data_gen.features.scalars=[{','.join(SCALARS)}]",
-            "data_gen.autojudge.enabled=true", "data_gen.autojudge.mode=independent"]
+FEATURES = [
+    "data_gen.features.state_offsets=[-1,0]",
+    f"data_gen.features.scalars=[{','.join(SCALARS)}]",
+    "data_gen.autojudge.enabled=true",
+    "data_gen.autojudge.mode=independent",
+]
 
 
 def _script():
@@ -36,9 +40,19 @@ def folders(tmp_path_factory, cache_dir) -> dict[str, Path]:
     for name, offset in (("a", 0), ("b", 12)):
         run_dir = tmp_path_factory.mktemp(f"sig_{name}")
         with initialize_config_module("selfjudge.conf", version_base="1.3"):
-            cfg = compose("selfjudge", overrides=["experiment=tiny", f"run_dir={run_dir}", f"model.cache_dir={cache_dir}",
-                                                  "logger=none", "data_gen.tau.mode=value", "data_gen.tau.value=0.3",
-                                                  f"data_gen.dataset.offset={offset}", *FEATURES])
+            cfg = compose(
+                "selfjudge",
+                overrides=[
+                    "experiment=tiny",
+                    f"run_dir={run_dir}",
+                    f"model.cache_dir={cache_dir}",
+                    "logger=none",
+                    "data_gen.tau.mode=value",
+                    "data_gen.tau.value=0.3",
+                    f"data_gen.dataset.offset={offset}",
+                    *FEATURES,
+                ],
+            )
         data_gen(cfg)
         out[name] = run_dir / "data"
     return out
@@ -46,16 +60,35 @@ def folders(tmp_path_factory, cache_dir) -> dict[str, Path]:
 
 def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     bs = _script()
-    res = bs.main(["--data", f"tiny={folders['a']}", "--sets", "h_i", "scalars", "h_i-1,h_i+scalars",
-                   "--heads", "logistic", "ld_reg", "--folds", "2", "--bootstrap", "20", "--epochs", "2", "--dump",
-                   "--out", str(tmp_path / "sig")])
+    res = bs.main(
+        [
+            "--data",
+            f"tiny={folders['a']}",
+            "--sets",
+            "h_i",
+            "scalars",
+            "h_i-1,h_i+scalars",
+            "--heads",
+            "logistic",
+            "ld_reg",
+            "--folds",
+            "2",
+            "--bootstrap",
+            "20",
+            "--epochs",
+            "2",
+            "--dump",
+            "--out",
+            str(tmp_path / "sig"),
+        ]
+    )
     assert json.loads((tmp_path / "sig.json").read_text())["domains"]["tiny"]["mismatches"] > 20
     assert "| rule:kl |" in (tmp_path / "sig.md").read_text()
     with gzip.open(tmp_path / "sig.rows.jsonl.gz", "rt") as f:
         dumped = [json.loads(line) for line in f]
     assert len(dumped) == res["domains"]["tiny"]["mismatches"] and {"selfjudge", "answer", "kl", "ld"} <= set(dumped[0])
     sj = res["domains"]["tiny"]["results"]["selfjudge"]
-    assert sj["rule:ld"]["roc_auc"] == 1.0                       # the label is LD > τ
+    assert sj["rule:ld"]["roc_auc"] == 1.0  # the label is LD > τ
     # the likelihood-gap score equals its definition recomputed from the shards' own columns
     ds, man = open_dataset(folders["a"])
     rows = ds.filter(lambda r: r["substituted"]).with_format("numpy")[:]
@@ -76,19 +109,44 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
 
 def test_heads_trained_on_another_folder(folders, tmp_path):
     bs = _script()
-    res = bs.main(["--data", f"held={folders['b']}", "--train", str(folders["a"]), "--sets", "scalars",
-                   "--heads", "mlp", "--bootstrap", "0", "--epochs", "2", "--out", str(tmp_path / "t")])
+    res = bs.main(
+        [
+            "--data",
+            f"held={folders['b']}",
+            "--train",
+            str(folders["a"]),
+            "--sets",
+            "scalars",
+            "--heads",
+            "mlp",
+            "--bootstrap",
+            "0",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     r = res["domains"]["held"]["results"]["selfjudge"]["judge:scalars:mlp:selfjudge"]
     assert 0.0 <= r["roc_auc"] <= 1.0 and r["n"] == res["domains"]["held"]["mismatches"]
-    both = bs.load_domain(f"{folders['a']},{folders['b']}")          # one domain collected in two chunks
+    both = bs.load_domain(f"{folders['a']},{folders['b']}")  # one domain collected in two chunks
     assert len(both["sj"]) == len(bs.load_folder(str(folders["a"]))["sj"]) + res["domains"]["held"]["mismatches"]
 
 
 def test_folder_without_the_scalars_is_refused(tmp_path, cache_dir):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=["experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}",
-                                              "logger=none", "data_gen.dataset.limit=3"])
+        cfg = compose(
+            "selfjudge",
+            overrides=[
+                "experiment=tiny",
+                f"run_dir={tmp_path}",
+                f"model.cache_dir={cache_dir}",
+                "logger=none",
+                "data_gen.dataset.limit=3",
+            ],
+        )
     data_gen(cfg)
     with pytest.raises(ValueError, match="lacks the scalar features .*data_gen.features.scalars"):
-        _script().main(["--data", f"x={tmp_path / 'data'}", "--heads", "logistic", "--sets", "h_i",
-                        "--out", str(tmp_path / "x")])
+        _script().main(
+            ["--data", f"x={tmp_path / 'data'}", "--heads", "logistic", "--sets", "h_i", "--out", str(tmp_path / "x")]
+        )

@@ -13,16 +13,28 @@ from hydra import compose, initialize_config_module
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("stage,words", [
-    ("data_gen", ["selfjudge-data-gen", "data_gen.* keys", "window:", "score_variant:", "dataset@data_gen.dataset="]),
-    ("train", ["selfjudge-train", "train.* keys", "epochs:", "label_source:", "hparams_search"]),
-    ("eval", ["selfjudge-eval", "eval.* keys", "gamma:", "methods:", "dataset@eval.dataset="]),
-    ("pipeline", ["selfjudge-pipeline", "pipeline.* keys", "stages:", "experiment=tiny"]),
-])
+@pytest.mark.parametrize(
+    "stage,words",
+    [
+        (
+            "data_gen",
+            ["selfjudge-data-gen", "data_gen.* keys", "window:", "score_variant:", "dataset@data_gen.dataset="],
+        ),
+        ("train", ["selfjudge-train", "train.* keys", "epochs:", "label_source:", "hparams_search"]),
+        ("eval", ["selfjudge-eval", "eval.* keys", "gamma:", "methods:", "dataset@eval.dataset="]),
+        ("pipeline", ["selfjudge-pipeline", "pipeline.* keys", "stages:", "experiment=tiny"]),
+    ],
+)
 def test_help_shows_purpose_section_keys_and_examples(tmp_path, stage, words):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", f"selfjudge.{stage}.main", "--help"], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", f"selfjudge.{stage}.main", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     for w in words:
         assert w in p.stdout, (w, p.stdout[:1500])
@@ -41,8 +53,16 @@ def test_pipeline_wandb_runs_share_a_group(tmp_path, cache_dir):
     from selfjudge.pipeline import stage as pipeline
 
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=["experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}",
-                                              "logger=wandb", "experiment_name=grouped"])
+        cfg = compose(
+            "selfjudge",
+            overrides=[
+                "experiment=tiny",
+                f"run_dir={tmp_path}",
+                f"model.cache_dir={cache_dir}",
+                "logger=wandb",
+                "experiment_name=grouped",
+            ],
+        )
     os.environ["WANDB_MODE"] = "offline"
     try:
         pipeline.run(cfg)
@@ -53,8 +73,11 @@ def test_pipeline_wandb_runs_share_a_group(tmp_path, cache_dir):
         os.environ["WANDB_MODE"] = "disabled"
     logs = [p.read_bytes() for p in tmp_path.glob("wandb/offline-run-*/*.wandb")]
     assert len(logs) == 3 and all(_has_field(x, "run_group", "grouped") for x in logs)
-    assert sorted(j for j in ("data_gen", "train", "eval") for x in logs if _has_field(x, "job_type", j)) == \
-        ["data_gen", "eval", "train"]
+    assert sorted(j for j in ("data_gen", "train", "eval") for x in logs if _has_field(x, "job_type", j)) == [
+        "data_gen",
+        "eval",
+        "train",
+    ]
     eval_log = next(p for p in tmp_path.glob("wandb/offline-run-*/*.wandb") if b"eval/results" in p.read_bytes())
     assert b"judge-head-selfjudge" in eval_log.read_bytes()  # the judge head it used (an artifact link online)
 
@@ -77,20 +100,37 @@ def test_eval_on_two_ranks_equals_one(tmp_path, cache_dir, tiny_pair):
 
     from selfjudge.eval import stage
 
-    overrides = ["experiment=tiny", f"model.cache_dir={cache_dir}", "logger=none", "eval.judge_dir=null",
-                 "eval.dataset.limit=3", "eval.max_new_tokens=12", "eval.warmup=0"]
+    overrides = [
+        "experiment=tiny",
+        f"model.cache_dir={cache_dir}",
+        "logger=none",
+        "eval.judge_dir=null",
+        "eval.dataset.limit=3",
+        "eval.max_new_tokens=12",
+        "eval.warmup=0",
+    ]
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
         stage.run(compose("selfjudge", overrides=[*overrides, f"run_dir={tmp_path / 'one'}"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "selfjudge.eval.main", *overrides, f"run_dir={tmp_path / 'two'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "selfjudge.eval.main",
+        *overrides,
+        f"run_dir={tmp_path / 'two'}",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def records(run: str) -> list[dict]:
         lines = (tmp_path / run / "eval" / "per_example.jsonl").read_text().splitlines()
-        return sorted(json.dumps({k: v for k, v in json.loads(x).items() if k not in TIMING}, sort_keys=True)
-                       for x in lines)
+        return sorted(
+            json.dumps({k: v for k, v in json.loads(x).items() if k not in TIMING}, sort_keys=True) for x in lines
+        )
 
     assert records("two") == records("one") and len(records("one")) == 3 * 7  # 3 prompts x 7 methods and thresholds
     assert not list((tmp_path / "two" / "eval").glob("per_example.rank*"))  # merged by rank 0

@@ -35,8 +35,11 @@ def _running(tag: str) -> list[int]:
     pids = []
     for p in Path("/proc").iterdir():
         try:
-            if p.name.isdigit() and tag.encode() in (p / "cmdline").read_bytes() \
-                    and (p / "stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+            if (
+                p.name.isdigit()
+                and tag.encode() in (p / "cmdline").read_bytes()
+                and (p / "stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+            ):
                 pids.append(int(p.name))
         except (OSError, IndexError):
             continue
@@ -132,8 +135,10 @@ def test_hostile_program_is_blocked_or_killed(tmp_path):
     assert "CHILD" in res.output
     assert _gone(tag), f"background children {_running(tag)} survived the run"
     if res.isolation == "rlimits-only":
-        pytest.skip("no isolation tool works here (bwrap / unshare missing or refused): network and writes "
-                    "outside the folder are not blocked; process-group kill and rlimits checked above")
+        pytest.skip(
+            "no isolation tool works here (bwrap / unshare missing or refused): network and writes "
+            "outside the folder are not blocked; process-group kill and rlimits checked above"
+        )
     assert "NET:blocked" in res.output
     if res.isolation == "unshare":
         pytest.skip("unshare isolates network and processes, not the file system: install bubblewrap (bwrap)")

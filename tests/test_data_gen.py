@@ -21,8 +21,13 @@ from selfjudge.models import VocabMismatch, pair_from_mapping
 from selfjudge.scoring import score_response_naive
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["data_gen.max_new_tokens=16", "data_gen.window=6", "data_gen.batch_size=3", "data_gen.shard_size=40",
-         "data_gen.dataset.limit=7"]
+SMALL = [
+    "data_gen.max_new_tokens=16",
+    "data_gen.window=6",
+    "data_gen.batch_size=3",
+    "data_gen.shard_size=40",
+    "data_gen.dataset.limit=7",
+]
 
 
 def _overrides(out: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -63,15 +68,21 @@ def test_records_manifest_and_scores(tmp_path, cache_dir, tiny_pair):
     c = man["counts"]
     assert c["prompts"] == c["responses"] == 7 and c["records"] == len(rows) == 2 * c["mismatches"] > 0
     assert 0 < c["response_tokens"] <= 7 * 16
-    assert man["feature_dim"] == 64 and man["features"] == {"layers": [-1], "include_draft": False, "state_offsets": [0],
-                                                           "scalars": []}
+    assert man["feature_dim"] == 64 and man["features"] == {
+        "layers": [-1],
+        "include_draft": False,
+        "state_offsets": [0],
+        "scalars": [],
+    }
     assert man["runtime"]["dtype"] == "float32" and man["runtime"]["cpu_kernels"]["target"] in ("default", "onednn")
     assert man["target_model"]["fingerprint"] and man["tokenizer"]["len"] == len(tiny_pair.tokenizer)
     assert man["tau_rule"]["mode"] == "quantile" and sum(man["ld_histogram"]["counts"]) == c["mismatches"]
     assert len(man["ld_histogram"]["bins"]) == len(man["ld_histogram"]["counts"]) + 1
     sub = [r for r in rows if r["substituted"]]
     neg = [r for r in rows if not r["substituted"]]
-    assert c["positives"] == sum(r["label"] for r in sub) and man["positive_rate"] == pytest.approx(c["positives"] / len(sub))
+    assert c["positives"] == sum(r["label"] for r in sub) and man["positive_rate"] == pytest.approx(
+        c["positives"] / len(sub)
+    )
     assert all(r["label"] == int(r["ld"] > man["tau"]) for r in sub)
     assert all(r["label"] == 0 and np.isnan(r["ld"]) and r["autojudge_label"] == -1 for r in neg)
     assert all(len(r["features"]) == 64 for r in rows)
@@ -88,7 +99,7 @@ def test_records_manifest_and_scores(tmp_path, cache_dir, tiny_pair):
     # responses are the target's greedy responses, stopped at max_new_tokens
     r0 = rows[0]
     ref = tiny_pair.target.generate(torch.tensor([r0["prompt_ids"]]), max_new_tokens=16, do_sample=False)
-    assert r0["response_ids"] == ref[0, len(r0["prompt_ids"]):].tolist()[: len(r0["response_ids"])]
+    assert r0["response_ids"] == ref[0, len(r0["prompt_ids"]) :].tolist()[: len(r0["response_ids"])]
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache_dir):
@@ -117,8 +128,16 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache_dir):
 
 
 def test_value_tau_and_max_logprob(tmp_path, cache_dir):
-    run(_cfg(tmp_path, cache_dir, "data_gen.tau.mode=value", "data_gen.tau.value=0.3",
-             "data_gen.score_variant=max_logprob", "data_gen.scorer=naive"))
+    run(
+        _cfg(
+            tmp_path,
+            cache_dir,
+            "data_gen.tau.mode=value",
+            "data_gen.tau.value=0.3",
+            "data_gen.score_variant=max_logprob",
+            "data_gen.scorer=naive",
+        )
+    )
     man = shards.read_manifest(tmp_path / "data")
     sub = [r for r in _records(tmp_path / "data") if r["substituted"]]
     assert man["tau"] == 0.3 and man["score_variant"] == "max_logprob"
@@ -144,7 +163,9 @@ def test_bad_input(tmp_path, cache_dir, tiny_model_cfg):
     run(_cfg(tmp_path / "b", cache_dir, "data_gen.dataset.limit=2"))
     with pytest.raises(FileExistsError, match="different config.*data_gen.overwrite=true"):
         run(_cfg(tmp_path / "b", cache_dir, "data_gen.dataset.limit=2", "data_gen.window=3"))
-    out = run(_cfg(tmp_path / "b", cache_dir, "data_gen.dataset.limit=2", "data_gen.window=3", "data_gen.overwrite=true"))
+    out = run(
+        _cfg(tmp_path / "b", cache_dir, "data_gen.dataset.limit=2", "data_gen.window=3", "data_gen.overwrite=true")
+    )
     assert shards.read_manifest(tmp_path / "b" / "data")["window"] == 3 and out["counts"]["prompts"] == 2
     (tmp_path / "c" / "data").mkdir(parents=True)
     (tmp_path / "c" / "data" / "notes.txt").write_text("mine")
@@ -172,8 +193,16 @@ def _free_port() -> int:
 def test_two_ranks_equal_one(tmp_path, cache_dir):
     run(_cfg(tmp_path / "one", cache_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "selfjudge.data_gen.main", *_overrides(tmp_path / "two", cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "selfjudge.data_gen.main",
+        *_overrides(tmp_path / "two", cache_dir),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     man = shards.read_manifest(tmp_path / "two" / "data")

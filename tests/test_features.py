@@ -37,10 +37,15 @@ def _by_hand(pair, seq: list[int], at: int, token: int, spec: FeatureSpec, layer
     lq = torch.log_softmax(d_out.logits[0, at - 1, :V].double(), -1)
     p, q = lp.exp(), lq.exp()
     rank = sum(1 for v in range(V) if p[v] > p[token])
-    vals = {"target_logp": math.log(p[token]), "target_top1_logp": math.log(p.max()),
-            "target_gap": math.log(p.max()) - math.log(p[token]),
-            "target_entropy": -sum(float(p[v] * lp[v]) for v in range(V)), "target_log_rank": math.log(1 + rank),
-            "draft_logp": math.log(q[token]), "kl": sum(float(q[v] * (lq[v] - lp[v])) for v in range(V))}
+    vals = {
+        "target_logp": math.log(p[token]),
+        "target_top1_logp": math.log(p.max()),
+        "target_gap": math.log(p.max()) - math.log(p[token]),
+        "target_entropy": -sum(float(p[v] * lp[v]) for v in range(V)),
+        "target_log_rank": math.log(1 + rank),
+        "draft_logp": math.log(q[token]),
+        "kl": sum(float(q[v] * (lq[v] - lp[v])) for v in range(V)),
+    }
     parts = [t_h[at + off] for off in spec.state_offsets]
     parts += [d_out.hidden_states[-1][0, at - 1]] if spec.include_draft else []
     parts += [torch.tensor([vals[n] for n in spec.scalars])]
@@ -57,8 +62,13 @@ def _responses(pair, n=2, T=24):
 def test_data_gen_features_equal_their_definitions(tiny_pair, scorer):
     pair = tiny_pair
     prompts, resps = _responses(pair)
-    traces = greedy_batch_traced(pair.target, prompts, 24, pair.eos_ids, pair.tokenizer.pad_token_id,
-                                 pair.vocab_size, spec=FULL)[1] if scorer == "traced" else [None, None]
+    traces = (
+        greedy_batch_traced(
+            pair.target, prompts, 24, pair.eos_ids, pair.tokenizer.pad_token_id, pair.vocab_size, spec=FULL
+        )[1]
+        if scorer == "traced"
+        else [None, None]
+    )
     checked = 0
     for ids, resp, trace in zip(prompts, resps, traces):
         fn = score_response_naive if scorer == "naive" else score_response
@@ -69,7 +79,7 @@ def test_data_gen_features_equal_their_definitions(tiny_pair, scorer):
         for j in range(min(3, len(sc.positions))):
             i, d, y = int(sc.positions[j]), int(sc.draft_tokens[j]), int(sc.target_tokens[j])
             at = len(ids) + i
-            sub = _by_hand(pair, ids + resp[:i] + [d] + resp[i + 1:], at, d, FULL, FULL.layers)
+            sub = _by_hand(pair, ids + resp[:i] + [d] + resp[i + 1 :], at, d, FULL, FULL.layers)
             orig = _by_hand(pair, ids + resp, at, y, FULL, FULL.layers)
             torch.testing.assert_close(sc.sub_features[j], sub, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(sc.orig_features[j], orig, rtol=1e-4, atol=1e-4)
@@ -85,8 +95,9 @@ def test_verify_pass_features_equal_their_definitions(tiny_pair, T):
     by-hand definition over committed ⊕ d_1..d_γ; with sampling they still read untempered p and q."""
     pair = tiny_pair
     H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
-    head = JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(),
-                                 target_model=pair.target_info.as_dict())).eval()
+    head = JudgeHead(
+        JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(), target_model=pair.target_info.as_dict())
+    ).eval()
     seen = []
 
     class Spy(JudgeRule):
@@ -98,18 +109,29 @@ def test_verify_pass_features_equal_their_definitions(tiny_pair, T):
     assert rule.needs_draft_logits and rule.needs_draft_hidden
     ids = format_prompt(pair.tokenizer, "what is 12 * 7")
     gen = torch.Generator().manual_seed(0) if T > 0 else None
-    decode(pair.target, pair.draft, ids, gamma=4, max_new_tokens=12, eos_ids=pair.eos_ids, vocab=pair.vocab_size,
-           policy=rule, temperature=T, generator=gen)
-    toks, feats = seen[0]                                  # first round: committed = the prompt
+    decode(
+        pair.target,
+        pair.draft,
+        ids,
+        gamma=4,
+        max_new_tokens=12,
+        eos_ids=pair.eos_ids,
+        vocab=pair.vocab_size,
+        policy=rule,
+        temperature=T,
+        generator=gen,
+    )
+    toks, feats = seen[0]  # first round: committed = the prompt
     seq = ids + toks.tolist()
     for j in range(len(toks)):
         at = len(ids) + j
-        torch.testing.assert_close(feats[j], _by_hand(pair, seq, at, int(toks[j]), FULL, FULL.layers),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            feats[j], _by_hand(pair, seq, at, int(toks[j]), FULL, FULL.layers), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_spec_keys_layouts_and_errors():
-    old = FeatureSpec.from_mapping({"layers": [-1], "include_draft": False})       # a head saved before the options
+    old = FeatureSpec.from_mapping({"layers": [-1], "include_draft": False})  # a head saved before the options
     assert old == FeatureSpec() and old.dim(64) == 64 and not old.needs_draft_logits
     cols = FULL.columns(64, 32)
     assert [k for k in cols] == ["state@-1", "state@0", "draft", *SCALARS]
@@ -130,14 +152,16 @@ def test_spec_keys_layouts_and_errors():
 def test_head_with_new_features_loads_and_other_layouts_are_refused(tiny_pair, tmp_path):
     pair = tiny_pair
     H, Hd, info = pair.target_info.hidden_size, pair.draft_info.hidden_size, pair.target_info.as_dict()
-    JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(), target_model=info)
-              ).save_pretrained(tmp_path / "h")
+    JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(), target_model=info)).save_pretrained(
+        tmp_path / "h"
+    )
     head = load_head(tmp_path / "h", info, H, Hd)
     assert FeatureSpec.from_mapping(head.config.features) == FULL
     # a folder whose stored size does not fit its layout on this target is refused, naming the layout
     bad = FeatureSpec(scalars=("kl",))
-    JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=bad.as_dict(), target_model=info)
-              ).save_pretrained(tmp_path / "b")
+    JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=bad.as_dict(), target_model=info)).save_pretrained(
+        tmp_path / "b"
+    )
     with pytest.raises(ValueError, match="eval.judge_dir .*expects 327 features, the target gives 65"):
         load_head(tmp_path / "b", info, H, Hd)
 
@@ -171,8 +195,9 @@ def test_batched_verify_features_equal_their_definitions(tiny_pair):
 
     pair = tiny_pair
     H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
-    head = JudgeHead(JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(),
-                                 target_model=pair.target_info.as_dict())).eval()
+    head = JudgeHead(
+        JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(), target_model=pair.target_info.as_dict())
+    ).eval()
     seen = []
 
     class Spy(JudgeRule):
@@ -181,12 +206,21 @@ def test_batched_verify_features_equal_their_definitions(tiny_pair):
             return super().accept(v)
 
     prompts = [format_prompt(pair.tokenizer, p) for p in ("what is 12 * 7", "janet sells eggs")]
-    decode_batch(pair.target, pair.draft, prompts, gamma=4, max_new_tokens=10, eos_ids=pair.eos_ids,
-                 vocab=pair.vocab_size, policy=Spy(0.5, head))
-    for row, ids in enumerate(prompts):                     # the first call covers every row's first round
+    decode_batch(
+        pair.target,
+        pair.draft,
+        prompts,
+        gamma=4,
+        max_new_tokens=10,
+        eos_ids=pair.eos_ids,
+        vocab=pair.vocab_size,
+        policy=Spy(0.5, head),
+    )
+    for row, ids in enumerate(prompts):  # the first call covers every row's first round
         toks, feats = seen[row]
         toks, feats = toks.reshape(-1), feats.reshape(len(toks.reshape(-1)), -1)
         seq = ids + toks.tolist()
         for j in range(len(toks)):
-            torch.testing.assert_close(feats[j], _by_hand(pair, seq, len(ids) + j, int(toks[j]), FULL, FULL.layers),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                feats[j], _by_hand(pair, seq, len(ids) + j, int(toks[j]), FULL, FULL.layers), rtol=1e-4, atol=1e-4
+            )

@@ -25,8 +25,13 @@ QS = ["how many apples", "janet sells eggs at the market each day", "what is 12 
 
 
 def _head(pair, seed=0):
-    head = JudgeHead(JudgeConfig(feature_dim=pair.target_info.hidden_size, target_model=pair.target_info.as_dict(),
-                                 draft_model=pair.draft_info.as_dict()))
+    head = JudgeHead(
+        JudgeConfig(
+            feature_dim=pair.target_info.hidden_size,
+            target_model=pair.target_info.as_dict(),
+            draft_model=pair.draft_info.as_dict(),
+        )
+    )
     torch.manual_seed(seed)
     with torch.no_grad():
         head.net.weight.normal_(0, 0.3)
@@ -62,18 +67,34 @@ def _eos(pair) -> list[int]:
 def test_judge_in_generate_equals_the_eval_engine(tiny_pair, gamma, batch):
     pair, head = tiny_pair, _head(tiny_pair)
     prompts, ids, mask = _batch(pair, QS[:batch])
-    out = pair.target.generate(input_ids=ids, attention_mask=mask, custom_generate=judge_generate,
-                               assistant_model=pair.draft, judge=head, judge_threshold=0.5, gamma=gamma,
-                               max_new_tokens=30, do_sample=False)
-    kw = dict(gamma=gamma, max_new_tokens=30, eos_ids=_eos(pair), vocab=pair.vocab_size,
-              policy=build_policy("judge", 0.5, head=head))
-    ref = [decode(pair.target, pair.draft, prompts[0], **kw)] if batch == 1 else \
-        decode_batch(pair.target, pair.draft, prompts, pad_id=pair.tokenizer.pad_token_id, **kw)
-    assert sum(st.accepted_by_rule for _, st in ref) > 0                       # the judge changed decisions
+    out = pair.target.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=judge_generate,
+        assistant_model=pair.draft,
+        judge=head,
+        judge_threshold=0.5,
+        gamma=gamma,
+        max_new_tokens=30,
+        do_sample=False,
+    )
+    kw = dict(
+        gamma=gamma,
+        max_new_tokens=30,
+        eos_ids=_eos(pair),
+        vocab=pair.vocab_size,
+        policy=build_policy("judge", 0.5, head=head),
+    )
+    ref = (
+        [decode(pair.target, pair.draft, prompts[0], **kw)]
+        if batch == 1
+        else decode_batch(pair.target, pair.draft, prompts, pad_id=pair.tokenizer.pad_token_id, **kw)
+    )
+    assert sum(st.accepted_by_rule for _, st in ref) > 0  # the judge changed decisions
     assert torch.equal(out[:, : ids.shape[1]], ids)
     width = max(len(t) for t, _ in ref)
     assert out.shape == (batch, ids.shape[1] + width)
-    for row, (toks, _) in zip(out[:, ids.shape[1]:].tolist(), ref):
+    for row, (toks, _) in zip(out[:, ids.shape[1] :].tolist(), ref):
         assert row == toks + [pair.tokenizer.pad_token_id] * (width - len(toks))
 
 
@@ -82,9 +103,16 @@ def test_lossless_policy_equals_plain_greedy_generate(tiny_pair, batch):
     pair = tiny_pair
     _, ids, mask = _batch(pair, QS[:batch])
     plain = pair.target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=25, do_sample=False)
-    ours = pair.target.generate(input_ids=ids, attention_mask=mask, custom_generate=judge_generate,
-                                assistant_model=pair.draft, policy="lossless", gamma=4, max_new_tokens=25,
-                                do_sample=False)
+    ours = pair.target.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=judge_generate,
+        assistant_model=pair.draft,
+        policy="lossless",
+        gamma=4,
+        max_new_tokens=25,
+        do_sample=False,
+    )
     assert torch.equal(ours, plain)
 
 
@@ -93,15 +121,30 @@ def test_other_policies_static_cache_and_no_draft(tiny_pair):
     prompts, ids, mask = _batch(pair, QS[1:2])
     kw = dict(max_new_tokens=20, eos_ids=_eos(pair), vocab=pair.vocab_size)
     for name, thr in (("kl", 0.5), ("topk", 3), ("likelihood", 1.5), ("typical", 0.3)):
-        out = pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                                   policy=name, threshold=thr, gamma=3, max_new_tokens=20, do_sample=False)
+        out = pair.target.generate(
+            input_ids=ids,
+            custom_generate=judge_generate,
+            assistant_model=pair.draft,
+            policy=name,
+            threshold=thr,
+            gamma=3,
+            max_new_tokens=20,
+            do_sample=False,
+        )
         ref, _ = decode(pair.target, pair.draft, prompts[0], gamma=3, policy=build_policy(name, thr), **kw)
-        assert out[0, ids.shape[1]:].tolist() == ref, name
+        assert out[0, ids.shape[1] :].tolist() == ref, name
     judge = _head(pair)
-    static = pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                                  judge=judge, judge_threshold=0.5, static_cache=True, max_new_tokens=20)
+    static = pair.target.generate(
+        input_ids=ids,
+        custom_generate=judge_generate,
+        assistant_model=pair.draft,
+        judge=judge,
+        judge_threshold=0.5,
+        static_cache=True,
+        max_new_tokens=20,
+    )
     ref, _ = decode(pair.target, pair.draft, prompts[0], gamma=4, policy=build_policy("judge", 0.5, head=judge), **kw)
-    assert static[0, ids.shape[1]:].tolist() == ref
+    assert static[0, ids.shape[1] :].tolist() == ref
     alone = pair.target.generate(input_ids=ids, custom_generate=judge_generate, max_new_tokens=20)
     assert torch.equal(alone, pair.target.generate(input_ids=ids, max_new_tokens=20, do_sample=False))
 
@@ -109,14 +152,35 @@ def test_other_policies_static_cache_and_no_draft(tiny_pair):
 def test_sampling_follows_the_engine_with_the_same_generator(tiny_pair):
     pair, head = tiny_pair, _head(tiny_pair)
     prompts, ids, _ = _batch(pair, QS[:1])
-    outs = [pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                                 judge=head, judge_threshold=0.5, do_sample=True, temperature=0.8, top_k=None,
-                                 top_p=None, max_new_tokens=20, generator=torch.Generator().manual_seed(s))
-            for s in (1, 1, 2)]
-    ref, _ = decode(pair.target, pair.draft, prompts[0], gamma=4, max_new_tokens=20, eos_ids=_eos(pair),
-                    vocab=pair.vocab_size, policy=build_policy("judge", 0.5, head=head), temperature=0.8,
-                    generator=torch.Generator().manual_seed(1))
-    assert outs[0][0, ids.shape[1]:].tolist() == ref and torch.equal(outs[0], outs[1])
+    outs = [
+        pair.target.generate(
+            input_ids=ids,
+            custom_generate=judge_generate,
+            assistant_model=pair.draft,
+            judge=head,
+            judge_threshold=0.5,
+            do_sample=True,
+            temperature=0.8,
+            top_k=None,
+            top_p=None,
+            max_new_tokens=20,
+            generator=torch.Generator().manual_seed(s),
+        )
+        for s in (1, 1, 2)
+    ]
+    ref, _ = decode(
+        pair.target,
+        pair.draft,
+        prompts[0],
+        gamma=4,
+        max_new_tokens=20,
+        eos_ids=_eos(pair),
+        vocab=pair.vocab_size,
+        policy=build_policy("judge", 0.5, head=head),
+        temperature=0.8,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert outs[0][0, ids.shape[1] :].tolist() == ref and torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2])
 
 
@@ -134,30 +198,48 @@ def test_streamer_receives_the_same_text(tiny_pair):
     pair, head = tiny_pair, _head(tiny_pair)
     _, ids, _ = _batch(pair, QS[:1])
     s = _Capture(pair.tokenizer)
-    out = pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                               judge=head, judge_threshold=0.5, streamer=s, max_new_tokens=30)
-    assert s.ended and s.text == pair.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) != ""
+    out = pair.target.generate(
+        input_ids=ids,
+        custom_generate=judge_generate,
+        assistant_model=pair.draft,
+        judge=head,
+        judge_threshold=0.5,
+        streamer=s,
+        max_new_tokens=30,
+    )
+    assert s.ended and s.text == pair.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) != ""
     pieces = []
-    text = generate_text(QS[0], target=pair.target, draft=pair.draft, tokenizer=pair.tokenizer, judge=head,
-                         threshold=0.5, max_new_tokens=30, stream=pieces.append)
-    assert "".join(pieces) == text == s.text and len(pieces) > 1             # one piece per round
+    text = generate_text(
+        QS[0],
+        target=pair.target,
+        draft=pair.draft,
+        tokenizer=pair.tokenizer,
+        judge=head,
+        threshold=0.5,
+        max_new_tokens=30,
+        stream=pieces.append,
+    )
+    assert "".join(pieces) == text == s.text and len(pieces) > 1  # one piece per round
 
 
 def test_bad_arguments_are_named(tiny_pair):
     pair = tiny_pair
     _, ids, _ = _batch(pair, QS[:1])
     with pytest.raises(ValueError, match="needs a judge head"):
-        pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                             policy="judge", max_new_tokens=4)
+        pair.target.generate(
+            input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft, policy="judge", max_new_tokens=4
+        )
     with pytest.raises(ValueError, match="needs a threshold"):
-        pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                             policy="kl", max_new_tokens=4)
+        pair.target.generate(
+            input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft, policy="kl", max_new_tokens=4
+        )
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
         pair.target.generate(input_ids=ids, custom_generate=judge_generate, policy="nope", max_new_tokens=4)
     wide = JudgeHead(JudgeConfig(feature_dim=pair.target_info.hidden_size + 1))
     with pytest.raises(ValueError, match="expects 65 features"):
-        pair.target.generate(input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft,
-                             judge=wide, max_new_tokens=4)
+        pair.target.generate(
+            input_ids=ids, custom_generate=judge_generate, assistant_model=pair.draft, judge=wide, max_new_tokens=4
+        )
 
 
 @pytest.fixture
@@ -173,9 +255,16 @@ def test_generate_text_from_a_run_folder(run_folder, tiny_pair):
     gen = load_generator(run_dir=run_folder, threshold=0.5)
     assert gen.rule.name == "judge"
     text, st = gen(QS[0], max_new_tokens=24)
-    ref, _ = decode(tiny_pair.target, tiny_pair.draft, format_prompt(tiny_pair.tokenizer, QS[0]), gamma=4,
-                    max_new_tokens=24, eos_ids=tiny_pair.eos_ids, vocab=tiny_pair.vocab_size,
-                    policy=build_policy("judge", 0.5, head=_head(tiny_pair)))
+    ref, _ = decode(
+        tiny_pair.target,
+        tiny_pair.draft,
+        format_prompt(tiny_pair.tokenizer, QS[0]),
+        gamma=4,
+        max_new_tokens=24,
+        eos_ids=tiny_pair.eos_ids,
+        vocab=tiny_pair.vocab_size,
+        policy=build_policy("judge", 0.5, head=_head(tiny_pair)),
+    )
     assert text == tiny_pair.tokenizer.decode(ref, skip_special_tokens=True) and st.new_tokens == len(ref)
     assert generate_text(QS[0], run_dir=run_folder, threshold=0.5, max_new_tokens=24) == text
     other = dict(tiny_pair.target_info.as_dict(), fingerprint="sha256:" + "0" * 64)
@@ -186,16 +275,35 @@ def test_generate_text_from_a_run_folder(run_folder, tiny_pair):
 
 def test_cli_streams_on_the_tiny_pair(run_folder, tiny_pair):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "selfjudge.cli.generate", f"run_dir={run_folder}", f"prompt={QS[0]}",
-           "max_new_tokens=24", "threshold=0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selfjudge.cli.generate",
+        f"run_dir={run_folder}",
+        f"prompt={QS[0]}",
+        "max_new_tokens=24",
+        "threshold=0.5",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr
     want = generate_text(QS[0], run_dir=run_folder, threshold=0.5, max_new_tokens=24)
     assert res.stdout == want + "\n"
     assert "judge@0.5" in res.stderr and "tokens" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "selfjudge.cli.generate", f"run_dir={run_folder}", "prompt=x",
-                          "gama=3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "selfjudge.cli.generate", f"run_dir={run_folder}", "prompt=x", "gama=3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 2 and "unknown key 'gama'" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "selfjudge.cli.generate", "--help"], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "selfjudge.cli.generate", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0 and "run_dir=" in res.stdout and "policy=" in res.stdout

@@ -8,13 +8,23 @@ import torch
 from selfjudge.generation import fixed_batches, greedy_batch
 from selfjudge.models import format_prompt
 
-PROMPTS = ["hi", "how many apples does janet have if she buys 3 bags of 4?", "def sum list of int",
-           "the price of 3 books is 12 dollars, what is the price of one book in cents", "what is 7 * 8"]
+PROMPTS = [
+    "hi",
+    "how many apples does janet have if she buys 3 bags of 4?",
+    "def sum list of int",
+    "the price of 3 books is 12 dollars, what is the price of one book in cents",
+    "what is 7 * 8",
+]
 
 
 def _reference(pair, ids: list[int], n: int, eos: list[int]) -> list[int]:
-    out = pair.target.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                               pad_token_id=pair.tokenizer.pad_token_id)[0, len(ids):].tolist()
+    out = pair.target.generate(
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pair.tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
     for k, t in enumerate(out):
         if t in eos:
             return out[: k + 1]
@@ -28,8 +38,9 @@ def test_batched_equals_unbatched_generate(pair_name, request):
     assert len({len(p) for p in prompts}) > 2  # left padding really happens
     got = {}
     for idx in fixed_batches([len(p) for p in prompts], 3):
-        outs = greedy_batch(pair.target, [prompts[i] for i in idx], 30, pair.eos_ids, pair.tokenizer.pad_token_id,
-                            pair.vocab_size)
+        outs = greedy_batch(
+            pair.target, [prompts[i] for i in idx], 30, pair.eos_ids, pair.tokenizer.pad_token_id, pair.vocab_size
+        )
         got.update(zip(idx, outs))
     assert sorted(got) == list(range(len(PROMPTS)))
     for i, p in enumerate(prompts):

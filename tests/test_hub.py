@@ -17,18 +17,41 @@ from selfjudge import shards
 from selfjudge.judge import CONFIG_NAME, WEIGHTS_NAME, JudgeConfig, JudgeHead
 
 D = 10
-TGT = {"name": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "source": "hub", "fingerprint": "sha256:" + "ab" * 32,
-       "hidden_size": D, "model_type": "qwen2", "num_layers": 28, "vocab_size": 151936}
+TGT = {
+    "name": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    "source": "hub",
+    "fingerprint": "sha256:" + "ab" * 32,
+    "hidden_size": D,
+    "model_type": "qwen2",
+    "num_layers": 28,
+    "vocab_size": 151936,
+}
 DRF = {**TGT, "name": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "fingerprint": "sha256:" + "cd" * 32}
 
 
 def _head() -> JudgeHead:
-    head = JudgeHead(JudgeConfig(
-        kind="mlp", feature_dim=D, hidden_dim=6, target_model=TGT, draft_model=DRF, label_source="selfjudge",
-        thresholds={"youden": 0.41, "precision_at_recall_0.8": 0.23, "quantiles": [0.1, 0.5, 0.9],
-                    "quantile_levels": [0.05, 0.5, 0.95]},
-        metrics={"roc_auc": 0.8125, "pr_auc": 0.61, "at_thresholds": {"youden": {"precision": 0.7, "recall": 0.66}}},
-        extra={"tau": 0.2675}))
+    head = JudgeHead(
+        JudgeConfig(
+            kind="mlp",
+            feature_dim=D,
+            hidden_dim=6,
+            target_model=TGT,
+            draft_model=DRF,
+            label_source="selfjudge",
+            thresholds={
+                "youden": 0.41,
+                "precision_at_recall_0.8": 0.23,
+                "quantiles": [0.1, 0.5, 0.9],
+                "quantile_levels": [0.05, 0.5, 0.95],
+            },
+            metrics={
+                "roc_auc": 0.8125,
+                "pr_auc": 0.61,
+                "at_thresholds": {"youden": {"precision": 0.7, "recall": 0.66}},
+            },
+            extra={"tau": 0.2675},
+        )
+    )
     head.init_weights(5)
     head.set_standardization(torch.linspace(-1, 1, D), torch.linspace(0.5, 2, D))
     return head.eval()
@@ -42,10 +65,18 @@ def test_save_then_from_pretrained_through_the_mixin_with_a_card(tmp_path):
     card = ModelCard.load(tmp_path / "h" / "README.md")
     assert card.data.library_name == "selfjudge" and card.data.license == "apache-2.0"
     assert card.data.base_model == TGT["name"] and "speculative-decoding" in card.data.tags
-    for fact in (TGT["fingerprint"], DRF["fingerprint"], "label source: `selfjudge`", "layers [-1]", "0.2675",
-                 "| roc_auc | 0.8125 |", "| youden | 0.41 | 0.7 | 0.66 |", "precision_at_recall_0.8"):
+    for fact in (
+        TGT["fingerprint"],
+        DRF["fingerprint"],
+        "label source: `selfjudge`",
+        "layers [-1]",
+        "0.2675",
+        "| roc_auc | 0.8125 |",
+        "| youden | 0.41 | 0.7 | 0.66 |",
+        "precision_at_recall_0.8",
+    ):
         assert fact in card.text, fact
-    again = JudgeHead.from_pretrained(tmp_path / "h")             # ModelHubMixin.from_pretrained, local folder
+    again = JudgeHead.from_pretrained(tmp_path / "h")  # ModelHubMixin.from_pretrained, local folder
     assert again.config == head.config and not again.training
     x = torch.randn(32, D) * 3
     assert torch.equal(again.predict_proba(x), head.predict_proba(x))
@@ -55,17 +86,17 @@ def test_save_then_from_pretrained_through_the_mixin_with_a_card(tmp_path):
 def test_folders_written_before_the_card_still_load(tmp_path):
     head = _head()
     head.save_pretrained(tmp_path / "h")
-    (tmp_path / "h" / "README.md").unlink()                        # the layout of earlier runs
+    (tmp_path / "h" / "README.md").unlink()  # the layout of earlier runs
     assert JudgeHead.from_pretrained(tmp_path / "h").config == head.config
 
 
 def test_missing_heads_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a judge head folder"):
-        JudgeHead.from_pretrained(tmp_path)                        # a folder without the two files
+        JudgeHead.from_pretrained(tmp_path)  # a folder without the two files
     with pytest.raises(FileNotFoundError, match="no judge head folder at"):
         JudgeHead.from_pretrained(tmp_path / "runs" / "x" / "judge" / "head")
     with pytest.raises(FileNotFoundError, match="no hub repo of that id could be read"):
-        JudgeHead.from_pretrained("nobody-here/no-such-judge")     # HF_HUB_OFFLINE=1 in tests: not cached
+        JudgeHead.from_pretrained("nobody-here/no-such-judge")  # HF_HUB_OFFLINE=1 in tests: not cached
 
 
 def test_load_dataset_reads_every_record_of_a_data_folder(tmp_path, cache_dir):
@@ -73,10 +104,21 @@ def test_load_dataset_reads_every_record_of_a_data_folder(tmp_path, cache_dir):
     from selfjudge.data_gen.stage import run
 
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose("selfjudge", overrides=[
-            "experiment=tiny", f"run_dir={tmp_path}", f"model.cache_dir={cache_dir}", "logger=none",
-            "data_gen.max_new_tokens=12", "data_gen.window=6", "data_gen.batch_size=3", "data_gen.shard_size=16",
-            "data_gen.dataset.limit=5", "data_gen.feature_dtype=float32"])
+        cfg = compose(
+            "selfjudge",
+            overrides=[
+                "experiment=tiny",
+                f"run_dir={tmp_path}",
+                f"model.cache_dir={cache_dir}",
+                "logger=none",
+                "data_gen.max_new_tokens=12",
+                "data_gen.window=6",
+                "data_gen.batch_size=3",
+                "data_gen.shard_size=16",
+                "data_gen.dataset.limit=5",
+                "data_gen.feature_dtype=float32",
+            ],
+        )
     run(cfg)
     data = tmp_path / "data"
     man = shards.read_manifest(data)

@@ -24,19 +24,19 @@ def _name(req: str) -> str:
 def test_pyproject_declares_ranges_and_constraints_pin_them():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = meta["dependencies"] + [r for rs in meta["optional-dependencies"].values() for r in rs]
-    assert reqs and not [r for r in reqs if "==" in r]                          # no exact pins in the library
+    assert reqs and not [r for r in reqs if "==" in r]  # no exact pins in the library
     pins = {}
     for line in (REPO / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[name.lower().replace("_", "-")] = version
-    assert not [r for r in reqs if _name(r) not in pins]                       # every dependency has a tested pin
+    assert not [r for r in reqs if _name(r) not in pins]  # every dependency has a tested pin
     assert pins["torch"] == "2.13.0"
     core = {_name(r) for r in meta["dependencies"]}
-    assert {"gguf", "accelerate"} <= core                                       # the default model source
+    assert {"gguf", "accelerate"} <= core  # the default model source
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert '"torch==2.13.0"' in setup and "-c constraints.txt" in setup
-    assert setup.index('"torch==2.13.0"') < setup.index("-c constraints.txt")   # CPU torch first
+    assert setup.index('"torch==2.13.0"') < setup.index("-c constraints.txt")  # CPU torch first
 
 
 def _default_cfg(*overrides: str):
@@ -56,7 +56,7 @@ def test_a_missing_extra_fails_at_once_naming_it(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'selfjudge\[train\]'") as e:
         check_installed(_default_cfg(), ["data_gen", "train", "eval"])
     assert "deepspeed for the train stage" in str(e.value) and "logger=none" in str(e.value)
-    check_installed(_default_cfg("logger=none"), ["data_gen", "eval"])       # nothing from [train] needed
+    check_installed(_default_cfg("logger=none"), ["data_gen", "eval"])  # nothing from [train] needed
 
     from selfjudge.pipeline.stage import run
 
@@ -64,4 +64,4 @@ def test_a_missing_extra_fails_at_once_naming_it(monkeypatch, tmp_path):
         cfg = compose("selfjudge", overrides=["experiment=tiny", f"run_dir={tmp_path}", "logger=none"])
     with pytest.raises(ModuleNotFoundError, match=r"selfjudge\[train\]"):
         run(cfg)
-    assert not (tmp_path / "data").exists()                                    # before any work
+    assert not (tmp_path / "data").exists()  # before any work

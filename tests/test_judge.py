@@ -13,8 +13,16 @@ D = 12
 
 
 def _head(kind: str = "logistic", **kw) -> JudgeHead:
-    head = JudgeHead(JudgeConfig(kind=kind, feature_dim=D, hidden_dim=8, dropout=0.1 if kind == "mlp" else 0.0,
-                                 target_model={"name": "t", "fingerprint": "sha256:aa", "hidden_size": D}, **kw))
+    head = JudgeHead(
+        JudgeConfig(
+            kind=kind,
+            feature_dim=D,
+            hidden_dim=8,
+            dropout=0.1 if kind == "mlp" else 0.0,
+            target_model={"name": "t", "fingerprint": "sha256:aa", "hidden_size": D},
+            **kw,
+        )
+    )
     head.init_weights(3)
     head.set_standardization(torch.linspace(-2, 2, D), torch.linspace(0.5, 3, D))
     return head

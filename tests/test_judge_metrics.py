@@ -12,7 +12,7 @@ from selfjudge.judge_metrics import bce_loss, curve, operating_points, pr_auc, p
 def test_hand_computed_example():
     y = np.array([0, 0, 1, 1])
     p = np.array([0.1, 0.4, 0.35, 0.8])
-    assert roc_auc(y, p) == 0.75                       # 3 of 4 (pos, neg) pairs ordered
+    assert roc_auc(y, p) == 0.75  # 3 of 4 (pos, neg) pairs ordered
     assert pr_auc(y, p) == pytest.approx((1 / 1) * 0.5 + (2 / 3) * 0.5)  # AP = sum of recall steps x precision
     assert precision_recall_at(y, p, 0.35) == (2 / 3, 1.0)
     assert precision_recall_at(y, p, 0.9)[1] == 0.0 and np.isnan(precision_recall_at(y, p, 0.9)[0])
@@ -46,8 +46,10 @@ def test_operating_points_against_brute_force():
     ops = operating_points(y, p, [0.05, 0.5, 0.95])
     fpr, tpr, th = roc_curve(y, p)
     assert ops["youden"] == pytest.approx(th[np.argmax(tpr - fpr)])
-    best = max((c for c in np.unique(p) if precision_recall_at(y, p, c)[1] >= 0.8),
-               key=lambda c: (precision_recall_at(y, p, c)[0], c))
+    best = max(
+        (c for c in np.unique(p) if precision_recall_at(y, p, c)[1] >= 0.8),
+        key=lambda c: (precision_recall_at(y, p, c)[0], c),
+    )
     assert ops["precision_at_recall_0.8"] == best
     assert ops["quantiles"] == [float(np.quantile(p, q)) for q in (0.05, 0.5, 0.95)]
     assert ops["quantile_levels"] == [0.05, 0.5, 0.95]

@@ -48,14 +48,23 @@ def test_bf16_onednn_linear_matches():
 @pytest.fixture(scope="module")
 def pairs(tiny_model_cfg):
     """The tiny pair twice: torch's default kernels, and packed oneDNN linears."""
-    return pair_from_mapping(dict(tiny_model_cfg, cpu_kernels="default")), \
-        pair_from_mapping(dict(tiny_model_cfg, cpu_kernels="onednn"))
+    return pair_from_mapping(dict(tiny_model_cfg, cpu_kernels="default")), pair_from_mapping(
+        dict(tiny_model_cfg, cpu_kernels="onednn")
+    )
 
 
 def _greedy(model, ids, n, eos):
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                         temperature=None, top_p=None, top_k=None)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def test_onednn_pair_records_what_ran(pairs):
@@ -63,7 +72,7 @@ def test_onednn_pair_records_what_ran(pairs):
     assert plain.runtime["cpu_kernels"] == {"target": "default", "draft": "default"}
     assert fast.runtime["cpu_kernels"] == {"target": "onednn", "draft": "onednn"}
     n_lin = sum(isinstance(m, OneDNNLinear) for m in fast.target.modules())
-    assert n_lin == 2 * 7 + 1                        # q k v o gate up down per layer, and the LM head
+    assert n_lin == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
     assert not any(type(m) is torch.nn.Linear for m in fast.target.modules())
 
 
@@ -74,8 +83,9 @@ def test_onednn_logits_close_and_greedy_tokens_equal(pairs):
         with torch.inference_mode():
             a, b = plain.target(ids).logits, fast.target(ids).logits
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        assert _greedy(fast.target, ids[0].tolist(), 24, plain.eos_ids) == \
-            _greedy(plain.target, ids[0].tolist(), 24, plain.eos_ids), q
+        assert _greedy(fast.target, ids[0].tolist(), 24, plain.eos_ids) == _greedy(
+            plain.target, ids[0].tolist(), 24, plain.eos_ids
+        ), q
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 8])
@@ -83,9 +93,10 @@ def test_lossless_sd_with_onednn_equals_default_target_greedy(pairs, gamma):
     plain, fast = pairs
     for q in PROMPTS:
         ids = format_prompt(plain.tokenizer, q)
-        want = _greedy(plain.target, ids, 32, plain.eos_ids)          # torch's default path, target alone
-        out, st = decode(fast.target, fast.draft, ids, gamma=gamma, max_new_tokens=32, eos_ids=fast.eos_ids,
-                         vocab=fast.vocab_size)
+        want = _greedy(plain.target, ids, 32, plain.eos_ids)  # torch's default path, target alone
+        out, st = decode(
+            fast.target, fast.draft, ids, gamma=gamma, max_new_tokens=32, eos_ids=fast.eos_ids, vocab=fast.vocab_size
+        )
         assert out == want, (q, gamma)
         assert st.accepted > 0
 
@@ -106,7 +117,7 @@ def test_auto_keeps_the_faster_kernel(monkeypatch, default_ms, onednn_ms, want):
     m = _lin()
     got, why = apply_cpu_kernels("auto", m)
     assert got == want and f"{default_ms:.2f} ms default" in why
-    assert seen == [(48, 32)]                         # measured on the model's own (largest) weight
+    assert seen == [(48, 32)]  # measured on the model's own (largest) weight
     assert isinstance(m[0], OneDNNLinear) == (want == "onednn")
 
 
@@ -118,7 +129,7 @@ def test_auto_measures_for_real():
 def test_explicit_choices_and_errors():
     assert resolve_cpu_kernels("default", _lin()) == ("default", "model.cpu_kernels=default")
     assert resolve_cpu_kernels("onednn", _lin())[0] == "onednn"
-    meta = _lin("meta")                               # not a CPU: auto keeps torch's path, onednn is refused
+    meta = _lin("meta")  # not a CPU: auto keeps torch's path, onednn is refused
     assert resolve_cpu_kernels("auto", meta) == ("default", "not a CPU (meta)")
     with pytest.raises(ValueError, match="model.cpu_kernels=onednn needs model.device=cpu"):
         resolve_cpu_kernels("onednn", meta)

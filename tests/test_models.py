@@ -69,8 +69,9 @@ def test_device_map_auto_decodes_and_scores_like_a_plain_load(tiny_model_cfg, ti
     for p in prompts:
         kw = dict(gamma=3, max_new_tokens=24, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
         assert decode(pair.target, pair.draft, p, **kw)[0] == decode(tiny_pair.target, tiny_pair.draft, p, **kw)[0]
-    resps, traces = greedy_batch_traced(pair.target, prompts, 24, pair.eos_ids, pair.tokenizer.pad_token_id,
-                                        pair.vocab_size)
+    resps, traces = greedy_batch_traced(
+        pair.target, prompts, 24, pair.eos_ids, pair.tokenizer.pad_token_id, pair.vocab_size
+    )
     for p, r, tr in zip(prompts, resps, traces):
         a = score_response(pair.target, pair.draft, p, r, pair.vocab_size, trace=tr)
         b = score_response_naive(tiny_pair.target, tiny_pair.draft, p, r, tiny_pair.vocab_size)
@@ -122,9 +123,14 @@ def _fake_parts(tmp_path: Path, monkeypatch, prefix: str, payloads: list[bytes])
 def _register(monkeypatch, prefix: str, payloads: list[bytes], sha: str | None = None) -> PackagedModel:
     joined = b"".join(payloads)
     pm = PackagedModel(
-        name=f"fake-{prefix}", hub_id="none/none", module_prefix=prefix, n_parts=len(payloads),
-        pip_spec=f"{prefix.replace('_', '-')}", version="0.0.1",
-        sha256=sha or hashlib.sha256(joined).hexdigest(), size=len(joined),
+        name=f"fake-{prefix}",
+        hub_id="none/none",
+        module_prefix=prefix,
+        n_parts=len(payloads),
+        pip_spec=f"{prefix.replace('_', '-')}",
+        version="0.0.1",
+        sha256=sha or hashlib.sha256(joined).hexdigest(),
+        size=len(joined),
     )
     monkeypatch.setitem(offline.PACKAGED_MODELS, pm.name, pm)
     return pm
@@ -211,5 +217,5 @@ def test_real_pair_loads_and_answers(gsm8k_dir):
     ids = torch.tensor([format_prompt(pair.tokenizer, q + " Answer with the number only.")])
     for m in (pair.target, pair.draft):
         out = m.generate(ids, max_new_tokens=24, do_sample=False)
-        text = pair.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        text = pair.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert any(ch.isdigit() for ch in text), text

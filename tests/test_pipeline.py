@@ -36,8 +36,10 @@ def test_tiny_pipeline_end_to_end_then_skips(tmp_path, cache_dir, caplog):
     printed = caplog.text
     assert "lossless" in printed and "judge" in printed
     caplog.clear()
-    markers = {s: (run_dir / p / pipeline.MARKER).stat().st_mtime for s, p in
-               (("data_gen", "data"), ("train", "judge"), ("eval", "eval"))}
+    markers = {
+        s: (run_dir / p / pipeline.MARKER).stat().st_mtime
+        for s, p in (("data_gen", "data"), ("train", "judge"), ("eval", "eval"))
+    }
 
     again = pipeline.run(_cfg(run_dir, cache_dir))
     assert set(again) == {"data_gen", "train", "eval"}
@@ -54,8 +56,10 @@ def test_interrupted_stage_resumes_without_redoing_finished_ones(tmp_path, cache
 
     def failing(stage):
         if stage == "train":
+
             def boom(cfg):
                 raise KeyboardInterrupt("killed in train")
+
             return boom
         return real_runner(stage)
 

@@ -20,9 +20,14 @@ PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "what is 12 * 
 def _head(pair, bias: float = 0.0, include_draft: bool = False, seed: int = 0) -> JudgeHead:
     H = pair.target_info.hidden_size
     dim = H + (pair.draft_info.hidden_size if include_draft else 0)
-    head = JudgeHead(JudgeConfig(feature_dim=dim, target_model=pair.target_info.as_dict(),
-                                 features={"layers": [-1], "include_draft": include_draft},
-                                 thresholds={"quantiles": [0.2, 0.5, 0.8]}))
+    head = JudgeHead(
+        JudgeConfig(
+            feature_dim=dim,
+            target_model=pair.target_info.as_dict(),
+            features={"layers": [-1], "include_draft": include_draft},
+            thresholds={"quantiles": [0.2, 0.5, 0.8]},
+        )
+    )
     torch.manual_seed(seed)
     with torch.no_grad():
         head.net.weight.normal_(0, 0.3)
@@ -32,8 +37,17 @@ def _head(pair, bias: float = 0.0, include_draft: bool = False, seed: int = 0) -
 
 
 def _run(pair, ids, policy=None, gamma=4, n=40, **kw):
-    return decode(pair.target, pair.draft, ids, gamma=gamma, max_new_tokens=n, eos_ids=pair.eos_ids,
-                  vocab=pair.vocab_size, policy=policy, **kw)
+    return decode(
+        pair.target,
+        pair.draft,
+        ids,
+        gamma=gamma,
+        max_new_tokens=n,
+        eos_ids=pair.eos_ids,
+        vocab=pair.vocab_size,
+        policy=policy,
+        **kw,
+    )
 
 
 def _rand_verification(g=5, V=40, T=0.0, seed=0) -> Verification:
@@ -73,21 +87,41 @@ def test_rules_equal_their_naive_formulas(T):
 def test_rules_on_a_batch_of_proposals_equal_each_row_alone():
     """The batched decoder asks once for B proposals ([B, γ, ...]); each row must get its own answer."""
     rows = [_rand_verification(T=0.0, seed=s) for s in range(4)]
-    stacked = Verification(*(torch.stack([getattr(v, f) for v in rows]) for f in
-                             ("draft_tokens", "target_logits", "target_hidden", "draft_logits", "draft_hidden")), 0.0)
+    stacked = Verification(
+        *(
+            torch.stack([getattr(v, f) for v in rows])
+            for f in ("draft_tokens", "target_logits", "target_hidden", "draft_logits", "draft_hidden")
+        ),
+        0.0,
+    )
     head = JudgeHead(JudgeConfig(feature_dim=8, target_model={}, features={"layers": [-1], "include_draft": False}))
-    for name, t, kw in [("topk", 3, {}), ("typical", 0.3, {}), ("likelihood", 1.0, {}), ("kl", 2.0, {}),
-                        ("judge", 0.5, {"head": head})]:
+    for name, t, kw in [
+        ("topk", 3, {}),
+        ("typical", 0.3, {}),
+        ("likelihood", 1.0, {}),
+        ("kl", 2.0, {}),
+        ("judge", 0.5, {"head": head}),
+    ]:
         want = [_acc(name, t, v, **kw) for v in rows]
         assert _acc(name, t, stacked, **kw) == want and any(map(any, want)), name
 
 
 def test_strictest_equals_lossless_loosest_accepts_all(pair):
-    strict = [build_policy("lossless"), JudgeRule(0.0, _head(pair)), build_policy("topk", 1),
-              build_policy("typical", float("inf")), build_policy("likelihood", 0.0), build_policy("kl", 0.0)]
-    loose = [JudgeRule(1.0, _head(pair, bias=20.0)), build_policy("topk", pair.vocab_size),
-             build_policy("typical", 0.0), build_policy("likelihood", float("inf")),
-             build_policy("kl", float("inf"), options={"kl_strict_top1": 1.0})]
+    strict = [
+        build_policy("lossless"),
+        JudgeRule(0.0, _head(pair)),
+        build_policy("topk", 1),
+        build_policy("typical", float("inf")),
+        build_policy("likelihood", 0.0),
+        build_policy("kl", 0.0),
+    ]
+    loose = [
+        JudgeRule(1.0, _head(pair, bias=20.0)),
+        build_policy("topk", pair.vocab_size),
+        build_policy("typical", 0.0),
+        build_policy("likelihood", float("inf")),
+        build_policy("kl", float("inf"), options={"kl_strict_top1": 1.0}),
+    ]
     assert {type(p).__name__ for p in strict + loose} >= {"JudgeRule", "TopK", "Typical", "LikelihoodGap", "KLRule"}
     for q in PROMPTS:
         ids = format_prompt(pair.tokenizer, q)
@@ -102,8 +136,12 @@ def test_strictest_equals_lossless_loosest_accepts_all(pair):
 
 def test_lossy_rules_accept_more_as_they_loosen(pair):
     ids = format_prompt(pair.tokenizer, PROMPTS[1])
-    for name, ths in (("topk", [1, 3, 20]), ("likelihood", [0.0, 1.0, 4.0]), ("kl", [0.0, 0.5, 5.0]),
-                      ("typical", [float("inf"), 0.3, 0.01])):
+    for name, ths in (
+        ("topk", [1, 3, 20]),
+        ("likelihood", [0.0, 1.0, 4.0]),
+        ("kl", [0.0, 0.5, 5.0]),
+        ("typical", [float("inf"), 0.3, 0.01]),
+    ):
         # more accepted per proposal, or the same when nothing was left to accept
         rates = [(lambda st: st.accepted / st.proposed)(_run(pair, ids, build_policy(name, t))[1]) for t in ths]
         assert rates[0] <= rates[1] <= rates[2] and rates[2] > rates[0], (name, rates)
@@ -113,9 +151,20 @@ def test_judge_threshold_zero_equals_lossless_also_when_sampling(pair):
     ids = format_prompt(pair.tokenizer, PROMPTS[2])
     head = _head(pair)
     for T in (0.0, 0.9):
-        a = _run(pair, ids, None, temperature=T, generator=torch.Generator(next(pair.target.parameters()).device).manual_seed(3))
-        b = _run(pair, ids, JudgeRule(0.0, head), temperature=T,
-                 generator=torch.Generator(next(pair.target.parameters()).device).manual_seed(3))
+        a = _run(
+            pair,
+            ids,
+            None,
+            temperature=T,
+            generator=torch.Generator(next(pair.target.parameters()).device).manual_seed(3),
+        )
+        b = _run(
+            pair,
+            ids,
+            JudgeRule(0.0, head),
+            temperature=T,
+            generator=torch.Generator(next(pair.target.parameters()).device).manual_seed(3),
+        )
         assert a[0] == b[0] and a[1].accepted == b[1].accepted
 
 
@@ -138,8 +187,8 @@ def test_judge_reads_the_verify_pass_hidden_states(pair):
     committed = list(ids)
     d_tok, t_hid, d_hid = seen[0]
     full = torch.tensor([committed + d_tok.tolist()], device=dev)
-    t_ref = forward_with_hidden(pair.target, full, FeatureSpec(), use_cache=False).hidden[0, len(ids):]
-    d_ref = forward_with_hidden(pair.draft, full, FeatureSpec(), use_cache=False).hidden[0, len(ids) - 1:-1]
+    t_ref = forward_with_hidden(pair.target, full, FeatureSpec(), use_cache=False).hidden[0, len(ids) :]
+    d_ref = forward_with_hidden(pair.draft, full, FeatureSpec(), use_cache=False).hidden[0, len(ids) - 1 : -1]
     torch.testing.assert_close(t_hid, t_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(d_hid, d_ref, rtol=1e-4, atol=1e-4)
     feats = judge_features(t_hid, head_spec := FeatureSpec(include_draft=True), d_hid)
@@ -173,7 +222,9 @@ def test_registry_and_errors(pair, tmp_path):
     # heads that do not fit the loaded target
     info = pair.target_info.as_dict()
     H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
-    other = JudgeHead(JudgeConfig(feature_dim=H, target_model={**info, "name": "other", "fingerprint": "sha256:" + "0" * 64}))
+    other = JudgeHead(
+        JudgeConfig(feature_dim=H, target_model={**info, "name": "other", "fingerprint": "sha256:" + "0" * 64})
+    )
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"eval.judge_dir .*trained for target 'other'"):
         load_head(tmp_path / "other", info, H, Hd)

@@ -10,15 +10,20 @@ from selfjudge.generation import greedy_batch, greedy_batch_traced
 from selfjudge.models import format_prompt
 from selfjudge.scoring import label_rule, score_response, score_response_naive, tau_from_rule
 
-PROMPTS = ["how many apples does janet have?", "def sum list of int", "the price of 3 books is 12 dollars",
-           "tom eats eggs each day", "what is 7 * 8"]
+PROMPTS = [
+    "how many apples does janet have?",
+    "def sum list of int",
+    "the price of 3 books is 12 dollars",
+    "tom eats eggs each day",
+    "what is 7 * 8",
+]
 
 
 def _responses(pair, n_new=48):
     out = []
     for q in PROMPTS:
         ids = format_prompt(pair.tokenizer, q)
-        r = pair.target.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0, len(ids):].tolist()
+        r = pair.target.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0, len(ids) :].tolist()
         out.append((ids, r))
     return out
 
@@ -26,10 +31,12 @@ def _responses(pair, n_new=48):
 @pytest.fixture
 def attn(request):
     """Switch both models of a session pair to one attention implementation for one test."""
+
     def use(pair, impl: str):
         for m in (pair.target, pair.draft):
             m.set_attn_implementation(impl)
         request.addfinalizer(lambda: [m.set_attn_implementation("sdpa") for m in (pair.target, pair.draft)])
+
     return use
 
 
@@ -42,7 +49,9 @@ def test_fast_equals_naive(pair_name, variant, impl, request, attn):
     total = 0
     for window, packed in ((20, 2048), (5, 16)):  # 16 forces many packed chunks
         for ids, resp in _responses(pair):
-            a = score_response(pair.target, pair.draft, ids, resp, pair.vocab_size, window, variant, max_packed_tokens=packed)
+            a = score_response(
+                pair.target, pair.draft, ids, resp, pair.vocab_size, window, variant, max_packed_tokens=packed
+            )
             b = score_response_naive(pair.target, pair.draft, ids, resp, pair.vocab_size, window, variant)
             assert torch.equal(a.positions, b.positions) and torch.equal(a.draft_tokens, b.draft_tokens)
             assert torch.allclose(a.orig, b.orig, atol=1e-5) and torch.allclose(a.alt, b.alt, atol=1e-5)
@@ -55,7 +64,9 @@ def test_fast_equals_naive(pair_name, variant, impl, request, attn):
 
 
 @pytest.mark.parametrize("pair_name", ["tiny_pair", "llama_pair"])
-@pytest.mark.parametrize("spec", [FeatureSpec(), FeatureSpec(layers=(-1, 1), include_draft=True)], ids=["last", "layers+draft"])
+@pytest.mark.parametrize(
+    "spec", [FeatureSpec(), FeatureSpec(layers=(-1, 1), include_draft=True)], ids=["last", "layers+draft"]
+)
 def test_traced_equals_naive(pair_name, spec, request):
     """Scores read from the generation's own pass (batched, left-padded, rows ending at different
     steps) equal the naive oracle, and the trace holds exactly the prefix of each row."""
@@ -63,15 +74,26 @@ def test_traced_equals_naive(pair_name, spec, request):
     prompts = [format_prompt(pair.tokenizer, q) for q in PROMPTS]
     free = greedy_batch(pair.target, prompts, 40, [], pair.tokenizer.pad_token_id, pair.vocab_size)
     eos = [free[0][25], free[1][12]]  # two tokens of the free responses act as EOS: rows end at different steps
-    resps, traces = greedy_batch_traced(pair.target, prompts, 40, eos, pair.tokenizer.pad_token_id, pair.vocab_size, spec)
+    resps, traces = greedy_batch_traced(
+        pair.target, prompts, 40, eos, pair.tokenizer.pad_token_id, pair.vocab_size, spec
+    )
     assert resps == greedy_batch(pair.target, prompts, 40, eos, pair.tokenizer.pad_token_id, pair.vocab_size)
     assert len({len(r) for r in resps}) > 1  # some rows stop early: their cache must not include padding
     total = 0
     for ids, resp, tr in zip(prompts, resps, traces):
         assert tr.cache.get_seq_length() == len(ids) + len(resp) - 1 and tr.logp_chosen.shape == (len(resp),)
         for window, packed in ((20, 2048), (4, 12)):
-            a = score_response(pair.target, pair.draft, ids, resp, pair.vocab_size, window, spec=spec,
-                               max_packed_tokens=packed, trace=tr)
+            a = score_response(
+                pair.target,
+                pair.draft,
+                ids,
+                resp,
+                pair.vocab_size,
+                window,
+                spec=spec,
+                max_packed_tokens=packed,
+                trace=tr,
+            )
             b = score_response_naive(pair.target, pair.draft, ids, resp, pair.vocab_size, window, spec=spec)
             assert torch.equal(a.positions, b.positions)
             assert torch.allclose(a.orig, b.orig, atol=1e-5) and torch.allclose(a.alt, b.alt, atol=1e-5)
@@ -84,14 +106,23 @@ def test_traced_equals_naive(pair_name, spec, request):
 
 def test_trace_of_another_response_is_refused(tiny_pair):
     prompts = [format_prompt(tiny_pair.tokenizer, q) for q in PROMPTS[:2]]
-    resps, traces = greedy_batch_traced(tiny_pair.target, prompts, 12, [], tiny_pair.tokenizer.pad_token_id,
-                                        tiny_pair.vocab_size)
+    resps, traces = greedy_batch_traced(
+        tiny_pair.target, prompts, 12, [], tiny_pair.tokenizer.pad_token_id, tiny_pair.vocab_size
+    )
     with pytest.raises(ValueError, match="trace covers 12 tokens"):
-        score_response(tiny_pair.target, tiny_pair.draft, prompts[0], resps[0][:10], tiny_pair.vocab_size,
-                       trace=traces[0])
+        score_response(
+            tiny_pair.target, tiny_pair.draft, prompts[0], resps[0][:10], tiny_pair.vocab_size, trace=traces[0]
+        )
     with pytest.raises(ValueError, match=r"features.layers=\[-1, 1\]"):
-        score_response(tiny_pair.target, tiny_pair.draft, prompts[0], resps[0], tiny_pair.vocab_size,
-                       spec=FeatureSpec(layers=(-1, 1)), trace=traces[0])
+        score_response(
+            tiny_pair.target,
+            tiny_pair.draft,
+            prompts[0],
+            resps[0],
+            tiny_pair.vocab_size,
+            spec=FeatureSpec(layers=(-1, 1)),
+            trace=traces[0],
+        )
 
 
 def test_feature_options_match_naive(tiny_pair):

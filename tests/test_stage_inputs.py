@@ -30,8 +30,10 @@ PROMPTS = ["how many apples are left", "janet sells eggs at the market", "def su
 
 def _compose(run_dir: Path, cache_dir: Path, *extra: str):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        return compose("selfjudge", overrides=[
-            "experiment=tiny", f"run_dir={run_dir}", f"model.cache_dir={cache_dir}", "logger=none", *extra])
+        return compose(
+            "selfjudge",
+            overrides=["experiment=tiny", f"run_dir={run_dir}", f"model.cache_dir={cache_dir}", "logger=none", *extra],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +44,30 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def _eval_cfg(run_dir, cache_dir, prompts_file, *extra):
-    return _compose(run_dir, cache_dir, "eval.max_new_tokens=12", "eval.gamma=3", "eval.warmup=0",
-                    "dataset@eval.dataset=jsonl", f"eval.dataset.path={prompts_file}", "eval.dataset.id_field=id",
-                    "~eval.methods", "+eval.methods={judge:[0.5],topk:[2]}", *extra)
+    return _compose(
+        run_dir,
+        cache_dir,
+        "eval.max_new_tokens=12",
+        "eval.gamma=3",
+        "eval.warmup=0",
+        "dataset@eval.dataset=jsonl",
+        f"eval.dataset.path={prompts_file}",
+        "eval.dataset.id_field=id",
+        "~eval.methods",
+        "+eval.methods={judge:[0.5],topk:[2]}",
+        *extra,
+    )
 
 
 def _head(folder: Path, pair, bias: float) -> Path:
     """A logistic head that says P(important) ~ 1 (bias > 0: accepts nothing) or ~ 0 (bias < 0: accepts all)."""
-    head = JudgeHead(JudgeConfig(feature_dim=pair.target_info.hidden_size, target_model=pair.target_info.as_dict(),
-                                 thresholds={"quantiles": [0.5]}))
+    head = JudgeHead(
+        JudgeConfig(
+            feature_dim=pair.target_info.hidden_size,
+            target_model=pair.target_info.as_dict(),
+            thresholds={"quantiles": [0.5]},
+        )
+    )
     with torch.no_grad():
         head.net.weight.zero_()
         head.net.bias.fill_(bias)
@@ -93,11 +110,14 @@ def test_train_refuses_to_resume_on_data_regenerated_in_place(tmp_path):
         run(cfg)
 
 
-@pytest.mark.parametrize("override,key,close", [
-    ("+eval.gama=8", "eval.gama", "eval.gamma"),
-    ("+train.epoch=5", "train.epoch", "train.epochs"),
-    ("+data_gen.window_size=30", "data_gen.window_size", "data_gen.window"),
-])
+@pytest.mark.parametrize(
+    "override,key,close",
+    [
+        ("+eval.gama=8", "eval.gama", "eval.gamma"),
+        ("+train.epoch=5", "train.epoch", "train.epochs"),
+        ("+data_gen.window_size=30", "data_gen.window_size", "data_gen.window"),
+    ],
+)
 def test_unknown_keys_fail_before_work_naming_the_close_match(tmp_path, cache_dir, override, key, close):
     section = key.split(".")[0]
     runner = pipeline._stage_runner(section)
@@ -117,8 +137,12 @@ def test_pipeline_typo_keeps_finished_data_and_bad_eval_settings_fail_first(tmp_
     assert not list(run_dir.glob("data.replaced-*"))
 
     fresh = tmp_path / "fresh"
-    for bad, match in (("eval.gamma=0", "eval.gamma"), ("eval.methods.kl=[-1]", "eval.methods.kl"),
-                       ("+eval.gama=8", "eval.gama"), ("+eval.dataset.limitt=2", "limitt")):
+    for bad, match in (
+        ("eval.gamma=0", "eval.gamma"),
+        ("eval.methods.kl=[-1]", "eval.methods.kl"),
+        ("+eval.gama=8", "eval.gama"),
+        ("+eval.dataset.limitt=2", "limitt"),
+    ):
         with pytest.raises((ValueError, DatasetConfigError), match=match):
             pipeline.run(_compose(fresh, cache_dir, bad))
         assert not (fresh / "data").exists()
@@ -150,10 +174,20 @@ def test_eval_prompt_over_the_context_is_refused_by_id(tmp_path, cache_dir):
     from selfjudge.eval import stage
 
     p = tmp_path / "long.jsonl"
-    p.write_text(json.dumps({"prompt": "short", "id": "ok"}) + "\n"
-                 + json.dumps({"prompt": "apples and pears " * 800, "id": "too-long"}) + "\n")
-    cfg = _compose(tmp_path, cache_dir, "dataset@eval.dataset=jsonl", f"eval.dataset.path={p}", "eval.dataset.id_field=id",
-                   "eval.judge_dir=null")
+    p.write_text(
+        json.dumps({"prompt": "short", "id": "ok"})
+        + "\n"
+        + json.dumps({"prompt": "apples and pears " * 800, "id": "too-long"})
+        + "\n"
+    )
+    cfg = _compose(
+        tmp_path,
+        cache_dir,
+        "dataset@eval.dataset=jsonl",
+        f"eval.dataset.path={p}",
+        "eval.dataset.id_field=id",
+        "eval.judge_dir=null",
+    )
     with pytest.raises(ValueError, match="prompt '.*too-long'.*context"):
         stage.run(cfg)
     assert not (tmp_path / "eval" / "per_example.jsonl").exists()
@@ -164,9 +198,14 @@ def test_unwritable_run_dir_is_named_before_hydra_makes_folders(tmp_path, stage_
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", f"selfjudge.{stage_name}.main", "experiment=tiny",
-                        f"run_dir={blocker / 'run'}"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", f"selfjudge.{stage_name}.main", "experiment=tiny", f"run_dir={blocker / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert "run_dir" in out and "cannot write" in out and "NotADirectoryError" not in out, out[-2000:]

@@ -40,35 +40,38 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- scorers
-@pytest.mark.parametrize("text,ref,want", [
-    ("So she makes 9 * 2 = 18 dollars. The answer is 18.", "18", 1.0),
-    ("Step one gives 1,200.\n#### 1,234", "1234", 1.0),
-    ("Thus \\boxed{42} is it.", "42", 1.0),
-    ("The answer is: $18.00", "18", 1.0),
-    ("The answer is **7**.", "7", 1.0),
-    ("The answer is 18. Check: 18 + 2 = 20", "18", 1.0),   # the marked number, not the last one
-    ("We get 12 apples, then 15", "15", 1.0),               # no marker: the last number
-    ("She owes -5 dollars", "-5", 1.0),
-    ("Half: 0.50", ".5", 1.0),
-    ("The answer is 17.", "18", 0.0),
-    ("I cannot tell.", "18", 0.0),
-    # LaTeX and arithmetic in the answer (math-verify; these scored wrong before it)
-    ("So the total is \\boxed{1{,}000}.", "1000", 1.0),
-    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("The answer is 5 + 3 = 8", "8", 1.0),
-    ("The answer is $3/4$", "0.75", 1.0),
-    ("#### 18", "18", 1.0),
-    ("The answer is 72.", "72", 1.0),
-    ("First 2 + 2 = 4, so \\boxed{\\dfrac{3}{4}} of them", "0.75", 1.0),
-    ("The answer is \\(\\frac{9}{3}\\)", "3", 1.0),
-    ("The answer is 20 apples.", "20", 1.0),             # plain text: trailing unit words
-    ("The answer is 25%.", "25", 1.0),
-    ("\\boxed{\\frac{1}{3}}", "0.33", 0.0),              # equivalence, not rounding
-    ("The answer is 5 + 3 = 9", "8", 0.0),
-    ("\\boxed{1{,}001}", "1000", 0.0),
-    ("The answer is that she has 18 left.", "18", 1.0),  # unreadable as a value: its first number
-    ("Half of it: \\boxed{\\frac{1}{2}}", "\\frac{2}{4}", 1.0),   # a LaTeX reference
-])
+@pytest.mark.parametrize(
+    "text,ref,want",
+    [
+        ("So she makes 9 * 2 = 18 dollars. The answer is 18.", "18", 1.0),
+        ("Step one gives 1,200.\n#### 1,234", "1234", 1.0),
+        ("Thus \\boxed{42} is it.", "42", 1.0),
+        ("The answer is: $18.00", "18", 1.0),
+        ("The answer is **7**.", "7", 1.0),
+        ("The answer is 18. Check: 18 + 2 = 20", "18", 1.0),  # the marked number, not the last one
+        ("We get 12 apples, then 15", "15", 1.0),  # no marker: the last number
+        ("She owes -5 dollars", "-5", 1.0),
+        ("Half: 0.50", ".5", 1.0),
+        ("The answer is 17.", "18", 0.0),
+        ("I cannot tell.", "18", 0.0),
+        # LaTeX and arithmetic in the answer (math-verify; these scored wrong before it)
+        ("So the total is \\boxed{1{,}000}.", "1000", 1.0),
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("The answer is 5 + 3 = 8", "8", 1.0),
+        ("The answer is $3/4$", "0.75", 1.0),
+        ("#### 18", "18", 1.0),
+        ("The answer is 72.", "72", 1.0),
+        ("First 2 + 2 = 4, so \\boxed{\\dfrac{3}{4}} of them", "0.75", 1.0),
+        ("The answer is \\(\\frac{9}{3}\\)", "3", 1.0),
+        ("The answer is 20 apples.", "20", 1.0),  # plain text: trailing unit words
+        ("The answer is 25%.", "25", 1.0),
+        ("\\boxed{\\frac{1}{3}}", "0.33", 0.0),  # equivalence, not rounding
+        ("The answer is 5 + 3 = 9", "8", 0.0),
+        ("\\boxed{1{,}001}", "1000", 0.0),
+        ("The answer is that she has 18 left.", "18", 1.0),  # unreadable as a value: its first number
+        ("Half of it: \\boxed{\\frac{1}{2}}", "\\frac{2}{4}", 1.0),  # a LaTeX reference
+    ],
+)
 def test_number_scorer(text, ref, want):
     assert score_number(text, ref) == want
 
@@ -76,7 +79,7 @@ def test_number_scorer(text, ref, want):
 def test_number_normalisation_is_exact():
     assert normalize_number("1,000.50") == "1000.5"
     assert normalize_number("$18.00") == "18"
-    assert normalize_number("1234567.5") == "1234567.5"   # no float rounding
+    assert normalize_number("1234567.5") == "1234567.5"  # no float rounding
     assert normalize_number("-0.0") == "0"
     assert normalize_number("abc") is None
     assert extract_answer("no digits here") is None
@@ -84,17 +87,20 @@ def test_number_normalisation_is_exact():
         score_number("1", "n/a")
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Answer: C", "C"),
-    ("The correct answer is (B).", "B"),
-    ("**Answer:** D", "D"),
-    ("After some thought, (A) fits.", "A"),
-    ("B", "B"),
-    ("D. Because the rest are wrong", "D"),
-    ("the answer is option C", "C"),
-    ("It could be B or maybe C", None),    # two unmarked letters: no answer
-    ("I do not know", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Answer: C", "C"),
+        ("The correct answer is (B).", "B"),
+        ("**Answer:** D", "D"),
+        ("After some thought, (A) fits.", "A"),
+        ("B", "B"),
+        ("D. Because the rest are wrong", "D"),
+        ("the answer is option C", "C"),
+        ("It could be B or maybe C", None),  # two unmarked letters: no answer
+        ("I do not know", None),
+    ],
+)
 def test_letter_extraction(text, want):
     assert extract_letter(text) == want
 
@@ -106,11 +112,13 @@ def test_letter_scorer():
 
 
 def test_extract_code_picks_the_defining_block_and_drops_main():
-    text = ("Example:\n```python\nprint(f(1))\n```\nSolution:\n```python\ndef f(x):\n    return x + 1\n\n"
-            "if __name__ == '__main__':\n    print(f(2))\n```\n")
+    text = (
+        "Example:\n```python\nprint(f(1))\n```\nSolution:\n```python\ndef f(x):\n    return x + 1\n\n"
+        "if __name__ == '__main__':\n    print(f(2))\n```\n"
+    )
     assert extract_code(text, "f").strip() == "def f(x):\n    return x + 1"
     assert extract_code("```python\ndef g():\n    return 1", "g") == "def g():\n    return 1"  # unclosed fence
-    assert extract_code("    return x\n") == "    return x\n"                                  # raw body
+    assert extract_code("    return x\n") == "    return x\n"  # raw body
 
 
 # ------------------------------------------------------------------------------------------- gsm8k
@@ -129,6 +137,7 @@ def test_gsm8k_local_folder_and_file(gsm8k_dir):
 def test_gsm8k_seeded_shuffle_is_deterministic(gsm8k_dir):
     def cfg(seed):
         return {"name": "gsm8k", "path": str(gsm8k_dir), "split": "train", "limit": 20, "shuffle": True, "seed": seed}
+
     a, b, c = (_ids(build_task(cfg(s))) for s in (0, 0, 1))
     assert a == b and a != c and len(set(a)) == 20
     assert all(i.startswith("gsm8k/train/") for i in a)
@@ -138,6 +147,7 @@ def test_offset_takes_the_next_disjoint_slice(gsm8k_dir):
     def ids(name, **kw):
         base = {"gsm8k": {"path": str(gsm8k_dir), "split": "train", "shuffle": True, "seed": 0}}.get(name, {})
         return _ids(build_task({"name": name, **base, **kw}))
+
     for name in ("gsm8k", "gsm_symbolic"):
         whole, first, second = ids(name, limit=30), ids(name, limit=12), ids(name, limit=18, offset=12)
         assert first + second == whole and not set(first) & set(second)
@@ -148,7 +158,7 @@ def test_offset_takes_the_next_disjoint_slice(gsm8k_dir):
 
 
 def test_hub_source_offline_names_the_key():
-    hub_id = "selfjudge-tests/no-such-dataset"   # never cached: fails offline and online alike
+    hub_id = "selfjudge-tests/no-such-dataset"  # never cached: fails offline and online alike
     task = build_task({"name": "gsm8k", "hub_id": hub_id, "split": "test"})  # built lazily: no load yet
     with pytest.raises(DatasetConfigError, match=f"hub_id='{hub_id}'"):
         task.examples()
@@ -200,10 +210,10 @@ def test_humaneval_canonical_passes_wrong_fails(humaneval_rows):
     assert len(xs) == 164 and task.has_checker
     for hid in ("humaneval/0", "humaneval/10", "humaneval/53"):
         row, ex = humaneval_rows[hid], xs[hid]
-        assert task.score(ex, row["canonical_solution"]) == 1.0                 # body continuing the prompt
+        assert task.score(ex, row["canonical_solution"]) == 1.0  # body continuing the prompt
         head, _, rest = row["prompt"].partition(f"def {row['entry_point']}")
         reply = f"Sure:\n```python\ndef {row['entry_point']}{rest}{row['canonical_solution']}```\n"
-        assert task.score(ex, reply) == 1.0                                     # repeated signature, no imports
+        assert task.score(ex, reply) == 1.0  # repeated signature, no imports
         assert task.score(ex, "    return None\n") == 0.0
 
 
@@ -216,9 +226,13 @@ def test_humaneval_infinite_loop_times_out(humaneval_rows):
 
 
 def test_humaneval_program_keeps_prompt_helpers(humaneval_rows):
-    row = humaneval_rows["humaneval/10"]   # make_palindrome uses the prompt's is_palindrome helper
-    prog = humaneval_program(row["prompt"], f"```python\ndef make_palindrome(string: str) -> str:\n"
-                             f"{row['canonical_solution']}```", row["test"], row["entry_point"])
+    row = humaneval_rows["humaneval/10"]  # make_palindrome uses the prompt's is_palindrome helper
+    prog = humaneval_program(
+        row["prompt"],
+        f"```python\ndef make_palindrome(string: str) -> str:\n{row['canonical_solution']}```",
+        row["test"],
+        row["entry_point"],
+    )
     assert "def is_palindrome" in prog and prog.rstrip().endswith("check(make_palindrome)")
 
 
@@ -252,10 +266,12 @@ def test_sharegpt_first_user_turns():
 
 
 def test_json_array_reader_recovers_a_cut_off_file(tmp_path):
-    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i} " + "x" * i}]} for i in range(6)]
+    convs = [
+        {"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i} " + "x" * i}]} for i in range(6)
+    ]
     full = json.dumps(convs, indent=2)
     cut = tmp_path / "cut.json"
-    cut.write_text(full[: full.index('"c5"') + 10])                 # stops inside the last object
+    cut.write_text(full[: full.index('"c5"') + 10])  # stops inside the last object
     assert [o["id"] for o in iter_json_array(cut, chunk_chars=7)] == [f"c{i}" for i in range(5)]
     xs = build_task({"name": "sharegpt", "path": str(cut), "scan_limit": None}).examples()
     assert [x.id for x in xs] == [f"sharegpt/c{i}" for i in range(5)]
@@ -263,13 +279,24 @@ def test_json_array_reader_recovers_a_cut_off_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------- jsonl
 def test_jsonl_field_mapping_and_scoring(tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [
-        {"q": "What is 2+3?", "a": "5", "uid": "x1"},
-        {"q": "What is 10*10?", "a": "100", "uid": "x2"},
-        {"q": [{"role": "user", "content": "Say hi"}], "a": "0", "uid": "x3"},
-    ])
-    task = build_task({"name": "jsonl", "path": str(path), "prompt_field": "q", "answer_field": "a",
-                       "id_field": "uid", "scorer": "number"})
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"q": "What is 2+3?", "a": "5", "uid": "x1"},
+            {"q": "What is 10*10?", "a": "100", "uid": "x2"},
+            {"q": [{"role": "user", "content": "Say hi"}], "a": "0", "uid": "x3"},
+        ],
+    )
+    task = build_task(
+        {
+            "name": "jsonl",
+            "path": str(path),
+            "prompt_field": "q",
+            "answer_field": "a",
+            "id_field": "uid",
+            "scorer": "number",
+        }
+    )
     xs = task.examples()
     assert [x.id for x in xs] == ["jsonl/x1", "jsonl/x2", "jsonl/x3"]
     assert xs[0].prompt == "What is 2+3?" and xs[1].reference == "100"
@@ -296,11 +323,21 @@ def test_jsonl_errors_name_the_field(tmp_path):
 def test_mix_interleaves_evenly_and_dispatches(tmp_path):
     maths = _write_jsonl(tmp_path / "m.jsonl", [{"p": f"m{i}", "a": str(i)} for i in range(4)])
     chat = _write_jsonl(tmp_path / "c.jsonl", [{"p": f"c{i}"} for i in range(2)])
-    cfg = {"name": "mix", "system_prompt": "Be brief.", "sources": [
-        {"name": "jsonl", "path": str(maths), "prompt_field": "p", "answer_field": "a", "scorer": "number",
-         "system_prompt": "Maths."},
-        {"name": "jsonl", "path": str(chat), "prompt_field": "p"},
-    ]}
+    cfg = {
+        "name": "mix",
+        "system_prompt": "Be brief.",
+        "sources": [
+            {
+                "name": "jsonl",
+                "path": str(maths),
+                "prompt_field": "p",
+                "answer_field": "a",
+                "scorer": "number",
+                "system_prompt": "Maths.",
+            },
+            {"name": "jsonl", "path": str(chat), "prompt_field": "p"},
+        ],
+    }
     task = build_task(cfg)
     xs = task.examples()
     assert [x.prompt for x in xs] == ["m0", "c0", "m1", "m2", "c1", "m3"]
@@ -348,7 +385,7 @@ def _yaml(name: str) -> dict:
 @pytest.mark.parametrize("name", sorted(p.name for p in CONF.glob("*.yaml")))
 def test_every_dataset_yaml_lists_every_key_and_builds(name, tmp_path, gsm8k_dir):
     cfg = _yaml(name)
-    for c in [cfg, *cfg.get("sources", [])]:   # every key spelled out, none unknown
+    for c in [cfg, *cfg.get("sources", [])]:  # every key spelled out, none unknown
         assert set(c) == set(COMMON) | set(DEFAULTS[c["name"]]), f"{name}: {c['name']}"
     if cfg["name"] == "jsonl":
         cfg["path"] = str(_write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}]))

@@ -29,8 +29,18 @@ DIST_VARS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 def _cfg(run_dir: Path, *extra: str):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        return compose("selfjudge", overrides=[f"run_dir={run_dir}", "logger=none", "train.epochs=3", "train.batch_size=64",
-                                               "train.lr=0.05", "train.device=cpu", *extra])
+        return compose(
+            "selfjudge",
+            overrides=[
+                f"run_dir={run_dir}",
+                "logger=none",
+                "train.epochs=3",
+                "train.batch_size=64",
+                "train.lr=0.05",
+                "train.device=cpu",
+                *extra,
+            ],
+        )
 
 
 def _env() -> dict:
@@ -57,12 +67,18 @@ def test_every_head_parameter_changes_and_buffers_do_not(data_dir, tmp_path, kin
     before = _params(head)
     from selfjudge.train.stage import settings_from
 
-    s = settings_from(OmegaConf.to_container(_cfg(tmp_path, "train.epochs=2", "train.lr=0.01", "train.batch_size=32",
-                                                  f"train.data_dir={data_dir}"), resolve=True))
+    s = settings_from(
+        OmegaConf.to_container(
+            _cfg(tmp_path, "train.epochs=2", "train.lr=0.01", "train.batch_size=32", f"train.data_dir={data_dir}"),
+            resolve=True,
+        )
+    )
     res = train_head(head, data.train, data.val, s, tmp_path / "ck")
     for k, v in head.named_parameters():
         assert not torch.equal(v, before[k]), f"{kind}: {k} did not change"
-    assert torch.equal(head.mean, before["mean"]) and torch.equal(head.std, before["std"])  # frozen: set only by standardization
+    assert torch.equal(head.mean, before["mean"]) and torch.equal(
+        head.std, before["std"]
+    )  # frozen: set only by standardization
     assert torch.equal(head.mean, stats[0]) and head.mean.dtype == torch.float32
     assert res["global_steps"] == 2 * -(-len(data.train) // 32) and res["final"]["roc_auc"] > 0.7
 
@@ -89,8 +105,8 @@ def test_label_source_and_negatives(data_dir):
     aj = load_judge_data([str(data_dir)], "autojudge", True, 0.25, 0)
     pos = load_judge_data([str(data_dir)], "selfjudge", False, 0.25, 0)
     n = len(sj.train) + len(sj.val)
-    assert len(aj.train) + len(aj.val) == n // 2          # rows with autojudge_label -1 dropped
-    assert len(pos.train) + len(pos.val) == n // 2        # substituted rows only
+    assert len(aj.train) + len(aj.val) == n // 2  # rows with autojudge_label -1 dropped
+    assert len(pos.train) + len(pos.val) == n // 2  # substituted rows only
     assert set(aj.train[:]["label"].tolist()) == {0, 1}
 
 
@@ -101,9 +117,13 @@ def test_stage_writes_head_metrics_and_reloads_identically(data_dir, tmp_path):
     assert res["roc_auc"] > 0.7 and res["global_steps"] > 0
     head = JudgeHead.from_pretrained(tmp_path / "judge" / "head")
     c = head.config
-    assert set(c.thresholds) >= {"youden", "precision_at_recall_0.8", "quantiles"} and len(c.thresholds["quantiles"]) == 11
+    assert (
+        set(c.thresholds) >= {"youden", "precision_at_recall_0.8", "quantiles"} and len(c.thresholds["quantiles"]) == 11
+    )
     assert c.thresholds["quantiles"] == sorted(c.thresholds["quantiles"])
-    assert c.target_model["fingerprint"] == "sha256:" + "a" * 64 and c.feature_dim == DIM and c.label_source == "selfjudge"
+    assert (
+        c.target_model["fingerprint"] == "sha256:" + "a" * 64 and c.feature_dim == DIM and c.label_source == "selfjudge"
+    )
     assert c.extra["split"]["val_prompts"] and c.metrics["roc_auc"] == res["roc_auc"]
     m = json.loads((tmp_path / "judge" / "metrics.json").read_text())
     assert len(m["history"]) == 3 and m["final"]["roc_auc"] == res["roc_auc"] and "at_thresholds" in m["final"]
@@ -132,8 +152,12 @@ def test_ld_regression_head(data_dir, tmp_path):
     pred = head(x).double()
     assert c.ld_sigma == pytest.approx(float(((pred - ld) ** 2).mean().sqrt()), rel=1e-4)
     z = (pred - c.ld_tau) / c.ld_sigma
-    torch.testing.assert_close(head.predict_proba(x).double(), 0.5 * (1 + torch.erf(z / math.sqrt(2))), atol=1e-6, rtol=0)
-    assert roc_auc(data.val[:]["label"].numpy(), head.predict_proba(x).numpy()) == pytest.approx(res["roc_auc"], abs=1e-9)
+    torch.testing.assert_close(
+        head.predict_proba(x).double(), 0.5 * (1 + torch.erf(z / math.sqrt(2))), atol=1e-6, rtol=0
+    )
+    assert roc_auc(data.val[:]["label"].numpy(), head.predict_proba(x).numpy()) == pytest.approx(
+        res["roc_auc"], abs=1e-9
+    )
     with pytest.raises(ValueError, match="regress_ld needs the SelfJudge label"):
         JudgeConfig(feature_dim=4, objective="regress_ld")
 
@@ -190,8 +214,12 @@ def test_logistic_matches_sklearn(tmp_path):
     xt, yt = data.train[:]["features"].double().numpy(), data.train[:]["label"].numpy()
     xv, yv = data.val[:]["features"].double().numpy(), data.val[:]["label"].numpy()
     sc = StandardScaler().fit(xt)
-    best = max(roc_auc(yv, LogisticRegression(C=c, max_iter=5000).fit(sc.transform(xt), yt).predict_proba(sc.transform(xv))[:, 1])
-               for c in (1e-3, 1e-2, 0.1, 1.0, 10.0))
+    best = max(
+        roc_auc(
+            yv, LogisticRegression(C=c, max_iter=5000).fit(sc.transform(xt), yt).predict_proba(sc.transform(xv))[:, 1]
+        )
+        for c in (1e-3, 1e-2, 0.1, 1.0, 10.0)
+    )
     assert abs(ours - best) <= 0.01, (ours, best)
 
 
@@ -219,7 +247,9 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="size 16, but its manifest says feature_dim=32"):
         run(_cfg(tmp_path, f"train.data_dir={bad}"))
     layout = make_shards(tmp_path / "layout")
-    shards.write_manifest(layout, {**shards.read_manifest(layout), "features": {"layers": [-1, -2], "include_draft": False}})
+    shards.write_manifest(
+        layout, {**shards.read_manifest(layout), "features": {"layers": [-1, -2], "include_draft": False}}
+    )
     with pytest.raises(ValueError, match="feature_dim=16 does not match its features layout"):
         run(_cfg(tmp_path, f"train.data_dir={layout}"))
     empty = tmp_path / "empty"
@@ -232,7 +262,9 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="train.val_fraction"):
         load_judge_data([str(nolabel)], "selfjudge", True, 1.0, 0)
     for stage in (3, 7):
-        with pytest.raises(ValueError, match="deepspeed.zero_stage=.* choose deepspeed=zero0, deepspeed=zero1, deepspeed=zero2"):
+        with pytest.raises(
+            ValueError, match="deepspeed.zero_stage=.* choose deepspeed=zero0, deepspeed=zero1, deepspeed=zero2"
+        ):
             run(_cfg(tmp_path, f"train.data_dir={a}", f"deepspeed.zero_stage={stage}"))
 
 
@@ -257,12 +289,20 @@ def test_deepspeed_config_is_interpolated_from_train():
 def test_plain_python_launch_without_wandb(data_dir, tmp_path):
     """`python -m selfjudge.train.main` in a fresh process: sets its own rendezvous, DeepSpeed init is quick,
     and with logger=none wandb is never imported."""
-    code = ("import runpy, sys, time; t = time.perf_counter(); "
-            "sys.argv = ['main'] + sys.argv[1:]; runpy.run_module('selfjudge.train.main', run_name='__main__'); "
-            "assert 'wandb' not in sys.modules, 'wandb imported'; print('SECONDS', time.perf_counter() - t)")
+    code = (
+        "import runpy, sys, time; t = time.perf_counter(); "
+        "sys.argv = ['main'] + sys.argv[1:]; runpy.run_module('selfjudge.train.main', run_name='__main__'); "
+        "assert 'wandb' not in sys.modules, 'wandb imported'; print('SECONDS', time.perf_counter() - t)"
+    )
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, f"run_dir={tmp_path}", "logger=none", "train.epochs=1", "train.device=cpu"],
-                       cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code, f"run_dir={tmp_path}", "logger=none", "train.epochs=1", "train.device=cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "judge" / "head" / "judge_config.json").is_file()
     assert time.perf_counter() - t < 60, "DeepSpeed init took too long (shared-memory op JIT?)"
@@ -288,7 +328,9 @@ def test_wandb_offline_logs_config_table_and_artifact(data_dir, tmp_path):
     t = json.loads(table.read_text())
     assert t["columns"][:3] == ["prompt_id", "context", "target_token"] and len(t["data"]) == 5
     log = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run log: resolved config, metrics, artifact
-    assert b"val_fraction" in log and b"val/" in log and b"roc_auc" in log and b"judge-head-selfjudge" in log, sorted(files)
+    assert b"val_fraction" in log and b"val/" in log and b"roc_auc" in log and b"judge-head-selfjudge" in log, sorted(
+        files
+    )
 
 
 def test_sweep_config_and_best_head_selection(data_dir, tmp_path):
@@ -305,28 +347,64 @@ def test_sweep_config_and_best_head_selection(data_dir, tmp_path):
         job = sweep / str(i)
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- train.weight_decay={wd}\n")
-        aucs[i] = run(_cfg(tmp_path, f"train.weight_decay={wd}", "train.epochs=2", f"train.output_dir={job / 'judge'}"))["roc_auc"]
+        aucs[i] = run(
+            _cfg(tmp_path, f"train.weight_decay={wd}", "train.epochs=2", f"train.output_dir={job / 'judge'}")
+        )["roc_auc"]
     best = select_best(sweep, tmp_path / "judge" / "best")
-    assert best["roc_auc"] == max(aucs.values()) and best["overrides"] == [f"train.weight_decay={'0.0' if aucs[0] >= aucs[1] else '1000.0'}"]
+    assert best["roc_auc"] == max(aucs.values()) and best["overrides"] == [
+        f"train.weight_decay={'0.0' if aucs[0] >= aucs[1] else '1000.0'}"
+    ]
     head = JudgeHead.from_pretrained(tmp_path / "judge" / "best")
-    assert head.config.metrics["roc_auc"] == best["roc_auc"] and (tmp_path / "judge" / "best" / "selected.json").is_file()
+    assert (
+        head.config.metrics["roc_auc"] == best["roc_auc"] and (tmp_path / "judge" / "best" / "selected.json").is_file()
+    )
 
 
 @pytest.mark.slow
 def test_two_ranks_match_one(data_dir, tmp_path):
     """torchrun and the deepspeed launcher with 2 CPU ranks (gloo) reach the metrics of 1 rank within tolerance."""
-    args = [f"run_dir={tmp_path}", "logger=none", "train.epochs=4", "train.batch_size=32", "train.lr=0.05", "train.device=cpu"]
+    args = [
+        f"run_dir={tmp_path}",
+        "logger=none",
+        "train.epochs=4",
+        "train.batch_size=32",
+        "train.lr=0.05",
+        "train.device=cpu",
+    ]
     bindir = Path(sys.executable).parent
-    launches = {"one": [sys.executable, "-m", "selfjudge.train.main"],
-                "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "selfjudge.train.main"],
-                "deepspeed": [str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", "2", "--master_port",
-                              str(_free_port()), "--module", "selfjudge.train.main"]}
+    launches = {
+        "one": [sys.executable, "-m", "selfjudge.train.main"],
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "selfjudge.train.main",
+        ],
+        "deepspeed": [
+            str(bindir / "deepspeed"),
+            "--no_local_rank",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "--module",
+            "selfjudge.train.main",
+        ],
+    }
     env = {**_env(), "DS_ACCELERATOR": "cpu", "PATH": f"{bindir}:{os.environ['PATH']}"}
     m = {}
     for name, cmd in launches.items():
-        r = subprocess.run([*cmd, *args, f"train.output_dir={tmp_path / name}"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [*cmd, *args, f"train.output_dir={tmp_path / name}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
         m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert m["one"]["world_size"] == 1 and m["torchrun"]["world_size"] == 2 == m["deepspeed"]["world_size"]

@@ -1,10 +1,10 @@
 """selfjudge-train: fit the judge head on data_gen's shards with DeepSpeed.
 
-    selfjudge-train run_dir=runs/qwen                                   # one process (plain python)
-    torchrun --nproc_per_node=2 -m selfjudge.train.main run_dir=runs/qwen
-    deepspeed --no_local_rank --num_gpus 8 -m selfjudge.train.main run_dir=runs/qwen train.device=cuda
-    selfjudge-train -m +hparams_search=judge_grid run_dir=runs/qwen     # sweep, then:
-    python -m selfjudge.train.select runs/qwen/multirun/<time>          # best head -> runs/qwen/judge/best
+selfjudge-train run_dir=runs/qwen                                   # one process (plain python)
+torchrun --nproc_per_node=2 -m selfjudge.train.main run_dir=runs/qwen
+deepspeed --no_local_rank --num_gpus 8 -m selfjudge.train.main run_dir=runs/qwen train.device=cuda
+selfjudge-train -m +hparams_search=judge_grid run_dir=runs/qwen     # sweep, then:
+python -m selfjudge.train.select runs/qwen/multirun/<time>          # best head -> runs/qwen/judge/best
 """
 
 import hydra

@@ -30,9 +30,18 @@ def sweep_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
             continue
         job = mpath.parent.parent
         ov = job / ".hydra" / "overrides.yaml"
-        out.append({"job": str(job), "roc_auc": m["final"]["roc_auc"], "pr_auc": m["final"]["pr_auc"],
-                    "head_dir": m["head_dir"], "overrides": _overrides(ov),
-                    "judge": m.get("judge"), "lr": m.get("lr"), "weight_decay": m.get("weight_decay")})
+        out.append(
+            {
+                "job": str(job),
+                "roc_auc": m["final"]["roc_auc"],
+                "pr_auc": m["final"]["pr_auc"],
+                "head_dir": m["head_dir"],
+                "overrides": _overrides(ov),
+                "judge": m.get("judge"),
+                "lr": m.get("lr"),
+                "weight_decay": m.get("weight_decay"),
+            }
+        )
     if not out:
         raise FileNotFoundError(f"no finished sweep jobs (judge/metrics.json with a head) under '{sweep_dir}'")
     return out

@@ -27,19 +27,32 @@ from selfjudge.tasks.answers import (
 )
 from selfjudge.tasks.base import DatasetConfigError, Example, Task
 
-__all__ = ["DEFAULTS", "DatasetConfigError", "Example", "SCORERS", "Task", "build_task", "example_system_prompt",
-           "extract_code", "extract_letter", "extract_answer", "humaneval_program", "normalize_number",
-           "score_letter", "score_number"]
+__all__ = [
+    "DEFAULTS",
+    "DatasetConfigError",
+    "Example",
+    "SCORERS",
+    "Task",
+    "build_task",
+    "example_system_prompt",
+    "extract_code",
+    "extract_letter",
+    "extract_answer",
+    "humaneval_program",
+    "normalize_number",
+    "score_letter",
+    "score_number",
+]
 
 REQUIRED = "<required>"
 COMMON: dict[str, Any] = {
-    "name": REQUIRED,        # source name (a key of DEFAULTS)
-    "limit": None,           # max examples after the optional shuffle and offset (None: all)
-    "offset": 0,             # examples skipped after the shuffle (extends a run with new prompts)
-    "seed": 0,               # shuffle seed (gsm_symbolic: also the generator seed)
-    "shuffle": False,        # shuffle before taking the limit
-    "system_prompt": None,   # system message for every prompt (None: none)
-    "chat_template": True,   # apply the target's chat template
+    "name": REQUIRED,  # source name (a key of DEFAULTS)
+    "limit": None,  # max examples after the optional shuffle and offset (None: all)
+    "offset": 0,  # examples skipped after the shuffle (extends a run with new prompts)
+    "seed": 0,  # shuffle seed (gsm_symbolic: also the generator seed)
+    "shuffle": False,  # shuffle before taking the limit
+    "system_prompt": None,  # system message for every prompt (None: none)
+    "chat_template": True,  # apply the target's chat template
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
     "gsm8k": {"split": "test", "path": None, "hub_id": "openai/gsm8k"},
@@ -49,8 +62,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mt_bench": {"path": None, "categories": []},
     "sharegpt": {"path": None, "max_prompt_chars": 1500, "scan_limit": 5000},
     "jsonl": {"path": REQUIRED, "prompt_field": "prompt", "answer_field": None, "id_field": None, "scorer": "none"},
-    "hub": {"hub_id": REQUIRED, "subset": None, "split": "train", "prompt_field": REQUIRED, "answer_field": None,
-            "id_field": None, "scorer": "none"},
+    "hub": {
+        "hub_id": REQUIRED,
+        "subset": None,
+        "split": "train",
+        "prompt_field": REQUIRED,
+        "answer_field": None,
+        "id_field": None,
+        "scorer": "none",
+    },
     "mix": {"sources": REQUIRED},
 }
 
@@ -87,8 +107,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "answer_field": (_opt_str, "null or a field name"),
     "id_field": (_opt_str, "null or a field name"),
     "scorer": (lambda v: v == "none" or v in SCORERS, f"one of {['none', *SCORERS]}"),
-    "sources": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(s, Mapping) for s in v),
-                "a non-empty list of dataset configs"),
+    "sources": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(s, Mapping) for s in v),
+        "a non-empty list of dataset configs",
+    ),
 }
 
 
@@ -100,8 +122,9 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     schema = {**COMMON, **DEFAULTS[name]}
     unknown = sorted(set(cfg) - set(schema))
     if unknown:
-        raise DatasetConfigError(f"unknown key(s) {unknown} for dataset '{name}' (dataset.{unknown[0]}); "
-                                 f"allowed: {sorted(schema)}")
+        raise DatasetConfigError(
+            f"unknown key(s) {unknown} for dataset '{name}' (dataset.{unknown[0]}); allowed: {sorted(schema)}"
+        )
     out = {**schema, **dict(cfg)}
     for key, value in out.items():
         if value == REQUIRED or value == "???":
@@ -128,8 +151,10 @@ def _mix(cfg: dict) -> Task:
         except DatasetConfigError as e:
             raise DatasetConfigError(f"dataset.sources[{k}]: {e}") from e
         if task.chat_template != cfg["chat_template"]:
-            raise DatasetConfigError(f"dataset.sources[{k}].chat_template differs from the mix's dataset.chat_template "
-                                     "(one setting applies to the whole mix)")
+            raise DatasetConfigError(
+                f"dataset.sources[{k}].chat_template differs from the mix's dataset.chat_template "
+                "(one setting applies to the whole mix)"
+            )
         label = task.name if all(task.name != other for other, _ in subs) else f"{task.name}@{k}"
         subs.append((label, task))
     by_label = dict(subs)
@@ -154,9 +179,15 @@ def _mix(cfg: dict) -> Task:
 
 
 BUILDERS: dict[str, Callable[[dict], Task]] = {
-    "gsm8k": sources.gsm8k, "gsm_symbolic": sources.gsm_symbolic, "mmlu": sources.mmlu,
-    "humaneval": sources.humaneval, "mt_bench": sources.mt_bench, "sharegpt": sources.sharegpt,
-    "jsonl": sources.jsonl, "hub": sources.hub, "mix": _mix,
+    "gsm8k": sources.gsm8k,
+    "gsm_symbolic": sources.gsm_symbolic,
+    "mmlu": sources.mmlu,
+    "humaneval": sources.humaneval,
+    "mt_bench": sources.mt_bench,
+    "sharegpt": sources.sharegpt,
+    "jsonl": sources.jsonl,
+    "hub": sources.hub,
+    "mix": _mix,
 }
 
 

