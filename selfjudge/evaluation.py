@@ -41,6 +41,7 @@ from selfjudge.tasks import Example, Task
 
 log = logging.getLogger(__name__)
 
+OPTIONS_KEY = "eval.policy_options"  # how eval names the shared policy options in messages
 BASELINES = ("target", "draft", "lossless", "lossless_adaptive")  # method names taken by the always-run methods
 HEAD_DIR_KEYS = {"judge": "judge_dir", "autojudge": "autojudge_dir"}  # judge policy -> its default head key
 RECORDS = "per_example.jsonl"
@@ -119,7 +120,7 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
                             f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) cut), got {t!r}"
                         )
                 else:
-                    build_policy(policy, t, options=options)
+                    build_policy(policy, t, options=options, key=f"eval.methods.{name}", options_key=OPTIONS_KEY)
         out.append(MethodSpec(name, policy, ths, head_key))
     return tuple(out)
 
@@ -223,7 +224,14 @@ def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
                     "stores no thresholds.quantiles: list thresholds explicitly"
                 )
         for t in ths if isinstance(ths, (list, tuple)) else [ths]:
-            build_policy(spec.policy, t, head=heads.get(spec.head_key), options=s.policy_options)
+            build_policy(
+                spec.policy,
+                t,
+                head=heads.get(spec.head_key),
+                options=s.policy_options,
+                key=f"eval.methods.{spec.name}",
+                options_key=OPTIONS_KEY,
+            )
             grid.append(Method(spec.name, spec.policy, float(t), spec.head_key))
     return grid
 
@@ -443,7 +451,14 @@ def evaluate(
         return (
             None
             if m.policy in BASELINES
-            else build_policy(m.policy, m.threshold, head=heads.get(m.head_key), options=s.policy_options)
+            else build_policy(
+                m.policy,
+                m.threshold,
+                head=heads.get(m.head_key),
+                options=s.policy_options,
+                key=f"eval.methods.{m.name}",
+                options_key=OPTIONS_KEY,
+            )
         )
 
     adaptive = AdaptiveWindow(s.gamma)  # one schedule for the run: its costs carry over from the warm-up

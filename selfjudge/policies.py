@@ -84,14 +84,15 @@ class JudgeRule(Policy):
 
     name = "judge"
 
-    def __init__(self, threshold: float, head: JudgeHead | None = None, name: str = "judge", **_: Any):
-        t = _num(threshold, f"eval.methods.{name} threshold")
+    def __init__(
+        self, threshold: float, head: JudgeHead | None = None, name: str = "judge", key: str | None = None, **_: Any
+    ):
+        key = key or name
+        t = _num(threshold, f"{key} threshold")
         if not 0.0 <= t <= 1.0:
-            raise ValueError(f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) cut), got {t}")
+            raise ValueError(f"{key}: judge threshold must be in [0, 1] (a P(important) cut), got {t}")
         if head is None:
-            raise ValueError(
-                f"policy '{name}' needs a judge head folder (eval.judge_dir / eval.methods.{name}.head_dir)"
-            )
+            raise ValueError(f"{key}: policy '{name}' needs a judge head (a head folder trained by the train stage)")
         self.head, self.threshold, self.name = head, t, name
         self.feature_spec = FeatureSpec.from_mapping(head.config.features)
         self.needs_draft_hidden = self.feature_spec.include_draft
@@ -126,10 +127,10 @@ class TopK(Policy):
 
     name = "topk"
 
-    def __init__(self, threshold: float, **_: Any):
-        k = _num(threshold, "eval.methods.topk threshold")
+    def __init__(self, threshold: float, key: str = "topk", **_: Any):
+        k = _num(threshold, f"{key} threshold")
         if k < 1 or (not math.isinf(k) and int(k) != k):
-            raise ValueError(f"eval.methods.topk: k must be an integer >= 1, got {threshold}")
+            raise ValueError(f"{key}: k must be an integer >= 1, got {threshold}")
         self.threshold = k
 
     def accept(self, v: Verification) -> torch.Tensor | None:
@@ -149,14 +150,19 @@ class Typical(Policy):
 
     name = "typical"
 
-    def __init__(self, threshold: float, typical_alpha: float | None = None, **_: Any):
-        eps = _num(threshold, "eval.methods.typical threshold")
+    def __init__(
+        self,
+        threshold: float,
+        typical_alpha: float | None = None,
+        key: str = "typical",
+        options_key: str = "policy_options",
+        **_: Any,
+    ):
+        eps = _num(threshold, f"{key} threshold")
         if eps < 0:
-            raise ValueError(f"eval.methods.typical: epsilon must be >= 0, got {eps}")
+            raise ValueError(f"{key}: epsilon must be >= 0, got {eps}")
         self.threshold = eps
-        self.alpha = (
-            math.sqrt(eps) if typical_alpha is None else _num(typical_alpha, "eval.policy_options.typical_alpha")
-        )
+        self.alpha = math.sqrt(eps) if typical_alpha is None else _num(typical_alpha, f"{options_key}.typical_alpha")
 
     def accept(self, v: Verification) -> torch.Tensor | None:
         if math.isinf(self.threshold) and math.isinf(self.alpha):
@@ -173,10 +179,10 @@ class LikelihoodGap(Policy):
 
     name = "likelihood"
 
-    def __init__(self, threshold: float, **_: Any):
-        d = _num(threshold, "eval.methods.likelihood threshold")
+    def __init__(self, threshold: float, key: str = "likelihood", **_: Any):
+        d = _num(threshold, f"{key} threshold")
         if d < 0:
-            raise ValueError(f"eval.methods.likelihood: delta must be >= 0, got {d}")
+            raise ValueError(f"{key}: delta must be >= 0, got {d}")
         self.threshold = d
 
     def accept(self, v: Verification) -> torch.Tensor | None:
@@ -195,12 +201,19 @@ class KLRule(Policy):
     name = "kl"
     needs_draft_logits = True
 
-    def __init__(self, threshold: float, kl_strict_top1: float = 0.9, **_: Any):
-        d = _num(threshold, "eval.methods.kl threshold")
+    def __init__(
+        self,
+        threshold: float,
+        kl_strict_top1: float = 0.9,
+        key: str = "kl",
+        options_key: str = "policy_options",
+        **_: Any,
+    ):
+        d = _num(threshold, f"{key} threshold")
         if d < 0:
-            raise ValueError(f"eval.methods.kl: delta must be >= 0, got {d}")
+            raise ValueError(f"{key}: delta must be >= 0, got {d}")
         self.threshold = d
-        self.strict_top1 = _num(kl_strict_top1, "eval.policy_options.kl_strict_top1")
+        self.strict_top1 = _num(kl_strict_top1, f"{options_key}.kl_strict_top1")
 
     def accept(self, v: Verification) -> torch.Tensor | None:
         if self.threshold == 0:
@@ -211,20 +224,29 @@ class KLRule(Policy):
 
 
 def build_policy(
-    name: str, threshold: Any = None, *, head: JudgeHead | None = None, options: Mapping[str, Any] | None = None
+    name: str,
+    threshold: Any = None,
+    *,
+    head: JudgeHead | None = None,
+    options: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    options_key: str = "policy_options",
 ) -> Policy:
-    """A policy by registry name. ``head``: the judge head (judge/autojudge); ``options``: policy_options."""
+    """A policy by registry name. ``head``: the judge head (judge/autojudge); ``options``: shared policy
+    options (``OPTION_DEFAULTS``). ``key`` / ``options_key``: how the caller names the threshold's and the
+    options' settings in error messages (default: the policy name and ``policy_options``)."""
+    key = key or name
     if name not in POLICIES:
-        raise ValueError(f"unknown policy '{name}' (eval.methods.*.policy); known: {sorted(POLICIES)}")
+        raise ValueError(f"{key}: unknown policy '{name}'; known: {sorted(POLICIES)}")
     opts = {**OPTION_DEFAULTS, **dict(options or {})}
     unknown = sorted(set(opts) - set(OPTION_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown eval.policy_options key(s) {unknown}; known: {sorted(OPTION_DEFAULTS)}")
+        raise ValueError(f"unknown {options_key} key(s) {unknown}; known: {sorted(OPTION_DEFAULTS)}")
     if name == "lossless":
         return Policy()
     if POLICIES[name] is JudgeRule:
-        return JudgeRule(threshold, head=head, name=name)
-    return POLICIES[name](threshold, **opts)
+        return JudgeRule(threshold, head=head, name=name, key=key)
+    return POLICIES[name](threshold, key=key, options_key=options_key, **opts)
 
 
 def load_head(

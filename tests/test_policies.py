@@ -207,18 +207,27 @@ def test_registry_and_errors(pair, tmp_path):
     assert isinstance(build_policy("lossless"), Policy)
     with pytest.raises(ValueError, match=r"judge threshold must be in \[0, 1\]"):
         JudgeRule(1.5, _head(pair))
-    with pytest.raises(ValueError, match=r"eval.methods.autojudge: judge threshold must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"^autojudge: judge threshold must be in \[0, 1\]"):
         build_policy("autojudge", -0.1, head=_head(pair))
     with pytest.raises(ValueError, match="needs a judge head"):
         build_policy("judge", 0.5)
     with pytest.raises(ValueError, match="unknown policy 'medusa'"):
         build_policy("medusa", 1.0)
-    with pytest.raises(ValueError, match="eval.methods.topk: k must be an integer"):
+    with pytest.raises(ValueError, match="^topk: k must be an integer"):
         build_policy("topk", 2.5)
-    with pytest.raises(ValueError, match="eval.methods.likelihood: delta must be >= 0"):
+    with pytest.raises(ValueError, match="^likelihood: delta must be >= 0"):
         build_policy("likelihood", -1)
-    with pytest.raises(ValueError, match="unknown eval.policy_options"):
+    with pytest.raises(ValueError, match="unknown policy_options"):
         build_policy("kl", 1.0, options={"strict": 0.9})
+    # the caller names its own keys in the messages (the eval stage: eval.methods.<name>, eval.policy_options)
+    with pytest.raises(ValueError, match=r"^eval.methods.autojudge: judge threshold must be in \[0, 1\]"):
+        build_policy("autojudge", -0.1, head=_head(pair), key="eval.methods.autojudge")
+    with pytest.raises(ValueError, match="^eval.methods.kl_loose: delta must be >= 0"):
+        build_policy("kl", -1, key="eval.methods.kl_loose")
+    with pytest.raises(ValueError, match="unknown eval.policy_options"):
+        build_policy("kl", 1.0, options={"strict": 0.9}, options_key="eval.policy_options")
+    with pytest.raises(ValueError, match="eval.policy_options.typical_alpha must be a number"):
+        build_policy("typical", 0.1, options={"typical_alpha": "x"}, options_key="eval.policy_options")
     # heads that do not fit the loaded target
     info = pair.target_info.as_dict()
     H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
