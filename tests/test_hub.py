@@ -128,7 +128,8 @@ def test_load_dataset_reads_every_record_of_a_data_folder(tmp_path, cache_dir):
     # a copy elsewhere (as a hub download would be): the card alone tells datasets what to read
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
-    ds = datasets.load_dataset(str(copy), split="train")
+    # a private datasets cache: the global one is keyed by the folder name, and would serve an earlier run's rows
+    ds = datasets.load_dataset(str(copy), split="train", cache_dir=str(tmp_path / "hf-datasets-cache"))
     ref = [r for p in shards.list_shards(data, man) for r in pq.read_table(p).to_pylist()]
     assert ds.num_rows == len(ref) == man["counts"]["records"]
     key = lambda r: (r["prompt_id"], r["position"], r["substituted"])  # noqa: E731
