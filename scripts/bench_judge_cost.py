@@ -1,7 +1,7 @@
 """Cost of the judge per round as a share of the verify phase, per feature set, beside the KL rule.
 
     python scripts/bench_judge_cost.py                                   # real pair (qwen_coder_offline)
-    python scripts/bench_judge_cost.py --overrides model=tiny --tokens 48 --out /tmp/cost_tiny.json
+    python scripts/bench_judge_cost.py --overrides model=tiny --tokens 48 --out docs/bench/judge_cost_tiny.json
 
 Each feature set gets an MLP head (256 hidden) with random weights of the right input size (the cost
 does not depend on the weights) and a cut of 0 < c < 1, so the rule runs every round; ``decode`` reports

@@ -68,6 +68,24 @@ COLUMNS = (
 )
 
 
+# Arrow types of a data shard's record columns (the features column is added beside them)
+RECORD_TYPES = {
+    "prompt_id": pa.string(),
+    "task": pa.string(),
+    "prompt_ids": pa.list_(pa.int32()),
+    "response_ids": pa.list_(pa.int32()),
+    "position": pa.int32(),
+    "target_token": pa.int32(),
+    "draft_token": pa.int32(),
+    "substituted": pa.bool_(),
+    "orig": pa.float32(),
+    "alt": pa.float32(),
+    "ld": pa.float32(),
+    "label": pa.int8(),
+    "autojudge_label": pa.int8(),
+}
+
+
 def _tau(d: Any, prefix: str) -> dict:
     check_keys(d, ["mode", "value", "quantile"], prefix)
     return dict(d)
@@ -199,22 +217,7 @@ def to_table(rows: list[dict], feature_dtype: str, feature_dim: int) -> pa.Table
         )
         feature_dtype = "float32"
     flat = pa.array(feats.reshape(-1).astype(FEATURE_DTYPES[feature_dtype]))
-    types = {
-        "prompt_id": pa.string(),
-        "task": pa.string(),
-        "prompt_ids": pa.list_(pa.int32()),
-        "response_ids": pa.list_(pa.int32()),
-        "position": pa.int32(),
-        "target_token": pa.int32(),
-        "draft_token": pa.int32(),
-        "substituted": pa.bool_(),
-        "orig": pa.float32(),
-        "alt": pa.float32(),
-        "ld": pa.float32(),
-        "label": pa.int8(),
-        "autojudge_label": pa.int8(),
-    }
-    cols = {k: pa.array([r[k] for r in rows], t) for k, t in types.items()}
+    cols = {k: pa.array([r[k] for r in rows], t) for k, t in RECORD_TYPES.items()}
     cols["features"] = pa.FixedSizeListArray.from_arrays(flat, feature_dim)
     return pa.table({k: cols[k] for k in COLUMNS})
 

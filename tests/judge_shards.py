@@ -14,23 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from selfjudge import shards
+from selfjudge.labelling import RECORD_TYPES
 
 DIM = 16
-COLUMN_TYPES = {
-    "prompt_id": pa.string(),
-    "task": pa.string(),
-    "prompt_ids": pa.list_(pa.int32()),
-    "response_ids": pa.list_(pa.int32()),
-    "position": pa.int32(),
-    "target_token": pa.int32(),
-    "draft_token": pa.int32(),
-    "substituted": pa.bool_(),
-    "orig": pa.float32(),
-    "alt": pa.float32(),
-    "ld": pa.float32(),
-    "label": pa.int8(),
-    "autojudge_label": pa.int8(),
-}
+COLUMN_TYPES = RECORD_TYPES  # the one schema data_gen writes
 
 
 def make_shards(
