@@ -21,6 +21,7 @@ from selfjudge.locks import stage_lock
 from selfjudge.metrics import summary_rows
 from selfjudge.models import format_prompt, pair_from_mapping, runtime_line
 from selfjudge.policies import load_head
+from selfjudge.report import COLUMNS as REPORT_COLUMNS
 from selfjudge.report import write_report
 from selfjudge.tasks import build_task, example_system_prompt
 
@@ -160,18 +161,7 @@ def _log_wandb(plain: dict, rows: list[dict], head_dirs: dict[str, str]) -> None
             art = wandb.Artifact(name, type="model", metadata={"eval_key": f"eval.{key}"})
             art.add_dir(str(folder))
             run.use_artifact(art)
-    cols = [
-        "method",
-        "threshold",
-        "accuracy",
-        "agreement_exact",
-        "agreement_prefix",
-        "mean_accepted_length",
-        "acceptance_rate",
-        "tokens_per_s",
-        "speedup",
-        "accept_hist",
-    ]
+    cols = [*REPORT_COLUMNS, "accept_hist"]  # the report's columns, plus the histogram
     run.log(
         {
             "eval/results": wandb.Table(
