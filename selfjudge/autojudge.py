@@ -8,25 +8,33 @@ score of the regenerated answer differs from the score of ``y``. Two search orde
   undone and the search goes on along ``y``; an unimportant one is kept, so the search would go on
   along the regenerated response. Its later mismatches are not mismatches of ``y`` (their prefix
   holds ``d_i``), so they have no SelfJudge row to sit beside: the search stops there.
-- ``independent``: every mismatch judged against the same ``y`` (no carrying forward); all
-  regenerations of a response run as one batch.
+- ``independent``: every chosen mismatch judged against the same ``y`` (no carrying forward).
+  ``select`` chooses which: ``first`` (the first ``max_mismatches``) or ``spread`` (``max_mismatches``
+  spaced evenly over the response's mismatches: a sample of every position, and shorter
+  continuations on average than the first ones).
 
-Mismatches not reached (budget ``max_mismatches``, or past the sequential stop) keep -1.
+The regenerations dominate the cost. :func:`autojudge_labels_many` runs those of many responses
+together, ``batch_size`` rows per greedy batch grouped by continuation length (sequential: step ``j``
+of every response still searching), which keeps the CPU busier than a response's few rows alone.
+In float32 each label equals the one of an unbatched regeneration. Mismatches not reached (budget
+``max_mismatches``, not selected, or past the sequential stop) keep -1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from selfjudge.generation import greedy_batch
+from selfjudge.generation import fixed_batches, greedy_batch
 from selfjudge.models import ModelPair
 from selfjudge.tasks import Example, Task
 
 AUTOJUDGE_MODES = ("sequential", "independent")
+AUTOJUDGE_SELECT = ("first", "spread")
+KEYS = ("enabled", "mode", "select", "max_mismatches", "max_new_tokens", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -35,47 +43,105 @@ class AutoJudgeSettings:
     mode: str  # sequential | independent
     max_mismatches: int  # regenerations per response (cost bound)
     max_new_tokens: int  # tokens regenerated after a swap (also capped by the response's own budget)
+    select: str = "first"  # independent: first | spread (which mismatches get a label)
+    batch_size: int = 16  # regenerations per greedy batch (across responses)
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> AutoJudgeSettings:
-        keys = {"enabled", "mode", "max_mismatches", "max_new_tokens"}
-        if set(d) != keys:
-            raise KeyError(f"data_gen.autojudge needs exactly the keys {sorted(keys)}, got {sorted(d)}")
-        s = cls(bool(d["enabled"]), str(d["mode"]), int(d["max_mismatches"]), int(d["max_new_tokens"]))
+        if set(d) != set(KEYS):
+            raise KeyError(f"data_gen.autojudge needs exactly the keys {sorted(KEYS)}, got {sorted(d)}")
+        s = cls(
+            bool(d["enabled"]),
+            str(d["mode"]),
+            int(d["max_mismatches"]),
+            int(d["max_new_tokens"]),
+            str(d["select"]),
+            int(d["batch_size"]),
+        )
         if s.mode not in AUTOJUDGE_MODES:
             raise ValueError(f"data_gen.autojudge.mode must be one of {AUTOJUDGE_MODES}, got '{s.mode}'")
+        if s.select not in AUTOJUDGE_SELECT:
+            raise ValueError(f"data_gen.autojudge.select must be one of {AUTOJUDGE_SELECT}, got '{s.select}'")
+        if s.select == "spread" and s.mode != "independent":
+            raise ValueError("data_gen.autojudge.select=spread needs data_gen.autojudge.mode=independent")
         if s.max_mismatches < 0 or s.max_new_tokens < 0:
             raise ValueError("data_gen.autojudge.max_mismatches and max_new_tokens must be >= 0")
+        if s.batch_size < 1:
+            raise ValueError(f"data_gen.autojudge.batch_size must be >= 1, got {s.batch_size}")
         return s
 
 
-def _regenerate(
-    pair: ModelPair,
-    prompt: list[int],
-    response: list[int],
-    swaps: list[tuple[int, int]],
-    budget: int,
-    max_new_tokens: int,
-) -> list[list[int]]:
-    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (i, d_i), at most ``budget`` tokens long."""
-    caps = [0 if d in pair.eos_ids else max(0, min(max_new_tokens, budget - i - 1)) for i, d in swaps]
+class Labelled(NamedTuple):
+    """One response and its mismatches, the input of :func:`autojudge_labels_many`."""
+
+    example: Example
+    prompt: list[int]
+    response: list[int]
+    positions: list[int]
+    draft_tokens: list[int]
+
+
+def chosen(n: int, k: int, select: str) -> list[int]:
+    """Indices of the ``k`` of ``n`` mismatches that get a label: the first ``k`` or ``k`` spread evenly
+    (first and last included)."""
+    if k >= n:
+        return list(range(n))
+    if select == "first" or k <= 1:
+        return list(range(k))
+    return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
+
+
+def _regenerate(pair: ModelPair, swaps: list[tuple[list[int], list[int], int, int]], s: AutoJudgeSettings, budget: int):
+    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (prompt, y, i, d_i), at most ``budget`` tokens."""
+    caps = [0 if d in pair.eos_ids else max(0, min(s.max_new_tokens, budget - i - 1)) for _, _, i, d in swaps]
     todo = [j for j, c in enumerate(caps) if c > 0]
     regen: dict[int, list[int]] = {}
-    if todo:  # one batch; greedy is prefix-consistent, so each row is cut to its own cap afterwards
-        prefixes = [prompt + response[: swaps[j][0]] + [swaps[j][1]] for j in todo]
+    # batches of similar continuation length (greedy is prefix-consistent: each row is cut to its own cap)
+    for b in fixed_batches([-caps[j] for j in todo], s.batch_size, "data_gen.autojudge.batch_size"):
+        rows = [todo[k] for k in b]
+        prefixes = [swaps[j][0] + swaps[j][1][: swaps[j][2]] + [swaps[j][3]] for j in rows]
         outs = greedy_batch(
             pair.target,
             prefixes,
-            max(caps[j] for j in todo),
+            max(caps[j] for j in rows),
             pair.eos_ids,
             pair.tokenizer.pad_token_id,
             pair.vocab_size,
         )
-        regen = {j: o[: caps[j]] for j, o in zip(todo, outs)}
-    return [response[:i] + [d] + regen.get(j, []) for j, (i, d) in enumerate(swaps)]
+        regen.update({j: o[: caps[j]] for j, o in zip(rows, outs)})
+    return [y[:i] + [d] + regen.get(j, []) for j, (_, y, i, d) in enumerate(swaps)]
 
 
 @torch.no_grad()
+def autojudge_labels_many(
+    pair: ModelPair, task: Task, items: Sequence[Labelled], s: AutoJudgeSettings, budget: int
+) -> list[list[int]]:
+    """One label list per item (1 important, 0 not, -1 not computed), the regenerations of all items
+    batched together. ``budget``: the response length limit of the run (data_gen.max_new_tokens), so a
+    regenerated answer is never allowed more tokens than the original had."""
+    dec = pair.tokenizer.decode
+    labels = [[-1] * len(it.positions) for it in items]
+    base = [task.score(it.example, dec(it.response, skip_special_tokens=True)) for it in items]
+    # per item: the mismatch indices to label, in search order
+    plan = {
+        k: chosen(len(it.positions), s.max_mismatches, s.select)
+        for k, it in enumerate(items)
+        if base[k] is not None and it.positions
+    }
+    step = 0
+    while plan:
+        # independent: every planned swap at once; sequential: the next swap of each searching item
+        jobs = [(k, j) for k, js in plan.items() for j in (js if s.mode == "independent" else js[step : step + 1])]
+        swaps = [(items[k].prompt, items[k].response, items[k].positions[j], items[k].draft_tokens[j]) for k, j in jobs]
+        for (k, j), new in zip(jobs, _regenerate(pair, swaps, s, budget)):
+            labels[k][j] = int(task.score(items[k].example, dec(new, skip_special_tokens=True)) != base[k])
+        if s.mode == "independent":
+            break
+        step += 1  # sequential: an item stops at its first kept (label 0) swap or when its plan is done
+        plan = {k: js for k, js in plan.items() if step < len(js) and labels[k][js[step - 1]] == 1}
+    return labels
+
+
 def autojudge_labels(
     pair: ModelPair,
     task: Task,
@@ -87,24 +153,6 @@ def autojudge_labels(
     s: AutoJudgeSettings,
     budget: int,
 ) -> list[int]:
-    """One label per mismatch of ``response`` (1 important, 0 not, -1 not computed).
-
-    ``budget``: the response length limit of the run (data_gen.max_new_tokens), so a regenerated
-    answer is never allowed more tokens than the original had.
-    """
-    dec = pair.tokenizer.decode
-    labels = [-1] * len(positions)
-    base = task.score(example, dec(response, skip_special_tokens=True))
-    if base is None or not positions:
-        return labels
-    swaps = list(zip(positions, draft_tokens))[: s.max_mismatches]
-    if s.mode == "independent":
-        for j, new in enumerate(_regenerate(pair, prompt, response, swaps, budget, s.max_new_tokens)):
-            labels[j] = int(task.score(example, dec(new, skip_special_tokens=True)) != base)
-        return labels
-    for j, swap in enumerate(swaps):
-        new = _regenerate(pair, prompt, response, [swap], budget, s.max_new_tokens)[0]
-        labels[j] = int(task.score(example, dec(new, skip_special_tokens=True)) != base)
-        if labels[j] == 0:
-            break  # the swap is kept: the search leaves y
-    return labels
+    """The labels of one response (see :func:`autojudge_labels_many`)."""
+    item = Labelled(example, prompt, response, list(positions), list(draft_tokens))
+    return autojudge_labels_many(pair, task, [item], s, budget)[0]

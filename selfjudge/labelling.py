@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from selfjudge import shards
-from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
+from selfjudge.autojudge import KEYS as AUTOJUDGE_KEYS
+from selfjudge.autojudge import AutoJudgeSettings, Labelled, autojudge_labels_many
 from selfjudge.cards import write_dataset_card
 from selfjudge.features import FEATURE_KEYS, FeatureSpec
 from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_traced
@@ -97,7 +98,7 @@ def _features(d: Any, prefix: str) -> FeatureSpec:
 
 
 def _autojudge(d: Any, prefix: str) -> AutoJudgeSettings:
-    check_keys(d, ["enabled", "mode", "max_mismatches", "max_new_tokens"], prefix)
+    check_keys(d, AUTOJUDGE_KEYS, prefix)
     return AutoJudgeSettings.from_mapping(d)
 
 
@@ -283,41 +284,40 @@ def run_rank(
             resps, traces = greedy_batch_traced(pair.target, *gen_args, spec=s.features)
         else:
             resps, traces = greedy_batch(pair.target, *gen_args), [None] * len(batch)
+        scored = []
         for i, resp, trace in zip(batch, resps, traces):
-            ex, prompt = examples[i], prompts[i]
             extra = {"trace": trace} if trace is not None else {}
-            sc = score(
-                pair.target,
-                pair.draft,
-                prompt,
-                resp,
-                pair.vocab_size,
-                s.window,
-                s.score_variant,
-                s.features,
-                **kw,
-                **extra,
-            )
-            aj = [-1] * len(sc.positions)
-            if use_aj:
-                aj = autojudge_labels(
-                    pair,
-                    task,
-                    ex,
-                    prompt,
+            scored.append(
+                score(
+                    pair.target,
+                    pair.draft,
+                    prompts[i],
                     resp,
-                    sc.positions.tolist(),
-                    sc.draft_tokens.tolist(),
-                    s.autojudge,
-                    s.max_new_tokens,
+                    pair.vocab_size,
+                    s.window,
+                    s.score_variant,
+                    s.features,
+                    **kw,
+                    **extra,
                 )
-            buf.extend(records(ex, prompt, resp, sc, aj))
-            buf_ids.append(ex.id)
-            buf_tokens += len(resp)
-            n_new += len(resp)
+            )
+        traces = trace = extra = None  # free this batch's KV cache before the regenerations
+        items = [
+            Labelled(examples[i], prompts[i], resp, sc.positions.tolist(), sc.draft_tokens.tolist())
+            for i, resp, sc in zip(batch, resps, scored)
+        ]
+        if use_aj:  # the regenerations of the whole batch run together
+            ajs = autojudge_labels_many(pair, task, items, s.autojudge, s.max_new_tokens)
+        else:
+            ajs = [[-1] * len(it.positions) for it in items]
+        for it, sc, aj in zip(items, scored, ajs):
+            buf.extend(records(it.example, it.prompt, it.response, sc, aj))
+            buf_ids.append(it.example.id)
+            buf_tokens += len(it.response)
+            n_new += len(it.response)
             bar.update(1)
             bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.1f}")
-        traces = trace = extra = None  # free this batch's KV cache before the next batch is generated
+        scored = items = None
         if len(buf) >= s.shard_size:
             flush()
     if buf_ids:

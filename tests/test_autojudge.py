@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from selfjudge import shards
-from selfjudge.autojudge import AutoJudgeSettings, autojudge_labels
+from selfjudge.autojudge import AutoJudgeSettings, Labelled, autojudge_labels, autojudge_labels_many, chosen
 from selfjudge.data_gen.stage import run
 from selfjudge.models import format_prompt
 from selfjudge.scoring import score_response
@@ -72,9 +72,60 @@ def test_no_checker_gives_minus_one(tiny_pair):
 
 def test_settings_errors():
     with pytest.raises(ValueError, match="data_gen.autojudge.mode"):
-        AutoJudgeSettings.from_mapping({"enabled": True, "mode": "x", "max_mismatches": 1, "max_new_tokens": 1})
+        AutoJudgeSettings.from_mapping({**GOOD, "mode": "x"})
     with pytest.raises(KeyError, match="data_gen.autojudge"):
         AutoJudgeSettings.from_mapping({"enabled": True})
+    with pytest.raises(ValueError, match="data_gen.autojudge.select=spread needs data_gen.autojudge.mode=independent"):
+        AutoJudgeSettings.from_mapping({**GOOD, "mode": "sequential", "select": "spread"})
+    with pytest.raises(ValueError, match="data_gen.autojudge.select must be one of"):
+        AutoJudgeSettings.from_mapping({**GOOD, "select": "last"})
+    with pytest.raises(ValueError, match="data_gen.autojudge.batch_size must be >= 1"):
+        AutoJudgeSettings.from_mapping({**GOOD, "batch_size": 0})
+
+
+GOOD = {
+    "enabled": True,
+    "mode": "independent",
+    "select": "first",
+    "max_mismatches": 1,
+    "max_new_tokens": 1,
+    "batch_size": 4,
+}
+
+
+def test_chosen_first_and_spread():
+    assert chosen(10, 3, "first") == [0, 1, 2]
+    assert chosen(10, 3, "spread") == [0, 4, 9] or chosen(10, 3, "spread") == [0, 5, 9]
+    assert chosen(9, 3, "spread") == [0, 4, 8]
+    assert chosen(2, 5, "spread") == [0, 1] and chosen(7, 1, "spread") == [0] and chosen(0, 3, "first") == []
+    assert chosen(100, 8, "spread")[-1] == 99 and len(chosen(100, 8, "spread")) == 8
+
+
+QUESTIONS = ["tom eats 3 eggs each day, how many in a week?", "a shop sells 4 pens for 2 dollars", "hello there"]
+
+
+@pytest.mark.parametrize("mode,select", [("independent", "first"), ("independent", "spread"), ("sequential", "first")])
+def test_batched_across_responses_equals_each_alone(tiny_pair, mode, select):
+    """Regenerations of several responses batched together (batch_size 3, rows of different
+    responses in one batch) give each response the labels it gets alone, and those equal hand
+    regeneration at the chosen mismatches (fp32)."""
+    cases = [_case(tiny_pair, q) for q in QUESTIONS]
+    s = AutoJudgeSettings(enabled=True, mode=mode, max_mismatches=4, max_new_tokens=24, select=select, batch_size=3)
+    items = [Labelled(ex, prompt, resp, pos, dr) for task, ex, prompt, resp, pos, dr in cases]
+    many = autojudge_labels_many(tiny_pair, cases[0][0], items, s, budget=24)
+    for (task, ex, prompt, resp, pos, dr), got in zip(cases, many):
+        assert got == autojudge_labels(tiny_pair, task, ex, prompt, resp, pos, dr, s, budget=24)
+        if mode == "independent":
+            pick = chosen(len(pos), 4, select)
+            want = [-1] * len(pos)
+            for j in pick:
+                want[j] = _by_hand(tiny_pair, task, ex, prompt, resp, pos[j], dr[j], 24)
+        else:  # in order, up to and including the first kept swap
+            hand = [_by_hand(tiny_pair, task, ex, prompt, resp, i, d, 24) for i, d in zip(pos[:4], dr[:4])]
+            want = hand[: hand.index(0) + 1] if 0 in hand else hand
+            want = want + [-1] * (len(pos) - len(want))
+        assert got == want
+    assert sum(x != -1 for got in many for x in got) >= (6 if mode == "independent" else 3)
 
 
 def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
