@@ -25,6 +25,13 @@ substituted rows only: with the scalar features an original-token row (gap 0) is
 
     python scripts/bench_signals.py --data gsm8k=runs/sig_gsm8k/data mmlu=runs/sig_mmlu/data \\
         --out docs/bench/signals_real
+
+Answer-change labels are the costly part (a greedy continuation each), so they accumulate across runs
+and machines: ``--dump`` writes every mismatch's labels and rule scores (no features) with its key
+(prompt, response hash, position, draft token); ``--rows`` reads such files back. Their labels fill
+this run's mismatches with the same key (so a cheap data_gen without ``autojudge`` over the same prompts
+gets the heads its labels back wherever the target wrote the same response), and their rows of other
+prompts join a pooled table of the training-free scores.
 """
 
 from __future__ import annotations
@@ -68,7 +75,9 @@ def load_folder(folder: str) -> dict:
     ds, man = open_dataset(folder)
     sub = np.asarray(ds.with_format("numpy", columns=["substituted"])[:]["substituted"])
     idx = np.flatnonzero(sub)
-    rows = ds.select(idx).with_format("numpy", columns=["features", "label", "autojudge_label", "ld", "prompt_id"])[:]
+    cols = ["features", "label", "autojudge_label", "ld", "prompt_id", "position", "draft_token"]
+    rows = ds.select(idx).with_format("numpy", columns=cols)[:]
+    resp = ds.select(idx)["response_ids"]
     spec = FeatureSpec.from_mapping(man["features"])
     H, Hd = int(man["target_model"]["hidden_size"]), man["draft_model"].get("hidden_size")
     return {
@@ -77,6 +86,12 @@ def load_folder(folder: str) -> dict:
         "aj": np.asarray(rows["autojudge_label"]).astype(int),
         "ld": np.asarray(rows["ld"], dtype=np.float64),
         "prompt": np.asarray(rows["prompt_id"]).astype(str),
+        "key": np.array(
+            [
+                f"{p}|{response_sha(r)}|{int(i)}|{int(t)}"
+                for p, r, i, t in zip(rows["prompt_id"], resp, rows["position"], rows["draft_token"])
+            ]
+        ),
         "spec": spec,
         "H": H,
         "Hd": Hd,
@@ -84,6 +99,54 @@ def load_folder(folder: str) -> dict:
         "manifest": man,
         "folder": folder,
     }
+
+
+def response_sha(ids) -> str:
+    """A short content hash of a response's token ids: a mismatch's key is (prompt, response, position,
+    draft token), so a label from another run applies only where the target wrote the same response."""
+    return hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()[:16]
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    """Rows of earlier ``--dump`` files (labels and rule scores per mismatch; None = +inf)."""
+    import gzip
+
+    out = []
+    for path in paths:
+        with gzip.open(path, "rt") as f:
+            out += [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def merge_answer_labels(d: dict, rows: list[dict]) -> int:
+    """Answer-change labels of earlier runs for this run's mismatches without one (same key). Returns
+    how many were taken."""
+    known = {r["key"]: r["answer"] for r in rows if r.get("key") and r["answer"] >= 0}
+    n = 0
+    for i, k in enumerate(d["key"]):
+        if d["aj"][i] < 0 and k in known:
+            d["aj"][i] = known[k]
+            n += 1
+    return n
+
+
+def pooled(d: dict, dom: str, rows: list[dict], live_scores: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
+    """The training-free scores (and LD) against both labels over this run's mismatches plus the earlier
+    runs' rows of prompts this run does not hold: every answer-change label ever collected counts."""
+    old = [r for r in rows if r["domain"] == dom and r["prompt_id"] not in set(d["prompt"].tolist())]
+    y = {
+        "selfjudge": np.concatenate([d["sj"], [r["selfjudge"] for r in old]]).astype(int),
+        "answer": np.concatenate([d["aj"], [r["answer"] for r in old]]).astype(int),
+    }
+    groups = np.concatenate([d["prompt"], [r["prompt_id"] for r in old]]).astype(str)
+    res: dict = {label: {} for label in LABELS}
+    for k, v in live_scores.items():
+        name = k.removeprefix("rule:")
+        s = np.concatenate([v, [math.inf if r.get(name) is None else r[name] for r in old]]).astype(np.float64)
+        for label in LABELS:
+            keep = y[label] >= 0
+            res[label][k] = bootstrap(y[label][keep], s[keep], groups[keep], n_boot, seed)
+    return {"earlier_rows": len(old), "earlier_prompts": len({r["prompt_id"] for r in old}), "results": res}
 
 
 def resolve_set(name: str, stored: FeatureSpec) -> FeatureSpec | None:
@@ -333,7 +396,7 @@ def load_domain(spec: str) -> dict:
             raise ValueError(
                 f"'{p['folder']}' differs from '{d['folder']}' in feature layout or τ: one domain, one setup"
             )
-        for k in ("x", "sj", "aj", "ld", "prompt"):
+        for k in ("x", "sj", "aj", "ld", "prompt", "key"):
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
     return d
@@ -351,6 +414,7 @@ def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -
                     {
                         "domain": domain,
                         "prompt_id": str(d["prompt"][i]),
+                        "key": str(d["key"][i]),
                         "selfjudge": int(d["sj"][i]),
                         "answer": int(d["aj"][i]),
                         **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None for k, v in scores.items()},
@@ -370,11 +434,14 @@ def study(
     seed: int,
     epochs: int,
     dump: Path | None = None,
+    earlier: list[dict] | None = None,
 ) -> dict:
     train = [load_folder(f) for f in train_dirs]
+    earlier = earlier or []
     out: dict = {"domains": {}, "ablation": []}
     for dom, folder in domains.items():
         d = load_domain(folder)
+        merged = merge_answer_labels(d, earlier)
         scores = {f"rule:{k}": v for k, v in rule_scores(d).items()}
         if dump is not None:
             dump_rows(d, {k.removeprefix("rule:"): v for k, v in scores.items()}, dump, dom)
@@ -401,8 +468,13 @@ def study(
             "mismatches": len(d["sj"]),
             "answer_labelled": int((d["aj"] >= 0).sum()),
             "prompts": len(np.unique(d["prompt"])),
+            "answer_labels_from_earlier_rows": merged,
             "results": res,
         }
+        if earlier:
+            out["domains"][dom]["pooled"] = pooled(
+                d, dom, earlier, {k: v for k, v in scores.items() if k.startswith("rule:")}, n_boot, seed
+            )
         out["ablation"] += abl
     return out
 
@@ -431,6 +503,24 @@ def markdown(res: dict) -> str:
                 f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |"
             )
         lines.append("")
+        if "pooled" in d:
+            pl = d["pooled"]
+            lines += [
+                (
+                    f"#### {dom}, training-free scores over these rows and {pl['earlier_rows']} earlier rows "
+                    f"({pl['earlier_prompts']} other prompts)"
+                ),
+                "",
+                "| score | SelfJudge ROC-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
+                "|---|---|---|---|---|---|",
+            ]
+            psj, paj = pl["results"]["selfjudge"], pl["results"]["answer"]
+            for k in psj:
+                lines.append(
+                    f"| {k} | {_fmt(psj[k], 'roc_auc')} | {psj[k]['n']} ({psj[k]['positives']}) "
+                    f"| {_fmt(paj[k], 'roc_auc')} | {_fmt(paj[k], 'pr_auc')} | {paj[k]['n']} ({paj[k]['positives']}) |"
+                )
+            lines.append("")
     if res["ablation"]:
         lines += [
             "### Ablation (feature set × train label × head)",
@@ -466,6 +556,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--dump", action="store_true", help="also write <out>.rows.jsonl.gz: labels and rule scores per mismatch"
     )
+    ap.add_argument(
+        "--rows",
+        nargs="*",
+        default=[],
+        help="earlier --dump files: their answer-change labels fill this run's same mismatches, and their rows "
+        "of other prompts join a pooled table of the training-free scores",
+    )
     a = ap.parse_args(argv)
     bad = [s for s in a.sets if s not in FEATURE_SETS] + [h for h in a.heads if h not in HEADS]
     if bad:
@@ -480,9 +577,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dump = out.with_suffix(".rows.jsonl.gz") if a.dump else None
+    earlier = read_rows(a.rows)  # before the dump is replaced: it may be one of them
     if dump is not None and dump.exists():
         dump.unlink()
-    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump)
+    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump, earlier)
     res["settings"] = {
         **vars(a),
         "seconds": round(time.perf_counter() - t0, 1),

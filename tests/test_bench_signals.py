@@ -150,3 +150,53 @@ def test_folder_without_the_scalars_is_refused(tmp_path, cache_dir):
         _script().main(
             ["--data", f"x={tmp_path / 'data'}", "--heads", "logistic", "--sets", "h_i", "--out", str(tmp_path / "x")]
         )
+
+
+def test_earlier_rows_fill_answer_labels_and_join_the_pooled_table(folders, tmp_path):
+    """A later run takes an earlier dump's answer-change labels for the same mismatches (key: prompt,
+    response, position, draft token) and pools the earlier rows of other prompts for the rule scores."""
+    bs = _script()
+    common = ["--sets", "scalars", "--heads", "logistic", "--bootstrap", "0", "--epochs", "1", "--folds", "2"]
+    bs.main(["--data", f"tiny={folders['a']}", *common, "--dump", "--out", str(tmp_path / "first")])
+    with gzip.open(tmp_path / "first.rows.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    for k, r in enumerate(rows):  # pretend an earlier run labelled every mismatch, both classes
+        r["answer"] = k % 2
+    with gzip.open(tmp_path / "earlier.rows.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    live = bs.load_folder(str(folders["a"]))
+    unlabelled = int((live["aj"] < 0).sum())
+    assert unlabelled > 0 and len(set(live["key"])) == len(live["key"])
+    res = bs.main(
+        [
+            "--data",
+            f"tiny={folders['a']}",
+            *common,
+            "--rows",
+            str(tmp_path / "earlier.rows.jsonl.gz"),
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
+    dom = res["domains"]["tiny"]
+    assert dom["answer_labels_from_earlier_rows"] == unlabelled and dom["answer_labelled"] == len(rows)
+    assert dom["pooled"]["earlier_rows"] == 0  # the same prompts: nothing is counted twice
+    res = bs.main(
+        [
+            "--data",
+            f"tiny={folders['b']}",
+            *common,
+            "--rows",
+            str(tmp_path / "earlier.rows.jsonl.gz"),
+            "--out",
+            str(tmp_path / "p"),
+        ]
+    )
+    dom = res["domains"]["tiny"]
+    assert dom["answer_labels_from_earlier_rows"] == 0  # other prompts: no key matches
+    pooled = dom["pooled"]
+    assert pooled["earlier_rows"] == len(rows)
+    assert pooled["results"]["selfjudge"]["rule:kl"]["n"] == dom["mismatches"] + len(rows)
+    assert pooled["results"]["answer"]["rule:kl"]["n"] == dom["answer_labelled"] + len(rows)
+    assert 0.0 <= pooled["results"]["answer"]["rule:kl"]["roc_auc"] <= 1.0
+    assert "earlier rows" in (tmp_path / "p.md").read_text()
