@@ -25,7 +25,7 @@ from selfjudge.decoding import decode
 from selfjudge.generation import fixed_batches
 from selfjudge.io import code_version, write_json
 
-from bench_common import load_pair_and_prompts
+from bench_common import cpu_flags, load_pair_and_prompts
 
 
 def main() -> None:
@@ -87,7 +87,10 @@ def main() -> None:
         "what": "tokens/s of target-only and lossless SD at several batch sizes, one process",
         "target": pair.target_info.name,
         "draft": pair.draft_info.name,
-        "dtype": plain["model"]["dtype"],
+        "dtype": str(next(pair.target.parameters()).dtype).replace("torch.", ""),
+        "dtype_config": plain["model"]["dtype"],
+        "runtime": pair.runtime,  # the dtype and CPU kernels that ran, and why
+        "cpu": cpu_flags(),
         "device": str(next(pair.target.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "gamma": a.gamma,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import re
 import time
+from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -30,3 +34,12 @@ def load_pair_and_prompts(overrides: list[str], n_prompts: int, gsm8k: str | Non
         for ex in task.examples()
     ]
     return plain, pair, t_load, prompts
+
+
+def cpu_flags() -> dict:
+    """Model name and the SIMD flags that decide CPU matmul speed (lscpu-style)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.M) or [None, ""])[1].split())
+    model = (re.search(r"^model name\s*:\s*(.*)$", info, re.M) or [None, platform.processor()])[1]
+    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model, "cpus": os.cpu_count(), "flags": sorted(f for f in want if f in flags)}

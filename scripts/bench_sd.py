@@ -36,18 +36,9 @@ from selfjudge.decoding import decode
 from selfjudge.io import code_version, write_json
 from selfjudge.schedule import AdaptiveWindow
 
-from bench_common import load_pair_and_prompts
+from bench_common import cpu_flags, load_pair_and_prompts
 
 HF_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-
-
-def cpu_flags() -> dict:
-    """Model name and the SIMD flags that decide CPU matmul speed (lscpu-style)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.M) or [None, ""])[1].split())
-    model = (re.search(r"^model name\s*:\s*(.*)$", info, re.M) or [None, platform.processor()])[1]
-    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": model, "cpus": os.cpu_count(), "flags": sorted(f for f in want if f in flags)}
 
 
 def _hf(pair, ids: list[int], n: int, **kw) -> tuple[list[int], float]:
@@ -266,7 +257,7 @@ def _write(a, pair, plain, prompts, methods, res, outputs, meta, done: bool) -> 
         "draft": pair.draft_info.name,
         "dtype": str(next(pair.target.parameters()).dtype).replace("torch.", ""),
         "dtype_config": model_cfg.get("dtype"),
-        "kernels": model_cfg.get("kernels", "torch default"),
+        "runtime": pair.runtime,  # the dtype and CPU kernels that ran, and why
         "mkldnn": torch.backends.mkldnn.is_available(),
         "device": str(next(pair.target.parameters()).device),
         "torch_threads": torch.get_num_threads(),
@@ -300,7 +291,7 @@ def _write(a, pair, plain, prompts, methods, res, outputs, meta, done: bool) -> 
                     "schedules": scheds,
                     "cpu": summary["cpu"],
                     "dtype": summary["dtype"],
-                    "kernels": summary["kernels"],
+                    "kernels": summary["runtime"]["cpu_kernels"],
                     "loadavg": [summary["loadavg_start"], summary["loadavg_end"]],
                 },
                 indent=1,
