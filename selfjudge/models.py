@@ -35,9 +35,14 @@ NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 
 def native_bf16_cpu() -> str | None:
-    """The first CPU feature (as torch detects it) that computes bf16 natively, or None."""
+    """The first CPU feature (as torch detects it) that computes bf16 natively, or None. The x86 ones
+    count only while torch dispatches at AVX512 or above: ``ATEN_CPU_CAPABILITY=avx2`` (with
+    ``ONEDNN_MAX_CPU_ISA=AVX2``) makes such a CPU compute like an AVX2-only one, bf16 emulated."""
     caps = torch.cpu.get_capabilities()
-    return next((f for f in NATIVE_BF16_CPU_FEATURES if caps.get(f)), None)
+    feat = next((f for f in NATIVE_BF16_CPU_FEATURES if caps.get(f)), None)
+    if feat in ("avx512_bf16", "amx_bf16") and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return None
+    return feat
 
 
 def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
@@ -62,7 +67,10 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
     feat = native_bf16_cpu()
     if feat:
         return "bfloat16", f"auto: CPU with native bf16 ({feat})"
-    return "float32", "auto: CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 would be emulated, ~12x slower"
+    return "float32", (
+        "auto: CPU without native bf16 (no avx512_bf16/amx_bf16, or torch dispatch below AVX512): "
+        "bf16 would be emulated, ~12x slower"
+    )
 
 
 def default_cache_dir() -> Path:

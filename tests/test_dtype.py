@@ -17,8 +17,9 @@ from selfjudge.models import (
 )
 
 
-def _cpu(monkeypatch, **caps):
+def _cpu(monkeypatch, dispatch: str = "AVX512", **caps):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, **caps})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: dispatch)
 
 
 def _cuda(monkeypatch, bf16: bool):
@@ -38,6 +39,16 @@ def test_auto_on_a_cpu_with_native_bf16_is_bf16(monkeypatch, feature):
     _cpu(monkeypatch, **{feature: True})
     dtype, why = resolve_dtype("auto", "cpu")
     assert dtype == "bfloat16" and feature in why
+
+
+@pytest.mark.parametrize("feature", ["avx512_bf16", "amx_bf16"])
+def test_x86_bf16_does_not_count_when_torch_dispatches_avx2(monkeypatch, feature):
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 CPU: torch computes as on an AVX2-only CPU."""
+    _cpu(monkeypatch, dispatch="AVX2", **{feature: True})
+    dtype, why = resolve_dtype("auto", "cpu")
+    assert dtype == "float32" and "dispatch below AVX512" in why
+    _cpu(monkeypatch, dispatch="AVX2", bf16=True)  # ARM's feature does not depend on x86 dispatch
+    assert resolve_dtype("auto", "cpu")[0] == "bfloat16"
 
 
 def test_a_false_capability_does_not_count(monkeypatch):
