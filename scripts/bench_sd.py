@@ -17,6 +17,11 @@ whole run, the warm-up included. CPU flags, dtype, threads and load average go i
 HF assisted generation reads its window from the DRAFT's generation_config: ``hf@G`` sets
 num_assistant_tokens=G, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0;
 ``hf_dynamic`` clears the three (the library's defaults apply).
+
+The ``hf*`` methods run on our loaded modules, with the CPU kernels ``model.cpu_kernels`` chose for them:
+that compares the decoding engines alone. ``hfu@G``, ``hfu_dynamic`` and ``hfu_target`` run the same
+calls on a second copy of the pair loaded with ``model.cpu_kernels=default``: transformers as a user
+gets it out of the box (one more load, the pair's memory twice).
 """
 
 from __future__ import annotations
@@ -128,13 +133,19 @@ def main() -> None:
             )
         return toks, st.seconds
 
+    plain_pair = None
+    if any(m.startswith("hfu") for m in methods):  # transformers as a user gets it: torch's own kernels
+        plain_pair = load_pair_and_prompts([*a.overrides, "model.cpu_kernels=default"], 1, a.gsm8k)[1]
+
     def run(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
+        p = plain_pair if m.startswith("hfu") else pair
+        m = m.replace("hfu", "hf", 1)
         if m.startswith("hf@"):
-            return _hf_assisted(pair, ids, n, int(m[3:]))
+            return _hf_assisted(p, ids, n, int(m[3:]))
         if m == "hf_dynamic":
-            return _hf_assisted(pair, ids, n, None)
+            return _hf_assisted(p, ids, n, None)
         if m == "hf_target":
-            return _hf(pair, ids, n)
+            return _hf(p, ids, n)
         if m in ("target", "adaptive", "adaptive_cs") or re.fullmatch(r"sd@\d+", m):
             return ours(m, ids, n)
         raise SystemExit(f"unknown method '{m}' in --methods")
@@ -199,24 +210,24 @@ def _ratios(res: dict) -> dict:
     tps = {m: r["tokens_per_s"] for m, r in res.items()}
     out = {}
     fixed = {m: v for m, v in tps.items() if m.startswith("sd@")}
-    for m in ("adaptive", "adaptive_cs", *fixed, "hf_dynamic", *(x for x in tps if x.startswith("hf@"))):
+    hfs = [x for x in tps if x.startswith(("hf@", "hfu@"))]
+    for m in ("adaptive", "adaptive_cs", *fixed, "hf_dynamic", "hfu_dynamic", *hfs):
         if m in tps and "target" in tps:
             out[f"{m}/target"] = tps[m] / tps["target"]
     for m in ("adaptive", "adaptive_cs"):
         if m in tps and fixed:
             best = max(fixed, key=fixed.get)
             out[f"{m}/best_fixed({best})"] = tps[m] / fixed[best]
-        if m in tps and "hf_dynamic" in tps:
-            out[f"{m}/hf_dynamic"] = tps[m] / tps["hf_dynamic"]
-        for h in (x for x in tps if x.startswith("hf@")):
-            if m in tps:
+        for h in ("hf_dynamic", "hfu_dynamic", *hfs):
+            if m in tps and h in tps:
                 out[f"{m}/{h}"] = tps[m] / tps[h]
     for s in fixed:
-        h = "hf@" + s[3:]
-        if h in tps:
-            out[f"{s}/{h}"] = tps[s] / tps[h]
-    if "target" in tps and "hf_target" in tps:
-        out["target/hf_target"] = tps["target"] / tps["hf_target"]
+        for h in ("hf@" + s[3:], "hfu@" + s[3:]):
+            if h in tps:
+                out[f"{s}/{h}"] = tps[s] / tps[h]
+    for h in ("hf_target", "hfu_target"):
+        if "target" in tps and h in tps:
+            out[f"target/{h}"] = tps["target"] / tps[h]
     return out
 
 
