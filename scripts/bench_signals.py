@@ -64,6 +64,12 @@ FEATURE_SETS = {
     "scalars": {"layers": [-1], "state_offsets": [], "scalars": "all"},
     "h_i+scalars": {"layers": [-1], "state_offsets": [0], "scalars": "all"},
     "h_i-1,h_i+scalars": {"layers": [-1], "state_offsets": [-1, 0], "scalars": "all"},
+    # the set within the 2 % cost budget: states + the likelihood scalars (a max and a logsumexp)
+    "h_i-1,h_i+lik": {
+        "layers": [-1],
+        "state_offsets": [-1, 0],
+        "scalars": ["target_logp", "target_top1_logp", "target_gap"],
+    },
     "2layers,h_i-1,h_i+scalars": {"layers": "all", "state_offsets": [-1, 0], "scalars": "all"},
     "all+draft": {"layers": "all", "state_offsets": [-1, 0], "include_draft": True, "scalars": "all"},
 }
