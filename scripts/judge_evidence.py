@@ -1,0 +1,381 @@
+"""The issue-12 end-to-end evidence in one resumable command: three judges, validation sweeps, thresholds, evals.
+
+    python scripts/judge_evidence.py                                    # real offline pair on the CPU (hours)
+    python scripts/judge_evidence.py --device cuda                      # the same on a GPU (minutes)
+    python scripts/judge_evidence.py --gsm8k-dir data/gsm8k             # a local GSM8K copy (train/test.jsonl)
+    python scripts/judge_evidence.py --tiny                             # tiny random pair: the chain in seconds
+    python scripts/judge_evidence.py --dry-run                          # print the commands, run nothing
+    python scripts/judge_evidence.py -- model.dtype=bfloat16            # hydra overrides for every stage
+
+It only composes the existing commands (``selfjudge-pipeline`` per step, ``scripts/pick_thresholds.py``):
+
+1. judges (data_gen + train, one run folder each under the run root): ``judge_gsm8k`` on GSM8K train problems
+   (brief-reasoning prompt, fixed τ), ``autojudge_gsm8k`` trained with ``train.label_source=autojudge`` on the
+   same data folder (its data_gen also labels mismatches AutoJudge-style, independent, spread), and
+   ``judge_mix`` on ``default_mix`` (GSM-Symbolic + HumanEval train part + ShareGPT; no MMLU), all with the
+   feature layout of ``--features``;
+2. validation sweeps at γ, batched, on slices no eval reports (GSM8K train problems from 1024, MMLU questions
+   from 2048 of the seed-0 shuffle): lossless, kl, likelihood, typical and the three judges at their stored
+   ``head_quantiles``;
+3. ``scripts/pick_thresholds.py`` on each sweep: per rule the thresholds that bracket lossless accuracy;
+4. the evals on GSM8K test problems 0..N-1 (``gsm8k_test_brief``) and MMLU questions 0..N-1 at those
+   thresholds (a rule with nothing picked is left out, and said so).
+
+Resuming: a rerun skips every step whose output is finished (the pipeline's stage markers) and the stages
+resume their partial work. After each eval (also when stopped by Ctrl-C or SIGTERM) its records go to
+``<bench-dir>/<name>.per_example.jsonl.gz`` (deterministic gzip, rewritten only when they changed) with
+``<name>.eval_key.json`` beside it: commit both. At the start of a run, an eval folder without records gets
+them back from there, so that eval resumes instead of starting over, on this machine or another.
+
+Paths: every command runs in the repository root, so relative paths (run root, ``--gsm8k-dir``) are relative
+to it. Use relative paths: the records key hashes the dataset settings *including the path string*, so
+records resume only under the same string (``data/gsm8k`` on every machine, never ``/home/a/...``). The key
+also covers γ, max new tokens, batch size, seed, the model fingerprints, the dtype and (where not torch's
+default) the CPU kernel choice: pin ``model.dtype`` / ``model.cpu_kernels`` after ``--`` to share records
+between machines that would resolve them differently. Judge heads are not committed: a machine that trains
+them again gets other heads, and the judge rows of the sweeps and evals are decoded again (records are kept
+per head content); the rules' rows are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RECORDS, KEY_FILE = "per_example.jsonl", "eval_key.json"  # selfjudge.evaluation.RECORDS / KEY_FILE
+BRIEF_MATHS = "Solve the problem step by step, briefly. End with: The answer is <number>."
+BRIEF_MMLU = "Think step by step, briefly. End with: The answer is <letter>."
+FEATURES = (
+    "'data_gen.features.state_offsets=[-1,0]' 'data_gen.features.scalars=[target_logp,target_top1_logp,target_gap]'"
+)
+GRIDS = {"kl": "0.25,0.5,1,2", "likelihood": "0.5,1,2,3", "typical": "0.03,0.1,0.3"}
+# real pair / --tiny: sizes, and where the validation slices start (disjoint from the judges' and evals' prompts)
+SIZES = {
+    "real": dict(judge_prompts=512, val_prompts=64, eval_prompts=256, gamma=8, batch_size=64, gen_batch_size=32,
+                 max_new_tokens=512, tau="1.0901", mix="default_mix", run_root="runs/judge_evidence",
+                 bench_dir="docs/bench", gsm8k_val_offset=1024),
+    "tiny": dict(judge_prompts=16, val_prompts=4, eval_prompts=4, gamma=4, batch_size=4, gen_batch_size=4,
+                 max_new_tokens=24, tau="quantile", mix="quick_mix", run_root="runs/judge_evidence_tiny",
+                 bench_dir=None, gsm8k_val_offset=32),
+}  # fmt: skip
+MMLU_VAL_OFFSET = 2048
+
+
+def q(s: str) -> str:
+    """A hydra string value in quotes (system prompts, paths)."""
+    if '"' in s or "\\" in s:
+        raise SystemExit(f"judge_evidence: {s!r} holds a double quote or a backslash; use a path without them")
+    return f'"{s}"'
+
+
+def toy_gsm8k(folder: Path) -> Path:
+    """--tiny without --gsm8k-dir: a small GSM8K-format folder (train.jsonl, test.jsonl). Answers are 0, 2 or 5:
+    the random tiny pair writes such digits often enough that AutoJudge labels (answer changed by a swap) get
+    both classes, which its head needs (GSM-Symbolic or MMLU give it none)."""
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("test", 16)):
+        rows = []
+        for _ in range(n):
+            k = rng.choice([0, 2, 5])
+            a, who, what = k + rng.randint(1, 30), rng.choice(["Tom", "Ann", "Kim"]), rng.choice(["pens", "eggs"])
+            text = f"{who} has {a} {what} and gives away {a - k}. How many {what} are left?"
+            rows.append(json.dumps({"question": text, "answer": f"{a} - {a - k} = {k}\n#### {k}"}) + "\n")
+        path = folder / f"{split}.jsonl"
+        if not path.is_file() or path.read_text() != "".join(rows):
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(rows))
+    return folder
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="experiment=tiny, tiny sizes, toy GSM8K data (tests)")
+    ap.add_argument("--device", default="cpu", help="model.device: cpu | cuda | cuda:N (default cpu)")
+    ap.add_argument("--model", default="qwen_coder_offline", help="model config (conf/model/); --tiny: tiny")
+    ap.add_argument("--gsm8k-dir", default=None, help="folder with train.jsonl and test.jsonl, repo-relative "
+                    "(default: the hub, openai/gsm8k; --tiny: a toy folder under the run root)")  # fmt: skip
+    ap.add_argument("--run-root", default=None, help="run folders go here (default runs/judge_evidence[_tiny])")
+    ap.add_argument("--bench-dir", default=None, help="compressed records (default docs/bench; --tiny: <root>/bench)")
+    for name, what in (
+        ("judge-prompts", "training prompts per judge (512)"),
+        ("val-prompts", "validation problems per task (64)"),
+        ("eval-prompts", "eval problems per task, N (256)"),
+        ("gamma", "draft window γ (8)"),
+        ("batch-size", "eval.batch_size (64)"),
+        ("gen-batch-size", "data_gen.batch_size (32)"),
+        ("max-new-tokens", "new tokens per response, data_gen and eval (512)"),
+    ):
+        ap.add_argument(f"--{name}", type=int, default=None, help=what)
+    ap.add_argument("--tau", default=None, help="data_gen τ: a number, or 'quantile' (default 1.0901; --tiny quantile)")
+    ap.add_argument("--features", default=FEATURES, help=f"data_gen.features overrides (default {FEATURES})")
+    for rule, grid in GRIDS.items():
+        ap.add_argument(f"--{rule}", default=grid, help=f"{rule} thresholds of the validation sweep ({grid})")
+    ap.add_argument("--max-loss", type=float, default=0.02, help="pick_thresholds --max-loss (0.02: 2 points)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides appended to every stage command (after --)")
+    args = ap.parse_args(argv)
+    for k, v in SIZES["tiny" if args.tiny else "real"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.bench_dir is None:
+        args.bench_dir = f"{args.run_root}/bench"
+    for k in [k for k, v in SIZES["real"].items() if isinstance(v, int)]:
+        if getattr(args, k) < 1:
+            raise SystemExit(f"judge_evidence: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if args.judge_prompts > args.gsm8k_val_offset:  # the judges take GSM8K train problems 0.. of the same shuffle
+        raise SystemExit(
+            f"judge_evidence: --judge-prompts {args.judge_prompts} would reach the validation problems, which "
+            f"start at {args.gsm8k_val_offset}: use at most {args.gsm8k_val_offset}"
+        )
+    return args
+
+
+class Plan:
+    """The steps' commands, from the arguments."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.a, self.root = a, Path(a.run_root)
+        self.toy = a.tiny and a.gsm8k_dir is None
+        if self.toy:
+            a.gsm8k_dir = str(self.root / "toy_gsm8k")
+        if a.gsm8k_dir and Path(a.gsm8k_dir).is_absolute():
+            print(f"judge_evidence: note: --gsm8k-dir {a.gsm8k_dir} is absolute; its records resume only where the "
+                  "same path string is used (a repo-relative path works on every machine)", flush=True)  # fmt: skip
+        self.base = (["experiment=tiny"] if a.tiny else [f"model={a.model}"]) + [f"model.device={a.device}"]
+        self.heads = {
+            "judge_gsm8k": self.root / "judge_gsm8k" / "judge" / "head",
+            "autojudge_gsm8k": self.root / "judge_gsm8k" / "autojudge" / "head",
+            "judge_mix": self.root / "judge_mix" / "judge" / "head",
+        }
+
+    def _gsm8k(self, section: str, config: str) -> list[str]:
+        path = [f"{section}.dataset.path={q(self.a.gsm8k_dir)}"] if self.a.gsm8k_dir else []
+        return [f"dataset@{section}.dataset={config}", *path, f"{section}.dataset.system_prompt={q(BRIEF_MATHS)}"]
+
+    def judges(self) -> list[tuple[str, list[str]]]:
+        """(name, pipeline overrides) of the three judges: data_gen + train."""
+        a = self.a
+        tau = (
+            ["data_gen.tau.mode=quantile"]
+            if a.tau == "quantile"
+            else ["data_gen.tau.mode=value", f"data_gen.tau.value={a.tau}"]
+        )
+        features = shlex.split(a.features)
+        scalars = [f.split("=", 1)[1] for f in features if f.startswith("data_gen.features.scalars=")]
+        negatives = "false" if scalars and scalars[-1].replace(" ", "") != "[]" else "true"  # gap 0 rows: trivial
+        common = [
+            "pipeline.stages=[data_gen,train]",
+            f"data_gen.max_new_tokens={a.max_new_tokens}",
+            f"data_gen.batch_size={a.gen_batch_size}",
+            f"data_gen.dataset.limit={a.judge_prompts}",
+            "data_gen.dataset.offset=0",
+            *tau,
+            *features,
+            f"train.use_negatives={negatives}",
+        ]
+        gsm8k = [
+            f"run_dir={self.root / 'judge_gsm8k'}",
+            *self._gsm8k("data_gen", "gsm8k_train"),
+            *common,
+            "data_gen.autojudge.enabled=true",
+            "data_gen.autojudge.mode=independent",
+            "data_gen.autojudge.select=spread",
+        ]
+        return [
+            ("judge_gsm8k", gsm8k),
+            ("autojudge_gsm8k", [*gsm8k, "train.label_source=autojudge", "train.output_dir=${run_dir}/autojudge"]),
+            (
+                "judge_mix",
+                [
+                    f"run_dir={self.root / 'judge_mix'}",
+                    f"dataset@data_gen.dataset={a.mix}",
+                    f"data_gen.dataset.sources.0.system_prompt={q(BRIEF_MATHS)}",  # its maths source, as GSM8K's
+                    *common,
+                ],
+            ),
+        ]
+
+    def evals(self) -> dict[str, tuple[str, list[str]]]:
+        """name -> (validation sweep it takes thresholds from, or ''; pipeline overrides)."""
+        a = self.a
+        methods = {rule: f"[{getattr(a, rule)}]" for rule in GRIDS}
+        methods.update(
+            {m: f"{{policy:judge,thresholds:head_quantiles,head_dir:{q(str(d))}}}" for m, d in self.heads.items()}
+        )
+        common = [
+            "pipeline.stages=[eval]",
+            "eval.judge_dir=null",
+            "eval.autojudge_dir=null",
+            f"eval.gamma={a.gamma}",
+            f"eval.batch_size={a.batch_size}",
+            f"eval.max_new_tokens={a.max_new_tokens}",
+            "~eval.methods",
+            "+eval.methods={" + ",".join(f"{k}:{v}" for k, v in methods.items()) + "}",
+        ]
+        mmlu = ["dataset@eval.dataset=mmlu", f"eval.dataset.system_prompt={q(BRIEF_MMLU)}"]
+        slices = {
+            "val_gsm8k": ("", [*self._gsm8k("eval", "gsm8k_train"), f"eval.dataset.offset={a.gsm8k_val_offset}"]),
+            "val_mmlu": ("", [*mmlu, f"eval.dataset.offset={MMLU_VAL_OFFSET}"]),
+            "eval_gsm8k": ("val_gsm8k", [*self._gsm8k("eval", "gsm8k_test_brief"), "eval.dataset.offset=0"]),
+            "eval_mmlu": ("val_mmlu", [*mmlu, "eval.dataset.offset=0"]),
+        }
+        return {
+            name: (
+                val,
+                [
+                    f"run_dir={self.root / name}",
+                    *common,
+                    *ds,
+                    f"eval.dataset.limit={a.eval_prompts if val else a.val_prompts}",
+                ],
+            )
+            for name, (val, ds) in slices.items()
+        }
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / name / "eval"
+
+    def bench_name(self, name: str) -> str:
+        return f"evidence_{name}_g{self.a.gamma}_b{self.a.batch_size}"
+
+    def command(self, overrides: list[str]) -> list[str]:
+        return [sys.executable, "-m", "selfjudge.pipeline.main", *self.base, *overrides, *self.a.overrides]
+
+
+def bench_files(bench: Path, name: str) -> tuple[Path, Path]:
+    return bench / f"{name}.per_example.jsonl.gz", bench / f"{name}.{KEY_FILE}"
+
+
+def archive(eval_dir: Path, bench: Path, name: str) -> None:
+    """The eval's records, gzipped (no name or time in the header, so equal records give equal bytes), and its
+    key beside them; files are rewritten only when their content changed."""
+    from selfjudge.io import atomic_write_bytes
+
+    src, key = eval_dir / RECORDS, eval_dir / KEY_FILE
+    if not src.is_file() or not key.is_file():
+        return
+    gz, key_out = bench_files(bench, name)
+    data = src.read_bytes()
+    if not gz.is_file() or gzip.decompress(gz.read_bytes()) != data:
+        atomic_write_bytes(gz, gzip.compress(data, mtime=0))
+        n = data.count(b"\n")
+        print(f"judge_evidence: {name}: {n} records -> {gz} (commit it with {key_out.name})", flush=True)
+    if not key_out.is_file() or key_out.read_bytes() != key.read_bytes():
+        atomic_write_bytes(key_out, key.read_bytes())
+
+
+def restore(eval_dir: Path, bench: Path, name: str, dataset_path: str | None) -> bool:
+    """Committed records back into an eval folder that has none (and their key beside them): the eval resumes."""
+    from selfjudge.io import atomic_write_bytes
+
+    dst = eval_dir / RECORDS
+    gz, key = bench_files(bench, name)
+    if (dst.is_file() and dst.stat().st_size) or not gz.is_file():
+        return False
+    if not key.is_file():
+        raise SystemExit(
+            f"judge_evidence: {gz} has no {key.name} beside it: without the key the eval would set the records "
+            f"aside; commit {key.name} from the machine that made them, or delete {gz.name} to start {name} over"
+        )
+    made_with = (json.loads(key.read_text()).get("dataset") or {}).get("path")
+    if made_with != dataset_path:
+        raise SystemExit(
+            f"judge_evidence: {gz.name} was decoded with dataset path {made_with!r}, this run uses {dataset_path!r}: "
+            f"the eval would set those records aside. Pass --gsm8k-dir {made_with or '(none: the hub)'} "
+            "(the same string), or delete the committed files to start over"
+        )
+    atomic_write_bytes(eval_dir / KEY_FILE, key.read_bytes())
+    atomic_write_bytes(dst, gzip.decompress(gz.read_bytes()))
+    print(f"judge_evidence: {name}: restored {dst} from {gz} (the eval resumes from them)", flush=True)
+    return True
+
+
+def run(step: str, cmd: list[str]) -> None:
+    """One command in the repository root; a stop (Ctrl-C, SIGTERM) stops it too before going on up."""
+    print(f"\n=== {step}\n+ {shlex.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        rc = proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    if rc:
+        raise SystemExit(
+            f"judge_evidence: step {step} failed (exit status {rc}); its messages are above. Fix the cause and "
+            "rerun the same command: finished steps are skipped and this one resumes"
+        )
+
+
+def pick(val_dir: Path, max_loss: float) -> list[str]:
+    """scripts/pick_thresholds.py on a validation sweep -> overrides of the eval (methods with no pick: removed)."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    import pick_thresholds
+
+    result = pick_thresholds.main([str(val_dir), "--max-loss", str(max_loss)])
+    dropped = [m for m, c in result["choices"].items() if not c["chosen"]]
+    for m in dropped:
+        print(f"judge_evidence: {m}: no threshold picked on {val_dir}; left out of the eval", flush=True)
+    return [*result["overrides"], *(f"~eval.methods.{m}" for m in dropped)]
+
+
+def _stop(signum, frame):  # SIGTERM (a scheduler's time limit): stop the step and archive like Ctrl-C
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> None:
+    a = plan.a
+    if plan.toy:
+        toy_gsm8k(REPO / a.gsm8k_dir)
+    for name in evals:
+        ds_path = a.gsm8k_dir if "gsm8k" in name else None
+        restore(REPO / plan.eval_dir(name), bench, plan.bench_name(name), ds_path)
+    for name, overrides in plan.judges():
+        run(name, plan.command(overrides))
+    picked: dict[str, list[str]] = {}
+    for name, (val, overrides) in evals.items():
+        if val and val not in picked:
+            picked[val] = pick(REPO / plan.eval_dir(val), a.max_loss)
+        try:
+            run(name, plan.command([*overrides, *picked.get(val, [])]))
+        finally:
+            archive(REPO / plan.eval_dir(name), bench, plan.bench_name(name))
+    print(f"\njudge_evidence: done. Reports: {', '.join(str(plan.eval_dir(n) / 'report.md') for n in evals)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    plan = Plan(a)
+    bench = REPO / a.bench_dir  # an absolute --bench-dir stays as given
+    evals = plan.evals()
+    if a.dry_run:
+        for name, overrides in plan.judges():
+            print(f"# {name}\n{shlex.join(plan.command(overrides))}")
+        for name, (val, overrides) in evals.items():
+            picked = [f"<thresholds picked on {plan.eval_dir(val)}>"] if val else []
+            print(f"# {name} (records: {bench_files(bench, plan.bench_name(name))[0]})")
+            print(shlex.join(plan.command([*overrides, *picked])))
+        return
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        execute(plan, bench, evals)
+    except KeyboardInterrupt:
+        raise SystemExit("judge_evidence: stopped; records are archived. Rerun the same command to resume") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""scripts/judge_evidence.py: the issue-12 evidence chain composes valid stage configs, archives and restores eval
+records, and (slow) runs end to end on the tiny pair, skips everything on a rerun and resumes a deleted eval."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from selfjudge.pipeline import stage as pipeline
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "judge_evidence.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("judge_evidence", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _eval_folder(folder: Path, path: str | None) -> bytes:
+    folder.mkdir(parents=True)
+    recs = b"".join(json.dumps({"prompt_id": f"p{i}", "method": "lossless"}).encode() + b"\n" for i in range(3))
+    (folder / "per_example.jsonl").write_bytes(recs)
+    (folder / "eval_key.json").write_text(json.dumps({"run_key": "k1", "dataset": {"name": "gsm8k", "path": path}}))
+    return recs
+
+
+def test_archive_then_restore_round_trip(tmp_path):
+    je = _script()
+    ev, bench = tmp_path / "run" / "eval", tmp_path / "bench"
+    recs = _eval_folder(ev, "data/gsm8k")
+    je.archive(ev, bench, "evidence_x")
+    gz, key = je.bench_files(bench, "evidence_x")
+    assert gzip.decompress(gz.read_bytes()) == recs
+    assert json.loads(key.read_text())["run_key"] == "k1"
+    stamp = gz.stat().st_mtime_ns
+    je.archive(ev, bench, "evidence_x")  # same records: the file is left alone (and equal bytes anyway)
+    assert gz.stat().st_mtime_ns == stamp and gzip.compress(recs, mtime=0) == gz.read_bytes()
+
+    assert not je.restore(ev, bench, "evidence_x", "data/gsm8k")  # the folder has records: kept as they are
+    for f in ev.iterdir():
+        f.unlink()
+    ev.rmdir()
+    assert je.restore(ev, bench, "evidence_x", "data/gsm8k")
+    assert (ev / "per_example.jsonl").read_bytes() == recs
+    assert json.loads((ev / "eval_key.json").read_text())["run_key"] == "k1"
+    assert not je.restore(tmp_path / "other" / "eval", bench, "evidence_none", None)  # nothing committed
+
+
+def test_restore_refuses_what_the_eval_would_set_aside(tmp_path):
+    je = _script()
+    ev, bench = tmp_path / "run" / "eval", tmp_path / "bench"
+    _eval_folder(ev, "data/gsm8k")
+    je.archive(ev, bench, "evidence_x")
+    with pytest.raises(SystemExit, match="--gsm8k-dir data/gsm8k"):
+        je.restore(tmp_path / "fresh" / "eval", bench, "evidence_x", "/home/someone/gsm8k")
+    je.bench_files(bench, "evidence_x")[1].unlink()
+    with pytest.raises(SystemExit, match="eval_key.json"):
+        je.restore(tmp_path / "fresh" / "eval", bench, "evidence_x", "data/gsm8k")
+    with pytest.raises(SystemExit, match="--judge-prompts"):
+        je.parse_args(["--judge-prompts", "2000"])
+
+
+def test_real_pair_commands_are_valid_stage_configs(tmp_path):
+    """Every command of the default (real pair) chain composes and passes the pipeline's checks, before any work."""
+    je = _script()
+    plan = je.Plan(je.parse_args(["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k"]))
+    steps = [(n, o) for n, o in plan.judges()] + [(n, o) for n, (_, o) in plan.evals().items()]
+    picked = [
+        "eval.methods.kl=[0.5,1.0]",
+        "eval.methods.judge_gsm8k.thresholds=[0.3]",
+        "~eval.methods.typical",
+    ]  # pick_thresholds' override forms
+    seen = {}
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        for name, overrides in steps:
+            cfg = compose(
+                "selfjudge", overrides=[*plan.base, *overrides, *(picked if name.startswith("eval_") else [])]
+            )
+            pipeline.preflight(cfg, list(cfg.pipeline.stages))
+            seen[name] = cfg
+    gsm8k, mix = seen["judge_gsm8k"].data_gen, seen["judge_mix"].data_gen
+    assert gsm8k.dataset.name == "gsm8k" and gsm8k.dataset.split == "train" and gsm8k.dataset.limit == 512
+    assert gsm8k.autojudge.enabled and gsm8k.tau.mode == "value" and list(gsm8k.features.scalars)
+    assert seen["autojudge_gsm8k"].train.label_source == "autojudge"
+    assert seen["autojudge_gsm8k"].train.output_dir != seen["judge_gsm8k"].train.output_dir
+    assert "mmlu" not in json.dumps([s.name for s in mix.dataset.sources]) and not seen["judge_mix"].train.use_negatives
+    val, test = seen["val_gsm8k"].eval, seen["eval_gsm8k"].eval
+    assert (val.dataset.split, val.dataset.offset, val.dataset.limit) == ("train", 1024, 64)
+    assert (test.dataset.split, test.dataset.offset, test.dataset.limit) == ("test", 0, 256)
+    assert val.dataset.path == test.dataset.path == "data/gsm8k"  # the string the records key hashes, as given
+    assert seen["val_mmlu"].eval.dataset.offset == 2048 and "letter" in seen["eval_mmlu"].eval.dataset.system_prompt
+    assert set(val.methods) == {"kl", "likelihood", "typical", "judge_gsm8k", "autojudge_gsm8k", "judge_mix"}
+    assert list(test.methods.kl) == [0.5, 1.0] and "typical" not in test.methods
+    assert list(test.methods.judge_gsm8k.thresholds) == [0.3] and val.methods.judge_gsm8k.thresholds == "head_quantiles"
+    assert {s.eval.gamma for n, s in seen.items() if n[:4] in ("val_", "eval")} == {8}
+
+
+def _drive(root: Path, cache_dir: Path) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--run-root", str(root), "--", f"model.cache_dir={cache_dir}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-6000:]
+    return out
+
+
+@pytest.mark.slow  # about 2 minutes on one busy core: three runs of the chain (ten pipeline calls each)
+def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(tmp_path, cache_dir):
+    root = tmp_path / "root"
+    evals = ("val_gsm8k", "val_mmlu", "eval_gsm8k", "eval_mmlu")
+    out = _drive(root, cache_dir)
+    for name in evals:
+        assert (root / name / "eval" / "summary.json").is_file(), name
+        gz = root / "bench" / f"evidence_{name}_g4_b4.per_example.jsonl.gz"
+        assert gzip.decompress(gz.read_bytes()) == (root / name / "eval" / "per_example.jsonl").read_bytes()
+        assert (root / "bench" / f"evidence_{name}_g4_b4.eval_key.json").is_file()
+    for head in ("judge_gsm8k/judge", "judge_gsm8k/autojudge", "judge_mix/judge"):
+        assert (root / head / "head" / "judge_config.json").is_file(), head
+    assert (
+        json.loads((root / "judge_gsm8k/autojudge/head/judge_config.json").read_text())["label_source"] == "autojudge"
+    )
+    final = [json.loads(x) for x in (root / "eval_mmlu/eval/per_example.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (root / "val_mmlu/eval/per_example.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in final} <= {r["method"] for r in val}
+    assert len({(r["method"], r["threshold"]) for r in final}) < len({(r["method"], r["threshold"]) for r in val})
+    assert "Overrides for the eval" in out  # pick_thresholds ran on the sweeps
+
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "logs" not in p.parts)
+    stamps = {
+        p: p.stat().st_mtime_ns for p in files if p.name in (pipeline.MARKER, "per_example.jsonl") or ".gz" in p.name
+    }
+    again = _drive(root, cache_dir)
+    assert again.count("matches the config; skipped") == 10  # 2 stages x 3 judges + 4 evals
+    assert "running ->" not in again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    ev = root / "eval_mmlu" / "eval"
+    records = (ev / "per_example.jsonl").read_bytes()
+    for f in ev.iterdir():
+        f.unlink()
+    ev.rmdir()
+    third = _drive(root, cache_dir)
+    assert "eval_mmlu_g4_b4: restored" in third and third.count("running ->") == 1
+    assert (ev / "per_example.jsonl").read_bytes() == records  # every record kept, none decoded again
+    assert (ev / "summary.json").is_file() and (ev / pipeline.MARKER).is_file()
