@@ -84,12 +84,20 @@ def load_folder(folder: str) -> dict:
     cols = ["features", "label", "autojudge_label", "ld", "prompt_id", "position", "draft_token"]
     rows = ds.select(idx).with_format("numpy", columns=cols)[:]
     resp = ds.select(idx)["response_ids"]
+    # a response cut at the length limit has no final answer: its answer-change labels (made before
+    # data_gen.autojudge.finished_only) do not count. Greedy stops early only at EOS.
+    finished = np.array([len(r) < int(man["max_new_tokens"]) for r in resp], dtype=bool)
+    aj = np.asarray(rows["autojudge_label"]).astype(int)
+    dropped = int(((aj >= 0) & ~finished).sum())
+    aj[~finished] = -1
     spec = FeatureSpec.from_mapping(man["features"])
     H, Hd = int(man["target_model"]["hidden_size"]), man["draft_model"].get("hidden_size")
     return {
         "x": np.asarray(rows["features"], dtype=np.float32),
         "sj": np.asarray(rows["label"]).astype(int),
-        "aj": np.asarray(rows["autojudge_label"]).astype(int),
+        "aj": aj,
+        "finished": finished,
+        "answer_dropped_unfinished": dropped,
         "ld": np.asarray(rows["ld"], dtype=np.float64),
         "prompt": np.asarray(rows["prompt_id"]).astype(str),
         "key": np.array(
@@ -127,7 +135,7 @@ def read_rows(paths: list[str]) -> list[dict]:
 def merge_answer_labels(d: dict, rows: list[dict]) -> int:
     """Answer-change labels of earlier runs for this run's mismatches without one (same key). Returns
     how many were taken."""
-    known = {r["key"]: r["answer"] for r in rows if r.get("key") and r["answer"] >= 0}
+    known = {r["key"]: r["answer"] for r in rows if r.get("key") and r.get("finished") and r["answer"] >= 0}
     n = 0
     for i, k in enumerate(d["key"]):
         if d["aj"][i] < 0 and k in known:
@@ -142,7 +150,8 @@ def pooled(d: dict, dom: str, rows: list[dict], live_scores: dict[str, np.ndarra
     old = [r for r in rows if r["domain"] == dom and r["prompt_id"] not in set(d["prompt"].tolist())]
     y = {
         "selfjudge": np.concatenate([d["sj"], [r["selfjudge"] for r in old]]).astype(int),
-        "answer": np.concatenate([d["aj"], [r["answer"] for r in old]]).astype(int),
+        # rows of dumps older than the "finished" field may hold labels of cut responses: not counted
+        "answer": np.concatenate([d["aj"], [r["answer"] if r.get("finished") else -1 for r in old]]).astype(int),
     }
     groups = np.concatenate([d["prompt"], [r["prompt_id"] for r in old]]).astype(str)
     res: dict = {label: {} for label in LABELS}
@@ -402,7 +411,8 @@ def load_domain(spec: str) -> dict:
             raise ValueError(
                 f"'{p['folder']}' differs from '{d['folder']}' in feature layout or τ: one domain, one setup"
             )
-        for k in ("x", "sj", "aj", "ld", "prompt", "key"):
+        d["answer_dropped_unfinished"] += p["answer_dropped_unfinished"]
+        for k in ("x", "sj", "aj", "ld", "prompt", "key", "finished"):
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
     return d
@@ -421,6 +431,7 @@ def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -
                         "domain": domain,
                         "prompt_id": str(d["prompt"][i]),
                         "key": str(d["key"][i]),
+                        "finished": bool(d["finished"][i]),
                         "selfjudge": int(d["sj"][i]),
                         "answer": int(d["aj"][i]),
                         **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None for k, v in scores.items()},
@@ -475,6 +486,7 @@ def study(
             "answer_labelled": int((d["aj"] >= 0).sum()),
             "prompts": len(np.unique(d["prompt"])),
             "answer_labels_from_earlier_rows": merged,
+            "answer_labels_dropped_unfinished": d["answer_dropped_unfinished"],
             "results": res,
         }
         if earlier:
@@ -496,7 +508,8 @@ def markdown(res: dict) -> str:
         lines += [
             (
                 f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
-                f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g})"
+                f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g}; "
+                f"{d.get('answer_labels_dropped_unfinished', 0)} labels of responses cut at the limit left out)"
             ),
             "",
             "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",

@@ -188,6 +188,8 @@ class Plan:
             "data_gen.autojudge.enabled=true",
             "data_gen.autojudge.mode=independent",
             "data_gen.autojudge.select=spread",
+            # the random tiny pair never writes EOS: let its cut responses be labelled too (never on real runs)
+            *(["data_gen.autojudge.finished_only=false"] if a.tiny else []),
         ]
         return [
             ("judge_gsm8k", gsm8k),

@@ -17,7 +17,10 @@ The regenerations dominate the cost. :func:`autojudge_labels_many` runs those of
 together, ``batch_size`` rows per greedy batch grouped by continuation length (sequential: step ``j``
 of every response still searching), which keeps the CPU busier than a response's few rows alone.
 In float32 each label equals the one of an unbatched regeneration. Mismatches not reached (budget
-``max_mismatches``, not selected, or past the sequential stop) keep -1.
+``max_mismatches``, not selected, or past the sequential stop) keep -1, and so do all mismatches of a
+response that did not end with EOS (``finished_only``, the default): a response cut at the length limit has no final answer to change
+(on the real pair at 256 new tokens, 60 % of GSM8K responses were cut, and 34 of 52 "changed" labels
+came from them: a swap that let the answer fit in the budget, not a harmful one).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from selfjudge.tasks import Example, Task
 
 AUTOJUDGE_MODES = ("sequential", "independent")
 AUTOJUDGE_SELECT = ("first", "spread")
-KEYS = ("enabled", "mode", "select", "max_mismatches", "max_new_tokens", "batch_size")
+KEYS = ("enabled", "mode", "select", "max_mismatches", "max_new_tokens", "batch_size", "finished_only")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class AutoJudgeSettings:
     max_new_tokens: int  # tokens regenerated after a swap (also capped by the response's own budget)
     select: str = "first"  # independent: first | spread (which mismatches get a label)
     batch_size: int = 16  # regenerations per greedy batch (across responses)
+    finished_only: bool = True  # label only responses that ended with EOS (a cut one has no final answer)
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> AutoJudgeSettings:
@@ -57,6 +61,7 @@ class AutoJudgeSettings:
             int(d["max_new_tokens"]),
             str(d["select"]),
             int(d["batch_size"]),
+            bool(d["finished_only"]),
         )
         if s.mode not in AUTOJUDGE_MODES:
             raise ValueError(f"data_gen.autojudge.mode must be one of {AUTOJUDGE_MODES}, got '{s.mode}'")
@@ -79,6 +84,10 @@ class Labelled(NamedTuple):
     response: list[int]
     positions: list[int]
     draft_tokens: list[int]
+
+
+def _finished(response: list[int], eos_ids) -> bool:
+    return bool(response) and response[-1] in eos_ids
 
 
 def chosen(n: int, k: int, select: str) -> list[int]:
@@ -126,7 +135,7 @@ def autojudge_labels_many(
     plan = {
         k: chosen(len(it.positions), s.max_mismatches, s.select)
         for k, it in enumerate(items)
-        if base[k] is not None and it.positions
+        if base[k] is not None and it.positions and (not s.finished_only or _finished(it.response, pair.eos_ids))
     }
     step = 0
     while plan:

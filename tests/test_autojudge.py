@@ -27,7 +27,8 @@ def _case(pair, q: str, n: int = 24):
     ex = Example(id="q0", prompt=q, reference=None, task="toy")
     task = Task("toy", TASK_CFG, lambda: [ex], _checker)
     prompt = format_prompt(pair.tokenizer, q)
-    resp = pair.target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt) :].tolist()
+    out = pair.target.generate(torch.tensor([prompt]), max_new_tokens=n - 1, do_sample=False)[0, len(prompt) :]
+    resp = out.tolist() + [pair.eos_ids[0]]  # a finished response (ends with EOS): only those get labels
     sc = score_response(pair.target, pair.draft, prompt, resp, pair.vocab_size, window=4)
     return task, ex, prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist()
 
@@ -63,6 +64,20 @@ def test_sequential_stops_at_first_kept_swap(tiny_pair):
     assert got == want[: stop + 1] + [-1] * (len(pos) - stop - 1)
 
 
+def test_a_response_cut_at_the_limit_gets_no_labels(tiny_pair):
+    """A response without EOS has no final answer: its mismatches keep -1 unless finished_only=false."""
+    task, ex, prompt, resp, pos, dr = _case(tiny_pair, "tom eats 3 eggs each day, how many in a week?")
+    cut = resp[:-1]  # the same response, cut before its EOS
+    pos_cut = [i for i in pos if i < len(cut)]
+    s = AutoJudgeSettings(enabled=True, mode="independent", max_mismatches=4, max_new_tokens=24)
+    assert autojudge_labels(tiny_pair, task, ex, prompt, cut, pos_cut, dr[: len(pos_cut)], s, budget=23) == [-1] * len(
+        pos_cut
+    )
+    s = AutoJudgeSettings(enabled=True, mode="independent", max_mismatches=4, max_new_tokens=24, finished_only=False)
+    got = autojudge_labels(tiny_pair, task, ex, prompt, cut, pos_cut, dr[: len(pos_cut)], s, budget=23)
+    assert all(x in (0, 1) for x in got[:4])
+
+
 def test_no_checker_gives_minus_one(tiny_pair):
     task, ex, prompt, resp, pos, dr = _case(tiny_pair, "hello there")
     task = Task("toy", TASK_CFG, lambda: [ex], None)
@@ -90,6 +105,7 @@ GOOD = {
     "max_mismatches": 1,
     "max_new_tokens": 1,
     "batch_size": 4,
+    "finished_only": True,
 }
 
 
@@ -142,6 +158,7 @@ def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
                 "data_gen.autojudge.enabled=true",
                 "data_gen.autojudge.mode=independent",
                 "data_gen.autojudge.max_mismatches=2",
+                "data_gen.autojudge.finished_only=false",  # the tiny model's responses run to the limit
             ],
         )
     out = run(cfg)

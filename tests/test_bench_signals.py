@@ -160,8 +160,8 @@ def test_earlier_rows_fill_answer_labels_and_join_the_pooled_table(folders, tmp_
     bs.main(["--data", f"tiny={folders['a']}", *common, "--dump", "--out", str(tmp_path / "first")])
     with gzip.open(tmp_path / "first.rows.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f]
-    for k, r in enumerate(rows):  # pretend an earlier run labelled every mismatch, both classes
-        r["answer"] = k % 2
+    for k, r in enumerate(rows):  # pretend an earlier run labelled every mismatch of finished responses
+        r["answer"], r["finished"] = k % 2, True
     with gzip.open(tmp_path / "earlier.rows.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     live = bs.load_folder(str(folders["a"]))
