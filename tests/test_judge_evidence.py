@@ -62,7 +62,7 @@ def test_restore_refuses_what_the_eval_would_set_aside(tmp_path):
     _eval_folder(ev, "data/gsm8k")
     je.archive(ev, bench, "evidence_x")
     with pytest.raises(SystemExit, match="--gsm8k-dir data/gsm8k"):
-        je.restore(tmp_path / "fresh" / "eval", bench, "evidence_x", "/home/someone/gsm8k")
+        je.restore(tmp_path / "fresh" / "eval", bench, "evidence_x", "other/gsm8k")
     je.bench_files(bench, "evidence_x")[1].unlink()
     with pytest.raises(SystemExit, match="eval_key.json"):
         je.restore(tmp_path / "fresh" / "eval", bench, "evidence_x", "data/gsm8k")
