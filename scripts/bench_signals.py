@@ -502,6 +502,21 @@ def _fmt(r: dict, key: str) -> str:
     return "–" if math.isnan(v) else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def score_table(results: dict) -> list[str]:
+    """One row per score: ROC-AUC and PR-AUC with intervals and counts, against both labels."""
+    sj, aj = results["selfjudge"], results["answer"]
+    lines = [
+        "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in sj:
+        lines.append(
+            f"| {k} | {_fmt(sj[k], 'roc_auc')} | {_fmt(sj[k], 'pr_auc')} | {sj[k]['n']} ({sj[k]['positives']}) "
+            f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |"
+        )
+    return [*lines, ""]
+
+
 def markdown(res: dict) -> str:
     lines = []
     for dom, d in res["domains"].items():
@@ -512,34 +527,15 @@ def markdown(res: dict) -> str:
                 f"{d.get('answer_labels_dropped_unfinished', 0)} labels of responses cut at the limit left out)"
             ),
             "",
-            "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
-            "|---|---|---|---|---|---|---|",
         ]
-        sj, aj = d["results"]["selfjudge"], d["results"]["answer"]
-        for k in sj:
-            lines.append(
-                f"| {k} | {_fmt(sj[k], 'roc_auc')} | {_fmt(sj[k], 'pr_auc')} | {sj[k]['n']} ({sj[k]['positives']}) "
-                f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |"
-            )
-        lines.append("")
+        lines += score_table(d["results"])
         if "pooled" in d:
             pl = d["pooled"]
-            lines += [
-                (
-                    f"#### {dom}, training-free scores over these rows and {pl['earlier_rows']} earlier rows "
-                    f"({pl['earlier_prompts']} other prompts)"
-                ),
-                "",
-                "| score | SelfJudge ROC-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
-                "|---|---|---|---|---|---|",
-            ]
-            psj, paj = pl["results"]["selfjudge"], pl["results"]["answer"]
-            for k in psj:
-                lines.append(
-                    f"| {k} | {_fmt(psj[k], 'roc_auc')} | {psj[k]['n']} ({psj[k]['positives']}) "
-                    f"| {_fmt(paj[k], 'roc_auc')} | {_fmt(paj[k], 'pr_auc')} | {paj[k]['n']} ({paj[k]['positives']}) |"
-                )
-            lines.append("")
+            title = (
+                f"#### {dom}, training-free scores over these rows and {pl['earlier_rows']} earlier rows "
+                f"({pl['earlier_prompts']} other prompts)"
+            )
+            lines += [title, "", *score_table(pl["results"])]
     if res["ablation"]:
         lines += [
             "### Ablation (feature set × train label × head)",
