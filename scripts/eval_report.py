@@ -17,7 +17,7 @@ from pathlib import Path
 
 from selfjudge.evaluation import RecordsFile
 from selfjudge.io import write_json
-from selfjudge.metrics import summary_rows
+from selfjudge.metrics import finished_by_all, summary_rows
 from selfjudge.report import write_report
 
 
@@ -33,18 +33,14 @@ def main() -> None:
     methods = list(dict.fromkeys((r["method"], r["threshold"]) for r in recs))
     if ("target", None) not in methods:
         raise SystemExit(f"eval_report: no target-only records in {src}: nothing to measure speedup against")
-    by_prompt: dict[str, set] = {}
-    for r in recs:
-        by_prompt.setdefault(r["prompt_id"], set()).add((r["method"], r["threshold"]))
-    complete = [p for p, ms in by_prompt.items() if len(ms) == len(methods)]
+    keep, complete, started = finished_by_all(recs)
     if not complete:
         raise SystemExit(f"eval_report: no prompt of {src} is finished by every method yet")
-    keep = [r for r in recs if r["prompt_id"] in set(complete)]
     rows = summary_rows(keep, methods)
     key_path = Path(args.eval_dir) / "eval_key.json"
     settings = json.loads(key_path.read_text()).get("settings", {}) if key_path.is_file() else {}
     title = (
-        f"partial: {len(complete)} of {len(by_prompt)} started prompts finished by every method; "
+        f"partial: {len(complete)} of {started} started prompts finished by every method; "
         f"gamma={settings.get('gamma')}, max_new_tokens={settings.get('max_new_tokens')}"
     )
     out = Path(args.out) if args.out else Path(args.eval_dir) / "partial"

@@ -23,7 +23,8 @@ from pathlib import Path
 from selfjudge.evaluation import HEAD_DIR_KEYS, RECORDS, RecordsFile
 from selfjudge.io import write_json
 from selfjudge.judge import CONFIG_NAME
-from selfjudge.thresholds import choose, finished_by_all, format_threshold, overrides, quantile_levels, threshold_rows
+from selfjudge.metrics import finished_by_all
+from selfjudge.thresholds import choose, format_threshold, overrides, quantile_levels, threshold_rows
 
 LABELS = {"at_lossless": ">= lossless", "within_loss": "within {m:g}", "looser": "looser (trade-off)"}
 

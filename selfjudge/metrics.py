@@ -131,3 +131,16 @@ def summary_rows(records: list[dict[str, Any]], keys: Sequence[tuple[str, Any]])
             }
         )
     return rows
+
+
+def finished_by_all(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], int]:
+    """(records of the prompts that every (method, threshold) seen has finished, those prompt ids, prompts
+    started): a running or stopped eval's file read as far as it is comparable."""
+    recs = unique_records(records)
+    keys = {(r["method"], r["threshold"]) for r in recs}
+    by_prompt: dict[str, set] = {}
+    for r in recs:
+        by_prompt.setdefault(r["prompt_id"], set()).add((r["method"], r["threshold"]))
+    done = sorted(p for p, ks in by_prompt.items() if ks == keys)
+    keep = set(done)
+    return [r for r in recs if r["prompt_id"] in keep], done, len(by_prompt)

@@ -35,8 +35,6 @@ CRITERIA = ("at_lossless", "within_loss", "looser")
 
 def threshold_value(t: Any) -> float:
     """A record's threshold as a number (a number, or a string of one); anything else is an error."""
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return float(t)
     try:
         return float(t)
     except (TypeError, ValueError):
@@ -44,19 +42,6 @@ def threshold_value(t: Any) -> float:
             f"threshold {t!r} is not a number: records store the cut each rule ran with (a judge's "
             "head_quantiles are stored as the head's P(important) cuts); was the file written by this eval?"
         ) from None
-
-
-def finished_by_all(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], int]:
-    """(records of the prompts that every (method, threshold) seen has finished, those prompt ids, prompts
-    started): a running or stopped eval's file read as far as it is comparable."""
-    recs = unique_records(records)
-    keys = {(r["method"], r["threshold"]) for r in recs}
-    by_prompt: dict[str, set] = {}
-    for r in recs:
-        by_prompt.setdefault(r["prompt_id"], set()).add((r["method"], r["threshold"]))
-    done = sorted(p for p, ks in by_prompt.items() if ks == keys)
-    keep = set(done)
-    return [r for r in recs if r["prompt_id"] in keep], done, len(by_prompt)
 
 
 def threshold_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

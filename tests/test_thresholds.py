@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from selfjudge import thresholds as th
 from selfjudge.eval import stage
 from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.metrics import finished_by_all
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pick_thresholds.py"
 N = 50  # prompts: accuracy differences in steps of 0.02
@@ -118,7 +119,7 @@ def test_choices_on_known_accuracies():
 def test_running_file_thresholds_and_errors():
     recs = _records()
     extra = _rec("kl", 0.5, N, 1.0, 2.0)  # a prompt only one method has finished: left out
-    kept, done, started = th.finished_by_all([*recs, extra])
+    kept, done, started = finished_by_all([*recs, extra])
     assert len(done) == N and started == N + 1 and extra not in kept and len(kept) == len(recs)
     assert th.threshold_value("0.5") == 0.5 and th.threshold_value(2) == 2.0
     with pytest.raises(ValueError, match="threshold 'q0.9' is not a number"):
