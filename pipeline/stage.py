@@ -4,8 +4,10 @@ A stage is *finished* when its output folder holds the completion marker (``self
 the hash of what made it: its config sections, the hash of the stage before it, and for eval the content
 of the judge head folders it reads (a head replaced by ``train.select --out`` redoes eval). Every stage's
 settings are checked before the first stage runs. A stage whose config changed is redone: its old output
-folder is renamed aside (never deleted), only once every setting has been checked. A stage that was
-interrupted has no marker and runs again; the stages themselves resume their partial work.
+folder is renamed aside (never deleted), only once every setting has been checked; eval gets its records
+back in the new folder (``CARRIED``), since it keys them per record and keeps only those its new config still
+holds (a method added or a threshold re-picked decodes only what changed). A stage that was interrupted has no
+marker and runs again; the stages themselves resume their partial work.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from selfjudge.extras import check_installed
 from selfjudge.io import (
     MARKER,
+    atomic_write_bytes,
     check_writable,
     config_hash,
     folder_hash,
@@ -50,6 +53,9 @@ IDENTITY = {
     },
     "eval": {"model": (), "eval": ("output_dir", "judge_dir", "autojudge_dir", "resume"), "seed": ()},
 }
+# Files a redone stage takes back from its output moved aside: eval's records and their key
+# (selfjudge.evaluation.RECORDS / KEY_FILE); RecordsFile.open sets aside those another config made.
+CARRIED = {"eval": ("per_example.jsonl", "eval_key.json")}
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,16 @@ def _move_aside(folder: Path) -> Path | None:
     dest = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(folder, dest)
     return dest
+
+
+def _carry(old: Path, new: Path, names: tuple[str, ...], stage: str) -> None:
+    """Copy ``names`` from the moved-aside output into the new one (the moved folder keeps its copies)."""
+    names = tuple(n for n in names if (old / n).is_file())
+    if names:
+        new.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            atomic_write_bytes(new / n, (old / n).read_bytes())
+        say(f"{stage}: {', '.join(names)} copied back; the records its new config still holds are kept")
 
 
 def preflight(cfg: DictConfig, stages: list[str]) -> None:
@@ -188,6 +204,7 @@ def run(cfg: DictConfig) -> dict:
             moved = _move_aside(out)  # made by another config: keep it, out of the way
             if moved:
                 say(f"{stage}: config changed; previous output kept at {moved}")
+                _carry(moved, out, CARRIED.get(stage, ()), stage)
         est = f" (estimate {budget.seconds[stage] / 60:.1f} min from the warm-up rates)" if budget else ""
         say(f"{stage}: running -> {out}{est}")
         t0 = time.perf_counter()

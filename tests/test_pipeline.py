@@ -87,6 +87,29 @@ def test_changed_config_redoes_stage_and_keeps_old_output(tmp_path, cache_dir, c
     assert list(run_dir.glob("data.replaced-*"))
 
 
+def test_eval_with_a_method_added_keeps_the_records_of_the_others(tmp_path, cache_dir, caplog):
+    caplog.set_level(logging.INFO)
+    run_dir = tmp_path / "run"
+    common = ("pipeline.stages=[eval]", "eval.judge_dir=null", "eval.dataset.limit=2", "~eval.methods")
+
+    def records():
+        lines = (run_dir / "eval" / "per_example.jsonl").read_text().splitlines()
+        return sorted((json.loads(x) for x in lines), key=lambda r: (r["method"], r["prompt_id"]))
+
+    pipeline.run(_cfg(run_dir, cache_dir, *common, "+eval.methods={kl:[0.5]}"))
+    first = records()
+    assert {r["method"] for r in first} == {"target", "lossless", "kl"}
+    pipeline.run(_cfg(run_dir, cache_dir, *common, "+eval.methods={kl:[0.5],likelihood:[1.0]}"))
+    assert "config changed" in caplog.text and "copied back" in caplog.text
+    moved = list(run_dir.glob("eval.replaced-*"))
+    assert len(moved) == 1 and (moved[0] / "per_example.jsonl").is_file()  # the old output is kept whole
+    again = records()
+    assert [r for r in again if r["method"] != "likelihood"] == first  # not decoded again: same timings too
+    assert sorted(r["prompt_id"] for r in again if r["method"] == "likelihood") == sorted(
+        r["prompt_id"] for r in first if r["method"] == "lossless"
+    )
+
+
 def test_missing_stage_output_fails_before_work(tmp_path, cache_dir):
     with pytest.raises(FileNotFoundError, match="train.data_dir"):
         pipeline.run(_cfg(tmp_path / "empty", cache_dir, "pipeline.stages=[train,eval]"))
