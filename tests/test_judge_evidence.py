@@ -105,6 +105,24 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     assert {s.eval.gamma for n, s in seen.items() if n[:4] in ("val_", "eval")} == {8}
 
 
+def test_rules_only_and_only_pick_the_steps_and_leave_the_judges_out(tmp_path):
+    je = _script()
+    args = ["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k"]
+    plan = je.Plan(je.parse_args([*args, "--rules-only", "--only", "val_gsm8k,eval_gsm8k,judge_mix"]))
+    assert plan.judges() == [] and set(plan.evals()) == {"val_gsm8k", "eval_gsm8k"}
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=[*plan.base, *plan.evals()["val_gsm8k"][1]])
+        pipeline.preflight(cfg, list(cfg.pipeline.stages))  # no head folder needed
+    assert set(cfg.eval.methods) == {"kl", "likelihood", "typical"}
+    plan = je.Plan(je.parse_args([*args, "--only", "judge_mix,val_mmlu"]))
+    assert [n for n, _ in plan.judges()] == ["judge_mix"] and set(plan.evals()) == {"val_mmlu"}
+    for bad, says in ((["--only", "val_gsm8k,nope"], "nope"), (["--rules-only", "--only", "judge_mix"], "nothing")):
+        with pytest.raises(SystemExit, match=says):
+            je.parse_args([*args, *bad])
+    with pytest.raises(SystemExit, match="run the step val_gsm8k first"):  # an eval before its sweep finished
+        je.pick(tmp_path / "root" / "val_gsm8k" / "eval", 0.02)
+
+
 def _drive(root: Path, cache_dir: Path) -> str:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--run-root", str(root), "--", f"model.cache_dir={cache_dir}"]
