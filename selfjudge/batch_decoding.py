@@ -17,6 +17,8 @@ add up to the batch's wall time and tokens/s over the rows is the batch's throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 
@@ -114,11 +116,13 @@ def decode_batch(
     profile: bool = False,
     schedule: Schedule | None = None,
     confidence_stop: float | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> list[tuple[list[int], DecodeStats]]:
     """Decode every prompt; returns (new token ids, stats) per prompt, in order. Arguments as in
     :func:`selfjudge.decoding.decode`; ``draft=None`` decodes ``target`` alone, B rows per step.
     ``pad_id`` fills the unused cells of the padded inputs (never attended to). ``schedule``: one
-    window per round for all rows."""
+    window per round for all rows. ``on_tokens``: called each round for each row with the tokens it
+    committed (the row is not named: a progress count, not a stream)."""
     return run_batch(
         target,
         draft,
@@ -134,4 +138,5 @@ def decode_batch(
         profile=profile,
         schedule=schedule,
         confidence_stop=confidence_stop,
+        on_tokens=on_tokens,
     )[0]

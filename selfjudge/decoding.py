@@ -280,8 +280,8 @@ def run_rounds(
     ``draft_seconds``/``verify_seconds``/``rule_seconds`` are exact on CUDA. ``schedule`` picks each
     round's window, one for all rows (default: ``gamma`` every round; :mod:`selfjudge.schedule`), up to
     ``gamma``. ``confidence_stop``: a round stops drafting after a token whose draft probability (top
-    of the draft's distribution) is below this in every row. ``on_tokens`` (one row): called after each
-    round with the tokens it committed (streaming; its time counts in ``seconds``)."""
+    of the draft's distribution) is below this in every row. ``on_tokens``: called after each round, for
+    each row, with the tokens it committed (one row: streaming; its time counts in ``seconds``)."""
     check_args(draft, prompts, gamma, max_new_tokens)
     if confidence_stop is not None and not 0 <= confidence_stop <= 1:
         raise ValueError(f"confidence_stop must be null or in [0, 1], got {confidence_stop}")

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -463,7 +464,7 @@ def evaluate(
 
     adaptive = AdaptiveWindow(s.gamma)  # one schedule for the run: its costs carry over from the warm-up
 
-    def run_group(m: Method, items: list, n: int) -> list:
+    def run_group(m: Method, items: list, n: int, on_tokens=None) -> list:
         """(tokens, stats) per (example, prompt ids) of items: batch-1 decodes, or one batched decode."""
         model, draft = {"target": (pair.target, None), "draft": (pair.draft, None)}.get(
             m.policy, (pair.target, pair.draft)
@@ -483,7 +484,13 @@ def evaluate(
         if bs == 1:
             return [decode(model, draft, items[0][1], generator=gen, profile=s.profile, static_cache=graphs, **common)]
         return decode_batch(
-            model, draft, [ids for _, ids in items], pad_id=pair.tokenizer.pad_token_id or 0, generator=gen, **common
+            model,
+            draft,
+            [ids for _, ids in items],
+            pad_id=pair.tokenizer.pad_token_id or 0,
+            generator=gen,
+            on_tokens=on_tokens,
+            **common,
         )
 
     # prompts grouped for decoding: one by one, or batches of similar length (always the same batches)
@@ -516,7 +523,8 @@ def evaluate(
         ) as bar,
     ):
         for items, m in todo:
-            results = run_group(m, items, s.max_new_tokens)
+            label = f"{m.name}{'' if m.threshold is None else f'@{m.threshold:g}'}"
+            results = run_group(m, items, s.max_new_tokens, batch_progress(bar, label, len(items)))
             for (ex, ids), (toks, st) in zip(items, results):
                 text = pair.tokenizer.decode(toks, skip_special_tokens=True)
                 if m.name == "target":
@@ -528,9 +536,25 @@ def evaluate(
                 records.append(rec)
             f.flush()
             tps = sum(st.new_tokens for _, st in results) / max(sum(st.seconds for _, st in results), 1e-9)
-            bar.set_postfix_str(f"{m.name}{'' if m.threshold is None else f'@{m.threshold:g}'} {tps:.1f} tok/s")
+            bar.set_postfix_str(f"{label} {tps:.1f} tok/s")
             bar.update(len(items))
     return records
+
+
+def batch_progress(bar: Any, label: str, rows: int, every: float = 10.0) -> Callable[[list[int]], None] | None:
+    """A batched decode's progress on ``bar`` (a batch of 64 rows at 512 tokens runs many minutes on a CPU):
+    tokens committed so far, at most every ``every`` seconds. None at batch 1 (the bar moves per decode)."""
+    if rows == 1:
+        return None
+    state = {"tokens": 0, "shown": time.monotonic()}
+
+    def on_tokens(toks: list[int]) -> None:
+        state["tokens"] += len(toks)
+        if time.monotonic() - state["shown"] >= every:
+            state["shown"] = time.monotonic()
+            bar.set_postfix_str(f"{label}: {state['tokens']} tokens over {rows} prompts")
+
+    return on_tokens
 
 
 def engine_name(bs: int, graphs: bool) -> str:

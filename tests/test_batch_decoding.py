@@ -172,3 +172,28 @@ def test_bad_arguments(tiny_pair):
     with pytest.raises(ValueError, match="empty prompt"):
         decode_batch(tiny_pair.target, tiny_pair.draft, [[1, 2], []], gamma=2, **kw)
     assert decode_batch(tiny_pair.target, tiny_pair.draft, [], gamma=2, **kw) == []
+
+
+def test_progress_counts_every_committed_token_and_the_eval_bar_shows_it(pair):
+    from tqdm import tqdm
+
+    from selfjudge.evaluation import batch_progress
+
+    seen = []
+    rows = decode_batch(
+        pair.target,
+        pair.draft,
+        _prompts(pair),
+        gamma=4,
+        max_new_tokens=20,
+        eos_ids=pair.eos_ids,
+        vocab=pair.vocab_size,
+        on_tokens=seen.append,
+    )
+    assert sum(map(len, seen)) == sum(len(out) for out, _ in rows) and len(seen) > len(rows)
+    bar = tqdm(total=1, disable=True)
+    on_tokens = batch_progress(bar, "kl@0.5", len(rows), every=0.0)
+    for toks in seen:
+        on_tokens(toks)
+    assert bar.postfix == f"kl@0.5: {sum(len(out) for out, _ in rows)} tokens over {len(rows)} prompts"
+    assert batch_progress(bar, "kl@0.5", 1) is None  # batch 1: the bar moves per decode
