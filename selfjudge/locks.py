@@ -14,6 +14,7 @@ the whole job (the other ranks write only after a barrier that follows rank 0's 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import shlex
@@ -28,6 +29,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from selfjudge.io import check_writable, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 WAIT_ENV = "SELFJUDGE_LOCK_WAIT"
 
@@ -86,7 +89,7 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: float | None = None)
                 f"{what} '{folder}' is in use by {_holder(info)}: wait for that run to finish (or stop it), "
                 f"choose another folder, or set {WAIT_ENV}=<seconds> to wait for it"
             ) from None
-        print(f"[selfjudge] {what} '{folder}' is in use by {_holder(info)}; waiting for it", file=sys.stderr)
+        log.warning("%s '%s' is in use by %s; waiting for it", what, folder, _holder(info))
         try:
             lock.acquire(timeout=-1 if math.isinf(wait) else wait)
         except Timeout:

@@ -105,7 +105,9 @@ def _wait(pid: int, timeout: float = 300.0) -> int:
 def _stage_job(name: str, overrides: list[str], started: Path, slow: tuple | None) -> None:
     """The body of a killed or concurrent run: slow one call down if asked, say it started, run the stage."""
     import importlib
+    import logging
 
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)  # as the CLI's console (hydra's)
     if slow:
         _slowly(importlib.import_module(slow[0]), slow[1], slow[2])
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
