@@ -123,6 +123,12 @@ def _carry(old: Path, new: Path, names: tuple[str, ...], stage: str) -> None:
 def preflight(cfg: DictConfig, stages: list[str]) -> None:
     """Fail before any long work: unknown stages, missing packages, invalid settings, missing inputs, foreign
     judges, unwritable folders."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would move, carry and mark the same folders
+        raise RuntimeError(
+            f"selfjudge-pipeline runs as one process (WORLD_SIZE={os.environ['WORLD_SIZE']}): launch each stage under "
+            "torchrun instead (selfjudge.data_gen.main, selfjudge.train.main, selfjudge.eval.main; README 'Scaling "
+            "out', scripts/slurm_pipeline.sbatch), or run the pipeline without torchrun"
+        )
     build(PipelineSettings, OmegaConf.to_container(cfg.pipeline, resolve=True), "pipeline")
     check_installed(OmegaConf.to_container(cfg, resolve=True), stages)
     check_writable(cfg.run_dir, "run_dir")

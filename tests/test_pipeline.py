@@ -129,6 +129,13 @@ def test_unwritable_output_folder_fails_before_work(tmp_path, cache_dir):
         pipeline.run(_cfg(blocker / "run", cache_dir))
 
 
+def test_pipeline_under_several_ranks_is_refused_before_work(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="launch each stage under torchrun"):
+        pipeline.run(_cfg(tmp_path / "run", cache_dir))
+    assert not (tmp_path / "run" / "data").exists()
+
+
 def test_unknown_stage_named(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="pipeline.stages"):
         pipeline.run(_cfg(tmp_path / "r", cache_dir, "pipeline.stages=[data_gen,trian]"))
