@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from selfjudge.decoding import AcceptRule, DecodeStats, TargetTrace, run_rounds
+from selfjudge.decoding import AcceptRule, DecodeStats, PrefillMemo, TargetTrace, run_rounds
 from selfjudge.features import FeatureSpec, forward_with_hidden
 from selfjudge.forward import lm_forward
 from selfjudge.schedule import Schedule
@@ -43,6 +43,14 @@ class HoleCache:
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor) -> None:
         if ids.shape[1]:
             lm_forward(self.model, ids, keep=slice(0, 0), **self._extend(valid, pos))
+
+    def copy_from(self, other: HoleCache) -> None:
+        """This cache becomes a copy of ``other`` (its own tensors): a kept prefill (decoding.PrefillMemo)."""
+        self.mask = other.mask.clone()
+        self.cache = DynamicCache(config=self.model.config)
+        for li, layer in enumerate(other.cache.layers):
+            if layer.get_seq_length() > 0:
+                self.cache.update(layer.keys.clone(), layer.values.clone(), li)
 
     def last(self, ids, valid, pos) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ids [B, k]; logits [B, V] and last-layer state [B, H] of the LAST column."""
@@ -117,12 +125,14 @@ def decode_batch(
     schedule: Schedule | None = None,
     confidence_stop: float | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    prefill_memo: PrefillMemo | None = None,
 ) -> list[tuple[list[int], DecodeStats]]:
     """Decode every prompt; returns (new token ids, stats) per prompt, in order. Arguments as in
     :func:`selfjudge.decoding.decode`; ``draft=None`` decodes ``target`` alone, B rows per step.
     ``pad_id`` fills the unused cells of the padded inputs (never attended to). ``schedule``: one
     window per round for all rows. ``on_tokens``: called each round for each row with the tokens it
-    committed (the row is not named: a progress count, not a stream)."""
+    committed (the row is not named: a progress count, not a stream). ``prefill_memo``: reuse the prompts'
+    prefill across calls (:class:`selfjudge.decoding.PrefillMemo`)."""
     return run_batch(
         target,
         draft,
@@ -139,4 +149,5 @@ def decode_batch(
         schedule=schedule,
         confidence_stop=confidence_stop,
         on_tokens=on_tokens,
+        prefill_memo=prefill_memo,
     )[0]

@@ -24,6 +24,7 @@ Per round the host waits on the device once (greedy; twice with sampling, for th
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,6 +252,37 @@ class CroppedCache:
         """The one row finished: nothing to keep."""
 
 
+class PrefillMemo:
+    """The last prefill of each model, kept so that the next decode of the same prompts copies it instead of
+    running it again (an eval decodes one batch of prompts with every method in turn; with long prompts the
+    prefill is up to half of a batched decode on a CPU). The KV values are the same bytes either way, so
+    tokens do not change. Timing stays honest: a copied prefill is charged the seconds it took when it ran.
+    Caches must offer ``prefill(ids, valid, pos)`` and ``copy_from(other)``; one entry per model is kept."""
+
+    def __init__(self) -> None:
+        self._kept: dict[int, tuple[tuple, object, float]] = {}  # id(model) -> (prompts, cache copy, seconds)
+
+    def fill(self, cache, model: torch.nn.Module, prompts: list[list[int]], ids, valid, pos) -> float:
+        """Prefill ``cache``, or copy the kept prefill of these prompts into it; returns the seconds to charge
+        minus the seconds spent here (0 when the prefill ran)."""
+        key = tuple(map(tuple, prompts))
+        kept = self._kept.get(id(model))
+        sync(ids.device)
+        t0 = time.perf_counter()
+        if kept is not None and kept[0] == key:
+            cache.copy_from(kept[1])
+            sync(ids.device)
+            return kept[2] - (time.perf_counter() - t0)
+        self._kept.pop(id(model), None)  # the old prompts' copy goes before the new one is made
+        cache.prefill(ids, valid, pos)
+        sync(ids.device)
+        seconds = time.perf_counter() - t0
+        twin = copy.copy(cache)  # model and settings shared; its own tensors below
+        twin.copy_from(cache)
+        self._kept[id(model)] = (key, twin, seconds)
+        return 0.0
+
+
 def run_rounds(
     target: torch.nn.Module,
     draft: torch.nn.Module | None,
@@ -270,6 +302,7 @@ def run_rounds(
     confidence_stop: float | None = None,
     trace: FeatureSpec | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    prefill_memo: PrefillMemo | None = None,
 ) -> tuple[list[tuple[list[int], DecodeStats]], list[TargetTrace] | None]:
     """Decode every prompt as a row of one batch; returns (new tokens, stats) per prompt, and with
     ``trace`` (target-only) each row's :class:`TargetTrace`. ``make_cache(model, role)`` builds a
@@ -281,7 +314,9 @@ def run_rounds(
     round's window, one for all rows (default: ``gamma`` every round; :mod:`selfjudge.schedule`), up to
     ``gamma``. ``confidence_stop``: a round stops drafting after a token whose draft probability (top
     of the draft's distribution) is below this in every row. ``on_tokens``: called after each round, for
-    each row, with the tokens it committed (one row: streaming; its time counts in ``seconds``)."""
+    each row, with the tokens it committed (one row: streaming; its time counts in ``seconds``).
+    ``prefill_memo``: the prompts' prefilled caches are copied from it when it holds them (same model, same
+    prompts), else made and left there (:class:`PrefillMemo`)."""
     check_args(draft, prompts, gamma, max_new_tokens)
     if confidence_stop is not None and not 0 <= confidence_stop <= 1:
         raise ValueError(f"confidence_stop must be null or in [0, 1], got {confidence_stop}")
@@ -309,8 +344,12 @@ def run_rounds(
     drf = make_cache(draft, "draft") if gamma else None
     ids, valid = left_pad([p[:-1] for p in prompts], pad_id, dev)
     pos = (valid.cumsum(-1) - 1).clamp_min(0)
-    for c in (tgt, drf) if drf else (tgt,):
-        c.prefill(ids, valid, pos)
+    swap = 0.0  # a remembered prefill: its measured seconds replace the time spent copying it
+    for c, model in ((tgt, target), (drf, draft)) if drf else ((tgt, target),):
+        if prefill_memo is None:
+            c.prefill(ids, valid, pos)
+        else:
+            swap += prefill_memo.fill(c, model, prompts, ids, valid, pos)
     rows = list(range(B))  # prompt index of each active row
     length = torch.tensor([len(p) for p in prompts], device=dev)  # [n] committed tokens per row
     last = torch.tensor([[p[-1]] for p in prompts], device=dev)  # [n, 1] newest committed token
@@ -318,7 +357,7 @@ def run_rounds(
     sync(dev)
     t_round = clock()
     for r in rows:
-        stats[r].prefill_seconds = stats[r].seconds = (t_round - t0) / B
+        stats[r].prefill_seconds = stats[r].seconds = max(t_round - t0 + swap, 0.0) / B
     while rows:
         n_act = len(rows)
         left = [max_new_tokens - len(outs[r]) for r in rows]

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfjudge.batch_decoding import decode_batch
-from selfjudge.decoding import decode
+from selfjudge.decoding import PrefillMemo, decode
 from selfjudge.generation import fixed_batches
 from selfjudge.io import atomic_write_text, config_hash, folder_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
@@ -463,6 +463,7 @@ def evaluate(
         )
 
     adaptive = AdaptiveWindow(s.gamma)  # one schedule for the run: its costs carry over from the warm-up
+    memo = PrefillMemo()  # batched: a batch's prefill runs once per model for all methods (charged to each)
 
     def run_group(m: Method, items: list, n: int, on_tokens=None) -> list:
         """(tokens, stats) per (example, prompt ids) of items: batch-1 decodes, or one batched decode."""
@@ -490,6 +491,7 @@ def evaluate(
             pad_id=pair.tokenizer.pad_token_id or 0,
             generator=gen,
             on_tokens=on_tokens,
+            prefill_memo=memo,
             **common,
         )
 

@@ -197,3 +197,25 @@ def test_progress_counts_every_committed_token_and_the_eval_bar_shows_it(pair):
         on_tokens(toks)
     assert bar.postfix == f"kl@0.5: {sum(len(out) for out, _ in rows)} tokens over {len(rows)} prompts"
     assert batch_progress(bar, "kl@0.5", 1) is None  # batch 1: the bar moves per decode
+
+
+def test_a_kept_prefill_gives_the_same_rows_and_is_charged_its_measured_time(pair):
+    from selfjudge.decoding import PrefillMemo
+
+    prompts = _prompts(pair)
+    kw = dict(gamma=4, max_new_tokens=12, eos_ids=pair.eos_ids, vocab=pair.vocab_size)
+    memo = PrefillMemo()
+    kl = build_policy("kl", 0.5)
+    for draft, policy in ((None, None), (pair.draft, None), (pair.draft, kl), (pair.draft, None)):
+        kept = {k: v[2] for k, v in memo._kept.items()}  # seconds each model's prefill took when it ran
+        got = decode_batch(pair.target, draft, prompts, policy=policy, prefill_memo=memo, **kw)
+        ref = decode_batch(pair.target, draft, prompts, policy=policy, **kw)
+        for (out, st), (ref_out, ref_st) in zip(got, ref):
+            assert out == ref_out
+            assert all(getattr(st, c) == getattr(ref_st, c) for c in COUNTERS)
+        models = [pair.target] + ([draft] if draft is not None else [])
+        if all(id(m) in kept for m in models):  # copied, not run: charged what the prefills cost
+            assert sum(st.prefill_seconds for _, st in got) >= sum(kept[id(m)] for m in models)
+    assert set(memo._kept) == {id(pair.target), id(pair.draft)}  # one kept prefill per model
+    decode_batch(pair.target, None, prompts[:3], prefill_memo=memo, **kw)
+    assert memo._kept[id(pair.target)][0] == tuple(map(tuple, prompts[:3]))  # other prompts: replaced
