@@ -6,6 +6,7 @@
     python scripts/judge_evidence.py --tiny                             # tiny random pair: the chain in seconds
     python scripts/judge_evidence.py --dry-run                          # print the commands, run nothing
     python scripts/judge_evidence.py --rules-only --only val_gsm8k      # one step, without the judges
+    python scripts/judge_evidence.py --status                           # what is done: steps, records per method
     python scripts/judge_evidence.py -- model.dtype=bfloat16            # hydra overrides for every stage
 
 It only composes the existing commands (``selfjudge-pipeline`` per step, ``scripts/pick_thresholds.py``):
@@ -133,6 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default=None, help=f"comma-separated steps to run (default all: {', '.join(STEPS)})")
     ap.add_argument("--rules-only", action="store_true", help="no judges: lossless and the training-free rules")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    ap.add_argument("--status", action="store_true", help="print what each step has done (here or committed) and stop")
     ap.add_argument("overrides", nargs="*", help="hydra overrides appended to every stage command (after --)")
     args = ap.parse_args(argv)
     for k, v in SIZES["tiny" if args.tiny else "real"].items():
@@ -389,11 +391,61 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
     print(f"\njudge_evidence: done. Reports: {', '.join(str(plan.eval_dir(n) / 'report.md') for n in evals)}")
 
 
+def _lines(data: bytes) -> list[dict]:
+    """The whole JSON records of a records file (a line cut by a kill is skipped); a count, not a check."""
+    out = []
+    for x in data.decode("utf-8").splitlines():
+        try:
+            out.append(json.loads(x))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """One line per step: finished, partial (records per method, here or in the committed archive) or not
+    started; nothing is written."""
+    from selfjudge.io import MARKER
+
+    lines = []
+    for name, _ in plan.judges():
+        head = {"judge_gsm8k": "judge", "autojudge_gsm8k": "autojudge", "judge_mix": "judge"}[name]
+        run = plan.root / name.replace("autojudge_gsm8k", "judge_gsm8k")
+        done = (REPO / run / head / MARKER).is_file() or (REPO / run / head / "head" / "judge_config.json").is_file()
+        lines.append(f"{name}: {'trained' if done else 'not trained'} ({run / head})")
+    for name, (val, _) in evals.items():
+        ev = REPO / plan.eval_dir(name)
+        gz = bench_files(bench, plan.bench_name(name))[0]
+        if (ev / MARKER).is_file():
+            lines.append(f"{name}: finished ({plan.eval_dir(name)})")
+            continue
+        here = ev / RECORDS
+        recs = _lines(here.read_bytes()) if here.is_file() else []
+        where = str(plan.eval_dir(name))
+        if not recs and gz.is_file():
+            recs = _lines(gzip.decompress(gz.read_bytes()))
+            where = f"{gz.relative_to(REPO) if gz.is_relative_to(REPO) else gz} (committed; restored at the next run)"
+        if not recs:
+            lines.append(f"{name}: not started" + (f" (thresholds from {val})" if val else ""))
+            continue
+        n = plan.a.eval_prompts if val else plan.a.val_prompts
+        per: dict[str, int] = {}
+        for r in recs:
+            k = r["method"] + ("" if r.get("threshold") is None else f"@{r['threshold']:g}")
+            per[k] = per.get(k, 0) + 1
+        parts = ", ".join(f"{k} {v}" for k, v in per.items())
+        lines.append(f"{name}: partial, {len(recs)} records of {n} prompts each: {parts} [{where}]")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     plan = Plan(a)
     bench = REPO / a.bench_dir  # an absolute --bench-dir stays as given
     evals = plan.evals()
+    if a.status:
+        print("\n".join(status(plan, bench, evals)))
+        return
     if a.dry_run:
         for name, overrides in plan.judges():
             print(f"# {name}\n{shlex.join(plan.command(overrides))}")

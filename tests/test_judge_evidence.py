@@ -171,3 +171,22 @@ def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(
     assert "eval_mmlu_g4_b4: restored" in third and third.count("running ->") == 1
     assert (ev / "per_example.jsonl").read_bytes() == records  # every record kept, none decoded again
     assert (ev / "summary.json").is_file() and (ev / pipeline.MARKER).is_file()
+
+
+def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
+    je = _script()
+    root, bench = tmp_path / "root", tmp_path / "bench"
+    args = ["--run-root", str(root), "--bench-dir", str(bench), "--gsm8k-dir", "data/gsm8k", "--rules-only"]
+    _eval_folder(root / "val_gsm8k" / "eval", "data/gsm8k")  # 3 lossless records here
+    _eval_folder(tmp_path / "elsewhere", None)
+    je.archive(tmp_path / "elsewhere", bench, "evidence_val_mmlu_g8_b64")  # committed from another machine
+    (root / "eval_mmlu" / "eval").mkdir(parents=True)
+    (root / "eval_mmlu" / "eval" / pipeline.MARKER).write_text("{}")
+    capsys.readouterr()
+    je.main([*args, "--status"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("val_gsm8k: partial, 3 records of 64 prompts each: lossless 3")
+    assert out[1].startswith("val_mmlu: partial, 3 records") and "(committed; restored at the next run)" in out[1]
+    assert out[2] == "eval_gsm8k: not started (thresholds from val_gsm8k)"
+    assert out[3].startswith("eval_mmlu: finished")
+    assert not (root / "val_mmlu").exists()  # nothing written
