@@ -30,7 +30,8 @@ out (no training, no judge rows): lossless and the training-free rules, which ne
 with the judges reuses every rule record (the pipeline hands a redone eval its records back).
 
 Resuming: a rerun skips every step whose output is finished (the pipeline's stage markers) and the stages
-resume their partial work. After each eval (also when stopped by Ctrl-C or SIGTERM) its records go to
+resume their partial work. Every two minutes while an eval runs, and after it (also when stopped by Ctrl-C or
+SIGTERM), its records go to
 ``<bench-dir>/<name>.per_example.jsonl.gz`` (deterministic gzip, rewritten only when they changed) with
 ``<name>.eval_key.json`` beside it: commit both. At the start of a run, an eval folder without records gets
 them back from there, so that eval resumes instead of starting over, on this machine or another.
@@ -290,6 +291,7 @@ def archive(eval_dir: Path, bench: Path, name: str) -> None:
         return
     gz, key_out = bench_files(bench, name)
     data = src.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]  # read while the eval appends: whole lines only
     if not gz.is_file() or gzip.decompress(gz.read_bytes()) != data:
         atomic_write_bytes(gz, gzip.compress(data, mtime=0))
         n = data.count(b"\n")
@@ -324,12 +326,18 @@ def restore(eval_dir: Path, bench: Path, name: str, dataset_path: str | None) ->
     return True
 
 
-def run(step: str, cmd: list[str]) -> None:
-    """One command in the repository root; a stop (Ctrl-C, SIGTERM) stops it too before going on up."""
+def run(step: str, cmd: list[str], tick=None, every: float = 120.0) -> None:
+    """One command in the repository root; a stop (Ctrl-C, SIGTERM) stops it too before going on up.
+    ``tick()`` runs every ``every`` seconds while it works (the eval's records archived as they grow)."""
     print(f"\n=== {step}\n+ {shlex.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, cwd=REPO)
     try:
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait(timeout=every if tick else None)
+                break
+            except subprocess.TimeoutExpired:
+                tick()
     except BaseException:
         if proc.poll() is None:
             proc.terminate()
@@ -384,10 +392,14 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
     for name, (val, overrides) in evals.items():
         if val and val not in picked:
             picked[val] = pick(REPO / plan.eval_dir(val), a.max_loss)
-        try:
-            run(name, plan.command([*overrides, *picked.get(val, [])]))
-        finally:
+
+        def keep(name=name):
             archive(REPO / plan.eval_dir(name), bench, plan.bench_name(name))
+
+        try:
+            run(name, plan.command([*overrides, *picked.get(val, [])]), tick=keep)
+        finally:
+            keep()
     print(f"\njudge_evidence: done. Reports: {', '.join(str(plan.eval_dir(n) / 'report.md') for n in evals)}")
 
 

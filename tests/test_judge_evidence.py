@@ -190,3 +190,16 @@ def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
     assert out[2] == "eval_gsm8k: not started (thresholds from val_gsm8k)"
     assert out[3].startswith("eval_mmlu: finished")
     assert not (root / "val_mmlu").exists()  # nothing written
+
+
+def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path):
+    je = _script()
+    ev, bench = tmp_path / "eval", tmp_path / "bench"
+    recs = _eval_folder(ev, "data/gsm8k")
+    with open(ev / "per_example.jsonl", "ab") as f:
+        f.write(b'{"prompt_id": "p3", "meth')  # a line the eval is writing right now
+    ticks = []
+    je.run("sleepy", [sys.executable, "-c", "import time; time.sleep(1.5)"], tick=lambda: ticks.append(1), every=0.2)
+    assert ticks  # called while the command ran
+    je.archive(ev, bench, "evidence_x")
+    assert gzip.decompress(je.bench_files(bench, "evidence_x")[0].read_bytes()) == recs
