@@ -149,7 +149,8 @@ def test_ld_regression_head(data_dir, tmp_path):
     assert c.objective == "regress_ld" and c.ld_tau == 0.1 and c.ld_sigma > 0 and res["roc_auc"] > 0.7
     data = load_judge_data([str(data_dir)], "selfjudge", False, 0.2, 0)
     x, ld = data.val[:]["features"], data.val[:]["ld"].double()
-    pred = head(x).double()
+    with torch.no_grad():
+        pred = head(x).double()
     assert c.ld_sigma == pytest.approx(float(((pred - ld) ** 2).mean().sqrt()), rel=1e-4)
     z = (pred - c.ld_tau) / c.ld_sigma
     torch.testing.assert_close(
