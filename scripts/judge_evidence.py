@@ -422,10 +422,9 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
 
     lines = []
     for name, _ in plan.judges():
-        head = {"judge_gsm8k": "judge", "autojudge_gsm8k": "autojudge", "judge_mix": "judge"}[name]
-        run = plan.root / name.replace("autojudge_gsm8k", "judge_gsm8k")
-        done = (REPO / run / head / MARKER).is_file() or (REPO / run / head / "head" / "judge_config.json").is_file()
-        lines.append(f"{name}: {'trained' if done else 'not trained'} ({run / head})")
+        head = plan.heads[name]
+        done = (REPO / head / "judge_config.json").is_file()
+        lines.append(f"{name}: {'trained' if done else 'not trained'} ({head})")
     for name, (val, _) in evals.items():
         ev = REPO / plan.eval_dir(name)
         gz = bench_files(bench, plan.bench_name(name))[0]
