@@ -12,10 +12,11 @@
 It only composes the existing commands (``selfjudge-pipeline`` per step, ``scripts/pick_thresholds.py``):
 
 1. judges (data_gen + train, one run folder each under the run root): ``judge_gsm8k`` on GSM8K train problems
-   (brief-reasoning prompt, fixed τ), ``autojudge_gsm8k`` trained with ``train.label_source=autojudge`` on the
-   same data folder (its data_gen also labels mismatches AutoJudge-style, independent, spread), and
-   ``judge_mix`` on ``default_mix`` (GSM-Symbolic + HumanEval train part + ShareGPT; no MMLU), all with the
-   feature layout of ``--features``;
+   (brief-reasoning prompt, fixed τ), ``autojudge_gsm8k`` on the same problems with ``train.label_source=autojudge``
+   (its data_gen also labels up to ``--autojudge-mismatches`` mismatches per response AutoJudge-style,
+   independent, spread: one greedy continuation each, most of the judges' cost, so it has its own data folder and
+   the SelfJudge head never waits for it), and ``judge_mix`` on ``default_mix`` (GSM-Symbolic + HumanEval train
+   part + ShareGPT; no MMLU), all with the feature layout of ``--features``;
 2. validation sweeps at γ, batched, on slices no eval reports (GSM8K train problems from 1024, MMLU questions
    from 2048 of the seed-0 shuffle): lossless, kl, likelihood, typical and the three judges at their stored
    ``head_quantiles``;
@@ -73,10 +74,10 @@ GRIDS = {"kl": "0.25,0.5,1,2,4", "likelihood": "1,2,3", "typical": "0.03,0.1,0.3
 SIZES = {
     "real": dict(judge_prompts=512, val_prompts=64, eval_prompts=256, gamma=8, batch_size=64, gen_batch_size=32,
                  max_new_tokens=512, tau="1.0901", mix="default_mix", run_root="runs/judge_evidence",
-                 bench_dir="docs/bench", gsm8k_val_offset=1024),
+                 bench_dir="docs/bench", gsm8k_val_offset=1024, autojudge_mismatches=8),
     "tiny": dict(judge_prompts=16, val_prompts=4, eval_prompts=4, gamma=4, batch_size=4, gen_batch_size=4,
                  max_new_tokens=24, tau="quantile", mix="quick_mix", run_root="runs/judge_evidence_tiny",
-                 bench_dir=None, gsm8k_val_offset=32),
+                 bench_dir=None, gsm8k_val_offset=32, autojudge_mismatches=8),
 }  # fmt: skip
 MMLU_VAL_OFFSET = 2048
 JUDGES = ("judge_gsm8k", "autojudge_gsm8k", "judge_mix")
@@ -126,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("batch-size", "eval.batch_size (64)"),
         ("gen-batch-size", "data_gen.batch_size (32)"),
         ("max-new-tokens", "new tokens per response, data_gen and eval (512)"),
+        ("autojudge-mismatches", "AutoJudge-labelled mismatches per response, autojudge_gsm8k (8)"),
     ):
         ap.add_argument(f"--{name}", type=int, default=None, help=what)
     ap.add_argument("--tau", default=None, help="data_gen τ: a number, or 'quantile' (default 1.0901; --tiny quantile)")
@@ -175,7 +177,7 @@ class Plan:
         self.base = (["experiment=tiny"] if a.tiny else [f"model={a.model}"]) + [f"model.device={a.device}"]
         heads = {
             "judge_gsm8k": self.root / "judge_gsm8k" / "judge" / "head",
-            "autojudge_gsm8k": self.root / "judge_gsm8k" / "autojudge" / "head",
+            "autojudge_gsm8k": self.root / "autojudge_gsm8k" / "judge" / "head",
             "judge_mix": self.root / "judge_mix" / "judge" / "head",
         }
         self.heads = {} if a.rules_only else heads
@@ -205,19 +207,21 @@ class Plan:
             *features,
             f"train.use_negatives={negatives}",
         ]
-        gsm8k = [
-            f"run_dir={self.root / 'judge_gsm8k'}",
-            *self._gsm8k("data_gen", "gsm8k_train"),
-            *common,
+        gsm8k = [*self._gsm8k("data_gen", "gsm8k_train"), *common]
+        autojudge = [
+            f"run_dir={self.root / 'autojudge_gsm8k'}",
+            *gsm8k,
             "data_gen.autojudge.enabled=true",
             "data_gen.autojudge.mode=independent",
             "data_gen.autojudge.select=spread",
+            f"data_gen.autojudge.max_mismatches={a.autojudge_mismatches}",
             # the random tiny pair never writes EOS: let its cut responses be labelled too (never on real runs)
             *(["data_gen.autojudge.finished_only=false"] if a.tiny else []),
+            "train.label_source=autojudge",
         ]
         judges = [
-            ("judge_gsm8k", gsm8k),
-            ("autojudge_gsm8k", [*gsm8k, "train.label_source=autojudge", "train.output_dir=${run_dir}/autojudge"]),
+            ("judge_gsm8k", [f"run_dir={self.root / 'judge_gsm8k'}", *gsm8k]),
+            ("autojudge_gsm8k", autojudge),
             (
                 "judge_mix",
                 [

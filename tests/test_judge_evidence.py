@@ -90,9 +90,13 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
             seen[name] = cfg
     gsm8k, mix = seen["judge_gsm8k"].data_gen, seen["judge_mix"].data_gen
     assert gsm8k.dataset.name == "gsm8k" and gsm8k.dataset.split == "train" and gsm8k.dataset.limit == 512
-    assert gsm8k.autojudge.enabled and gsm8k.tau.mode == "value" and list(gsm8k.features.scalars)
-    assert seen["autojudge_gsm8k"].train.label_source == "autojudge"
-    assert seen["autojudge_gsm8k"].train.output_dir != seen["judge_gsm8k"].train.output_dir
+    assert not gsm8k.autojudge.enabled and gsm8k.tau.mode == "value" and list(gsm8k.features.scalars)
+    auto = seen["autojudge_gsm8k"]  # the same problems, its own data folder: the SelfJudge head never waits for it
+    assert auto.train.label_source == "autojudge" and auto.data_gen.autojudge.enabled
+    assert auto.data_gen.autojudge.max_mismatches == 8 and auto.data_gen.dataset == gsm8k.dataset
+    assert (
+        auto.data_gen.output_dir != gsm8k.output_dir and auto.train.output_dir != seen["judge_gsm8k"].train.output_dir
+    )
     assert "mmlu" not in json.dumps([s.name for s in mix.dataset.sources]) and not seen["judge_mix"].train.use_negatives
     val, test = seen["val_gsm8k"].eval, seen["eval_gsm8k"].eval
     assert (val.dataset.split, val.dataset.offset, val.dataset.limit) == ("train", 1024, 64)
@@ -142,10 +146,10 @@ def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(
         gz = root / "bench" / f"evidence_{name}_g4_b4.per_example.jsonl.gz"
         assert gzip.decompress(gz.read_bytes()) == (root / name / "eval" / "per_example.jsonl").read_bytes()
         assert (root / "bench" / f"evidence_{name}_g4_b4.eval_key.json").is_file()
-    for head in ("judge_gsm8k/judge", "judge_gsm8k/autojudge", "judge_mix/judge"):
+    for head in ("judge_gsm8k/judge", "autojudge_gsm8k/judge", "judge_mix/judge"):
         assert (root / head / "head" / "judge_config.json").is_file(), head
     assert (
-        json.loads((root / "judge_gsm8k/autojudge/head/judge_config.json").read_text())["label_source"] == "autojudge"
+        json.loads((root / "autojudge_gsm8k/judge/head/judge_config.json").read_text())["label_source"] == "autojudge"
     )
     final = [json.loads(x) for x in (root / "eval_mmlu/eval/per_example.jsonl").read_text().splitlines()]
     val = [json.loads(x) for x in (root / "val_mmlu/eval/per_example.jsonl").read_text().splitlines()]
