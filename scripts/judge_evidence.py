@@ -16,7 +16,7 @@ It only composes the existing commands (``selfjudge-pipeline`` per step, ``scrip
    (its data_gen also labels up to ``--autojudge-mismatches`` mismatches per response AutoJudge-style,
    independent, spread: one greedy continuation each, most of the judges' cost, so it has its own data folder and
    the SelfJudge head never waits for it), and ``judge_mix`` on ``default_mix`` (GSM-Symbolic + HumanEval train
-   part + ShareGPT; no MMLU), all with the feature layout of ``--features``;
+   part + ShareGPT; no MMLU), all with the feature layout of ``--features`` and the head of ``--head``;
 2. validation sweeps at γ, batched, on slices no eval reports (GSM8K train problems from 1024, MMLU questions
    from 2048 of the seed-0 shuffle): lossless, kl, likelihood, typical and the three judges at their stored
    ``head_quantiles``;
@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):
         ap.add_argument(f"--{name}", type=int, default=None, help=what)
     ap.add_argument("--tau", default=None, help="data_gen τ: a number, or 'quantile' (default 1.0901; --tiny quantile)")
+    ap.add_argument("--head", default="mlp", help="judge head of the three judges, conf/judge/ (default mlp: the "
+                    "best on the SelfJudge label in the signal study, docs/benchmarks.md)")  # fmt: skip
     ap.add_argument("--features", default=FEATURES, help=f"data_gen.features overrides (default {FEATURES})")
     for rule, grid in GRIDS.items():
         ap.add_argument(f"--{rule}", default=grid, help=f"{rule} thresholds of the validation sweep ({grid})")
@@ -199,6 +201,7 @@ class Plan:
         negatives = "false" if scalars and scalars[-1].replace(" ", "") != "[]" else "true"  # gap 0 rows: trivial
         common = [
             "pipeline.stages=[data_gen,train]",
+            f"judge={a.head}",
             f"data_gen.max_new_tokens={a.max_new_tokens}",
             f"data_gen.batch_size={a.gen_batch_size}",
             f"data_gen.dataset.limit={a.judge_prompts}",
