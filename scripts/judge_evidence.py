@@ -435,11 +435,15 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
     for name, (val, _) in evals.items():
         ev = REPO / plan.eval_dir(name)
         gz = bench_files(bench, plan.bench_name(name))[0]
-        if (ev / MARKER).is_file():
-            lines.append(f"{name}: finished ({plan.eval_dir(name)})")
-            continue
         here = ev / RECORDS
         recs = _lines(here.read_bytes()) if here.is_file() else []
+        if (ev / MARKER).is_file():
+            have = {(r["method"], r.get("threshold")) for r in recs}
+            grid = [(m, float(t)) for m in GRIDS for t in getattr(plan.a, m).split(",")] if not val else []
+            missing = [f"{m}@{t:g}" for m, t in grid if (m, t) not in have]
+            older = f"; an older grid: {', '.join(missing)} to decode (a rerun decodes only those)" if missing else ""
+            lines.append(f"{name}: finished ({plan.eval_dir(name)}){older}")
+            continue
         where = str(plan.eval_dir(name))
         if not recs and gz.is_file():
             recs = _lines(gzip.decompress(gz.read_bytes()))

@@ -195,6 +195,19 @@ def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
     assert out[2] == "eval_gsm8k: not started (thresholds from val_gsm8k)"
     assert out[3].startswith("eval_mmlu: finished")
     assert not (root / "val_mmlu").exists()  # nothing written
+    # a sweep finished before its grid grew says what a rerun decodes
+    (root / "val_gsm8k" / "eval" / pipeline.MARKER).write_text("{}")
+    rows = [
+        {"method": m, "threshold": t}
+        for m, ts in (("kl", [0.5, 1]), ("likelihood", [1]), ("typical", [0.3]))
+        for t in ts
+    ]
+    with open(root / "val_gsm8k" / "eval" / "per_example.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    je.main([*args, "--status", "--kl", "0.5,1", "--likelihood", "1,2", "--typical", "0.3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("finished (" + str(root / "val_gsm8k" / "eval") + "); an older grid: likelihood@2 to decode "
+                           "(a rerun decodes only those)")  # fmt: skip
 
 
 def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path):
