@@ -30,7 +30,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from transformers import DynamicCache
 
+from selfjudge.batch_decoding import HoleCache
+from selfjudge.decoding import PrefillMemo
 from selfjudge.generation import fixed_batches, greedy_batch
 from selfjudge.models import ModelPair
 from selfjudge.tasks import Example, Task
@@ -84,6 +87,7 @@ class Labelled(NamedTuple):
     response: list[int]
     positions: list[int]
     draft_tokens: list[int]
+    cache: DynamicCache | None = None  # the target's one-row cache of x ⊕ y_<T-1 (TargetTrace.cache), if kept
 
 
 def _finished(response: list[int], eos_ids) -> bool:
@@ -100,15 +104,24 @@ def chosen(n: int, k: int, select: str) -> list[int]:
     return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
 
 
-def _regenerate(pair: ModelPair, swaps: list[tuple[list[int], list[int], int, int]], s: AutoJudgeSettings, budget: int):
-    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (prompt, y, i, d_i), at most ``budget`` tokens."""
-    caps = [0 if d in pair.eos_ids else max(0, min(s.max_new_tokens, budget - i - 1)) for _, _, i, d in swaps]
+def _regenerate(
+    pair: ModelPair, swaps: list[tuple[list[int], list[int], int, int, Any]], s: AutoJudgeSettings, budget: int
+):
+    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (prompt, y, i, d_i, cache), at most ``budget`` tokens.
+    Where every row of a batch has its response's cache (x ⊕ y_<T-1, from the generation), the prefill of
+    x ⊕ y_<i is cut from it instead of computed again: on a CPU that prefill was most of a regeneration."""
+    caps = [0 if d in pair.eos_ids else max(0, min(s.max_new_tokens, budget - i - 1)) for _, _, i, d, _ in swaps]
     todo = [j for j, c in enumerate(caps) if c > 0]
     regen: dict[int, list[int]] = {}
     # batches of similar continuation length (greedy is prefix-consistent: each row is cut to its own cap)
     for b in fixed_batches([-caps[j] for j in todo], s.batch_size, "data_gen.autojudge.batch_size"):
         rows = [todo[k] for k in b]
         prefixes = [swaps[j][0] + swaps[j][1][: swaps[j][2]] + [swaps[j][3]] for j in rows]
+        memo = None
+        if all(swaps[j][4] is not None for j in rows):
+            memo = PrefillMemo()
+            cut = [(swaps[j][4], len(p) - 1) for j, p in zip(rows, prefixes)]  # prefill reads all but d_i
+            memo.keep(pair.target, prefixes, HoleCache.from_rows(pair.target, pair.vocab_size, cut))
         outs = greedy_batch(
             pair.target,
             prefixes,
@@ -116,9 +129,10 @@ def _regenerate(pair: ModelPair, swaps: list[tuple[list[int], list[int], int, in
             pair.eos_ids,
             pair.tokenizer.pad_token_id,
             pair.vocab_size,
+            prefill_memo=memo,
         )
         regen.update({j: o[: caps[j]] for j, o in zip(rows, outs)})
-    return [y[:i] + [d] + regen.get(j, []) for j, (_, y, i, d) in enumerate(swaps)]
+    return [y[:i] + [d] + regen.get(j, []) for j, (_, y, i, d, _) in enumerate(swaps)]
 
 
 @torch.no_grad()
@@ -142,6 +156,7 @@ def autojudge_labels_many(
         # independent: every planned swap at once; sequential: the next swap of each searching item
         jobs = [(k, j) for k, js in plan.items() for j in (js if s.mode == "independent" else js[step : step + 1])]
         swaps = [(items[k].prompt, items[k].response, items[k].positions[j], items[k].draft_tokens[j]) for k, j in jobs]
+        swaps = [(*sw, items[k].cache) for sw, (k, _) in zip(swaps, jobs)]
         for (k, j), new in zip(jobs, _regenerate(pair, swaps, s, budget)):
             labels[k][j] = int(task.score(items[k].example, dec(new, skip_special_tokens=True)) != base[k])
         if s.mode == "independent":

@@ -44,6 +44,29 @@ class HoleCache:
         if ids.shape[1]:
             lm_forward(self.model, ids, keep=slice(0, 0), **self._extend(valid, pos))
 
+    @classmethod
+    def from_rows(cls, model: torch.nn.Module, vocab: int, rows: list[tuple[DynamicCache, int]]) -> HoleCache:
+        """The batch cache a prefill of left-padded prefixes would leave, from caches that already hold them:
+        row b is the first n_b positions of the one-row cache ``rows[b] = (cache, n_b)``, right-aligned (pad
+        columns zero and masked out, so never attended to). Positions are kept: the keys were made at 0..n_b-1."""
+        ref = rows[0][0].layers
+        dev = ref[0].keys.device
+        width = max(n for _, n in rows)
+        out = cls(model, vocab, len(rows), dev)
+        out.mask = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
+        for b, (_, n) in enumerate(rows):
+            out.mask[b, width - n :] = 1
+        for li, layer in enumerate(ref):
+            k = layer.keys.new_zeros((len(rows), layer.keys.shape[1], width, layer.keys.shape[3]))
+            v = layer.values.new_zeros((len(rows), layer.values.shape[1], width, layer.values.shape[3]))
+            for b, (c, n) in enumerate(rows):
+                if c.layers[li].keys.shape[2] < n:
+                    raise ValueError(f"row {b}: its cache holds {c.layers[li].keys.shape[2]} positions, {n} asked")
+                k[b, :, width - n :] = c.layers[li].keys[0, :, :n]
+                v[b, :, width - n :] = c.layers[li].values[0, :, :n]
+            out.cache.update(k, v, li)
+        return out
+
     def copy_from(self, other: HoleCache) -> None:
         """This cache becomes a copy of ``other`` (its own tensors): a kept prefill (decoding.PrefillMemo)."""
         self.mask = other.mask.clone()

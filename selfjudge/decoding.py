@@ -262,6 +262,11 @@ class PrefillMemo:
     def __init__(self) -> None:
         self._kept: dict[int, tuple[tuple, object, float]] = {}  # id(model) -> (prompts, cache copy, seconds)
 
+    def keep(self, model: torch.nn.Module, prompts: list[list[int]], cache, seconds: float = 0.0) -> None:
+        """Hold ``cache`` (owned from now on) as the prefill of ``prompts`` for ``model``: one made elsewhere,
+        such as the AutoJudge regenerations' prefixes cut from the generation's own cache."""
+        self._kept[id(model)] = (tuple(map(tuple, prompts)), cache, seconds)
+
     def fill(self, cache, model: torch.nn.Module, prompts: list[list[int]], ids, valid, pos) -> float:
         """Prefill ``cache``, or copy the kept prefill of these prompts into it; returns the seconds to charge
         minus the seconds spent here (0 when the prefill ran)."""

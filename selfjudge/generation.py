@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from selfjudge.batch_decoding import run_batch
-from selfjudge.decoding import TargetTrace
+from selfjudge.decoding import PrefillMemo, TargetTrace
 from selfjudge.features import FeatureSpec
 
 __all__ = ["TargetTrace", "fixed_batches", "greedy_batch", "greedy_batch_traced"]
@@ -41,9 +41,11 @@ def greedy_batch(
     eos_ids: list[int],
     pad_id: int,
     vocab: int,
+    prefill_memo: PrefillMemo | None = None,
 ) -> list[list[int]]:
-    """Greedy responses of one batch. A response ends with its EOS token when one was produced."""
-    return _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, None)[0]
+    """Greedy responses of one batch. A response ends with its EOS token when one was produced.
+    ``prefill_memo``: the prompts' prefill, when it holds it (:class:`selfjudge.decoding.PrefillMemo`)."""
+    return _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, None, prefill_memo)[0]
 
 
 @torch.no_grad()
@@ -60,7 +62,7 @@ def greedy_batch_traced(
     return _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, spec)
 
 
-def _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, spec):
+def _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, spec, prefill_memo=None):
     rows, traces = run_batch(
         model,
         None,
@@ -71,5 +73,6 @@ def _greedy(model, prompts, max_new_tokens, eos_ids, pad_id, vocab, spec):
         vocab=vocab,
         pad_id=pad_id,
         trace=spec,
+        prefill_memo=prefill_memo,
     )
     return [toks for toks, _ in rows], traces

@@ -301,11 +301,11 @@ def run_rank(
                     **extra,
                 )
             )
-        traces = trace = extra = None  # free this batch's KV cache before the regenerations
-        items = [
-            Labelled(examples[i], prompts[i], resp, sc.positions.tolist(), sc.draft_tokens.tolist())
-            for i, resp, sc in zip(batch, resps, scored)
+        items = [  # with the fast scorer, each response's cache: the regenerations cut their prefill from it
+            Labelled(examples[i], prompts[i], resp, sc.positions.tolist(), sc.draft_tokens.tolist(), tr and tr.cache)
+            for i, resp, sc, tr in zip(batch, resps, scored, traces if use_aj else [None] * len(batch))
         ]
+        traces = trace = extra = None
         if use_aj:  # the regenerations of the whole batch run together
             ajs = autojudge_labels_many(pair, task, items, s.autojudge, s.max_new_tokens)
         else:

@@ -8,7 +8,14 @@ import torch
 from hydra import compose, initialize_config_module
 
 from selfjudge import shards
-from selfjudge.autojudge import AutoJudgeSettings, Labelled, autojudge_labels, autojudge_labels_many, chosen
+from selfjudge.autojudge import (
+    AutoJudgeSettings,
+    Labelled,
+    _regenerate,
+    autojudge_labels,
+    autojudge_labels_many,
+    chosen,
+)
 from selfjudge.data_gen.stage import run
 from selfjudge.models import format_prompt
 from selfjudge.scoring import score_response
@@ -144,13 +151,36 @@ def test_batched_across_responses_equals_each_alone(tiny_pair, mode, select):
     assert sum(x != -1 for got in many for x in got) >= (6 if mode == "independent" else 3)
 
 
-def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
+@pytest.mark.parametrize("mode,select", [("independent", "spread"), ("sequential", "first")])
+def test_regenerations_cut_from_the_generation_cache_equal_fresh_prefills(tiny_pair, mode, select):
+    """Each response's own cache of x ⊕ y_<T-1 (as the generation leaves it) stands in for the prefill of every
+    regeneration's prefix x ⊕ y_<i: the continuations, and so the labels, equal those of a fresh prefill (fp32),
+    with rows of different responses and prefix lengths in one batch."""
+    cases = [_case(tiny_pair, q) for q in QUESTIONS]
+    s = AutoJudgeSettings(enabled=True, mode=mode, max_mismatches=4, max_new_tokens=24, select=select, batch_size=3)
+    plain = [Labelled(ex, prompt, resp, pos, dr) for task, ex, prompt, resp, pos, dr in cases]
+    cached = []
+    for it in plain:
+        with torch.no_grad():
+            out = tiny_pair.target(torch.tensor([it.prompt + it.response[:-1]]), use_cache=True)
+        cached.append(it._replace(cache=out.past_key_values))
+    want = autojudge_labels_many(tiny_pair, cases[0][0], plain, s, budget=24)
+    assert autojudge_labels_many(tiny_pair, cases[0][0], cached, s, budget=24) == want
+    swaps = [
+        (it.prompt, it.response, i, d, None) for it in plain for i, d in zip(it.positions[:5], it.draft_tokens[:5])
+    ]
+    swaps_c = [(*sw[:4], c.cache) for sw, c in zip(swaps, [c for c in cached for _ in c.positions[:5]])]
+    assert len({sw[2] for sw in swaps}) >= 4  # prefixes of several lengths
+    assert _regenerate(tiny_pair, swaps_c, s, 24) == _regenerate(tiny_pair, swaps, s, 24)
+
+
+def _stage_cfg(run_dir, cache_dir, *extra):
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose(
+        return compose(
             "selfjudge",
             overrides=[
                 "experiment=tiny",
-                f"run_dir={tmp_path}",
+                f"run_dir={run_dir}",
                 f"model.cache_dir={cache_dir}",
                 "logger=none",
                 "data_gen.max_new_tokens=12",
@@ -159,9 +189,22 @@ def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
                 "data_gen.autojudge.mode=independent",
                 "data_gen.autojudge.max_mismatches=2",
                 "data_gen.autojudge.finished_only=false",  # the tiny model's responses run to the limit
+                *extra,
             ],
         )
-    out = run(cfg)
+
+
+def _aj_labels(data) -> list:
+    man = shards.read_manifest(data)
+    return [
+        (r["prompt_id"], r["position"], r["autojudge_label"])
+        for p in shards.list_shards(data, man)
+        for r in pq.read_table(p).to_pylist()
+    ]
+
+
+def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
+    out = run(_stage_cfg(tmp_path, cache_dir))
     man = shards.read_manifest(tmp_path / "data")
     assert man["label_sources"] == ["selfjudge", "autojudge"]
     rows = [r for p in shards.list_shards(tmp_path / "data", man) for r in pq.read_table(p).to_pylist()]
@@ -172,3 +215,12 @@ def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
     for labels in by_prompt.values():  # the first two mismatches labelled (0/1), the rest not computed
         assert all(x in (0, 1) for x in labels[:2]) and all(x == -1 for x in labels[2:])
     assert out["counts"]["autojudge_labelled"] == sum(min(2, len(v)) for v in by_prompt.values()) > 0
+
+
+def test_stage_regenerations_from_the_generation_cache_equal_the_naive_scorer_path(tmp_path, cache_dir):
+    """The fast scorer hands the regenerations each response's cache; the naive one has none, so they prefill:
+    the same AutoJudge labels (fp32)."""
+    run(_stage_cfg(tmp_path / "fast", cache_dir))
+    run(_stage_cfg(tmp_path / "naive", cache_dir, "data_gen.scorer=naive"))
+    fast, naive = _aj_labels(tmp_path / "fast" / "data"), _aj_labels(tmp_path / "naive" / "data")
+    assert fast == naive and sum(x[2] != -1 for x in fast) >= 3
