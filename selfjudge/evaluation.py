@@ -522,6 +522,7 @@ def evaluate(
             desc=f"eval rank {rank}" if world > 1 else "eval",
             unit="decode",
             disable=rank != 0,
+            smoothing=0,  # whole batches land at once: the mean rate, not the last burst, gives a sane ETA
         ) as bar,
     ):
         for items, m in todo:

@@ -256,6 +256,7 @@ def run_rank(
         desc=f"data_gen rank {rank}",
         unit="prompt",
         disable=rank != 0,
+        smoothing=0,  # a generation batch of prompts lands at once: the mean rate gives a sane ETA
     )
 
     def flush() -> None:
