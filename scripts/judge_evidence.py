@@ -70,6 +70,11 @@ FEATURES = (
 # accuracy (docs/benchmarks.md), so the grids reach past them; on the GSM8K validation slice kl@0.5 was already
 # 4.7 points below lossless and no KL cut was picked, so kl also reaches down to 0.25
 GRIDS = {"kl": "0.25,0.5,1,2,4", "likelihood": "1,2,3", "typical": "0.03,0.1,0.3"}
+# the judges' sweep: the cuts at these quantiles of P(important) on their validation mismatches (train.quantiles),
+# i.e. accepting about 5-40 % of the mismatches; on 64 GSM8K test problems the 512-problem MLP head was at the
+# target's accuracy near its 20 % quantile and 6 points below at 40 % (docs/benchmarks.md); the train default
+# (eleven levels) would make each judge's rows cost some 4 h per slice on a CPU
+JUDGE_QUANTILES = "0.05,0.1,0.2,0.3,0.4"
 # real pair / --tiny: sizes, and where the validation slices start (disjoint from the judges' and evals' prompts)
 SIZES = {
     "real": dict(judge_prompts=512, val_prompts=64, eval_prompts=256, gamma=8, batch_size=64, gen_batch_size=32,
@@ -133,6 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tau", default=None, help="data_gen τ: a number, or 'quantile' (default 1.0901; --tiny quantile)")
     ap.add_argument("--head", default="mlp", help="judge head of the three judges, conf/judge/ (default mlp: the "
                     "best on the SelfJudge label in the signal study, docs/benchmarks.md)")  # fmt: skip
+    ap.add_argument("--judge-quantiles", default=JUDGE_QUANTILES, help="quantile levels of P(important) the "
+                    f"judges store and the sweeps decode (train.quantiles; default {JUDGE_QUANTILES})")  # fmt: skip
     ap.add_argument("--features", default=FEATURES, help=f"data_gen.features overrides (default {FEATURES})")
     for rule, grid in GRIDS.items():
         ap.add_argument(f"--{rule}", default=grid, help=f"{rule} thresholds of the validation sweep ({grid})")
@@ -202,6 +209,7 @@ class Plan:
         common = [
             "pipeline.stages=[data_gen,train]",
             f"judge={a.head}",
+            f"train.quantiles=[{a.judge_quantiles}]",
             f"data_gen.max_new_tokens={a.max_new_tokens}",
             f"data_gen.batch_size={a.gen_batch_size}",
             f"data_gen.dataset.limit={a.judge_prompts}",
