@@ -434,12 +434,28 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
     """One line per step: finished, partial (records per method, here or in the committed archive) or not
     started; nothing is written."""
     from selfjudge.io import MARKER
+    from selfjudge.shards import MANIFEST, SHARD_DIR, read_progress
+
+    def ranks_seen(data: Path) -> int:  # progress files are per rank; one rank when there are none yet
+        return max(1, len(list((data / SHARD_DIR).glob("rank*.progress.json"))))
 
     lines = []
     for name, _ in plan.judges():
         head = plan.heads[name]
-        done = (REPO / head / "judge_config.json").is_file()
-        lines.append(f"{name}: {'trained' if done else 'not trained'} ({head})")
+        if (REPO / head / "judge_config.json").is_file():
+            lines.append(f"{name}: trained ({head})")
+            continue
+        data = REPO / head.parent.parent / "data"  # <run_dir>/judge/head -> <run_dir>/data
+        if (data / MANIFEST).is_file():
+            lines.append(f"{name}: data finished, not trained ({head})")
+            continue
+        done = sum(len(read_progress(data, r)["done_prompt_ids"]) for r in range(ranks_seen(data)))
+        where = head.parent.parent / "data"
+        lines.append(
+            f"{name}: data_gen {done} of {plan.a.judge_prompts} prompts in shards ({where}; a rerun resumes after them)"
+            if done
+            else f"{name}: not started"
+        )
     for name, (val, _) in evals.items():
         ev = REPO / plan.eval_dir(name)
         gz = bench_files(bench, plan.bench_name(name))[0]

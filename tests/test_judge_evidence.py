@@ -209,6 +209,18 @@ def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("finished (" + str(root / "val_gsm8k" / "eval") + "); an older grid: likelihood@2 to decode "
                            "(a rerun decodes only those)")  # fmt: skip
+    # the judges: data_gen progress from the shards' progress files, then a finished folder, then a head
+    from selfjudge import shards
+
+    shards.write_progress(root / "judge_gsm8k" / "data", 0, {"shards": ["a"], "done_prompt_ids": ["p1", "p2", "p3"]})
+    (root / "judge_mix" / "data").mkdir(parents=True)
+    (root / "judge_mix" / "data" / shards.MANIFEST).write_text("{}")
+    (root / "autojudge_gsm8k" / "judge" / "head").mkdir(parents=True)
+    (root / "autojudge_gsm8k" / "judge" / "head" / "judge_config.json").write_text("{}")
+    je.main([a for a in args if a != "--rules-only"] + ["--status", "--only", "judge_gsm8k,autojudge_gsm8k,judge_mix"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("judge_gsm8k: data_gen 3 of 512 prompts in shards (")
+    assert out[1].startswith("autojudge_gsm8k: trained") and out[2].startswith("judge_mix: data finished, not trained")
 
 
 def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path):
