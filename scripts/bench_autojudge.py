@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from bench_common import cpu_flags, load_pair_and_prompts
 
-from selfjudge.autojudge import AutoJudgeSettings, _regenerate, chosen
+from selfjudge.autojudge import AutoJudgeSettings, regenerate, chosen
 from selfjudge.generation import greedy_batch_traced
 from selfjudge.scoring import score_response
 
@@ -54,7 +54,7 @@ def main() -> None:
     runs = {}
     for name, todo in (("cut from the generation cache", swaps), ("fresh prefill", plain)):
         t0 = time.perf_counter()
-        out = _regenerate(pair, todo, s, a.tokens)
+        out = regenerate(pair, todo, s, a.tokens)
         runs[name] = (time.perf_counter() - t0, out)
         print(f"{name:30s} {runs[name][0]:8.1f} s for {len(todo)} regenerations", flush=True)
     (t_c, o_c), (t_p, o_p) = runs.values()

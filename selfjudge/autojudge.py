@@ -104,12 +104,12 @@ def chosen(n: int, k: int, select: str) -> list[int]:
     return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
 
 
-def _regenerate(
+def regenerate(
     pair: ModelPair, swaps: list[tuple[list[int], list[int], int, int, Any]], s: AutoJudgeSettings, budget: int
 ):
     """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (prompt, y, i, d_i, cache), at most ``budget`` tokens.
     Where every row of a batch has its response's cache (x ⊕ y_<T-1, from the generation), the prefill of
-    x ⊕ y_<i is cut from it instead of computed again: on a CPU that prefill was most of a regeneration."""
+    x ⊕ y_<i is cut from it instead of computed again (on a CPU about 40 % of a regeneration's time)."""
     caps = [0 if d in pair.eos_ids else max(0, min(s.max_new_tokens, budget - i - 1)) for _, _, i, d, _ in swaps]
     todo = [j for j, c in enumerate(caps) if c > 0]
     regen: dict[int, list[int]] = {}
@@ -157,7 +157,7 @@ def autojudge_labels_many(
         jobs = [(k, j) for k, js in plan.items() for j in (js if s.mode == "independent" else js[step : step + 1])]
         swaps = [(items[k].prompt, items[k].response, items[k].positions[j], items[k].draft_tokens[j]) for k, j in jobs]
         swaps = [(*sw, items[k].cache) for sw, (k, _) in zip(swaps, jobs)]
-        for (k, j), new in zip(jobs, _regenerate(pair, swaps, s, budget)):
+        for (k, j), new in zip(jobs, regenerate(pair, swaps, s, budget)):
             labels[k][j] = int(task.score(items[k].example, dec(new, skip_special_tokens=True)) != base[k])
         if s.mode == "independent":
             break

@@ -11,10 +11,10 @@ from selfjudge import shards
 from selfjudge.autojudge import (
     AutoJudgeSettings,
     Labelled,
-    _regenerate,
     autojudge_labels,
     autojudge_labels_many,
     chosen,
+    regenerate,
 )
 from selfjudge.data_gen.stage import run
 from selfjudge.models import format_prompt
@@ -171,7 +171,7 @@ def test_regenerations_cut_from_the_generation_cache_equal_fresh_prefills(tiny_p
     ]
     swaps_c = [(*sw[:4], c.cache) for sw, c in zip(swaps, [c for c in cached for _ in c.positions[:5]])]
     assert len({sw[2] for sw in swaps}) >= 4  # prefixes of several lengths
-    assert _regenerate(tiny_pair, swaps_c, s, 24) == _regenerate(tiny_pair, swaps, s, 24)
+    assert regenerate(tiny_pair, swaps_c, s, 24) == regenerate(tiny_pair, swaps, s, 24)
 
 
 def _stage_cfg(run_dir, cache_dir, *extra):
