@@ -20,7 +20,7 @@ from selfjudge.tasks import build_task
 log = logging.getLogger("selfjudge.data_gen")  # hydra's console and per-rank log file show it
 
 # what decides the data: these config sections, minus the keys named (they never change a record)
-IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir"), "seed": ()}
+IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir", "shard_prompts"), "seed": ()}
 
 
 def settings(plain: dict) -> labelling.DataGenSettings:

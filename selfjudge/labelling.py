@@ -3,8 +3,8 @@
 Resumable and rank-sliced.
 
 Each rank takes examples ``rank::world`` and cuts them into fixed batches of similar prompt length.
-After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records it is
-written as one shard and the rank's progress file records the prompt ids that shard covers. A killed
+After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records (or
+``shard_prompts`` prompts, so that a stop of a slow run loses little) it is written as one shard and the rank's progress file records the prompt ids that shard covers. A killed
 run restarts after its last recorded batch with the very same batches, so it produces exactly the
 records of an uninterrupted run: nothing twice, nothing lost. :func:`finalize` (rank 0, once every
 rank is done) sets τ over every LD of the run, writes the labels into the shards, and writes the
@@ -117,6 +117,7 @@ class DataGenSettings:
     features: FeatureSpec  # judge feature layout
     feature_dtype: str  # float16 | float32 (stored)
     shard_size: int  # records per shard (memory bound)
+    shard_prompts: int  # also close a shard after this many prompts (0: by shard_size only)
     scorer: str  # fast | naive
     max_prompt_tokens: int  # longer prompts are an error
     max_packed_tokens: int  # window tokens per packed scoring pass
@@ -144,6 +145,7 @@ class DataGenSettings:
         )
         for key in ("window", "max_new_tokens", "batch_size", "shard_size", "max_packed_tokens", "max_prompt_tokens"):
             require(is_int(getattr(self, key), 1), f"data_gen.{key}", "an integer >= 1", getattr(self, key))
+        require(is_int(self.shard_prompts, 0), "data_gen.shard_prompts", "an integer >= 0", self.shard_prompts)
 
     @classmethod
     def from_section(cls, d: Mapping[str, Any]) -> DataGenSettings:
@@ -319,7 +321,7 @@ def run_rank(
             bar.update(1)
             bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.1f}")
         scored = items = None
-        if len(buf) >= s.shard_size:
+        if len(buf) >= s.shard_size or (s.shard_prompts and len(buf_ids) >= s.shard_prompts):
             flush()
     if buf_ids:
         flush()

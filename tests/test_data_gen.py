@@ -127,6 +127,23 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache_dir):
     assert again["rank_stats"]["prompts_this_run"] == 0 and again["counts"] == a["counts"]
 
 
+def test_shard_prompts_closes_shards_early_and_keeps_the_key(tmp_path, cache_dir):
+    """data_gen.shard_prompts closes a shard after that many prompts (whole batches) although shard_size is not
+    reached; the records are those of a run without it, and a folder made with one value resumes with another
+    (it is not in the config key)."""
+    big = "data_gen.shard_size=100000"
+    a = run(_cfg(tmp_path / "a", cache_dir, big, "data_gen.shard_prompts=0"))
+    b = run(_cfg(tmp_path / "b", cache_dir, big, "data_gen.shard_prompts=3"))
+    na, nb = (len(shards.read_manifest(tmp_path / x / "data")["shards"]) for x in "ab")
+    assert na == 1 and nb == 3  # 7 prompts in batches of 3: shards after 3, 6 and 7 prompts
+    _same_records(_records(tmp_path / "a" / "data"), _records(tmp_path / "b" / "data"))
+    assert a["counts"] == b["counts"]
+    again = run(_cfg(tmp_path / "b", cache_dir, big, "data_gen.shard_prompts=5"))
+    assert again["rank_stats"]["prompts_this_run"] == 0
+    with pytest.raises(ValueError, match="data_gen.shard_prompts"):
+        run(_cfg(tmp_path / "c", cache_dir, "data_gen.shard_prompts=-1"))
+
+
 def test_value_tau_and_max_logprob(tmp_path, cache_dir):
     run(
         _cfg(
