@@ -612,21 +612,22 @@ def test_a_run_with_one_overflowing_shard_stores_every_shard_in_float32(tmp_path
     shards.write_progress(d, 0, {"shards": names, "done_prompt_ids": ["p0", "p1"], "response_tokens": 2})
     write_json(d / "shards" / "rank000.done.json", {})
     s = DataGenSettings(
-        str(d),
-        False,
-        {},
-        8,
-        1,
-        4,
-        "continuation",
-        {"mode": "quantile", "value": 0, "quantile": 0.5},
-        None,
-        "float16",
-        8,
-        "fast",
-        64,
-        64,
-        None,
+        output_dir=str(d),
+        overwrite=False,
+        dataset={},
+        max_new_tokens=8,
+        batch_size=1,
+        window=4,
+        score_variant="continuation",
+        tau={"mode": "quantile", "value": 0, "quantile": 0.5},
+        features=None,
+        feature_dtype="float16",
+        shard_size=8,
+        shard_prompts=0,
+        scorer="fast",
+        max_prompt_tokens=64,
+        max_packed_tokens=64,
+        autojudge=None,
     )
     man = finalize(d, 1, s, {"feature_dtype": "float16"})
     assert man["feature_dtype"] == "float32"
