@@ -14,13 +14,10 @@ token-identical (in bf16 the two prefills differ in rounding, so a near-tie can 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
-from bench_common import cpu_flags, load_pair_and_prompts
+from bench_common import load_pair_and_prompts, run_facts, write_result
 
 from selfjudge.autojudge import AutoJudgeSettings, regenerate, chosen
 from selfjudge.generation import greedy_batch_traced
@@ -75,16 +72,10 @@ def main() -> None:
         "mismatches": a.mismatches,
         "batch_size": a.batch_size,
         "overrides": a.overrides,
-        "dtype": str(next(pair.target.parameters()).dtype),
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "cpu": cpu_flags(),
-        "date": time.strftime("%Y-%m-%d"),
+        **run_facts(pair),
         "load_seconds": t_load,
     }
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    write_result(a.out, res)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,25 @@ def cpu_flags() -> dict:
     model = (re.search(r"^model name\s*:\s*(.*)$", info, re.M) or [None, platform.processor()])[1]
     want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
     return {"model": model, "cpus": os.cpu_count(), "flags": sorted(f for f in want if f in flags)}
+
+
+def run_facts(pair) -> dict:
+    """What a benchmark's JSON records about the run beside its figures: dtype, threads, load, CPU flags, date."""
+    import torch
+
+    return {
+        "dtype": str(next(pair.target.parameters()).dtype),
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "cpu": cpu_flags(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_result(path: str | None, res: dict) -> None:
+    """The benchmark's JSON at ``path`` (atomically, folders made), when one is given."""
+    from selfjudge.io import write_json
+
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, res)

@@ -12,14 +12,9 @@ eval's ``rule / verify`` column. Same prompts, same process; warm-up decode excl
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import time
-from pathlib import Path
 
-import torch
-from bench_common import load_pair_and_prompts
+from bench_common import load_pair_and_prompts, run_facts, write_result
 
 from selfjudge.decoding import decode
 from selfjudge.features import SCALARS, FeatureSpec
@@ -81,16 +76,11 @@ def main() -> None:
         "tokens": a.tokens,
         "prompts": a.prompts,
         "overrides": a.overrides,
-        "dtype": str(next(pair.target.parameters()).dtype),
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
+        **run_facts(pair),
         "machine": platform.machine(),
-        "date": time.strftime("%Y-%m-%d"),
         "load_seconds": t_load,
     }
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    write_result(a.out, res)
 
 
 if __name__ == "__main__":
