@@ -445,12 +445,12 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
         if (REPO / head / "judge_config.json").is_file():
             lines.append(f"{name}: trained ({head})")
             continue
-        data = REPO / head.parent.parent / "data"  # <run_dir>/judge/head -> <run_dir>/data
+        where = head.parent.parent / "data"  # <run_dir>/judge/head -> <run_dir>/data
+        data = REPO / where
         if (data / MANIFEST).is_file():
             lines.append(f"{name}: data finished, not trained ({head})")
             continue
         done = sum(len(read_progress(data, r)["done_prompt_ids"]) for r in range(ranks_seen(data)))
-        where = head.parent.parent / "data"
         lines.append(
             f"{name}: data_gen {done} of {plan.a.judge_prompts} prompts in shards ({where}; a rerun resumes after them)"
             if done

@@ -4,9 +4,10 @@ Resumable and rank-sliced.
 
 Each rank takes examples ``rank::world`` and cuts them into fixed batches of similar prompt length.
 After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records (or
-``shard_prompts`` prompts, so that a stop of a slow run loses little) it is written as one shard and the rank's progress file records the prompt ids that shard covers. A killed
-run restarts after its last recorded batch with the very same batches, so it produces exactly the
-records of an uninterrupted run: nothing twice, nothing lost. :func:`finalize` (rank 0, once every
+``shard_prompts`` prompts, so that a stop of a slow run loses little) it is written as one shard and the
+rank's progress file records the prompt ids that shard covers. A killed run restarts after its last
+recorded batch with the very same batches, so it produces exactly the records of an uninterrupted run:
+nothing twice, nothing lost. :func:`finalize` (rank 0, once every
 rank is done) sets τ over every LD of the run, writes the labels into the shards, and writes the
 manifest last; a folder without ``"complete": true`` is never read as finished.
 """
