@@ -6,6 +6,7 @@
     python scripts/judge_evidence.py --tiny                             # tiny random pair: the chain in seconds
     python scripts/judge_evidence.py --dry-run                          # print the commands, run nothing
     python scripts/judge_evidence.py --rules-only --only val_gsm8k      # one step, without the judges
+    python scripts/judge_evidence.py --judges judge_gsm8k --only val_gsm8k  # one judge's rows (the others later)
     python scripts/judge_evidence.py --status                           # what is done: steps, records per method
     python scripts/judge_evidence.py -- model.dtype=bfloat16            # hydra overrides for every stage
 
@@ -27,8 +28,10 @@ It only composes the existing commands (``selfjudge-pipeline`` per step, ``scrip
 Steps: ``--only`` runs the named steps (judge_gsm8k, autojudge_gsm8k, judge_mix, val_gsm8k, val_mmlu,
 eval_gsm8k, eval_mmlu), so that two processes can share the work (one task each: a step's run folder is
 locked to one writer); an eval step needs its validation sweep finished. ``--rules-only`` leaves the judges
-out (no training, no judge rows): lossless and the training-free rules, which need no judge. A later run
-with the judges reuses every rule record (the pipeline hands a redone eval its records back).
+out (no training, no judge rows): lossless and the training-free rules, which need no judge; ``--judges`` names
+the judges that train and join the sweeps and evals (default all three), so a judge whose data is done can be
+swept while another's data is still being made. A later run with more judges reuses every record made so far
+(the pipeline hands a redone eval its records back).
 
 Resuming: a rerun skips every step whose output is finished (the pipeline's stage markers) and the stages
 resume their partial work. Every two minutes while an eval runs, and after it (also when stopped by Ctrl-C or
@@ -146,6 +149,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-loss", type=float, default=0.02, help="pick_thresholds --max-loss (0.02: 2 points)")
     ap.add_argument("--only", default=None, help=f"comma-separated steps to run (default all: {', '.join(STEPS)})")
     ap.add_argument("--rules-only", action="store_true", help="no judges: lossless and the training-free rules")
+    ap.add_argument(
+        "--judges",
+        help=f"comma-separated judges that train and join the sweeps and evals (default all: {', '.join(JUDGES)})",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     ap.add_argument("--status", action="store_true", help="print what each step has done (here or committed) and stop")
     ap.add_argument("overrides", nargs="*", help="hydra overrides appended to every stage command (after --)")
@@ -158,18 +165,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for k in [k for k, v in SIZES["real"].items() if isinstance(v, int)]:
         if getattr(args, k) < 1:
             raise SystemExit(f"judge_evidence: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    args.only = STEPS if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
-    unknown = [x for x in args.only if x not in STEPS]
-    if unknown or not args.only:
-        raise SystemExit(f"judge_evidence: --only {','.join(unknown)}: unknown step; steps are {', '.join(STEPS)}")
-    if args.rules_only and set(args.only) <= set(JUDGES):
-        raise SystemExit("judge_evidence: --rules-only leaves out every judge step that --only names: nothing to run")
+    args.only = STEPS if args.only is None else _names(args.only, STEPS, "--only")
+    if args.rules_only and args.judges is not None:
+        raise SystemExit("judge_evidence: --rules-only and --judges both choose the judges: give one of them")
+    args.judges = () if args.rules_only else _names(args.judges, JUDGES, "--judges") if args.judges else JUDGES
+    if set(args.only) <= set(JUDGES) and not set(args.only) & set(args.judges):
+        say = "--rules-only" if args.rules_only else f"--judges {','.join(args.judges)}"
+        raise SystemExit(f"judge_evidence: {say} leaves out every judge step that --only names: nothing to run")
     if args.judge_prompts > args.gsm8k_val_offset:  # the judges take GSM8K train problems 0.. of the same shuffle
         raise SystemExit(
             f"judge_evidence: --judge-prompts {args.judge_prompts} would reach the validation problems, which "
             f"start at {args.gsm8k_val_offset}: use at most {args.gsm8k_val_offset}"
         )
     return args
+
+
+def _names(given: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """A comma-separated list of names, each one of ``known``; anything else stops with the names to use."""
+    names = tuple(x.strip() for x in given.split(",") if x.strip())
+    unknown = [x for x in names if x not in known]
+    if unknown or not names:
+        raise SystemExit(f"judge_evidence: {flag} {','.join(unknown)}: unknown name; use {', '.join(known)}")
+    return names
 
 
 class Plan:
@@ -189,7 +206,7 @@ class Plan:
             "autojudge_gsm8k": self.root / "autojudge_gsm8k" / "judge" / "head",
             "judge_mix": self.root / "judge_mix" / "judge" / "head",
         }
-        self.heads = {} if a.rules_only else heads
+        self.heads = {n: d for n, d in heads.items() if n in a.judges}
 
     def _gsm8k(self, section: str, config: str) -> list[str]:
         path = [f"{section}.dataset.path={q(self.a.gsm8k_dir)}"] if self.a.gsm8k_dir else []
@@ -243,7 +260,7 @@ class Plan:
                 ],
             ),
         ]
-        return [(n, o) for n, o in judges if n in self.a.only and not self.a.rules_only]
+        return [(n, o) for n, o in judges if n in self.a.only and n in self.heads]
 
     def evals(self) -> dict[str, tuple[str, list[str]]]:
         """name -> (validation sweep it takes thresholds from, or ''; pipeline overrides)."""
@@ -402,6 +419,15 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
     for name in evals:
         ds_path = a.gsm8k_dir if "gsm8k" in name else None
         restore(REPO / plan.eval_dir(name), bench, plan.bench_name(name), ds_path)
+    training = [n for n, _ in plan.judges()]
+    untrained = [
+        n for n, d in plan.heads.items() if n not in training and not (REPO / d / "judge_config.json").is_file()
+    ]
+    if evals and untrained:
+        raise SystemExit(
+            f"judge_evidence: {', '.join(untrained)}: no trained head ({', '.join(str(plan.heads[n]) for n in untrained)}) "
+            f"and not trained by this run: add {','.join(untrained)} to --only, or name the trained judges in --judges"
+        )
     for name, overrides in plan.judges():
         run(name, plan.command(overrides))
     picked: dict[str, list[str]] = {}

@@ -122,9 +122,23 @@ def test_rules_only_and_only_pick_the_steps_and_leave_the_judges_out(tmp_path):
     assert set(cfg.eval.methods) == {"kl", "likelihood", "typical"}
     plan = je.Plan(je.parse_args([*args, "--only", "judge_mix,val_mmlu"]))
     assert [n for n, _ in plan.judges()] == ["judge_mix"] and set(plan.evals()) == {"val_mmlu"}
-    for bad, says in ((["--only", "val_gsm8k,nope"], "nope"), (["--rules-only", "--only", "judge_mix"], "nothing")):
+    plan = je.Plan(je.parse_args([*args, "--judges", "judge_gsm8k", "--only", "judge_gsm8k,judge_mix,val_gsm8k"]))
+    assert [n for n, _ in plan.judges()] == ["judge_gsm8k"] and list(plan.heads) == ["judge_gsm8k"]
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=[*plan.base, *plan.evals()["val_gsm8k"][1]])
+    assert set(cfg.eval.methods) == {"kl", "likelihood", "typical", "judge_gsm8k"}
+    for bad, says in (
+        (["--only", "val_gsm8k,nope"], "--only nope: unknown name"),
+        (["--judges", "judge_gsm8k,nope"], "--judges nope: unknown name"),
+        (["--rules-only", "--only", "judge_mix"], "nothing"),
+        (["--judges", "judge_gsm8k", "--only", "judge_mix"], "nothing"),
+        (["--rules-only", "--judges", "judge_mix"], "give one of them"),
+    ):
         with pytest.raises(SystemExit, match=says):
             je.parse_args([*args, *bad])
+    plan = je.Plan(je.parse_args([*args, "--judges", "judge_gsm8k,judge_mix", "--only", "judge_mix,val_gsm8k"]))
+    with pytest.raises(SystemExit, match="judge_gsm8k: no trained head .* add judge_gsm8k to --only"):
+        je.execute(plan, tmp_path / "bench", plan.evals())  # judge_mix trains here; judge_gsm8k has no head
     with pytest.raises(SystemExit, match="run the step val_gsm8k first"):  # an eval before its sweep finished
         je.pick(tmp_path / "root" / "val_gsm8k" / "eval", 0.02)
 
