@@ -91,6 +91,32 @@ class FeatureSpec:
             out[name] = slice(at + k, at + k + 1)
         return out
 
+    def columns_in(self, stored: FeatureSpec, target_hidden: int, draft_hidden: int | None = None) -> list[int]:
+        """Where this layout's columns sit in a vector of the ``stored`` layout (a superset of it), in this
+        layout's order: a head trained on a subset of a data folder's features (``train.features``). Every
+        part must be stored (the same layer indices, offsets, draft state and scalars), else ValueError."""
+        have = stored.columns(target_hidden, draft_hidden)
+        missing = [f"layers {x}" for x in self.layers if self.state_offsets and x not in stored.layers]
+        missing += [f"state_offsets {x}" for x in self.state_offsets if x not in stored.state_offsets]
+        missing += ["include_draft"] if self.include_draft and not stored.include_draft else []
+        missing += [f"scalars {x}" for x in self.scalars if x not in stored.scalars]
+        if missing:
+            raise ValueError(
+                f"features {self.as_dict()} are not all in the stored layout {stored.as_dict()}: missing "
+                f"{', '.join(missing)} (choose a subset of the data folder's features, or regenerate it with them)"
+            )
+        out: list[int] = []
+        for off in self.state_offsets:
+            start = have[f"state@{off}"].start
+            for layer in self.layers:
+                at = start + stored.layers.index(layer) * target_hidden
+                out.extend(range(at, at + target_hidden))
+        if self.include_draft:
+            out.extend(range(have["draft"].start, have["draft"].stop))
+        for name in self.scalars:
+            out.append(have[name].start)
+        return out
+
     @property
     def needs_draft_logits(self) -> bool:
         return any(x in DRAFT_SCALARS for x in self.scalars)

@@ -129,14 +129,22 @@ def folder_hash(folder: str | os.PathLike) -> str | None:
     return h.hexdigest()[:16]
 
 
+# Keys added after outputs were made with the behaviour of one value: left out of identities while they hold
+# it, so those outputs keep their keys (a trained head is not retrained for a new option it does not use).
+NEUTRAL: dict[str, dict[str, Any]] = {"train": {"features": None}}
+
+
 def identity(plain: Mapping[str, Any], sections: Mapping[str, tuple[str, ...]], **inputs: Any) -> dict:
-    """What decides an output: each named config section minus its excluded keys, plus ``inputs`` (the hashes
-    of input folders, an earlier stage's key). ``sections``: {section: keys left out}. Hash it with
-    :func:`config_hash`; every stage, and the pipeline, name their output this way."""
+    """What decides an output: each named config section minus its excluded keys (and keys at their
+    :data:`NEUTRAL` value), plus ``inputs`` (the hashes of input folders, an earlier stage's key).
+    ``sections``: {section: keys left out}. Hash it with :func:`config_hash`; every stage, and the pipeline,
+    name their output this way."""
     out: dict[str, Any] = {}
     for sec, excluded in sections.items():
-        val = plain.get(sec)
-        out[sec] = {k: v for k, v in val.items() if k not in excluded} if isinstance(val, Mapping) else val
+        val, neutral = plain.get(sec), NEUTRAL.get(sec, {})
+        if isinstance(val, Mapping):
+            val = {k: v for k, v in val.items() if k not in excluded and not (k in neutral and v == neutral[k])}
+        out[sec] = val
     return {**out, **inputs}
 
 

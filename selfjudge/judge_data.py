@@ -2,7 +2,8 @@
 
 The shards are opened through ``selfjudge.shards.open_dataset`` (Arrow, memory-mapped); filters and the
 split only build index mappings, so the features are never all in RAM. The validation side is chosen per
-*prompt* (a hash of the prompt id with the seed), never per token.
+*prompt* (a hash of the prompt id with the seed), never per token. A head may read a subset of the stored
+features (``train.features``): one data folder with a wide layout serves heads of several feature sets.
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ class JudgeData:
     feature_dim: int
     manifest: dict  # of the first folder (all folders share the target model and layout)
     split: dict  # seed, fraction, validation prompt ids, row and prompt counts
+    features: FeatureSpec  # the head's layout: the folder's, or the subset train.features chose
+    columns: list[int] | None = None  # where the head's features sit in a stored row (None: all of it)
+
+
+class FeatureColumns:
+    """A dataset view whose ``features`` are some of the stored columns, in a given order (``train.features``);
+    rows come as the underlying torch-format dataset gives them (index, slice, or a DataLoader's batch)."""
+
+    def __init__(self, ds: Any, columns: list[int]):
+        self.ds, self.columns = ds, torch.as_tensor(columns, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _cut(self, row: dict) -> dict:
+        return {**row, "features": row["features"][..., self.columns]}
+
+    def __getitem__(self, key: Any) -> dict:
+        return self._cut(self.ds[key])
+
+    def __getitems__(self, keys: list[int]) -> list[dict]:
+        return [self._cut(r) for r in self.ds.__getitems__(keys)]
 
 
 def folder_list(data_dir: str | Path | Sequence[str | Path]) -> list[str]:
@@ -83,9 +106,15 @@ def _same(manifests: list[dict], dirs: list[str], key: str, what: str, get) -> N
 
 
 def load_judge_data(
-    data_dirs: Sequence[str], label_source: str, use_negatives: bool, val_fraction: float, seed: int
+    data_dirs: Sequence[str],
+    label_source: str,
+    use_negatives: bool,
+    val_fraction: float,
+    seed: int,
+    features: FeatureSpec | None = None,
 ) -> JudgeData:
-    """Open, check, filter and split the shards of one or more data_gen folders (same target model)."""
+    """Open, check, filter and split the shards of one or more data_gen folders (same target model); with
+    ``features``, rows carry only that subset of the stored layout (train.features)."""
     import datasets
 
     if label_source not in LABEL_SOURCES:
@@ -148,6 +177,17 @@ def load_judge_data(
             )
     train = ds.select(np.nonzero(~val_mask)[0]).with_format("torch", columns=TORCH_COLUMNS)
     val = ds.select(np.nonzero(val_mask)[0]).with_format("torch", columns=TORCH_COLUMNS)
+    stored = FeatureSpec.from_mapping(manifests[0].get("features"))
+    dim, columns = int(manifests[0]["feature_dim"]), None
+    if features is not None and features != stored:
+        tgt, drf = manifests[0].get("target_model") or {}, manifests[0].get("draft_model") or {}
+        if not tgt.get("hidden_size"):
+            raise ValueError(f"'{dirs[0]}': its manifest has no target hidden size, so train.features cannot slice it")
+        try:
+            columns = features.columns_in(stored, int(tgt["hidden_size"]), drf.get("hidden_size"))
+        except ValueError as e:
+            raise ValueError(f"train.features: {e}") from None
+        train, val, dim = FeatureColumns(train, columns), FeatureColumns(val, columns), len(columns)
     split = {
         "seed": seed,
         "val_fraction": val_fraction,
@@ -159,7 +199,7 @@ def load_judge_data(
         "train_positive_rate": float(labels[~val_mask].mean()),
         "val_positive_rate": float(labels[val_mask].mean()),
     }
-    return JudgeData(train, val, int(manifests[0]["feature_dim"]), manifests[0], split)
+    return JudgeData(train, val, dim, manifests[0], split, features or stored, columns)
 
 
 @torch.no_grad()

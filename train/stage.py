@@ -71,8 +71,17 @@ class TrainSection:
     eval_batch_size: int
     val_examples: int
     quantiles: list
+    features: Any = None  # None: the data folder's layout; a mapping like data_gen.features: a subset of it
 
     def __post_init__(self) -> None:
+        if self.features is not None:
+            require(
+                isinstance(self.features, dict), "train.features", "null or a mapping of feature keys", self.features
+            )
+            try:
+                FeatureSpec.from_mapping(self.features)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"train.features: {e.args[0]}") from None
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
             require(is_int(getattr(self, key), 1), f"train.{key}", "an integer >= 1", getattr(self, key))
         for key in ("num_workers", "checkpoint_every", "keep_checkpoints", "val_examples"):
@@ -165,7 +174,7 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
             dropout=float(j["dropout"]),
             objective=str(j.get("objective", "classify")),
             ld_tau=float(man["tau"]) if j.get("objective") == "regress_ld" and "tau" in man else None,
-            features=FeatureSpec.from_mapping(man.get("features")).as_dict(),
+            features=data.features.as_dict(),
             target_model=man["target_model"],
             draft_model=man.get("draft_model") or {},
             label_source=t["label_source"],
@@ -201,6 +210,7 @@ def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -
         bool(t["use_negatives"]),
         float(t["val_fraction"]),
         int(t["seed"]),
+        features=None if t.get("features") is None else FeatureSpec.from_mapping(t["features"]),
     )
     head = build_head(plain, data)
     tracker = _Tracker(plain) if plain["logger"]["name"] == "wandb" and int(os.environ.get("RANK", "0")) == 0 else None
@@ -333,7 +343,8 @@ def validation_examples(head: JudgeHead, data: JudgeData, n: int) -> tuple[list[
     out = []
     for r in rows:
         i = int(r["position"])
-        p = float(head.predict_proba(torch.tensor([r["features"]], dtype=torch.float32))[0])
+        x = r["features"] if data.columns is None else [r["features"][c] for c in data.columns]
+        p = float(head.predict_proba(torch.tensor([x], dtype=torch.float32))[0])
         out.append(
             [
                 r["prompt_id"],
