@@ -69,6 +69,12 @@ BRIEF_MMLU = "Think step by step, briefly. End with: The answer is <letter>."
 FEATURES = (
     "'data_gen.features.state_offsets=[-1,0]' 'data_gen.features.scalars=[target_logp,target_top1_logp,target_gap]'"
 )
+# autojudge_gsm8k's folder stores a superset (selfjudge.features.SCALARS, the draft's state), so that with its
+# answer-change labels it is also GSM8K signal-study data (scripts/bench_signals.py); its head reads --features
+STUDY_FEATURES = (
+    "'data_gen.features.layers=[-1]' 'data_gen.features.state_offsets=[-1,0]' 'data_gen.features.include_draft=true' "
+    "'data_gen.features.scalars=[target_logp,target_top1_logp,target_gap,target_entropy,target_log_rank,draft_logp,kl]'"
+)
 # validation grids: on 64 GSM8K test problems at γ=8 kl@1 and likelihood@1 were still at or above lossless
 # accuracy (docs/benchmarks.md), so the grids reach past them; on the GSM8K validation slice kl@0.5 was already
 # 4.7 points below lossless and no KL cut was picked, so kl also reaches down to 0.25
@@ -143,7 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "best on the SelfJudge label in the signal study, docs/benchmarks.md)")  # fmt: skip
     ap.add_argument("--judge-quantiles", default=JUDGE_QUANTILES, help="quantile levels of P(important) the "
                     f"judges store and the sweeps decode (train.quantiles; default {JUDGE_QUANTILES})")  # fmt: skip
-    ap.add_argument("--features", default=FEATURES, help=f"data_gen.features overrides (default {FEATURES})")
+    ap.add_argument(
+        "--features", default=FEATURES, help=f"the judges' features: data_gen.features overrides (default {FEATURES})"
+    )
+    ap.add_argument("--autojudge-features", default=STUDY_FEATURES, help="data_gen.features overrides of "
+                    "autojudge_gsm8k's data: a superset of --features (its head trains on those, train.features), "
+                    "so that the folder serves the signal study too (default: the seven scalars and the draft state)")  # fmt: skip
     for rule, grid in GRIDS.items():
         ap.add_argument(f"--{rule}", default=grid, help=f"{rule} thresholds of the validation sweep ({grid})")
     ap.add_argument("--max-loss", type=float, default=0.02, help="pick_thresholds --max-loss (0.02: 2 points)")
@@ -189,6 +200,17 @@ def _names(given: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
     return names
 
 
+def train_features(overrides: list[str]) -> list[str]:
+    """``data_gen.features.<key>=<value>`` overrides as the ``key:value`` items of a ``train.features`` mapping."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not key.startswith("data_gen.features.") or not sep:
+            raise SystemExit(f"judge_evidence: --features {o!r}: expected data_gen.features.<key>=<value> overrides")
+        out.append(f"{key.removeprefix('data_gen.features.')}:{value}")
+    return out
+
+
 class Plan:
     """The steps' commands, from the arguments."""
 
@@ -232,13 +254,14 @@ class Plan:
             f"data_gen.dataset.limit={a.judge_prompts}",
             "data_gen.dataset.offset=0",
             *tau,
-            *features,
             f"train.use_negatives={negatives}",
         ]
         gsm8k = [*self._gsm8k("data_gen", "gsm8k_train"), *common]
         autojudge = [
             f"run_dir={self.root / 'autojudge_gsm8k'}",
             *gsm8k,
+            *shlex.split(a.autojudge_features),
+            f"train.features={{{','.join(train_features(features))}}}",
             "data_gen.autojudge.enabled=true",
             "data_gen.autojudge.mode=independent",
             "data_gen.autojudge.select=spread",
@@ -248,7 +271,7 @@ class Plan:
             "train.label_source=autojudge",
         ]
         judges = [
-            ("judge_gsm8k", [f"run_dir={self.root / 'judge_gsm8k'}", *gsm8k]),
+            ("judge_gsm8k", [f"run_dir={self.root / 'judge_gsm8k'}", *gsm8k, *features]),
             ("autojudge_gsm8k", autojudge),
             (
                 "judge_mix",
@@ -257,6 +280,7 @@ class Plan:
                     f"dataset@data_gen.dataset={a.mix}",
                     f"data_gen.dataset.sources.0.system_prompt={q(BRIEF_MATHS)}",  # its maths source, as GSM8K's
                     *common,
+                    *features,
                 ],
             ),
         ]

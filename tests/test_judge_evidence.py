@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
+from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.pipeline import stage as pipeline
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "judge_evidence.py"
@@ -96,6 +98,11 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     auto = seen["autojudge_gsm8k"]  # the same problems, its own data folder: the SelfJudge head never waits for it
     assert auto.train.label_source == "autojudge" and auto.data_gen.autojudge.enabled
     assert auto.data_gen.autojudge.max_mismatches == 8 and auto.data_gen.dataset == gsm8k.dataset
+    # its folder stores the study's superset; its head reads the other judges' layout (train.features)
+    assert auto.data_gen.features.include_draft and list(auto.data_gen.features.scalars) == list(SCALARS)
+    head_layout = FeatureSpec.from_mapping(OmegaConf.to_container(auto.train.features))
+    assert head_layout == FeatureSpec.from_mapping(OmegaConf.to_container(gsm8k.features))
+    assert seen["judge_gsm8k"].train.features is None and seen["judge_mix"].data_gen.features == gsm8k.features
     assert (
         auto.data_gen.output_dir != gsm8k.output_dir and auto.train.output_dir != seen["judge_gsm8k"].train.output_dir
     )
