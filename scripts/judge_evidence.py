@@ -515,7 +515,8 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
             have = {(r["method"], r.get("threshold")) for r in recs}
             grid = [(m, float(t)) for m in GRIDS for t in getattr(plan.a, m).split(",")] if not val else []
             missing = [f"{m}@{t:g}" for m, t in grid if (m, t) not in have]
-            older = f"; an older grid: {', '.join(missing)} to decode (a rerun decodes only those)" if missing else ""
+            missing += [j for j in plan.heads if not val and j not in {m for m, _ in have}]  # a judge swept later
+            older = f"; not yet decoded: {', '.join(missing)} (a rerun decodes only those)" if missing else ""
             lines.append(f"{name}: finished ({plan.eval_dir(name)}){older}")
             continue
         where = str(plan.eval_dir(name))

@@ -228,8 +228,12 @@ def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     je.main([*args, "--status", "--kl", "0.5,1", "--likelihood", "1,2", "--typical", "0.3"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].endswith("finished (" + str(root / "val_gsm8k" / "eval") + "); an older grid: likelihood@2 to decode "
+    assert out[0].endswith("finished (" + str(root / "val_gsm8k" / "eval") + "); not yet decoded: likelihood@2 "
                            "(a rerun decodes only those)")  # fmt: skip
+    with_judge = [a for a in args if a != "--rules-only"] + ["--judges", "judge_gsm8k", "--only", "val_gsm8k"]
+    je.main([*with_judge, "--status", "--kl", "0.5,1", "--likelihood", "1", "--typical", "0.3"])
+    out = capsys.readouterr().out.splitlines()  # a judge added after the sweep finished: its rows are to come
+    assert out[-1].endswith("; not yet decoded: judge_gsm8k (a rerun decodes only those)")
     # the judges: data_gen progress from the shards' progress files, then a finished folder, then a head
     from selfjudge import shards
 
