@@ -5,7 +5,6 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from selfjudge import shards
 from selfjudge.autojudge import (
@@ -21,6 +20,7 @@ from selfjudge.models import format_prompt
 from selfjudge.scoring import score_response
 from selfjudge.tasks import Example
 from selfjudge.tasks.base import Task
+from tests.tiny_config import tiny_config
 
 TASK_CFG = {"system_prompt": None, "chat_template": True, "shuffle": False, "limit": None, "seed": 0}
 
@@ -175,23 +175,17 @@ def test_regenerations_cut_from_the_generation_cache_equal_fresh_prefills(tiny_p
 
 
 def _stage_cfg(run_dir, cache_dir, *extra):
-    with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        return compose(
-            "selfjudge",
-            overrides=[
-                "experiment=tiny",
-                f"run_dir={run_dir}",
-                f"model.cache_dir={cache_dir}",
-                "logger=none",
-                "data_gen.max_new_tokens=12",
-                "data_gen.dataset.limit=3",
-                "data_gen.autojudge.enabled=true",
-                "data_gen.autojudge.mode=independent",
-                "data_gen.autojudge.max_mismatches=2",
-                "data_gen.autojudge.finished_only=false",  # the tiny model's responses run to the limit
-                *extra,
-            ],
-        )
+    return tiny_config(
+        run_dir,
+        cache_dir,
+        "data_gen.max_new_tokens=12",
+        "data_gen.dataset.limit=3",
+        "data_gen.autojudge.enabled=true",
+        "data_gen.autojudge.mode=independent",
+        "data_gen.autojudge.max_mismatches=2",
+        "data_gen.autojudge.finished_only=false",  # the tiny model's responses run to the limit
+        *extra,
+    )
 
 
 def _aj_labels(data) -> list:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from sklearn.metrics import roc_auc_score
 
 from selfjudge.data_gen.stage import run as data_gen
 from selfjudge.features import SCALARS
 from selfjudge.shards import open_dataset
+from tests.tiny_config import tiny_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_signals.py"
 FEATURES = [
@@ -39,20 +39,14 @@ def folders(tmp_path_factory, cache_dir) -> dict[str, Path]:
     out = {}
     for name, offset in (("a", 0), ("b", 12)):
         run_dir = tmp_path_factory.mktemp(f"sig_{name}")
-        with initialize_config_module("selfjudge.conf", version_base="1.3"):
-            cfg = compose(
-                "selfjudge",
-                overrides=[
-                    "experiment=tiny",
-                    f"run_dir={run_dir}",
-                    f"model.cache_dir={cache_dir}",
-                    "logger=none",
-                    "data_gen.tau.mode=value",
-                    "data_gen.tau.value=0.3",
-                    f"data_gen.dataset.offset={offset}",
-                    *FEATURES,
-                ],
-            )
+        cfg = tiny_config(
+            run_dir,
+            cache_dir,
+            "data_gen.tau.mode=value",
+            "data_gen.tau.value=0.3",
+            f"data_gen.dataset.offset={offset}",
+            *FEATURES,
+        )
         data_gen(cfg)
         out[name] = run_dir / "data"
     return out
@@ -134,17 +128,7 @@ def test_heads_trained_on_another_folder(folders, tmp_path):
 
 
 def test_folder_without_the_scalars_is_refused(tmp_path, cache_dir):
-    with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        cfg = compose(
-            "selfjudge",
-            overrides=[
-                "experiment=tiny",
-                f"run_dir={tmp_path}",
-                f"model.cache_dir={cache_dir}",
-                "logger=none",
-                "data_gen.dataset.limit=3",
-            ],
-        )
+    cfg = tiny_config(tmp_path, cache_dir, "data_gen.dataset.limit=3")
     data_gen(cfg)
     with pytest.raises(ValueError, match="lacks the scalar features .*data_gen.features.scalars"):
         _script().main(

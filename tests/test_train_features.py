@@ -5,34 +5,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from selfjudge.data_gen.stage import run as data_gen
 from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.judge import JudgeHead
 from selfjudge.shards import open_dataset
 from selfjudge.train.stage import run as train
+from tests.tiny_config import tiny_config
 
 WIDE = FeatureSpec(layers=(1, -1), include_draft=True, state_offsets=(-1, 0), scalars=SCALARS)
 NARROW = {"state_offsets": [-1, 0], "scalars": ["target_logp", "target_top1_logp", "target_gap"]}
 
 
 def _compose(run_dir, cache_dir, *extra):
-    with initialize_config_module("selfjudge.conf", version_base="1.3"):
-        return compose(
-            "selfjudge",
-            overrides=[
-                "experiment=tiny",
-                f"run_dir={run_dir}",
-                f"model.cache_dir={cache_dir}",
-                "logger=none",
-                "data_gen.tau.mode=value",
-                "data_gen.tau.value=0.3",
-                "train.epochs=2",
-                "train.device=cpu",
-                *extra,
-            ],
-        )
+    return tiny_config(
+        run_dir,
+        cache_dir,
+        "data_gen.tau.mode=value",
+        "data_gen.tau.value=0.3",
+        "train.epochs=2",
+        "train.device=cpu",
+        *extra,
+    )
 
 
 def _layout(spec: dict) -> list[str]:
