@@ -411,21 +411,53 @@ def run(step: str, cmd: list[str], tick=None, every: float = 120.0) -> None:
         )
 
 
-def pick(val_dir: Path, max_loss: float) -> list[str]:
-    """scripts/pick_thresholds.py on a validation sweep -> overrides of the eval (methods with no pick: removed)."""
+def sweep_missing(plan: Plan, recs: list[dict], n: int | None) -> list[str]:
+    """The points of this run's validation grid (lossless; its rules' thresholds; each judge in --judges at its
+    head's stored cuts, or as a whole when untrained) that the sweep's records do not hold for n prompts (None:
+    for any prompt)."""
+    prompts: dict[tuple[str, float | None], set] = {}
+    for r in recs:
+        prompts.setdefault((r["method"], r.get("threshold")), set()).add(r.get("prompt_id"))
+    need = 1 if n is None else n
+    missing = [] if len(prompts.get(("lossless", None), ())) >= need or n is None else ["lossless"]
+    grid = [(m, float(t)) for m in GRIDS for t in getattr(plan.a, m).split(",")]
+    for name, head in plan.heads.items():
+        config = REPO / head / "judge_config.json"
+        cuts = json.loads(config.read_text()).get("thresholds", {}).get("quantiles") if config.is_file() else None
+        if cuts:
+            grid += [(name, float(c)) for c in cuts]
+        elif name not in {m for m, _ in prompts}:
+            missing.append(name)
+    return missing + [f"{m}@{t:g}" for m, t in grid if len(prompts.get((m, t), ())) < need]
+
+
+def pick(plan: Plan, val: str) -> list[str]:
+    """scripts/pick_thresholds.py on a validation sweep, for this run's rules and judges -> overrides of the
+    eval (methods with no pick: removed). A sweep still decoding other methods (a judge added later, not in
+    --judges) serves once every point of this run's grid is finished for all its prompts."""
     from selfjudge.io import MARKER
 
-    if not (val_dir / MARKER).is_file():
-        step = val_dir.parent.name
+    val_dir = REPO / plan.eval_dir(val)
+    here = val_dir / RECORDS
+    recs = _lines(here.read_bytes()) if here.is_file() else []
+    finished = (val_dir / MARKER).is_file()  # then its prompts are lossless's (a dataset may hold fewer)
+    n = len({r["prompt_id"] for r in recs if r["method"] == "lossless"}) if finished else plan.a.val_prompts
+    missing = sweep_missing(plan, recs, n)
+    if missing:
         raise SystemExit(
-            f"judge_evidence: {val_dir} is not a finished validation sweep: run the step {step} first "
-            f"(--only {step}, or without --only), then this one"
+            f"judge_evidence: {val_dir} is not a finished validation sweep for this run's methods (not yet "
+            f"decoded for all {n} prompts: {', '.join(missing)}): run the step {val} first "
+            f"(--only {val}, or without --only), then this one"
         )
+    if not finished:
+        print(f"judge_evidence: {val_dir}: every point of this run's grid is finished (other methods are still "
+              "being decoded there); picking on those", flush=True)  # fmt: skip
     if str(REPO / "scripts") not in sys.path:
         sys.path.insert(0, str(REPO / "scripts"))
     import pick_thresholds
 
-    result = pick_thresholds.main([str(val_dir), "--max-loss", str(max_loss)])
+    methods = ",".join([*GRIDS, *plan.heads])
+    result = pick_thresholds.main([str(val_dir), "--max-loss", str(plan.a.max_loss), "--methods", methods])
     dropped = [m for m, c in result["choices"].items() if not c["chosen"]]
     for m in dropped:
         print(f"judge_evidence: {m}: no threshold picked on {val_dir}; left out of the eval", flush=True)
@@ -457,7 +489,7 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
     picked: dict[str, list[str]] = {}
     for name, (val, overrides) in evals.items():
         if val and val not in picked:
-            picked[val] = pick(REPO / plan.eval_dir(val), a.max_loss)
+            picked[val] = pick(plan, val)
 
         def keep(name=name):
             archive(REPO / plan.eval_dir(name), bench, plan.bench_name(name))
@@ -512,10 +544,7 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
         here = ev / RECORDS
         recs = _lines(here.read_bytes()) if here.is_file() else []
         if (ev / MARKER).is_file():
-            have = {(r["method"], r.get("threshold")) for r in recs}
-            grid = [(m, float(t)) for m in GRIDS for t in getattr(plan.a, m).split(",")] if not val else []
-            missing = [f"{m}@{t:g}" for m, t in grid if (m, t) not in have]
-            missing += [j for j in plan.heads if not val and j not in {m for m, _ in have}]  # a judge swept later
+            missing = [] if val else sweep_missing(plan, recs, None)  # a point added after it finished
             older = f"; not yet decoded: {', '.join(missing)} (a rerun decodes only those)" if missing else ""
             lines.append(f"{name}: finished ({plan.eval_dir(name)}){older}")
             continue

@@ -2,6 +2,7 @@
 
     python scripts/pick_thresholds.py runs/qwen/eval_val                      # table, thresholds.json, overrides
     python scripts/pick_thresholds.py runs/qwen/eval_val --max-loss 0.01 --out val.json --head judge=runs/q/judge/head
+    python scripts/pick_thresholds.py runs/qwen/eval_val --methods kl,typical   # only these (others still decoding)
 
 The folder is the output of an eval on validation problems (never the problems the eval reports) that swept
 every rule over several thresholds. This reads its per_example.jsonl without touching it (a running eval's
@@ -26,6 +27,7 @@ from selfjudge.judge import CONFIG_NAME
 from selfjudge.metrics import finished_by_all
 from selfjudge.thresholds import choose, format_threshold, overrides, quantile_levels, threshold_rows
 
+REFERENCES = {"lossless", "target"}  # rows every pick compares with, never chosen themselves
 LABELS = {"at_lossless": ">= lossless", "within_loss": "within {m:g}", "looser": "looser (trade-off)"}
 
 
@@ -97,6 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-loss", type=float, default=0.02, help="accuracy loss budget vs lossless (0.02: 2 points)")
     ap.add_argument("--out", default=None, help="JSON file to write (default: <eval_dir>/thresholds.json)")
     ap.add_argument("--head", action="append", default=[], metavar="NAME=DIR", help="judge method's head folder")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        metavar="NAME,...",
+        help="pick for these methods only (lossless and target kept as references); the others' records, "
+        "finished or not, are ignored",
+    )
     args = ap.parse_args(argv)
     eval_dir = Path(args.eval_dir)
     src = eval_dir / RECORDS
@@ -106,7 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.max_loss < 0:
         raise SystemExit(f"pick_thresholds: --max-loss must be >= 0 (0.02 = 2 accuracy points), got {args.max_loss}")
-    recs, done, started = finished_by_all(RecordsFile(eval_dir).read(repair=False))  # a cut last line: left out
+    recs = RecordsFile(eval_dir).read(repair=False)  # a cut last line: left out
+    if args.methods is not None:
+        wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
+        seen = {r["method"] for r in recs}
+        unknown = sorted(wanted - seen)
+        if unknown:
+            raise SystemExit(
+                f"pick_thresholds: --methods {','.join(unknown)}: no records in {src} (it has {', '.join(sorted(seen))})"
+            )
+        recs = [r for r in recs if r["method"] in wanted | REFERENCES]
+    recs, done, started = finished_by_all(recs)
     if not done:
         raise SystemExit(f"pick_thresholds: no prompt of {src} is finished by every (method, threshold) yet")
     try:

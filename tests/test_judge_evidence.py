@@ -147,7 +147,7 @@ def test_rules_only_and_only_pick_the_steps_and_leave_the_judges_out(tmp_path):
     with pytest.raises(SystemExit, match="judge_gsm8k: no trained head .* add judge_gsm8k to --only"):
         je.execute(plan, tmp_path / "bench", plan.evals())  # judge_mix trains here; judge_gsm8k has no head
     with pytest.raises(SystemExit, match="run the step val_gsm8k first"):  # an eval before its sweep finished
-        je.pick(tmp_path / "root" / "val_gsm8k" / "eval", 0.02)
+        je.pick(plan, "val_gsm8k")
 
 
 def _drive(root: Path, cache_dir: Path) -> str:
@@ -259,3 +259,47 @@ def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path)
     assert ticks  # called while the command ran
     je.archive(ev, bench, "evidence_x")
     assert gzip.decompress(je.bench_files(bench, "evidence_x")[0].read_bytes()) == recs
+
+
+def _sweep_record(method: str, t, pid: int, score: float = 1.0) -> dict:
+    return {"prompt_id": f"v{pid}", "method": method, "policy": method.split("_")[0], "threshold": t,
+            "score": score, "rounds": 10, "new_tokens": 20 if t is None else 24, "accepted_by_rule": 1,
+            "seconds": 1.0, "output_ids": [], "proposed": 0, "accepted": 0, "accept_hist": [],
+            "draft_forwards": 0}  # fmt: skip
+
+
+def test_thresholds_are_picked_on_a_sweep_still_decoding_another_judge(tmp_path, capsys):
+    """A judge added to a finished sweep takes its marker away while it decodes; an eval that needs only the
+    rules (or finished judges) picks on the finished points, and one that needs an unfinished point is refused
+    with the points named."""
+    je = _script()
+    root = tmp_path / "root"
+    args = ["--run-root", str(root), "--bench-dir", str(tmp_path / "bench"), "--gsm8k-dir", "data/gsm8k",
+            "--val-prompts", "3", "--kl", "0.5,1", "--likelihood", "1", "--typical", "0.3"]  # fmt: skip
+    head = root / "judge_gsm8k" / "judge" / "head"
+    head.mkdir(parents=True)
+    (head / "judge_config.json").write_text(json.dumps({"thresholds": {"quantiles": [0.1, 0.2]}}))
+    recs = [_sweep_record(m, None, i) for m in ("target", "lossless") for i in range(3)]
+    recs += [_sweep_record(m, t, i) for m, t in (("kl", 0.5), ("kl", 1.0), ("likelihood", 1.0)) for i in range(3)]
+    recs += [_sweep_record("typical", 0.3, i, score=float(i > 0)) for i in range(3)]  # loses a prompt: no pick
+    recs += [_sweep_record("judge_gsm8k", 0.1, i) for i in range(3)] + [_sweep_record("judge_gsm8k", 0.2, 0)]
+    val = root / "val_gsm8k" / "eval"
+    val.mkdir(parents=True)
+    (val / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    rules = je.Plan(je.parse_args([*args, "--rules-only"]))
+    overrides = je.pick(rules, "val_gsm8k")
+    assert overrides == ["eval.methods.kl=[0.5]", "eval.methods.likelihood=[1.0]", "~eval.methods.typical"]
+    assert "other methods are still being decoded there" in capsys.readouterr().out
+    judged = je.Plan(je.parse_args([*args, "--judges", "judge_gsm8k"]))
+    with pytest.raises(SystemExit, match=r"not a finished validation sweep for this run's methods \(not yet "
+                       r"decoded for all 3 prompts: judge_gsm8k@0.2\): run the step val_gsm8k first"):  # fmt: skip
+        je.pick(judged, "val_gsm8k")
+    assert je.sweep_missing(judged, recs[4:], 3) == ["lossless", "judge_gsm8k@0.2"]  # lossless lost a prompt
+    assert je.sweep_missing(judged, recs, None) == []  # a finished sweep's status: every point present
+    (val / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:-1]))
+    assert je.sweep_missing(judged, recs[:-1], None) == ["judge_gsm8k@0.2"]
+    (val / pipeline.MARKER).write_text("{}")  # finished before the judge's grid was known: still refused
+    with pytest.raises(SystemExit, match=r"\(not yet decoded for all 3 prompts: judge_gsm8k@0.2\)"):
+        je.pick(judged, "val_gsm8k")
+    assert je.pick(rules, "val_gsm8k")[0] == "eval.methods.kl=[0.5]"

@@ -148,6 +148,16 @@ def test_script_on_a_running_file(tmp_path, capsys):
     assert "| likelihood | 2 | 50 | 0.700 | -0.100 ± 0.043 | 2.00 | 1.60x | - |" in out
     assert "'eval.methods.kl=[0.25,0.5,1.0]' 'eval.methods.typical=[0.1,0.3]'" in out
     assert "likelihood: nothing chosen; keep its thresholds or leave it out with '~eval.methods.likelihood'" in out
+    # --methods: only those are picked; another method's unfinished prompts no longer hold the others back
+    unfinished = [_rec("judge_late", 0.1, i, 1.0, 3.0, "judge") for i in range(3)]
+    (tmp_path / "per_example.jsonl").write_text("".join(lines) + "".join(json.dumps(r) + "\n" for r in unfinished))
+    assert len(pick.main([str(tmp_path)])["prompts"]) == 3  # every method: only 3 prompts finished by all
+    only = pick.main([str(tmp_path), "--methods", "kl,typical", "--out", str(tmp_path / "only.json")])
+    assert len(only["prompts"]) == N and list(only["choices"]) == ["kl", "typical"]
+    assert only["overrides"] == ["eval.methods.kl=[0.25,0.5,1.0]", "eval.methods.typical=[0.1,0.3]"]
+    assert {r["method"] for r in only["rows"]} == {"lossless", "kl", "typical"}  # target: no row of its own
+    with pytest.raises(SystemExit, match="--methods klx: no records in .* \\(it has judge_late, judge_mlp, kl,"):
+        pick.main([str(tmp_path), "--methods", "kl,klx"])
     with pytest.raises(SystemExit, match="--head 'x=y': expected NAME=DIR with NAME one of"):
         pick.main([str(tmp_path), "--head", "x=y"])
     with pytest.raises(SystemExit, match="no judge_config.json in"):
