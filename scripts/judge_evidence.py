@@ -8,6 +8,7 @@
     python scripts/judge_evidence.py --rules-only --only val_gsm8k      # one step, without the judges
     python scripts/judge_evidence.py --judges judge_gsm8k --only val_gsm8k  # one judge's rows (the others later)
     python scripts/judge_evidence.py --status                           # what is done: steps, records per method
+    python scripts/judge_evidence.py --judges judge_gsm8k --guard 0.9   # each judge also with the KL rule's top-1 guard
     python scripts/judge_evidence.py -- model.dtype=bfloat16            # hydra overrides for every stage
 
 It only composes the existing commands (``selfjudge-pipeline`` per step, ``scripts/pick_thresholds.py``):
@@ -94,6 +95,7 @@ SIZES = {
                  bench_dir=None, gsm8k_val_offset=32, autojudge_mismatches=8),
 }  # fmt: skip
 MMLU_VAL_OFFSET = 2048
+GUARD_SUFFIX = "_top1"  # --guard: the judge method with the top-1 guard
 JUDGES = ("judge_gsm8k", "autojudge_gsm8k", "judge_mix")
 STEPS = (*JUDGES, "val_gsm8k", "val_mmlu", "eval_gsm8k", "eval_mmlu")
 
@@ -157,6 +159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "so that the folder serves the signal study too (default: the seven scalars and the draft state)")  # fmt: skip
     for rule, grid in GRIDS.items():
         ap.add_argument(f"--{rule}", default=grid, help=f"{rule} thresholds of the validation sweep ({grid})")
+    ap.add_argument("--guard", type=float, default=None, metavar="P", help="also sweep and evaluate each judge "
+                    f"with the KL rule's guard, strict where the target's top-1 probability exceeds P, as <judge>{GUARD_SUFFIX} "
+                    "(eval policy option judge_strict_top1; 0.9 is the KL rule's)")  # fmt: skip
     ap.add_argument("--max-loss", type=float, default=0.02, help="pick_thresholds --max-loss (0.02: 2 points)")
     ap.add_argument("--only", default=None, help=f"comma-separated steps to run (default all: {', '.join(STEPS)})")
     ap.add_argument("--rules-only", action="store_true", help="no judges: lossless and the training-free rules")
@@ -177,6 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, k) < 1:
             raise SystemExit(f"judge_evidence: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     args.only = STEPS if args.only is None else _names(args.only, STEPS, "--only")
+    if args.guard is not None and not 0 < args.guard <= 1:
+        raise SystemExit(f"judge_evidence: --guard must be a top-1 probability in (0, 1], got {args.guard}")
     if args.rules_only and args.judges is not None:
         raise SystemExit("judge_evidence: --rules-only and --judges both choose the judges: give one of them")
     args.judges = () if args.rules_only else _names(args.judges, JUDGES, "--judges") if args.judges else JUDGES
@@ -229,6 +236,11 @@ class Plan:
             "judge_mix": self.root / "judge_mix" / "judge" / "head",
         }
         self.heads = {n: d for n, d in heads.items() if n in a.judges}
+        # the sweeps' and evals' judge methods: each judge, and with --guard the same head with the KL rule's
+        # top-1 guard as <judge>_top1
+        self.judge_methods = {n: d for n, d in self.heads.items()}
+        if a.guard is not None:
+            self.judge_methods.update({f"{n}{GUARD_SUFFIX}": d for n, d in self.heads.items()})
 
     def _gsm8k(self, section: str, config: str) -> list[str]:
         path = [f"{section}.dataset.path={q(self.a.gsm8k_dir)}"] if self.a.gsm8k_dir else []
@@ -291,7 +303,11 @@ class Plan:
         a = self.a
         methods = {rule: f"[{getattr(a, rule)}]" for rule in GRIDS}
         methods.update(
-            {m: f"{{policy:judge,thresholds:head_quantiles,head_dir:{q(str(d))}}}" for m, d in self.heads.items()}
+            {
+                m: f"{{policy:judge,thresholds:head_quantiles,head_dir:{q(str(d))}"
+                + (f",options:{{judge_strict_top1:{a.guard}}}}}" if m.endswith(GUARD_SUFFIX) else "}")
+                for m, d in self.judge_methods.items()
+            }
         )
         common = [
             "pipeline.stages=[eval]",
@@ -421,7 +437,7 @@ def sweep_missing(plan: Plan, recs: list[dict], n: int | None) -> list[str]:
     need = 1 if n is None else n
     missing = [] if len(prompts.get(("lossless", None), ())) >= need or n is None else ["lossless"]
     grid = [(m, float(t)) for m in GRIDS for t in getattr(plan.a, m).split(",")]
-    for name, head in plan.heads.items():
+    for name, head in plan.judge_methods.items():
         config = REPO / head / "judge_config.json"
         cuts = json.loads(config.read_text()).get("thresholds", {}).get("quantiles") if config.is_file() else None
         if cuts:
@@ -456,7 +472,7 @@ def pick(plan: Plan, val: str) -> list[str]:
         sys.path.insert(0, str(REPO / "scripts"))
     import pick_thresholds
 
-    methods = ",".join([*GRIDS, *plan.heads])
+    methods = ",".join([*GRIDS, *plan.judge_methods])
     result = pick_thresholds.main([str(val_dir), "--max-loss", str(plan.a.max_loss), "--methods", methods])
     dropped = [m for m, c in result["choices"].items() if not c["chosen"]]
     for m in dropped:

@@ -35,7 +35,7 @@ from selfjudge.generation import fixed_batches
 from selfjudge.io import atomic_write_text, config_hash, folder_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.metrics import prefix_agreement, unique_records
-from selfjudge.policies import POLICIES, Policy, build_policy
+from selfjudge.policies import OPTION_DEFAULTS, OPTION_NEUTRAL, POLICIES, Policy, build_policy, judge_guard
 from selfjudge.schedule import AdaptiveWindow
 from selfjudge.settings import build, check_keys, is_int, require
 from selfjudge.tasks import Example, Task
@@ -70,6 +70,7 @@ class MethodSpec:
     policy: str  # registry name in selfjudge.policies
     thresholds: Any  # a list of numbers, or "head_quantiles"
     head_key: str | None  # eval.* key of its head folder (judge rules), e.g. judge_dir, methods.x.head_dir
+    options: tuple[tuple[str, Any], ...] = ()  # its own policy options (over eval.policy_options), sorted
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Method:
     policy: str  # registry name in selfjudge.policies (target/draft: plain decoding)
     threshold: float | None  # the rule's threshold (None: no rule)
     head_key: str | None = None  # eval.* key of the head folder (judge rules)
+    options: tuple[tuple[str, Any], ...] = ()  # the method's own policy options (MethodSpec.options)
 
 
 def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any]) -> tuple[MethodSpec, ...]:
@@ -88,16 +90,20 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
     for name, spec in (methods or {}).items():
         if name in BASELINES:
             raise ValueError(f"eval.methods.{name}: '{name}' always runs; remove it from eval.methods")
-        head_key = None
+        head_key, own = None, {}
         if isinstance(spec, Mapping):
-            if set(spec) - {"policy", "thresholds", "head_dir"} or "thresholds" not in spec:
+            if set(spec) - {"policy", "thresholds", "head_dir", "options"} or "thresholds" not in spec:
                 raise ValueError(
                     f"eval.methods.{name} must be a threshold list or a map with keys policy, thresholds "
-                    f"(and head_dir for judge rules); got keys {sorted(spec)}"
+                    f"(and head_dir for judge rules, options for its own policy options); got keys {sorted(spec)}"
                 )
             policy, ths = spec.get("policy", name), spec["thresholds"]
             if spec.get("head_dir"):
                 head_key = f"methods.{name}.head_dir"
+            own = spec.get("options") or {}
+            if not isinstance(own, Mapping):
+                raise ValueError(f"eval.methods.{name}.options must be a map of policy options, got {own!r}")
+            check_keys(own, list(OPTION_DEFAULTS), f"eval.methods.{name}.options", required=False)
         else:
             policy, ths = name, spec
         if policy not in POLICIES or policy == "lossless":
@@ -113,6 +119,9 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
             )
         if ths == "head_quantiles" and policy not in HEAD_DIR_KEYS:
             raise ValueError(f"eval.methods.{name}: head_quantiles needs a judge policy with a head folder")
+        opts, opts_key = {**options, **own}, f"eval.methods.{name}.options" if own else OPTIONS_KEY
+        if policy in HEAD_DIR_KEYS:  # checked before the head loads
+            judge_guard(opts.get("judge_strict_top1"), opts_key)
         if ths != "head_quantiles":
             for t in ths if isinstance(ths, (list, tuple)) else [ths]:
                 if policy in HEAD_DIR_KEYS:  # the head is loaded later; its threshold range is known now
@@ -121,8 +130,8 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
                             f"eval.methods.{name}: judge threshold must be in [0, 1] (a P(important) cut), got {t!r}"
                         )
                 else:
-                    build_policy(policy, t, options=options, key=f"eval.methods.{name}", options_key=OPTIONS_KEY)
-        out.append(MethodSpec(name, policy, ths, head_key))
+                    build_policy(policy, t, options=opts, key=f"eval.methods.{name}", options_key=opts_key)
+        out.append(MethodSpec(name, policy, ths, head_key, tuple(sorted(own.items()))))
     return tuple(out)
 
 
@@ -175,9 +184,7 @@ class EvalSettings:
             "null or a number in [0, 1]",
             cs,
         )
-        check_keys(
-            self.policy_options or {}, ["typical_alpha", "kl_strict_top1"], "eval.policy_options", required=False
-        )
+        check_keys(self.policy_options or {}, list(OPTION_DEFAULTS), "eval.policy_options", required=False)
         object.__setattr__(self, "specs", parse_methods(self.methods, self.policy_options or {}))
 
     @classmethod
@@ -229,11 +236,11 @@ def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
                 spec.policy,
                 t,
                 head=heads.get(spec.head_key),
-                options=s.policy_options,
+                options={**(s.policy_options or {}), **dict(spec.options)},
                 key=f"eval.methods.{spec.name}",
-                options_key=OPTIONS_KEY,
+                options_key=f"eval.methods.{spec.name}.options" if spec.options else OPTIONS_KEY,
             )
-            grid.append(Method(spec.name, spec.policy, float(t), spec.head_key))
+            grid.append(Method(spec.name, spec.policy, float(t), spec.head_key, spec.options))
     return grid
 
 
@@ -264,6 +271,9 @@ def records_key(
 ) -> tuple[str, dict]:
     """(key, settings it covers) of the records a rerun may keep (heads are keyed per record)."""
     key_cfg = {k: getattr(s, k) for k in ("gamma", "max_new_tokens", "temperature", "seed", "policy_options")}
+    key_cfg["policy_options"] = {  # an option added later, at its neutral value: older records keep their key
+        k: v for k, v in (s.policy_options or {}).items() if k not in OPTION_NEUTRAL or v != OPTION_NEUTRAL[k]
+    }
     if s.batch_size != 1:  # timings (and bf16 rounding) depend on it; left out at 1 so older runs keep their key
         key_cfg["batch_size"] = s.batch_size
     if graphs:  # timings depend on it (tokens do not); only where it acts, so that other runs keep their key
@@ -321,7 +331,7 @@ class RecordsFile:
             self._aside(
                 stale,
                 "heads-" + config_hash(sorted({str(r.get("head")) for r in stale}))[:8],
-                f"the head of {names} changed",
+                f"the head or options of {names} changed",
                 keep=keep,
             )
             records = keep
@@ -366,8 +376,17 @@ class RecordsFile:
 
 
 def head_hashes(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> dict[str, str | None]:
-    """Method name -> content hash of the head folder it decodes with (methods without a head: absent)."""
-    return {spec.name: folder_hash(s.head_dir(spec.head_key)) for spec in s.specs if spec.head_key in heads}
+    """Method name -> what its records depend on beyond the records key: the content hash of the head folder
+    it decodes with, and its own policy options (eval.methods.<name>.options) where it has any (methods with
+    neither: absent). A record made with another value is set aside, as for a changed head."""
+    out = {}
+    for spec in s.specs:
+        head = folder_hash(s.head_dir(spec.head_key)) if spec.head_key in heads else None
+        if spec.options:
+            out[spec.name] = f"{head or '-'}+options-{config_hash(dict(spec.options))[:8]}"
+        elif spec.head_key in heads:
+            out[spec.name] = head
+    return out
 
 
 def _seed(base: int, prompt_id: str) -> int:
@@ -456,7 +475,7 @@ def evaluate(
                 m.policy,
                 m.threshold,
                 head=heads.get(m.head_key),
-                options=s.policy_options,
+                options={**(s.policy_options or {}), **dict(m.options)},
                 key=f"eval.methods.{m.name}",
                 options_key=OPTIONS_KEY,
             )

@@ -31,7 +31,9 @@ from selfjudge.features import FeatureSpec, judge_features, scalar_features
 from selfjudge.judge import JudgeHead
 
 # policy options with their defaults (conf/eval/default.yaml policy_options lists the same keys)
-OPTION_DEFAULTS: dict[str, Any] = {"typical_alpha": None, "kl_strict_top1": 0.9}
+OPTION_DEFAULTS: dict[str, Any] = {"typical_alpha": None, "kl_strict_top1": 0.9, "judge_strict_top1": None}
+# options added after records were made: at this value they are left out of the eval's records key
+OPTION_NEUTRAL: dict[str, Any] = {"judge_strict_top1": None}
 
 
 class Policy:
@@ -77,15 +79,37 @@ def _num(x: Any, what: str) -> float:
     return float(x)
 
 
+def judge_guard(value: Any, options_key: str = "policy_options") -> float | None:
+    """The judge_strict_top1 option, checked: None (off) or a top-1 probability in (0, 1]."""
+    if value is None:
+        return None
+    g = _num(value, f"{options_key}.judge_strict_top1")
+    if not 0.0 < g <= 1.0:
+        raise ValueError(
+            f"{options_key}.judge_strict_top1 must be null (off) or in (0, 1] (a top-1 probability), got {g}"
+        )
+    return g
+
+
 @register("judge")
 class JudgeRule(Policy):
     """Accept a draft token when the judge head says P(important | features_j) < threshold
-    (threshold 1 accepts every token). ``autojudge`` is the same rule with an AutoJudge-labelled head."""
+    (threshold 1 accepts every token). ``autojudge`` is the same rule with an AutoJudge-labelled head.
+
+    ``judge_strict_top1`` (None: off) adds the KL rule's guard: strict verification where the target's top-1
+    probability exceeds it, whatever the head says."""
 
     name = "judge"
 
     def __init__(
-        self, threshold: float, head: JudgeHead | None = None, name: str = "judge", key: str | None = None, **_: Any
+        self,
+        threshold: float,
+        head: JudgeHead | None = None,
+        name: str = "judge",
+        key: str | None = None,
+        judge_strict_top1: float | None = None,
+        options_key: str = "policy_options",
+        **_: Any,
     ):
         key = key or name
         t = _num(threshold, f"{key} threshold")
@@ -94,6 +118,7 @@ class JudgeRule(Policy):
         if head is None:
             raise ValueError(f"{key}: policy '{name}' needs a judge head (a head folder trained by the train stage)")
         self.head, self.threshold, self.name = head, t, name
+        self.strict_top1 = judge_guard(judge_strict_top1, options_key)
         self.feature_spec = FeatureSpec.from_mapping(head.config.features)
         self.needs_draft_hidden = self.feature_spec.include_draft
         self.needs_draft_logits = self.feature_spec.needs_draft_logits
@@ -102,8 +127,12 @@ class JudgeRule(Policy):
         if self.threshold <= 0.0:
             return None
         if self.threshold >= 1.0:
-            return torch.ones_like(v.draft_tokens, dtype=torch.bool)
-        return self.head.predict_proba(verify_features(v, self.feature_spec)) < self.threshold
+            ok = torch.ones_like(v.draft_tokens, dtype=torch.bool)
+        else:
+            ok = self.head.predict_proba(verify_features(v, self.feature_spec)) < self.threshold
+        if self.strict_top1 is not None:
+            ok = ok & (v.target_logp.max(-1).values.exp() <= self.strict_top1)
+        return ok
 
 
 register("autojudge")(JudgeRule)
@@ -245,7 +274,14 @@ def build_policy(
     if name == "lossless":
         return Policy()
     if POLICIES[name] is JudgeRule:
-        return JudgeRule(threshold, head=head, name=name, key=key)
+        return JudgeRule(
+            threshold,
+            head=head,
+            name=name,
+            key=key,
+            judge_strict_top1=opts["judge_strict_top1"],
+            options_key=options_key,
+        )
     return POLICIES[name](threshold, key=key, options_key=options_key, **opts)
 
 

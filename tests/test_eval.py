@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_module
 
 from selfjudge import evaluation
 from selfjudge.eval import stage
+from selfjudge.io import config_hash, folder_hash
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.tasks import DatasetConfigError
 
@@ -246,6 +247,18 @@ def test_adaptive_schedule_is_its_own_row_and_key(tmp_path, cache_dir, prompts_f
         ("eval.batch_size=0", ValueError, "eval.batch_size must be an integer >= 1"),
         ("eval.schedule=fast", ValueError, "eval.schedule must be 'fixed' or 'adaptive'"),
         ("eval.confidence_stop=2", ValueError, "eval.confidence_stop must be null or a number in"),
+        ("eval.policy_options.judge_strict_top1=0", ValueError, r"eval.policy_options.judge_strict_top1 must be null"),
+        (
+            "eval.methods={j:{policy:judge,thresholds:[0.5],options:{strict:1}}}",
+            ValueError,
+            r"unknown key 'eval.methods.j.options.strict'",
+        ),
+        (
+            "eval.methods={j:{policy:judge,thresholds:[0.5],options:{judge_strict_top1:2}}}",
+            ValueError,
+            r"eval.methods.j.options.judge_strict_top1 must be null \(off\) or in \(0, 1\]",
+        ),
+        ("eval.methods={kl:{policy:kl,thresholds:[1],options:[1]}}", ValueError, "options must be a map"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err, match):
@@ -266,3 +279,35 @@ def test_head_for_another_target_is_refused(tmp_path, cache_dir, tiny_pair):
         stage.run(_cfg(tmp_path, cache_dir, f"eval.judge_dir={tmp_path / 'h'}"))
     with pytest.raises(FileNotFoundError, match="eval.judge_dir: no judge head folder"):
         stage.run(_cfg(tmp_path, cache_dir, f"eval.judge_dir={tmp_path / 'nothing'}"))
+
+
+def test_a_method_with_its_own_options_is_keyed_by_them(tmp_path, cache_dir, prompts_file, head_dir):
+    """eval.methods.<name>.options: the same head with the KL rule's top-1 guard beside the plain judge, in one
+    eval; adding it keeps every record already made, changing its options redecodes only its own rows."""
+    base = [*_jsonl([], prompts_file), f"eval.judge_dir={head_dir}", "~eval.methods"]
+    plain = "judge:head_quantiles,kl:[1.0]"
+    stage.run(_cfg(tmp_path, cache_dir, *base, "+eval.methods={" + plain + "}"))
+    out = tmp_path / "eval"
+    first = (out / "per_example.jsonl").read_text()
+    key = json.loads((out / "eval_key.json").read_text())["run_key"]
+    assert "judge_strict_top1" not in json.loads((out / "eval_key.json").read_text())["settings"]["policy_options"]
+    guarded = plain + ",judge_top1:{policy:judge,thresholds:head_quantiles,options:{judge_strict_top1:0.5}}"
+    stage.run(_cfg(tmp_path, cache_dir, *base, "+eval.methods={" + guarded + "}"))
+    now = (out / "per_example.jsonl").read_text()
+    assert now.startswith(first) and json.loads((out / "eval_key.json").read_text())["run_key"] == key
+    recs = _records(out)
+    by = {(r["method"], r["threshold"], r["prompt_id"]): r for r in recs}
+    tops = [r for r in recs if r["method"] == "judge_top1"]
+    assert len(tops) == 6 and {r["threshold"] for r in tops} == {0.3, 0.6}
+    own = f"{folder_hash(head_dir)}+options-{config_hash({'judge_strict_top1': 0.5})[:8]}"
+    assert {r["head"] for r in tops} == {own}
+    assert {r["head"] for r in recs if r["method"] == "judge"} == {folder_hash(head_dir)}
+    assert sum(r["accepted_by_rule"] for r in tops) <= sum(
+        by[("judge", r["threshold"], r["prompt_id"])]["accepted_by_rule"] for r in tops
+    )
+    # the guard at another value: only judge_top1's records are set aside and redone
+    other = guarded.replace("judge_strict_top1:0.5", "judge_strict_top1:0.8")
+    stage.run(_cfg(tmp_path, cache_dir, *base, "+eval.methods={" + other + "}"))
+    aside = list(out.glob("per_example.heads-*.jsonl"))
+    assert len(aside) == 1 and {json.loads(x)["method"] for x in aside[0].read_text().splitlines()} == {"judge_top1"}
+    assert (out / "per_example.jsonl").read_text().startswith(first)

@@ -116,6 +116,21 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     assert list(test.methods.kl) == [0.5, 1.0] and "typical" not in test.methods
     assert list(test.methods.judge_gsm8k.thresholds) == [0.3] and val.methods.judge_gsm8k.thresholds == "head_quantiles"
     assert {s.eval.gamma for n, s in seen.items() if n[:4] in ("val_", "eval")} == {8}
+    # --guard: each judge also as <judge>_top1, the same head with the KL rule's top-1 guard
+    args = ["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k", "--judges", "judge_gsm8k"]
+    plan = je.Plan(je.parse_args([*args, "--guard", "0.9", "--only", "val_gsm8k"]))
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=[*plan.base, *plan.evals()["val_gsm8k"][1]])
+        pipeline.preflight(cfg, list(cfg.pipeline.stages))
+    guarded = cfg.eval.methods.judge_gsm8k_top1
+    assert guarded.policy == "judge" and guarded.thresholds == "head_quantiles"
+    assert guarded.head_dir == cfg.eval.methods.judge_gsm8k.head_dir and guarded.options.judge_strict_top1 == 0.9
+    assert "options" not in cfg.eval.methods.judge_gsm8k and list(plan.judge_methods) == [
+        "judge_gsm8k",
+        "judge_gsm8k_top1",
+    ]
+    with pytest.raises(SystemExit, match=r"--guard must be a top-1 probability in \(0, 1\], got 1.5"):
+        je.parse_args([*args, "--guard", "1.5"])
 
 
 def test_rules_only_and_only_pick_the_steps_and_leave_the_judges_out(tmp_path):

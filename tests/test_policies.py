@@ -106,6 +106,33 @@ def test_rules_on_a_batch_of_proposals_equal_each_row_alone():
         assert _acc(name, t, stacked, **kw) == want and any(map(any, want)), name
 
 
+@pytest.mark.parametrize("T", [0.0, 0.7])
+def test_judge_guard_is_the_head_and_the_kl_rules_top1_test(T):
+    """judge_strict_top1: the judge's answer, and strict where the target's top-1 probability exceeds it."""
+    head = JudgeHead(JudgeConfig(feature_dim=8, target_model={}, features={"layers": [-1], "include_draft": False}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        head.net.weight.normal_(0, 0.5)
+    seen = set()
+    for seed in range(6):
+        v = _rand_verification(g=8, T=T, seed=seed)
+        v.target_logits[::3] *= 4  # some confident positions
+        s = T if T > 0 else 1.0
+        top1 = [max(torch.softmax(v.target_logits[j].double() / s, -1).tolist()) for j in range(8)]
+        for t in (0.3, 0.6, 1.0):
+            plain = _acc("judge", t, v, head=head)
+            for g in (0.5, 0.9):
+                guarded = _acc("judge", t, v, head=head, options={"judge_strict_top1": g})
+                assert guarded == [a and p <= g for a, p in zip(plain, top1)], (seed, t, g)
+                seen |= {(a, b) for a, b in zip(plain, guarded)}
+        assert _acc("judge", 0.0, v, head=head, options={"judge_strict_top1": 0.5}) == [False] * 8
+    assert seen == {(True, True), (True, False), (False, False)}  # the guard took some acceptances away
+    with pytest.raises(ValueError, match=r"policy_options.judge_strict_top1 must be null \(off\) or in \(0, 1\]"):
+        build_policy("judge", 0.5, head=head, options={"judge_strict_top1": 0})
+    with pytest.raises(ValueError, match=r"^eval.methods.j.options.judge_strict_top1 must be a number"):
+        build_policy("judge", 0.5, head=head, options={"judge_strict_top1": "x"}, options_key="eval.methods.j.options")
+
+
 def test_strictest_equals_lossless_loosest_accepts_all(pair):
     strict = [
         build_policy("lossless"),
