@@ -20,7 +20,7 @@ from selfjudge.judge import JudgeHead
 from selfjudge.locks import stage_lock
 from selfjudge.metrics import summary_rows
 from selfjudge.models import format_prompt, pair_from_mapping, runtime_line
-from selfjudge.policies import load_head
+from selfjudge.policies import load_head, strict_token_mask
 from selfjudge.report import COLUMNS as REPORT_COLUMNS
 from selfjudge.report import write_report
 from selfjudge.tasks import build_task, example_system_prompt
@@ -49,7 +49,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         key: load_head(folder, tinfo, pair.target_info.hidden_size, pair.draft_info.hidden_size, dev, key=f"eval.{key}")
         for key, folder in s.head_dirs().items()
     }
-    grid = ev.build_grid(s, heads)
+    vocab = max(m.get_output_embeddings().weight.shape[0] for m in (pair.target, pair.draft))  # every id indexed
+    strict_masks = {k: strict_token_mask(k, pair.tokenizer, vocab) for k in sorted(ev.strict_kinds(s))}
+    grid = ev.build_grid(s, heads, strict_masks)
     skipped = [x.name for x in s.specs if x.head_key is not None and x.head_key not in heads]
     if skipped:
         log.info("skipping %s: no head folder set (eval.judge_dir / eval.autojudge_dir)", skipped)
@@ -79,7 +81,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if rank != 0:
         records = out.read(repair=False)
     mine = ev.RecordsFile(out_dir, rank) if world > 1 else out
-    records = ev.evaluate(pair, task, examples, prompts, s, grid, heads, records, mine, graphs, head_of, rank, world)
+    records = ev.evaluate(
+        pair, task, examples, prompts, s, grid, heads, records, mine, graphs, head_of, rank, world, strict_masks
+    )
     barrier(world)
     if rank != 0:
         return {"rank": rank, "output_dir": str(out_dir)}

@@ -35,7 +35,15 @@ from selfjudge.generation import fixed_batches
 from selfjudge.io import atomic_write_text, config_hash, folder_hash, read_json, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.metrics import prefix_agreement, unique_records
-from selfjudge.policies import OPTION_DEFAULTS, OPTION_NEUTRAL, POLICIES, Policy, build_policy, judge_guard
+from selfjudge.policies import (
+    OPTION_DEFAULTS,
+    OPTION_NEUTRAL,
+    POLICIES,
+    Policy,
+    build_policy,
+    check_strict_tokens,
+    judge_guard,
+)
 from selfjudge.schedule import AdaptiveWindow
 from selfjudge.settings import build, check_keys, is_int, require
 from selfjudge.tasks import Example, Task
@@ -120,6 +128,8 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
         if ths == "head_quantiles" and policy not in HEAD_DIR_KEYS:
             raise ValueError(f"eval.methods.{name}: head_quantiles needs a judge policy with a head folder")
         opts, opts_key = {**options, **own}, f"eval.methods.{name}.options" if own else OPTIONS_KEY
+        check_strict_tokens(opts.get("strict_tokens"), opts_key)  # its mask is built once the tokenizer loads
+        opts = {k: v for k, v in opts.items() if k != "strict_tokens"}
         if policy in HEAD_DIR_KEYS:  # checked before the head loads
             judge_guard(opts.get("judge_strict_top1"), opts_key)
         if ths != "head_quantiles":
@@ -212,7 +222,15 @@ class EvalSettings:
         return ds
 
 
-def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
+def strict_kinds(s: EvalSettings) -> set[str]:
+    """The strict_tokens classes the eval's policies use (eval.policy_options and methods' own options)."""
+    kinds = {(s.policy_options or {}).get("strict_tokens")} | {dict(m.options).get("strict_tokens") for m in s.specs}
+    return {k for k in kinds if k is not None}
+
+
+def build_grid(
+    s: EvalSettings, heads: Mapping[str, JudgeHead], strict_masks: Mapping[str, torch.Tensor] | None = None
+) -> list[Method]:
     """Target-only, lossless (and draft-only), then every method's thresholds; judge methods whose head
     folder is null are skipped. Thresholds are validated here, before any decoding."""
     grid = [Method("target", "target", None), Method("lossless", "lossless", None)]
@@ -239,6 +257,7 @@ def build_grid(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> list[Method]:
                 options={**(s.policy_options or {}), **dict(spec.options)},
                 key=f"eval.methods.{spec.name}",
                 options_key=f"eval.methods.{spec.name}.options" if spec.options else OPTIONS_KEY,
+                strict_masks=strict_masks,
             )
             grid.append(Method(spec.name, spec.policy, float(t), spec.head_key, spec.options))
     return grid
@@ -457,6 +476,7 @@ def evaluate(
     head_of: Mapping[str, str | None] | None = None,
     rank: int = 0,
     world: int = 1,
+    strict_masks: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Decode every (prompt, method) of ``grid`` not in ``records``, appending each record to ``out`` as it
     finishes; returns every record (earlier ones first). With several ranks this rank takes every
@@ -478,6 +498,7 @@ def evaluate(
                 options={**(s.policy_options or {}), **dict(m.options)},
                 key=f"eval.methods.{m.name}",
                 options_key=OPTIONS_KEY,
+                strict_masks=strict_masks,
             )
         )
 

@@ -31,9 +31,32 @@ from selfjudge.features import FeatureSpec, judge_features, scalar_features
 from selfjudge.judge import JudgeHead
 
 # policy options with their defaults (conf/eval/default.yaml policy_options lists the same keys)
-OPTION_DEFAULTS: dict[str, Any] = {"typical_alpha": None, "kl_strict_top1": 0.9, "judge_strict_top1": None}
+OPTION_DEFAULTS: dict[str, Any] = {
+    "typical_alpha": None,
+    "kl_strict_top1": 0.9,
+    "judge_strict_top1": None,
+    "strict_tokens": None,
+}
 # options added after records were made: at this value they are left out of the eval's records key
-OPTION_NEUTRAL: dict[str, Any] = {"judge_strict_top1": None}
+OPTION_NEUTRAL: dict[str, Any] = {"judge_strict_top1": None, "strict_tokens": None}
+# strict_tokens: token classes every lossy rule verifies strictly (the draft token or the target's choice in it)
+STRICT_TOKENS: dict[str, Callable[[str], bool]] = {"digits": lambda text: any(c.isdigit() for c in text)}
+
+
+def strict_token_mask(kind: str, tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bool: the token ids of a ``strict_tokens`` class, by each id's decoded text."""
+    if kind not in STRICT_TOKENS:
+        raise ValueError(f"strict_tokens must be null or one of {sorted(STRICT_TOKENS)}, got {kind!r}")
+    test, known = STRICT_TOKENS[kind], len(tokenizer)
+    return torch.tensor([i < known and test(tokenizer.decode([i])) for i in range(vocab_size)], dtype=torch.bool)
+
+
+def check_strict_tokens(value: Any, options_key: str = "policy_options") -> str | None:
+    if value is not None and value not in STRICT_TOKENS:
+        raise ValueError(
+            f"{options_key}.strict_tokens must be null (off) or one of {sorted(STRICT_TOKENS)}, got {value!r}"
+        )
+    return value
 
 
 class Policy:
@@ -260,10 +283,12 @@ def build_policy(
     options: Mapping[str, Any] | None = None,
     key: str | None = None,
     options_key: str = "policy_options",
+    strict_masks: Mapping[str, torch.Tensor] | None = None,
 ) -> Policy:
     """A policy by registry name. ``head``: the judge head (judge/autojudge); ``options``: shared policy
     options (``OPTION_DEFAULTS``). ``key`` / ``options_key``: how the caller names the threshold's and the
-    options' settings in error messages (default: the policy name and ``policy_options``)."""
+    options' settings in error messages (default: the policy name and ``policy_options``). ``strict_masks``:
+    ``strict_token_mask`` per class, needed when ``strict_tokens`` is set."""
     key = key or name
     if name not in POLICIES:
         raise ValueError(f"{key}: unknown policy '{name}'; known: {sorted(POLICIES)}")
@@ -273,8 +298,9 @@ def build_policy(
         raise ValueError(f"unknown {options_key} key(s) {unknown}; known: {sorted(OPTION_DEFAULTS)}")
     if name == "lossless":
         return Policy()
+    kind = check_strict_tokens(opts["strict_tokens"], options_key)
     if POLICIES[name] is JudgeRule:
-        return JudgeRule(
+        rule = JudgeRule(
             threshold,
             head=head,
             name=name,
@@ -282,7 +308,39 @@ def build_policy(
             judge_strict_top1=opts["judge_strict_top1"],
             options_key=options_key,
         )
-    return POLICIES[name](threshold, key=key, options_key=options_key, **opts)
+    else:
+        rule = POLICIES[name](threshold, key=key, options_key=options_key, **opts)
+    if kind is None:
+        return rule
+    if not strict_masks or kind not in strict_masks:
+        raise ValueError(
+            f"{options_key}.strict_tokens={kind} needs the tokenizer's {kind} mask (strict_token_mask): the "
+            "caller passes strict_masks"
+        )
+    return StrictTokens(rule, strict_masks[kind], kind)
+
+
+class StrictTokens(Policy):
+    """A rule whose extra acceptances stop where the draft token or the target's own choice is in a token
+    class (``strict_tokens``, e.g. digits): there only the standard test accepts."""
+
+    def __init__(self, rule: Policy, mask: torch.Tensor, kind: str):
+        self.rule, self.mask, self.kind = rule, mask, kind
+        self.name, self.threshold = rule.name, rule.threshold
+        self.needs_draft_logits, self.needs_draft_hidden = rule.needs_draft_logits, rule.needs_draft_hidden
+        self.feature_spec = rule.feature_spec
+        self.head = getattr(rule, "head", None)
+
+    def accept(self, v: Verification) -> torch.Tensor | None:
+        ok = self.rule.accept(v)
+        if ok is None:
+            return None
+        if self.mask.device != v.draft_tokens.device:
+            self.mask = self.mask.to(v.draft_tokens.device)
+        return ok & ~(self.mask[v.draft_tokens] | self.mask[v.target_argmax[..., :-1]])
+
+    def __repr__(self) -> str:
+        return f"StrictTokens({self.rule!r}, {self.kind})"
 
 
 def load_head(

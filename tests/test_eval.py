@@ -259,6 +259,11 @@ def test_adaptive_schedule_is_its_own_row_and_key(tmp_path, cache_dir, prompts_f
             r"eval.methods.j.options.judge_strict_top1 must be null \(off\) or in \(0, 1\]",
         ),
         ("eval.methods={kl:{policy:kl,thresholds:[1],options:[1]}}", ValueError, "options must be a map"),
+        (
+            "eval.methods={k:{policy:kl,thresholds:[1],options:{strict_tokens:numbers}}}",
+            ValueError,
+            r"eval.methods.k.options.strict_tokens must be null \(off\) or one of \['digits'\]",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, cache_dir, head_dir, override, err, match):
@@ -311,3 +316,17 @@ def test_a_method_with_its_own_options_is_keyed_by_them(tmp_path, cache_dir, pro
     aside = list(out.glob("per_example.heads-*.jsonl"))
     assert len(aside) == 1 and {json.loads(x)["method"] for x in aside[0].read_text().splitlines()} == {"judge_top1"}
     assert (out / "per_example.jsonl").read_text().startswith(first)
+
+
+def test_strict_digits_rule_beside_the_plain_rule(tmp_path, cache_dir, prompts_file):
+    """A rule with strict_tokens=digits in its own options decodes beside the plain rule (same records key, its
+    rows keyed by its options); the rule itself is checked against its definition in test_policies."""
+    methods = "kl:[4.0],kl_digits:{policy:kl,thresholds:[4.0],options:{strict_tokens:digits}}"
+    stage.run(_cfg(tmp_path, cache_dir, *_jsonl([], prompts_file), "~eval.methods", "+eval.methods={" + methods + "}"))
+    out = tmp_path / "eval"
+    by = {(r["method"], r["prompt_id"]): r for r in _records(out)}
+    ids = [p for m, p in by if m == "kl_digits"]
+    assert len(ids) == 3
+    assert {by[("kl_digits", p)]["head"] for p in ids} == {f"-+options-{config_hash({'strict_tokens': 'digits'})[:8]}"}
+    assert {by[("kl", p)].get("head") for p in ids} == {None}
+    assert "strict_tokens" not in json.loads((out / "eval_key.json").read_text())["settings"]["policy_options"]

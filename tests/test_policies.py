@@ -12,7 +12,7 @@ from selfjudge.decoding import Verification, decode
 from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.models import format_prompt
-from selfjudge.policies import POLICIES, JudgeRule, Policy, build_policy, load_head
+from selfjudge.policies import POLICIES, JudgeRule, Policy, build_policy, load_head, strict_token_mask
 
 PROMPTS = ["how many apples", "janet sells eggs", "def sum list", "what is 12 * 7"]
 
@@ -131,6 +131,39 @@ def test_judge_guard_is_the_head_and_the_kl_rules_top1_test(T):
         build_policy("judge", 0.5, head=head, options={"judge_strict_top1": 0})
     with pytest.raises(ValueError, match=r"^eval.methods.j.options.judge_strict_top1 must be a number"):
         build_policy("judge", 0.5, head=head, options={"judge_strict_top1": "x"}, options_key="eval.methods.j.options")
+
+
+def test_strict_tokens_take_away_only_the_rules_acceptances_in_the_class():
+    """strict_tokens: any rule's answer, and no extra acceptance where the draft token or the target's choice
+    is in the class (here a made-up mask over the 40-token vocabulary)."""
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[::3] = True
+    head = JudgeHead(JudgeConfig(feature_dim=8, target_model={}, features={"layers": [-1], "include_draft": False}))
+    took = 0
+    for seed in range(6):
+        v = _rand_verification(g=8, seed=seed)
+        hit = (mask[v.draft_tokens] | mask[v.target_argmax[:-1]]).tolist()
+        for name, t, kw in [
+            ("kl", 4.0, {}),
+            ("likelihood", 3.0, {}),
+            ("typical", 0.05, {}),
+            ("judge", 0.9, {"head": head}),
+        ]:
+            plain = _acc(name, t, v, **kw)
+            strict = _acc(name, t, v, options={"strict_tokens": "digits"}, strict_masks={"digits": mask}, **kw)
+            assert strict == [a and not h for a, h in zip(plain, hit)], (seed, name)
+            took += sum(plain) - sum(strict)
+    assert took > 0
+    rule = build_policy("kl", 1.0, options={"strict_tokens": "digits"}, strict_masks={"digits": mask})
+    assert rule.needs_draft_logits and rule.name == "kl" and rule.threshold == 1.0
+    with pytest.raises(ValueError, match=r"policy_options.strict_tokens=digits needs the tokenizer's digits mask"):
+        build_policy("kl", 1.0, options={"strict_tokens": "digits"})
+    with pytest.raises(
+        ValueError, match=r"eval.policy_options.strict_tokens must be null \(off\) or one of \['digits'\]"
+    ):
+        build_policy("kl", 1.0, options={"strict_tokens": "numbers"}, options_key="eval.policy_options")
+    with pytest.raises(ValueError, match="strict_tokens must be null or one of"):
+        strict_token_mask("numbers", None, 10)
 
 
 def test_strictest_equals_lossless_loosest_accepts_all(pair):
