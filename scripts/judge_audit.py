@@ -2,6 +2,7 @@
 
     python scripts/judge_audit.py runs/x/data runs/x/judge/head                     # table; JSON with --out
     python scripts/judge_audit.py runs/x/data runs/x/judge/head --out docs/bench/judge_audit --examples 12
+    python scripts/judge_audit.py runs/a/data,runs/b/data runs/x/judge/head --all   # folders it never saw
 
 A judge accepts a mismatch when P(important) is below its cut, so at the q-quantile cut it accepts the share q
 of mismatches it finds least important. This groups the held-out mismatches (the head's validation prompts, as
@@ -10,7 +11,9 @@ draft's token holds a digit), punctuation or whitespace only, and words; and, wh
 ``target_top1_logp``, by the target's top-1 probability (the KL rule keeps strict verification above 0.9). Per
 group: its share of the mismatches, its SelfJudge label rate, mean P(important), and its share of what the judge
 accepts at each cut, with the enrichment (that share over its share of all mismatches: above 1, the judge
-accepts the group first). ``--examples`` prints the number swaps it finds least important, in context.
+accepts the group first). Where the folders store ``kl`` and ``target_top1_logp`` (the signal study's layout),
+the KL rule (strict above top-1 0.9) gets the same tables at the same acceptance shares, for comparison.
+``--examples`` prints the number swaps the judge finds least important, in context.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def kind(target: str, draft: str) -> str:
     return "word"
 
 
-def load_rows(data: Path, head: JudgeHead, every: bool) -> dict:
+def load_rows(data: Path, head: JudgeHead, every: bool) -> dict:  # one folder
     """The substituted rows the audit reads: the head's features (its subset of the stored layout), labels,
     prompt ids, tokens and the target's top-1 probability where stored."""
     ds, man = open_dataset(data)
@@ -66,16 +69,35 @@ def load_rows(data: Path, head: JudgeHead, every: bool) -> dict:
     if spec != stored:
         x = x[:, spec.columns_in(stored, H, Hd)]
     have = stored.columns(H, Hd)
-    top1 = (
-        np.exp(np.asarray(rows["features"], dtype=np.float64)[:, have["target_top1_logp"].start])
-        if "target_top1_logp" in stored.scalars
-        else None
-    )
-    return {"x": x, "label": np.asarray(rows["label"]).astype(int), "rows": rows, "top1": top1, "manifest": man}
+    raw = np.asarray(rows["features"], dtype=np.float64)
+    top1 = np.exp(raw[:, have["target_top1_logp"].start]) if "target_top1_logp" in stored.scalars else None
+    kl = raw[:, have["kl"].start] if "kl" in stored.scalars else None
+    rows = {c: list(rows[c]) for c in cols if c != "features"}
+    return {
+        "x": x,
+        "label": np.asarray(rows["label"]).astype(int),
+        "rows": rows,
+        "top1": top1,
+        "kl": kl,
+        "manifest": man,
+    }
+
+
+def load_all(folders: list[Path], head: JudgeHead, every: bool) -> dict:
+    """load_rows over several folders (same target), concatenated."""
+    parts = [load_rows(f, head, every) for f in folders]
+    out = {
+        "manifest": parts[0]["manifest"],
+        "rows": {c: sum((p["rows"][c] for p in parts), []) for c in parts[0]["rows"]},
+    }
+    for k in ("x", "label", "top1", "kl"):
+        out[k] = None if any(p[k] is None for p in parts) else np.concatenate([p[k] for p in parts])
+    return out
 
 
 def group_table(groups: np.ndarray, names: list[str], p: np.ndarray, label: np.ndarray, cuts: dict) -> list[dict]:
-    """Per group: n, share, label rate, mean P and, per cut, its share of the accepted and the enrichment."""
+    """Per group: n, share, label rate, mean score and, per cut (accepted: score < cut), its share of the
+    accepted and the enrichment."""
     out = []
     for g in names:
         m = groups == g
@@ -84,7 +106,7 @@ def group_table(groups: np.ndarray, names: list[str], p: np.ndarray, label: np.n
             "n": int(m.sum()),
             "share": float(m.mean()),
             "label_rate": float(label[m].mean()) if m.any() else None,
-            "mean_p": float(p[m].mean()) if m.any() else None,
+            "mean_p": float(p[m][np.isfinite(p[m])].mean()) if np.isfinite(p[m]).any() else None,
             "accepted": {},
         }
         for q, cut in cuts.items():
@@ -95,8 +117,8 @@ def group_table(groups: np.ndarray, names: list[str], p: np.ndarray, label: np.n
     return out
 
 
-def markdown(title: str, table: list[dict], levels: list[str]) -> str:
-    head = "| " + title + " | n | share | label rate | mean P(important) | "
+def markdown(title: str, table: list[dict], levels: list[str], score: str = "mean P(important)") -> str:
+    head = f"| {title} | n | share | label rate | {score} | "
     head += " | ".join(f"share of accepted at q{q} (enrichment)" for q in levels) + " |"
     lines = [head, "|---" * (5 + len(levels)) + "|"]
     for r in table:
@@ -114,7 +136,8 @@ def markdown(title: str, table: list[dict], levels: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data", help="a finished data_gen folder (the head's, or one with a superset of its features)")
+    ap.add_argument("data", help="finished data_gen folder(s), comma-separated (the head's, or with a superset of "
+                    "its features)")  # fmt: skip
     ap.add_argument("head", help="judge head folder (train stage output: <run_dir>/judge/head)")
     ap.add_argument("--all", action="store_true", help="every prompt's rows, not only the head's validation prompts")
     ap.add_argument("--quantiles", default="0.1,0.2,0.3,0.4", help="cuts: quantiles of P(important) (0.1,...)")
@@ -125,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     head = JudgeHead.from_pretrained(a.head).eval()
-    d = load_rows(Path(a.data), head, a.all)
+    d = load_all([Path(f) for f in a.data.split(",") if f], head, a.all)
     with torch.no_grad():
         p = head.predict_proba(torch.from_numpy(d["x"])).double().numpy()
     target = d["manifest"]["target_model"]
@@ -151,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
         which = np.clip(np.searchsorted([hi for _, hi in TOP1_BINS[:-1]], d["top1"], side="left"), 0, len(bins) - 1)
         result["by_target_top1"] = group_table(bins[which], list(bins), p, d["label"], cuts)
         md += "\n" + markdown("target top-1 probability", result["by_target_top1"], levels)
+    if d["kl"] is not None and d["top1"] is not None:  # the KL rule at the same acceptance shares
+        kl = np.where(d["top1"] > 0.9, np.inf, d["kl"])
+        kl_cuts = {q: float(np.quantile(kl, float(q))) for q in levels}
+        result["kl_rule"] = {"cuts": kl_cuts, "by_kind": group_table(kinds, list(KINDS), kl, d["label"], kl_cuts)}
+        md += "\nThe KL rule (strict where the target's top-1 > 0.9), accepting the same shares of mismatches:\n\n"
+        md += markdown("kind of swap (KL rule)", result["kl_rule"]["by_kind"], levels, "mean KL where not strict")
     if a.examples:
         order = [i for i in np.argsort(p, kind="stable") if kinds[i] == "number"][: a.examples]
         md += "\nNumber swaps it finds least important (context | target -> draft | what the target wrote next):\n\n"

@@ -32,7 +32,7 @@ def test_audit_tables_add_up_on_held_out_rows(tmp_path, cache_dir, capsys):
         tmp_path / "run",
         cache_dir,
         "data_gen.features.state_offsets=[-1,0]",
-        "data_gen.features.scalars=[target_logp,target_top1_logp,target_gap]",
+        "data_gen.features.scalars=[target_logp,target_top1_logp,target_gap,kl]",
     )
     data_gen(cfg)
     data = tmp_path / "run" / "data"
@@ -58,8 +58,8 @@ def test_audit_tables_add_up_on_held_out_rows(tmp_path, cache_dir, capsys):
     res = ja.main([str(data), str(tmp_path / "head"), "--examples", "2", "--out", str(tmp_path / "audit")])
     want = sum(1 for p in sub["prompt_id"] if p in held)
     assert res["rows"] == want and res["prompts"] == len(held) and res["held_out_only"]
-    for table in ("by_kind", "by_target_top1"):
-        rows = res[table]
+    assert {r["group"] for r in res["kl_rule"]["by_kind"]} == {"number", "punctuation", "word"}
+    for rows in (res["by_kind"], res["by_target_top1"], res["kl_rule"]["by_kind"]):
         assert sum(r["n"] for r in rows) == want
         for q in ("0.1", "0.2", "0.3", "0.4"):
             assert sum(r["accepted"][q]["share"] for r in rows) == pytest.approx(1.0)
@@ -74,7 +74,7 @@ def test_audit_tables_add_up_on_held_out_rows(tmp_path, cache_dir, capsys):
     assert res["cuts"]["0.3"] == pytest.approx(float(np.quantile(p, 0.3)), rel=1e-5)
     assert json.loads((tmp_path / "audit.json").read_text())["rows"] == want
     assert "| kind of swap |" in (tmp_path / "audit.md").read_text()
-    assert capsys.readouterr().out.count("| number |") == 1
+    assert capsys.readouterr().out.count("| number |") == 2  # the judge's table and the KL rule's
     # the rows it was trained on are left out unless asked; a head with no recorded split must say --all
     assert ja.main([str(data), str(tmp_path / "head"), "--all"])["rows"] == len(sub)
     JudgeHead(
