@@ -92,6 +92,14 @@ class Method:
     options: tuple[tuple[str, Any], ...] = ()  # the method's own policy options (MethodSpec.options)
 
 
+def method_options(
+    name: str, shared: Mapping[str, Any] | None, own: Mapping[str, Any] | tuple
+) -> tuple[dict[str, Any], str]:
+    """(policy options of method ``name``: eval.policy_options overlaid with its own, how messages name them)."""
+    own = dict(own)
+    return {**(shared or {}), **own}, f"eval.methods.{name}.options" if own else OPTIONS_KEY
+
+
 def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any]) -> tuple[MethodSpec, ...]:
     """eval.methods -> specs; every threshold that needs no head is checked here (before any model loads)."""
     out = []
@@ -127,7 +135,7 @@ def parse_methods(methods: Mapping[str, Any] | None, options: Mapping[str, Any])
             )
         if ths == "head_quantiles" and policy not in HEAD_DIR_KEYS:
             raise ValueError(f"eval.methods.{name}: head_quantiles needs a judge policy with a head folder")
-        opts, opts_key = {**options, **own}, f"eval.methods.{name}.options" if own else OPTIONS_KEY
+        opts, opts_key = method_options(name, options, own)
         check_strict_tokens(opts.get("strict_tokens"), opts_key)  # its mask is built once the tokenizer loads
         opts = {k: v for k, v in opts.items() if k != "strict_tokens"}
         if policy in HEAD_DIR_KEYS:  # checked before the head loads
@@ -250,13 +258,14 @@ def build_grid(
                     "stores no thresholds.quantiles: list thresholds explicitly"
                 )
         for t in ths if isinstance(ths, (list, tuple)) else [ths]:
+            opts, opts_key = method_options(spec.name, s.policy_options, spec.options)
             build_policy(
                 spec.policy,
                 t,
                 head=heads.get(spec.head_key),
-                options={**(s.policy_options or {}), **dict(spec.options)},
+                options=opts,
                 key=f"eval.methods.{spec.name}",
-                options_key=f"eval.methods.{spec.name}.options" if spec.options else OPTIONS_KEY,
+                options_key=opts_key,
                 strict_masks=strict_masks,
             )
             grid.append(Method(spec.name, spec.policy, float(t), spec.head_key, spec.options))
@@ -289,7 +298,7 @@ def records_key(
     cpu_kernels: Mapping[str, str] | None = None,
 ) -> tuple[str, dict]:
     """(key, settings it covers) of the records a rerun may keep (heads are keyed per record)."""
-    key_cfg = {k: getattr(s, k) for k in ("gamma", "max_new_tokens", "temperature", "seed", "policy_options")}
+    key_cfg = {k: getattr(s, k) for k in ("gamma", "max_new_tokens", "temperature", "seed")}
     key_cfg["policy_options"] = {  # an option added later, at its neutral value: older records keep their key
         k: v for k, v in (s.policy_options or {}).items() if k not in OPTION_NEUTRAL or v != OPTION_NEUTRAL[k]
     }
@@ -488,18 +497,17 @@ def evaluate(
     target_out = {r["prompt_id"]: r["output_ids"] for r in records if r["method"] == "target"}
 
     def policy_of(m: Method) -> Policy | None:
-        return (
-            None
-            if m.policy in BASELINES
-            else build_policy(
-                m.policy,
-                m.threshold,
-                head=heads.get(m.head_key),
-                options={**(s.policy_options or {}), **dict(m.options)},
-                key=f"eval.methods.{m.name}",
-                options_key=OPTIONS_KEY,
-                strict_masks=strict_masks,
-            )
+        if m.policy in BASELINES:
+            return None
+        opts, opts_key = method_options(m.name, s.policy_options, m.options)
+        return build_policy(
+            m.policy,
+            m.threshold,
+            head=heads.get(m.head_key),
+            options=opts,
+            key=f"eval.methods.{m.name}",
+            options_key=opts_key,
+            strict_masks=strict_masks,
         )
 
     adaptive = AdaptiveWindow(s.gamma)  # one schedule for the run: its costs carry over from the warm-up
