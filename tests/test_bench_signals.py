@@ -4,7 +4,6 @@ definitions, LD ranks the SelfJudge label perfectly, heads are cross-fitted or t
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,9 +15,9 @@ from sklearn.metrics import roc_auc_score
 from selfjudge.data_gen.stage import run as data_gen
 from selfjudge.features import SCALARS
 from selfjudge.shards import open_dataset
+from tests.scripts import load_script
 from tests.tiny_config import tiny_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_signals.py"
 FEATURES = [
     "data_gen.features.state_offsets=[-1,0]",
     f"data_gen.features.scalars=[{','.join(SCALARS)}]",
@@ -28,10 +27,7 @@ FEATURES = [
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_signals", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_signals")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ rows are the head's validation prompts, and every table adds up (shares of what 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +13,12 @@ from selfjudge.data_gen.stage import run as data_gen
 from selfjudge.features import FeatureSpec
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.shards import open_dataset
+from tests.scripts import load_script
 from tests.tiny_config import tiny_config
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "judge_audit.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("judge_audit", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("judge_audit")
 
 
 def test_audit_tables_add_up_on_held_out_rows(tmp_path, cache_dir, capsys):

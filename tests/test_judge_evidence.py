@@ -4,7 +4,6 @@ records, and (slow) runs end to end on the tiny pair, skips everything on a reru
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,15 +16,13 @@ from omegaconf import OmegaConf
 
 from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.pipeline import stage as pipeline
+from tests.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "judge_evidence.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("judge_evidence", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("judge_evidence")
 
 
 def _eval_folder(folder: Path, path: str | None) -> bytes:

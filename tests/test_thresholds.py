@@ -4,7 +4,6 @@ and a tiny eval whose picked overrides compose into a second eval's settings."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from selfjudge import thresholds as th
 from selfjudge.eval import stage
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.metrics import finished_by_all
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pick_thresholds.py"
 N = 50  # prompts: accuracy differences in steps of 0.02
 LOSSLESS_WRONG = 10  # lossless gets prompts 0-9 wrong: accuracy 0.8
 
@@ -75,10 +74,7 @@ def _records() -> list[dict]:
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("pick_thresholds", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pick_thresholds")
 
 
 def test_choices_on_known_accuracies():
