@@ -15,7 +15,7 @@ from selfjudge.extras import check_installed
 from selfjudge.io import barrier, code_version, config_hash, identity, ranks
 from selfjudge.locks import stage_lock
 from selfjudge.models import model_key, pair_from_mapping, runtime_line
-from selfjudge.tasks import build_task
+from selfjudge.tasks import build_task, checker_key
 
 log = logging.getLogger("selfjudge.data_gen")  # hydra's console and per-rank log file show it
 
@@ -40,7 +40,11 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     task = build_task(s.dataset)  # unknown dataset keys fail here
     examples = task.examples()
     rank, world = ranks()
-    hashed = identity({**plain, "model": model_key(plain["model"])}, IDENTITY)  # dtype auto as resolved here
+    hashed = identity(  # dtype auto as resolved here; AutoJudge labels: the answer checker's revision
+        {**plain, "model": model_key(plain["model"])},
+        IDENTITY,
+        **(checker_key(s.dataset) if s.autojudge.enabled else {}),
+    )
     h = config_hash(hashed)
     pair = pair_from_mapping(plain["model"])  # pairs with different vocabularies fail here
     if rank == 0:

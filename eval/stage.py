@@ -77,6 +77,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if rank == 0:
         (out_dir / "summary.json").unlink(missing_ok=True)  # only a finished run has one
         records = out.open(key, {"settings": key_cfg, "dataset": ds, "heads": head_of}, head_of, s.resume)
+        rescored = ev.rescore(records, task, examples)
+        if rescored:  # made before the answer checker was revised: their texts are kept, so only scores move
+            out.write(records)
+            log.info("%d kept records re-scored with the answer checker of now (%s)", rescored, task.checker)
     barrier(world)
     if rank != 0:
         records = out.read(repair=False)

@@ -36,7 +36,7 @@ from selfjudge.io import (
 )
 from selfjudge.locks import stage_lock
 from selfjudge.settings import build
-from selfjudge.tasks import build_task
+from selfjudge.tasks import build_task, checker_key
 
 log = logging.getLogger("selfjudge.pipeline")  # hydra's console and per-rank log file show it
 
@@ -85,8 +85,18 @@ def stage_hashes(cfg: DictConfig) -> dict[str, str]:
     hashes: dict[str, str] = {}
     prev = ""
     for stage in STAGES:
-        prev = hashes[stage] = config_hash(identity(plain, IDENTITY[stage], prev=prev))
+        prev = hashes[stage] = config_hash(identity(plain, IDENTITY[stage], prev=prev, **scored_by(plain, stage)))
     return hashes
+
+
+def scored_by(plain: dict, stage: str) -> dict[str, str]:
+    """The revised answer checker a stage's output holds scores of (eval records; data_gen's AutoJudge labels),
+    so that revising it redoes the stage (eval: a re-scoring of the kept records)."""
+    if stage == "eval":
+        return checker_key(plain["eval"]["dataset"])
+    if stage == "data_gen" and plain["data_gen"]["autojudge"]["enabled"]:
+        return checker_key(plain["data_gen"]["dataset"])
+    return {}
 
 
 def eval_hash(cfg: DictConfig, chained: str) -> str:

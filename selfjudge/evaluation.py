@@ -365,6 +365,10 @@ class RecordsFile:
             records = keep
         return records
 
+    def write(self, records: list[dict]) -> None:
+        """Replace the records file with ``records`` (atomically)."""
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
     def _aside(self, recs: list[dict], tag: str, why: str, keep: list[dict] | None = None) -> None:
         aside = self.dir / f"per_example.{tag}.jsonl"
         earlier = self.read(aside) if aside.is_file() else []
@@ -401,6 +405,22 @@ class RecordsFile:
         if repair and path == self.path and (len(recs) != len(lines) or (lines and not raw.endswith(b"\n"))):
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
         return recs
+
+
+def rescore(records: list[dict], task: Task, examples: list[Example]) -> int:
+    """Score the kept records' texts again with the task's checker, in place (a record keeps its tokens and
+    text, so a revised checker needs no decoding); returns how many scores changed. Records of prompts not in
+    ``examples`` and those scored by agreement (tasks without a checker) are left as they are."""
+    by_id = {ex.id: ex for ex in examples}
+    changed = 0
+    for r in records:
+        ex = by_id.get(r["prompt_id"])
+        if ex is None or r.get("score_source", "task") != "task" or "text" not in r:
+            continue
+        new = task.score(ex, r["text"])
+        if new is not None and new != r["score"]:
+            r["score"], changed = new, changed + 1
+    return changed
 
 
 def head_hashes(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> dict[str, str | None]:

@@ -139,3 +139,63 @@ def test_pipeline_under_several_ranks_is_refused_before_work(tmp_path, cache_dir
 def test_unknown_stage_named(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="pipeline.stages"):
         pipeline.run(_cfg(tmp_path / "r", cache_dir, "pipeline.stages=[data_gen,trian]"))
+
+
+def test_a_revised_answer_checker_rescores_a_finished_eval_without_decoding(tmp_path, cache_dir, monkeypatch, caplog):
+    """Scores made by an earlier revision of a checker are never kept silently: the finished eval is redone as
+    a re-scoring of its kept texts (no decode), and its records and summary hold the scores of now."""
+    from selfjudge import evaluation
+    from selfjudge.tasks import answers
+
+    caplog.set_level(logging.INFO)
+    rows = tmp_path / "q.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"question {i}", "id": f"q{i}", "a": "A"}) + "\n" for i in range(2)))
+    run_dir = tmp_path / "run"
+    common = (
+        "pipeline.stages=[eval]",
+        "eval.judge_dir=null",
+        "~eval.methods",
+        "+eval.methods={kl:[0.5]}",
+        "dataset@eval.dataset=jsonl",
+        f"eval.dataset.path={rows}",
+        "eval.dataset.id_field=id",
+        "eval.dataset.answer_field=a",
+        "eval.dataset.scorer=letter",
+    )
+    with monkeypatch.context() as m:  # the checker's first version, which called every output right
+        m.delitem(answers.CHECKER_REVISIONS, "letter")
+        m.setitem(answers.SCORERS, "letter", lambda text, ref: 1.0)
+        pipeline.run(_cfg(run_dir, cache_dir, *common))
+    first = [json.loads(x) for x in (run_dir / "eval" / "per_example.jsonl").read_text().splitlines()]
+    assert {r["score"] for r in first} == {1.0}
+    calls = []
+    real = evaluation.decode_batch
+    monkeypatch.setattr(evaluation, "decode", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(evaluation, "decode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipeline.run(_cfg(run_dir, cache_dir, *common, "eval.warmup=0"))
+    assert calls == [] and "config changed" in caplog.text and "re-scored" in caplog.text
+    again = [json.loads(x) for x in (run_dir / "eval" / "per_example.jsonl").read_text().splitlines()]
+    assert [{**r, "score": None} for r in again] == [{**r, "score": None} for r in first]  # same decodes
+    assert [r["score"] for r in again] == [answers.score_letter(r["text"], "A") for r in again]
+    assert {r["score"] for r in again} != {1.0}  # the tiny model's outputs name no letter
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert all(row["accuracy"] == 0.0 for row in summary["rows"])
+
+
+def test_revised_checkers_enter_the_hashes_of_outputs_holding_their_scores(tmp_path, cache_dir, monkeypatch):
+    """eval on a task whose checker was revised, and data_gen where it makes AutoJudge labels with it; a task
+    scored by first versions keeps its hashes (and so every output made before revisions existed)."""
+    from selfjudge.tasks import answers
+
+    def hashes(*extra):
+        return pipeline.stage_hashes(_cfg(tmp_path, cache_dir, *extra))
+
+    mmlu = ("dataset@eval.dataset=mmlu", "dataset@data_gen.dataset=mmlu")
+    aj = ("data_gen.autojudge.enabled=true",)
+    now = {x: hashes(*mmlu, *x) for x in ((), aj)}
+    plain_now = hashes()
+    monkeypatch.delitem(answers.CHECKER_REVISIONS, "letter")
+    before = {x: hashes(*mmlu, *x) for x in ((), aj)}
+    assert now[()]["eval"] != before[()]["eval"] and now[()]["data_gen"] == before[()]["data_gen"]
+    assert now[aj]["data_gen"] != before[aj]["data_gen"]  # its AutoJudge labels were scored by the checker
+    assert hashes() == plain_now  # the tiny experiment's task: nothing revised, hashes as they were

@@ -99,10 +99,33 @@ def test_number_normalisation_is_exact():
         ("the answer is option C", "C"),
         ("It could be B or maybe C", None),  # two unmarked letters: no answer
         ("I do not know", None),
+        # a walk through the options opens lines with every letter; the conclusion is the answer
+        ("A. Tolerance: no.\nB. Empathy: yes.\nC. Sympathy: no.\n\nTherefore, the answer is \\boxed{B}.", "B"),
+        ("A. one\nB. two\nC. three\nD. four\n\nAfter analyzing all the options:\n\n\\boxed{D}", "D"),
+        ("A. one\nB. two\nC. three\nD. four\n\nAnswer with the letter of the correct choice (A, B, C or D).", None),
+        ("Answer: A. On second thought, the answer is C.", "C"),  # the last marker wins
+        ("**C. A random sample.**\n\nThe correct option is C.", "C"),
+        ("The answer is \\boxed{\\text{D}}", "D"),
+        ("A. one\nB. two\n\nSo:\n\n**B**", "B"),  # a line that is only a letter
     ],
 )
 def test_letter_extraction(text, want):
     assert extract_letter(text) == want
+
+
+def test_revised_checkers_are_named_by_their_tasks(monkeypatch):
+    """A task names its checker's revision where it was revised (outputs holding scores hash it), else None."""
+    from selfjudge.tasks import answers, checker_key
+
+    mmlu = {"name": "mmlu", "limit": 2}
+    assert build_task(mmlu).checker == "letter@2" and checker_key(mmlu) == {"checker": "letter@2"}
+    assert build_task({"name": "gsm8k", "path": "x.jsonl"}).checker is None and checker_key({"name": "gsm8k"}) == {}
+    mix = {"name": "mix", "sources": [{"name": "gsm8k", "path": "x.jsonl"}, mmlu]}
+    assert build_task(mix).checker == "letter@2"
+    rows = {"name": "jsonl", "path": "x.jsonl", "answer_field": "a", "scorer": "letter"}
+    assert build_task(rows).checker == "letter@2"
+    monkeypatch.delitem(answers.CHECKER_REVISIONS, "letter")  # its first version: nothing to name
+    assert build_task(mmlu).checker is None and checker_key(mix) == {}
 
 
 def test_letter_scorer():

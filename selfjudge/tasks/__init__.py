@@ -34,6 +34,7 @@ __all__ = [
     "SCORERS",
     "Task",
     "build_task",
+    "checker_key",
     "example_system_prompt",
     "extract_code",
     "extract_letter",
@@ -175,7 +176,8 @@ def _mix(cfg: dict) -> Task:
             raise ValueError(f"example '{ex.id}' (task '{ex.task}') is not from this mix: {sorted(by_label)}")
         return by_label[ex.task].score(ex, text)
 
-    return Task("mix", cfg, load, score if any(t.has_checker for _, t in subs) else None)
+    checkers = sorted({t.checker for _, t in subs if t.checker})
+    return Task("mix", cfg, load, score if any(t.has_checker for _, t in subs) else None, ",".join(checkers) or None)
 
 
 BUILDERS: dict[str, Callable[[dict], Task]] = {
@@ -195,6 +197,13 @@ def build_task(dataset_cfg: Mapping[str, Any]) -> Task:
     """A ``Task`` from the plain dict of one ``conf/dataset/*.yaml`` (checked now; data loads lazily)."""
     cfg = resolve_config(dataset_cfg)
     return BUILDERS[cfg["name"]](cfg)
+
+
+def checker_key(dataset_cfg: Mapping[str, Any]) -> dict[str, str]:
+    """For the hash of an output that holds this dataset's scores: {"checker": revision} where its checker was
+    revised since its first version, else {} (so outputs scored by first versions keep their hashes)."""
+    rev = build_task(dataset_cfg).checker
+    return {"checker": rev} if rev else {}
 
 
 def example_system_prompt(task: Task, example: Example) -> str | None:

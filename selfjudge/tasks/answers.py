@@ -123,22 +123,39 @@ def score_number(text: str, reference: str) -> float:
     return float(ans is not None and answers_match(ans, reference))
 
 
-_LETTER_PATTERNS = (
-    re.compile(r"(?i:answer)(?:\s+is)?[\s:*]*(?:(?i:option|choice)\s*)?\(?([ABCD])\b"),
+# Explicit answer markers for a choice letter; the last one in the text is the answer (a model may
+# reconsider, and a response that walks through the options names every letter before it concludes).
+_LETTER_MARKERS = (
+    re.compile(r"(?i:answer)(?:\s+is)?[\s:*]*(?:(?i:option|choice)\s*)?[(\[]?\**([ABCD])\b"),
+    re.compile(r"(?i:correct|right|best)\s+(?i:option|choice)\s+is[\s:*]*[(\[]?\**([ABCD])\b"),
+    re.compile(r"\\(?:boxed|fbox)\s*\{\s*(?:\\text(?:bf)?\s*\{\s*)?\(?([ABCD])\b"),
+)
+# Without a marker: a line that is only a letter ('B', '(C).', '**D**'), the last one
+_LETTER_LINE = re.compile(r"^[\s*]*\(?([ABCD])\)?[.):]?[\s*]*$", re.MULTILINE)
+# ... else letters that point at one option, counted only when they all name the same one: '(C)', a line
+# opening with 'D.' (a walk through the options opens lines with every letter: no answer) or a lone capital
+_LETTER_WEAK = (
     re.compile(r"\(([ABCD])\)"),
-    re.compile(r"^[\s*]*\(?([ABCD])(?:[.):*]|\s*$)", re.MULTILINE),
+    re.compile(r"^[\s*]*\(?([ABCD])[.):*]", re.MULTILINE),
+    re.compile(r"\b([ABCD])\b"),
 )
 
 
 def extract_letter(text: str) -> str | None:
-    """The chosen letter A-D: 'Answer: C', 'the answer is (B)', '(C)', a line 'D.' or a lone 'B'.
-    With no marker, a letter counts only when it is the single distinct stand-alone capital A-D."""
-    for pat in _LETTER_PATTERNS:
-        m = pat.search(text)
-        if m:
-            return m.group(1)
-    lone = set(re.findall(r"\b([ABCD])\b", text))
-    return lone.pop() if len(lone) == 1 else None
+    """The chosen letter A-D: the last explicit marker ('Answer: C', 'the answer is (B)', 'the correct
+    option is D', '\\boxed{A}'), else the last line that is only a letter, else the one option that
+    '(C)', a line opening with 'D.' or a stand-alone capital names when they all name the same one."""
+    hits = [(m.start(), m.group(1)) for pat in _LETTER_MARKERS for m in pat.finditer(text)]
+    if hits:
+        return max(hits)[1]
+    lines = _LETTER_LINE.findall(text)
+    if lines:
+        return lines[-1]
+    for pat in _LETTER_WEAK:
+        found = set(pat.findall(text))
+        if found:
+            return found.pop() if len(found) == 1 else None
+    return None
 
 
 def score_letter(text: str, reference: str) -> float:
@@ -152,6 +169,17 @@ def score_exact(text: str, reference: str) -> float:
 
 
 SCORERS: dict[str, Callable[[str, str], float]] = {"number": score_number, "letter": score_letter, "exact": score_exact}
+# Revisions of a checker that score some outputs differently from its first version (bump on such a change).
+# Outputs that hold scores name the revision that made them (eval records are re-scored from their texts,
+# AutoJudge labels are made again), so that scores of two revisions are never mixed. First versions: absent.
+CHECKER_REVISIONS = {"letter": 2}  # letter 2: the last explicit marker wins (1 took the first line 'A. ...')
+
+
+def checker_revision(kind: str) -> str | None:
+    """'<scorer>@<revision>' for a checker revised since its first version, else None."""
+    rev = CHECKER_REVISIONS.get(kind)
+    return f"{kind}@{rev}" if rev else None
+
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _MAIN = re.compile(r"^if\s+__name__\s*==.*", re.DOTALL | re.MULTILINE)

@@ -32,8 +32,11 @@ Scorer = Callable[[Example, str], "float | None"]
 class Task:
     """Examples of one source (or a mix) plus the checker that scores an output against an example."""
 
-    def __init__(self, name: str, cfg: Mapping[str, Any], loader: Loader, scorer: Scorer | None):
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], loader: Loader, scorer: Scorer | None, checker: str | None = None
+    ):
         self.name = name
+        self.checker = checker  # the checker's revision where it was revised (answers.checker_revision), else None
         self.cfg = dict(cfg)
         self.system_prompt: str | None = cfg["system_prompt"]
         self.chat_template: bool = bool(cfg["chat_template"])

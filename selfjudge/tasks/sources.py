@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from selfjudge.code_exec import run_program
-from selfjudge.tasks.answers import SCORERS, humaneval_program
+from selfjudge.tasks.answers import SCORERS, checker_revision, humaneval_program
 from selfjudge.tasks.base import (
     DatasetConfigError,
     Example,
@@ -122,7 +122,7 @@ def mmlu(cfg: dict) -> Task:
             out.append(Example(f"mmlu/test/{i}", prompt, r["correct_answer"], "mmlu", {"subject": r.get("topic")}))
         return out
 
-    return Task("mmlu", cfg, load, reference_scorer("letter"))
+    return Task("mmlu", cfg, load, reference_scorer("letter"), checker_revision("letter"))
 
 
 def humaneval_part(task_id: str, split_fraction: float) -> str:
@@ -227,7 +227,9 @@ def rows_task(name: str, cfg: dict, rows_fn: Callable[[], list[dict]]) -> Task:
             out.append(Example(f"{name}/{rid}", prompt, None if ans is None else str(ans), name))
         return out
 
-    return Task(name, cfg, load, None if scorer == "none" else reference_scorer(scorer))
+    if scorer == "none":
+        return Task(name, cfg, load, None)
+    return Task(name, cfg, load, reference_scorer(scorer), checker_revision(scorer))
 
 
 def jsonl(cfg: dict) -> Task:
