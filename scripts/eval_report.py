@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from selfjudge.evaluation import RecordsFile
+from selfjudge.evaluation import RecordsFile, rescore_read
 from selfjudge.io import write_json
 from selfjudge.metrics import finished_by_all, summary_rows
 from selfjudge.report import write_report
@@ -30,6 +30,10 @@ def main() -> None:
     if not src.is_file():
         raise SystemExit(f"eval_report: {src} does not exist: pass the eval output folder (eval.output_dir)")
     recs = RecordsFile(args.eval_dir).read(repair=False)  # a line cut by a kill (or a running eval) is left out
+    rescored = rescore_read(RecordsFile(args.eval_dir), recs)
+    if rescored:
+        print(f"{rescored} records scored by an earlier revision of the answer checker: re-scored here (the eval "
+              "stage rewrites them when it next runs)")  # fmt: skip
     methods = list(dict.fromkeys((r["method"], r["threshold"]) for r in recs))
     if ("target", None) not in methods:
         raise SystemExit(f"eval_report: no target-only records in {src}: nothing to measure speedup against")

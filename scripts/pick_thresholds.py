@@ -21,7 +21,7 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
-from selfjudge.evaluation import HEAD_DIR_KEYS, RECORDS, RecordsFile
+from selfjudge.evaluation import HEAD_DIR_KEYS, RECORDS, RecordsFile, rescore_read
 from selfjudge.io import write_json
 from selfjudge.judge import CONFIG_NAME
 from selfjudge.metrics import finished_by_all
@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_loss < 0:
         raise SystemExit(f"pick_thresholds: --max-loss must be >= 0 (0.02 = 2 accuracy points), got {args.max_loss}")
     recs = RecordsFile(eval_dir).read(repair=False)  # a cut last line: left out
+    rescored = rescore_read(RecordsFile(eval_dir), recs)
+    if rescored:
+        print(f"{rescored} records scored by an earlier revision of the answer checker: re-scored here (the eval "
+              "stage rewrites them when it next runs)")  # fmt: skip
     if args.methods is not None:
         wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
         seen = {r["method"] for r in recs}

@@ -46,7 +46,7 @@ from selfjudge.policies import (
 )
 from selfjudge.schedule import AdaptiveWindow
 from selfjudge.settings import build, check_keys, is_int, require
-from selfjudge.tasks import Example, Task
+from selfjudge.tasks import Example, Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +421,15 @@ def rescore(records: list[dict], task: Task, examples: list[Example]) -> int:
         if new is not None and new != r["score"]:
             r["score"], changed = new, changed + 1
     return changed
+
+
+def rescore_read(out: RecordsFile, records: list[dict]) -> int:
+    """:func:`rescore` for records read from an eval folder by a reader (pick_thresholds, eval_report), in
+    memory: the task is the dataset its eval_key.json names; only where that task's checker was revised
+    (a folder the eval stage has not run on since keeps the scores of the earlier revision). Returns the count."""
+    ds = read_json(out.key_path).get("dataset") if out.key_path.is_file() else None
+    task = build_task(ds) if ds else None
+    return rescore(records, task, task.examples()) if task is not None and task.checker else 0
 
 
 def head_hashes(s: EvalSettings, heads: Mapping[str, JudgeHead]) -> dict[str, str | None]:

@@ -211,3 +211,25 @@ def test_tiny_validation_eval_to_overrides(tmp_path, cache_dir, tiny_pair, capsy
     s = stage.settings(OmegaConf.to_container(cfg, resolve=True))
     for m, v in picked.items():
         assert s.methods[m] == v
+
+
+def test_scores_of_an_earlier_checker_revision_are_redone_before_picking(tmp_path, capsys):
+    """A sweep scored by an earlier revision of its task's checker (the eval stage has not run on it since) is
+    re-scored in memory from its texts: the picks see the scores of now, and the file is left as it was."""
+    rows = tmp_path / "q.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "id": f"q{i}", "a": "A"}) + "\n" for i in range(4)))
+    ds = {"name": "jsonl", "path": str(rows), "id_field": "id", "answer_field": "a", "scorer": "letter"}
+    (tmp_path / "eval_key.json").write_text(json.dumps({"run_key": "k", "dataset": ds}))
+    walk = "A. one\nB. two\n\nTherefore, the answer is \\boxed{B}."  # revision 1 read the first line: 'A'
+    recs = [
+        {**_rec(m, t, i, 1.0, 1.5), "prompt_id": f"jsonl/q{i}", "text": text, "score_source": "task"}
+        for m, t, text in (("lossless", None, "The answer is A."), ("kl", 0.5, walk), ("kl", 0.25, "Answer: A"))
+        for i in range(4)
+    ]
+    stored = "".join(json.dumps(r) + "\n" for r in recs)
+    (tmp_path / "per_example.jsonl").write_text(stored)
+    res = _script().main([str(tmp_path), "--out", str(tmp_path / "val.json")])
+    assert "4 records scored by an earlier revision of the answer checker: re-scored here" in capsys.readouterr().out
+    kl = {r["threshold"]: r for r in res["rows"] if r["method"] == "kl"}
+    assert kl[0.5]["accuracy"] == 0.0 and kl[0.25]["accuracy"] == 1.0 and res["choices"]["kl"]["chosen"] == [0.25]
+    assert (tmp_path / "per_example.jsonl").read_text() == stored  # a reader: the file is not touched
