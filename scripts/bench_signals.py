@@ -31,7 +31,9 @@ and machines: ``--dump`` writes every mismatch's labels and rule scores (no feat
 (prompt, response hash, position, draft token); ``--rows`` reads such files back. Their labels fill
 this run's mismatches with the same key (so a cheap data_gen without ``autojudge`` over the same prompts
 gets the heads its labels back wherever the target wrote the same response), and their rows of other
-prompts join a pooled table of the training-free scores.
+prompts join a pooled table of the training-free scores. Labels scored by another revision of the task's
+answer checker than today's (``selfjudge.tasks.answers.CHECKER_REVISIONS``; a folder's manifest names the
+revision it was made with, a dump row its ``checker``) are left out and counted as dropped.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from selfjudge.features import FeatureSpec
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.shards import open_dataset
+from selfjudge.tasks import build_task
 
 LABELS = ("selfjudge", "answer")
 RULE_SCORES = ("kl", "kl_rule", "likelihood_gap", "neg_logp", "typical", "topk_rank", "draft_neg_logq", "ld")
@@ -90,6 +93,11 @@ def load_folder(folder: str) -> dict:
     aj = np.asarray(rows["autojudge_label"]).astype(int)
     dropped = int(((aj >= 0) & ~finished).sum())
     aj[~finished] = -1
+    # answer-change labels scored by an earlier revision of the task's checker than today's do not count
+    checker = build_task(man["config"]["data_gen"]["dataset"]).checker
+    stale = int((aj >= 0).sum()) if man["config"].get("checker") != checker else 0
+    if stale:
+        aj[:] = -1
     spec = FeatureSpec.from_mapping(man["features"])
     H, Hd = int(man["target_model"]["hidden_size"]), man["draft_model"].get("hidden_size")
     return {
@@ -98,6 +106,8 @@ def load_folder(folder: str) -> dict:
         "aj": aj,
         "finished": finished,
         "answer_dropped_unfinished": dropped,
+        "answer_dropped_checker": stale,
+        "checker": checker,
         "ld": np.asarray(rows["ld"], dtype=np.float64),
         "prompt": np.asarray(rows["prompt_id"]).astype(str),
         "key": np.array(
@@ -132,10 +142,16 @@ def read_rows(paths: list[str]) -> list[dict]:
     return out
 
 
+def answer_counts(row: dict, checker: str | None) -> bool:
+    """Whether an earlier dump's answer-change label counts: a finished response (dumps older than the
+    "finished" field may hold labels of cut ones) scored by the checker revision of this run's folders."""
+    return bool(row.get("finished")) and row.get("checker") == checker and row["answer"] >= 0
+
+
 def merge_answer_labels(d: dict, rows: list[dict]) -> int:
     """Answer-change labels of earlier runs for this run's mismatches without one (same key). Returns
     how many were taken."""
-    known = {r["key"]: r["answer"] for r in rows if r.get("key") and r.get("finished") and r["answer"] >= 0}
+    known = {r["key"]: r["answer"] for r in rows if r.get("key") and answer_counts(r, d["checker"])}
     n = 0
     for i, k in enumerate(d["key"]):
         if d["aj"][i] < 0 and k in known:
@@ -150,8 +166,9 @@ def pooled(d: dict, dom: str, rows: list[dict], live_scores: dict[str, np.ndarra
     old = [r for r in rows if r["domain"] == dom and r["prompt_id"] not in set(d["prompt"].tolist())]
     y = {
         "selfjudge": np.concatenate([d["sj"], [r["selfjudge"] for r in old]]).astype(int),
-        # rows of dumps older than the "finished" field may hold labels of cut responses: not counted
-        "answer": np.concatenate([d["aj"], [r["answer"] if r.get("finished") else -1 for r in old]]).astype(int),
+        "answer": np.concatenate(
+            [d["aj"], [r["answer"] if answer_counts(r, d["checker"]) else -1 for r in old]]
+        ).astype(int),
     }
     groups = np.concatenate([d["prompt"], [r["prompt_id"] for r in old]]).astype(str)
     res: dict = {label: {} for label in LABELS}
@@ -411,7 +428,12 @@ def load_domain(spec: str) -> dict:
             raise ValueError(
                 f"'{p['folder']}' differs from '{d['folder']}' in feature layout or τ: one domain, one setup"
             )
+        if p["checker"] != d["checker"]:
+            raise ValueError(
+                f"'{p['folder']}' and '{d['folder']}' are scored by different checkers: one domain, one task"
+            )
         d["answer_dropped_unfinished"] += p["answer_dropped_unfinished"]
+        d["answer_dropped_checker"] += p["answer_dropped_checker"]
         for k in ("x", "sj", "aj", "ld", "prompt", "key", "finished"):
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
@@ -432,6 +454,7 @@ def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -
                         "prompt_id": str(d["prompt"][i]),
                         "key": str(d["key"][i]),
                         "finished": bool(d["finished"][i]),
+                        "checker": d["checker"],
                         "selfjudge": int(d["sj"][i]),
                         "answer": int(d["aj"][i]),
                         **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None for k, v in scores.items()},
@@ -487,6 +510,7 @@ def study(
             "prompts": len(np.unique(d["prompt"])),
             "answer_labels_from_earlier_rows": merged,
             "answer_labels_dropped_unfinished": d["answer_dropped_unfinished"],
+            "answer_labels_dropped_checker": d["answer_dropped_checker"],
             "results": res,
         }
         if earlier:

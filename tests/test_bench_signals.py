@@ -180,3 +180,27 @@ def test_earlier_rows_fill_answer_labels_and_join_the_pooled_table(folders, tmp_
     assert pooled["results"]["answer"]["rule:kl"]["n"] == dom["answer_labelled"] + len(rows)
     assert 0.0 <= pooled["results"]["answer"]["rule:kl"]["roc_auc"] <= 1.0
     assert "earlier rows" in (tmp_path / "p.md").read_text()
+
+
+def test_answer_labels_of_an_earlier_checker_revision_do_not_count(folders, tmp_path, monkeypatch):
+    """A folder (or dump row) whose answer-change labels were scored by another revision of the task's checker
+    than today's keeps its SelfJudge labels but no answer label; the report counts what was dropped."""
+    from selfjudge.tasks import answers
+
+    bs = _script()
+    common = ["--sets", "scalars", "--heads", "logistic", "--bootstrap", "0", "--epochs", "1", "--folds", "2"]
+    bs.main(["--data", f"tiny={folders['a']}", *common, "--dump", "--out", str(tmp_path / "first")])
+    with gzip.open(tmp_path / "first.rows.jsonl.gz", "rt") as f:
+        rows = [{**json.loads(line), "answer": 1, "finished": True} for line in f]
+    made = bs.load_folder(str(folders["a"]))
+    assert made["checker"] is None and made["answer_dropped_checker"] == 0
+    assert all(bs.answer_counts(r, None) for r in rows)
+    monkeypatch.setitem(answers.CHECKER_REVISIONS, "number", 2)  # the GSM-Symbolic checker revised since
+    now = bs.load_folder(str(folders["a"]))
+    assert now["checker"] == "number@2" and (now["aj"] < 0).all()
+    assert now["answer_dropped_checker"] == int((made["aj"] >= 0).sum()) > 0
+    assert np.array_equal(now["sj"], made["sj"])  # the SelfJudge label needs no checker
+    assert not any(bs.answer_counts(r, now["checker"]) for r in rows)
+    res = bs.main(["--data", f"tiny={folders['a']}", *common, "--out", str(tmp_path / "s")])
+    assert res["domains"]["tiny"]["answer_labels_dropped_checker"] == now["answer_dropped_checker"]
+    assert res["domains"]["tiny"]["answer_labelled"] == 0

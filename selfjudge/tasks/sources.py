@@ -69,7 +69,7 @@ def gsm8k(cfg: dict) -> Task:
             out.append(Example(f"gsm8k/{split}/{i}", str(field_of(r, "question", "path")), answer, "gsm8k"))
         return out
 
-    return Task("gsm8k", cfg, load, reference_scorer("number"))
+    return Task("gsm8k", cfg, load, reference_scorer("number"), checker_revision("number"))
 
 
 def gsm_symbolic(cfg: dict) -> Task:
@@ -92,7 +92,7 @@ def gsm_symbolic(cfg: dict) -> Task:
             for i, x in enumerate(ds)
         ]
 
-    return Task("gsm_symbolic", cfg, load, reference_scorer("number"))
+    return Task("gsm_symbolic", cfg, load, reference_scorer("number"), checker_revision("number"))
 
 
 def mmlu(cfg: dict) -> Task:
