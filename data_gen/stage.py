@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfjudge import labelling
+from selfjudge import labelling, shards
 from selfjudge.extras import check_installed
 from selfjudge.io import barrier, code_version, config_hash, identity, ranks
 from selfjudge.locks import stage_lock
@@ -53,33 +53,35 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     out = s.output_dir
     if rank == 0:
         labelling.check_output_dir(out, h, world, s.overwrite)
+    base = {  # what every shard shares: the manifest less what finalize adds
+        "target_model": pair.target_info.as_dict(),
+        "draft_model": pair.draft_info.as_dict(),
+        "tokenizer": {
+            "name_or_path": pair.tokenizer.name_or_path,
+            "len": len(pair.tokenizer),
+            "vocab_size": pair.vocab_size,
+        },
+        "feature_dim": s.features.dim(pair.target_info.hidden_size, pair.draft_info.hidden_size),
+        "features": s.features.as_dict(),
+        "feature_dtype": s.feature_dtype,
+        "runtime": pair.runtime,
+        "config_hash": h,
+        "config": hashed,
+        "seed": plain["seed"],
+        "code_version": code_version(),
+        "world_size": world,
+        "task": task.name,
+        "max_new_tokens": s.max_new_tokens,
+        "label_sources": ["selfjudge"] + (["autojudge"] if s.autojudge.enabled and task.has_checker else []),
+    }
+    if rank == 0:
+        shards.write_run_info(out, {**base, "tau_rule": dict(s.tau)})  # a snapshot of the run reads it
     barrier(world)
     torch.manual_seed(int(plain["seed"]))
     stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard)
     barrier(world)
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}
     if rank == 0:
-        base = {
-            "target_model": pair.target_info.as_dict(),
-            "draft_model": pair.draft_info.as_dict(),
-            "tokenizer": {
-                "name_or_path": pair.tokenizer.name_or_path,
-                "len": len(pair.tokenizer),
-                "vocab_size": pair.vocab_size,
-            },
-            "feature_dim": s.features.dim(pair.target_info.hidden_size, pair.draft_info.hidden_size),
-            "features": s.features.as_dict(),
-            "feature_dtype": s.feature_dtype,
-            "runtime": pair.runtime,
-            "config_hash": h,
-            "config": hashed,
-            "seed": plain["seed"],
-            "code_version": code_version(),
-            "world_size": world,
-            "task": task.name,
-            "max_new_tokens": s.max_new_tokens,
-            "label_sources": ["selfjudge"] + (["autojudge"] if s.autojudge.enabled and task.has_checker else []),
-        }
         manifest = labelling.finalize(out, world, s, base)
         result.update(counts=manifest["counts"], positive_rate=manifest["positive_rate"], tau=manifest["tau"])
         if plain["logger"]["name"] == "wandb":

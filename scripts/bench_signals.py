@@ -79,9 +79,15 @@ FEATURE_SETS = {
 
 
 # ------------------------------------------------------------------ data
-def load_folder(folder: str) -> dict:
-    """Substituted rows of one data_gen folder: features [N, D], labels, LD, prompt ids, the layout."""
-    ds, man = open_dataset(folder)
+def load_folder(folder: str, partial: bool = False) -> dict:
+    """Substituted rows of one data_gen folder: features [N, D], labels, LD, prompt ids, the layout.
+    ``partial``: also a folder still being made (the shards written so far; τ must be set by value)."""
+    ds, man = open_dataset(folder, partial=partial)
+    if man["tau"] is None:
+        raise SystemExit(
+            f"'{folder}' is still being made and sets τ by quantile: its SelfJudge labels are not known until "
+            "it finishes (a study of a run in progress needs data_gen.tau.mode=value)"
+        )
     sub = np.asarray(ds.with_format("numpy", columns=["substituted"])[:]["substituted"])
     idx = np.flatnonzero(sub)
     cols = ["features", "label", "autojudge_label", "ld", "prompt_id", "position", "draft_token"]
@@ -102,7 +108,7 @@ def load_folder(folder: str) -> dict:
     H, Hd = int(man["target_model"]["hidden_size"]), man["draft_model"].get("hidden_size")
     return {
         "x": np.asarray(rows["features"], dtype=np.float32),
-        "sj": np.asarray(rows["label"]).astype(int),
+        "sj": (np.asarray(rows["ld"], dtype=np.float64) > float(man["tau"])).astype(int),  # = finalize's labels
         "aj": aj,
         "finished": finished,
         "answer_dropped_unfinished": dropped,
@@ -122,6 +128,7 @@ def load_folder(folder: str) -> dict:
         "tau": float(man["tau"]),
         "manifest": man,
         "folder": folder,
+        "complete": bool(man.get("complete")),
     }
 
 
@@ -419,9 +426,9 @@ def column_index_rows(d: dict, spec: FeatureSpec, mask: np.ndarray) -> np.ndarra
 
 
 # ------------------------------------------------------------------ report
-def load_domain(spec: str) -> dict:
+def load_domain(spec: str, partial: bool = False) -> dict:
     """One domain's rows from one folder or several comma-separated folders (same layout and τ)."""
-    parts = [load_folder(f) for f in spec.split(",")]
+    parts = [load_folder(f, partial) for f in spec.split(",")]
     d = parts[0]
     for p in parts[1:]:
         if p["spec"] != d["spec"] or p["tau"] != d["tau"] or p["H"] != d["H"]:
@@ -434,6 +441,7 @@ def load_domain(spec: str) -> dict:
             )
         d["answer_dropped_unfinished"] += p["answer_dropped_unfinished"]
         d["answer_dropped_checker"] += p["answer_dropped_checker"]
+        d["complete"] = d["complete"] and p["complete"]
         for k in ("x", "sj", "aj", "ld", "prompt", "key", "finished"):
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
@@ -475,12 +483,13 @@ def study(
     epochs: int,
     dump: Path | None = None,
     earlier: list[dict] | None = None,
+    partial: bool = False,
 ) -> dict:
-    train = [load_folder(f) for f in train_dirs]
+    train = [load_folder(f, partial) for f in train_dirs]
     earlier = earlier or []
     out: dict = {"domains": {}, "ablation": []}
     for dom, folder in domains.items():
-        d = load_domain(folder)
+        d = load_domain(folder, partial)
         merged = merge_answer_labels(d, earlier)
         scores = {f"rule:{k}": v for k, v in rule_scores(d).items()}
         if dump is not None:
@@ -504,6 +513,7 @@ def study(
                 ]
         out["domains"][dom] = {
             "folder": folder,
+            "complete": d["complete"],
             "tau": d["tau"],
             "mismatches": len(d["sj"]),
             "answer_labelled": int((d["aj"] >= 0).sum()),
@@ -548,7 +558,9 @@ def markdown(res: dict) -> str:
             (
                 f"### {dom}: {d['mismatches']} mismatches from {d['prompts']} prompts, "
                 f"{d['answer_labelled']} with the answer-change label (τ = {d['tau']:.4g}; "
-                f"{d.get('answer_labels_dropped_unfinished', 0)} labels of responses cut at the limit left out)"
+                f"{d.get('answer_labels_dropped_unfinished', 0)} labels of responses cut at the limit and "
+                f"{d.get('answer_labels_dropped_checker', 0)} of an earlier checker revision left out)"
+                + ("" if d.get("complete", True) else "; **data still being made: the prompts done so far**")
             ),
             "",
         ]
@@ -602,6 +614,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="earlier --dump files: their answer-change labels fill this run's same mismatches, and their rows "
         "of other prompts join a pooled table of the training-free scores",
     )
+    ap.add_argument(
+        "--partial",
+        action="store_true",
+        help="also read data folders still being made (the shards written so far; the report says so)",
+    )
     a = ap.parse_args(argv)
     bad = [s for s in a.sets if s not in FEATURE_SETS] + [h for h in a.heads if h not in HEADS]
     if bad:
@@ -619,7 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
     earlier = read_rows(a.rows)  # before the dump is replaced: it may be one of them
     if dump is not None and dump.exists():
         dump.unlink()
-    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump, earlier)
+    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump, earlier, a.partial)
     res["settings"] = {
         **vars(a),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -204,3 +204,49 @@ def test_answer_labels_of_an_earlier_checker_revision_do_not_count(folders, tmp_
     res = bs.main(["--data", f"tiny={folders['a']}", *common, "--out", str(tmp_path / "s")])
     assert res["domains"]["tiny"]["answer_labels_dropped_checker"] == now["answer_dropped_checker"]
     assert res["domains"]["tiny"]["answer_labelled"] == 0
+
+
+def test_a_folder_still_being_made_is_read_only_when_asked(tmp_path, cache_dir):
+    """``--partial``: the shards a stopped (or running) data_gen has written, τ by value, the SelfJudge labels
+    those the finished run gives the same rows; never mistaken for a finished folder."""
+    from selfjudge import shards
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill(index: int) -> None:
+        raise Killed(f"stopped after shard {index}")
+
+    args = ["data_gen.tau.mode=value", "data_gen.tau.value=0.3", "data_gen.shard_prompts=4", *FEATURES]
+    run_dir = tmp_path / "part"
+    with pytest.raises(Killed):
+        data_gen(tiny_config(run_dir, cache_dir, *args), after_shard=kill)
+    folder = run_dir / "data"
+    with pytest.raises(FileNotFoundError, match="not a finished data_gen output"):
+        open_dataset(folder)
+    ds, man = open_dataset(folder, partial=True)
+    assert man["complete"] is False and man["tau"] == 0.3 and len(man["shards"]) == 1
+    assert man["counts"]["prompts"] == 4 and man["features"]["scalars"] == list(SCALARS)
+    bs = _script()
+    common = ["--sets", "scalars", "--heads", "logistic", "--bootstrap", "0", "--epochs", "1", "--folds", "2"]
+    with pytest.raises(FileNotFoundError, match="not a finished data_gen output"):
+        bs.main(["--data", f"tiny={folder}", *common, "--out", str(tmp_path / "s")])
+    res = bs.main(["--data", f"tiny={folder}", *common, "--partial", "--out", str(tmp_path / "s")])
+    dom = res["domains"]["tiny"]
+    assert dom["complete"] is False and dom["prompts"] == 4
+    assert "data still being made" in (tmp_path / "s.md").read_text()
+    part = bs.load_folder(str(folder), partial=True)
+    data_gen(tiny_config(run_dir, cache_dir, *args))  # finish it: the labels of the rows seen before are the same
+    done = bs.load_folder(str(folder))
+    ds, _ = open_dataset(folder)
+    assert np.array_equal(done["sj"], np.asarray(ds.filter(lambda r: r["substituted"])["label"]))
+    label = dict(zip(done["key"], done["sj"]))
+    assert [label[k] for k in part["key"]] == part["sj"].tolist() and done["complete"]
+    assert set(part["key"]) < set(done["key"])
+    # by quantile, τ (and every label) waits for the whole run
+    q = tmp_path / "q"
+    with pytest.raises(Killed):
+        data_gen(tiny_config(q, cache_dir, *FEATURES, "data_gen.shard_prompts=4"), after_shard=kill)
+    with pytest.raises(SystemExit, match="sets τ by quantile"):
+        bs.load_folder(str(q / "data"), partial=True)
+    assert shards.snapshot_manifest(q / "data")["tau"] is None
