@@ -107,6 +107,8 @@ def test_number_normalisation_is_exact():
         ("**C. A random sample.**\n\nThe correct option is C.", "C"),
         ("The answer is \\boxed{\\text{D}}", "D"),
         ("A. one\nB. two\n\nSo:\n\n**B**", "B"),  # a line that is only a letter
+        ("A. one\nB. two\n\nBased on the analysis, the correct conclusion is:\n\nB. two", "B"),
+        ("A. one\nB. two\n\nThe most likely explanation would be (A).", "A"),
     ],
 )
 def test_letter_extraction(text, want):

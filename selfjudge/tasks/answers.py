@@ -127,7 +127,7 @@ def score_number(text: str, reference: str) -> float:
 # reconsider, and a response that walks through the options names every letter before it concludes).
 _LETTER_MARKERS = (
     re.compile(r"(?i:answer)(?:\s+is)?[\s:*]*(?:(?i:option|choice)\s*)?[(\[]?\**([ABCD])\b"),
-    re.compile(r"(?i:correct|right|best)\s+(?i:option|choice)\s+is[\s:*]*[(\[]?\**([ABCD])\b"),
+    re.compile(r"(?i:correct|right|best|most\s+\w+)\s+[a-z]+\s+(?:is|would\s+be)[\s:*]*[(\[]?\**([ABCD])\b"),
     re.compile(r"\\(?:boxed|fbox)\s*\{\s*(?:\\text(?:bf)?\s*\{\s*)?\(?([ABCD])\b"),
 )
 # Without a marker: a line that is only a letter ('B', '(C).', '**D**'), the last one
