@@ -80,6 +80,9 @@ STUDY_FEATURES = (
 # accuracy (docs/benchmarks.md), so the grids reach past them; on the GSM8K validation slice kl@0.5 was already
 # 4.7 points below lossless and no KL cut was picked, so kl also reaches down to 0.25
 GRIDS = {"kl": "0.25,0.5,1,2,4", "likelihood": "1,2,3", "typical": "0.03,0.1,0.3"}
+# the MMLU slices' grids: on the MMLU validation slice (scored by the revised letter checker) likelihood@1 and
+# typical@0.3 were already 3-6 points below lossless and nothing of theirs within 2 points, so they reach stricter
+GRIDS_MMLU = {**GRIDS, "likelihood": "0.5,1,2,3", "typical": "0.03,0.1,0.3,1"}
 # the judges' sweep: the cuts at these quantiles of P(important) on their validation mismatches (train.quantiles),
 # i.e. accepting about 5-40 % of the mismatches; on 64 GSM8K test problems the 512-problem MLP head was at the
 # target's accuracy near its 20 % quantile and 6 points below at 40 % (docs/benchmarks.md); the train default
@@ -158,7 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "autojudge_gsm8k's data: a superset of --features (its head trains on those, train.features), "
                     "so that the folder serves the signal study too (default: the seven scalars and the draft state)")  # fmt: skip
     for rule, grid in GRIDS.items():
-        ap.add_argument(f"--{rule}", default=grid, help=f"{rule} thresholds of the validation sweep ({grid})")
+        ap.add_argument(f"--{rule}", default=None, help=f"{rule} thresholds of both validation sweeps (default "
+                        f"GSM8K {grid}, MMLU {GRIDS_MMLU[rule]})")  # fmt: skip
     ap.add_argument("--guard", type=float, default=None, metavar="P", help="also sweep and evaluate each judge "
                     f"with the KL rule's guard, strict where the target's top-1 probability exceeds P, as <judge>{GUARD_SUFFIX} "
                     "(eval policy option judge_strict_top1; 0.9 is the KL rule's)")  # fmt: skip
@@ -242,6 +246,11 @@ class Plan:
         if a.guard is not None:
             self.judge_methods.update({f"{n}{GUARD_SUFFIX}": d for n, d in self.heads.items()})
 
+    def grid(self, step: str) -> dict[str, str]:
+        """rule -> the thresholds its validation sweep decodes for a step (an eval step: its sweep's)."""
+        default = GRIDS_MMLU if "mmlu" in step else GRIDS
+        return {rule: getattr(self.a, rule) or grid for rule, grid in default.items()}
+
     def _gsm8k(self, section: str, config: str) -> list[str]:
         path = [f"{section}.dataset.path={q(self.a.gsm8k_dir)}"] if self.a.gsm8k_dir else []
         return [f"dataset@{section}.dataset={config}", *path, f"{section}.dataset.system_prompt={q(BRIEF_MATHS)}"]
@@ -301,14 +310,16 @@ class Plan:
     def evals(self) -> dict[str, tuple[str, list[str]]]:
         """name -> (validation sweep it takes thresholds from, or ''; pipeline overrides)."""
         a = self.a
-        methods = {rule: f"[{getattr(a, rule)}]" for rule in GRIDS}
-        methods.update(
-            {
-                m: f"{{policy:judge,thresholds:head_quantiles,head_dir:{q(str(d))}"
-                + (f",options:{{judge_strict_top1:{a.guard}}}}}" if m.endswith(GUARD_SUFFIX) else "}")
-                for m, d in self.judge_methods.items()
-            }
-        )
+        judges = {
+            m: f"{{policy:judge,thresholds:head_quantiles,head_dir:{q(str(d))}"
+            + (f",options:{{judge_strict_top1:{a.guard}}}}}" if m.endswith(GUARD_SUFFIX) else "}")
+            for m, d in self.judge_methods.items()
+        }
+
+        def methods(step: str) -> str:
+            grid = {rule: f"[{ths}]" for rule, ths in self.grid(step).items()}
+            return "+eval.methods={" + ",".join(f"{k}:{v}" for k, v in {**grid, **judges}.items()) + "}"
+
         common = [
             "pipeline.stages=[eval]",
             "eval.judge_dir=null",
@@ -317,7 +328,6 @@ class Plan:
             f"eval.batch_size={a.batch_size}",
             f"eval.max_new_tokens={a.max_new_tokens}",
             "~eval.methods",
-            "+eval.methods={" + ",".join(f"{k}:{v}" for k, v in methods.items()) + "}",
         ]
         mmlu = ["dataset@eval.dataset=mmlu", f"eval.dataset.system_prompt={q(BRIEF_MMLU)}"]
         slices = {
@@ -332,6 +342,7 @@ class Plan:
                 [
                     f"run_dir={self.root / name}",
                     *common,
+                    methods(name),
                     *ds,
                     f"eval.dataset.limit={a.eval_prompts if val else a.val_prompts}",
                 ],
@@ -427,16 +438,16 @@ def run(step: str, cmd: list[str], tick=None, every: float = 120.0) -> None:
         )
 
 
-def sweep_missing(plan: Plan, recs: list[dict], n: int | None) -> list[str]:
-    """The points of this run's validation grid (lossless; its rules' thresholds; each judge in --judges at its
-    head's stored cuts, or as a whole when untrained) that the sweep's records do not hold for n prompts (None:
-    for any prompt)."""
+def sweep_missing(plan: Plan, recs: list[dict], n: int | None, val: str) -> list[str]:
+    """The points of this run's grid for the validation sweep ``val`` (lossless; its rules' thresholds; each judge
+    in --judges at its head's stored cuts, or as a whole when untrained) that the sweep's records do not hold for
+    n prompts (None: for any prompt)."""
     prompts: dict[tuple[str, float | None], set] = {}
     for r in recs:
         prompts.setdefault((r["method"], r.get("threshold")), set()).add(r.get("prompt_id"))
     need = 1 if n is None else n
     missing = [] if len(prompts.get(("lossless", None), ())) >= need or n is None else ["lossless"]
-    grid = [(m, float(t)) for m in GRIDS for t in getattr(plan.a, m).split(",")]
+    grid = [(m, float(t)) for m, ths in plan.grid(val).items() for t in ths.split(",")]
     for name, head in plan.judge_methods.items():
         config = REPO / head / "judge_config.json"
         cuts = json.loads(config.read_text()).get("thresholds", {}).get("quantiles") if config.is_file() else None
@@ -458,7 +469,7 @@ def pick(plan: Plan, val: str) -> list[str]:
     recs = _lines(here.read_bytes()) if here.is_file() else []
     finished = (val_dir / MARKER).is_file()  # then its prompts are lossless's (a dataset may hold fewer)
     n = len({r["prompt_id"] for r in recs if r["method"] == "lossless"}) if finished else plan.a.val_prompts
-    missing = sweep_missing(plan, recs, n)
+    missing = sweep_missing(plan, recs, n, val)
     if missing:
         raise SystemExit(
             f"judge_evidence: {val_dir} is not a finished validation sweep for this run's methods (not yet "
@@ -560,7 +571,7 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
         here = ev / RECORDS
         recs = _lines(here.read_bytes()) if here.is_file() else []
         if (ev / MARKER).is_file():
-            missing = [] if val else sweep_missing(plan, recs, None)  # a point added after it finished
+            missing = [] if val else sweep_missing(plan, recs, None, name)  # a point added after it finished
             older = f"; not yet decoded: {', '.join(missing)} (a rerun decodes only those)" if missing else ""
             lines.append(f"{name}: finished ({plan.eval_dir(name)}){older}")
             continue

@@ -113,6 +113,12 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     assert list(test.methods.kl) == [0.5, 1.0] and "typical" not in test.methods
     assert list(test.methods.judge_gsm8k.thresholds) == [0.3] and val.methods.judge_gsm8k.thresholds == "head_quantiles"
     assert {s.eval.gamma for n, s in seen.items() if n[:4] in ("val_", "eval")} == {8}
+    # the MMLU sweep reaches stricter likelihood and typical points than GSM8K's; a flag sets both
+    mmlu = seen["val_mmlu"].eval.methods
+    assert list(mmlu.likelihood) == [0.5, 1, 2, 3] and list(mmlu.typical) == [0.03, 0.1, 0.3, 1]
+    assert list(val.methods.likelihood) == [1, 2, 3] and list(mmlu.kl) == list(val.methods.kl)
+    flagged = je.Plan(je.parse_args(["--run-root", str(tmp_path), "--typical", "0.3,1"]))
+    assert flagged.grid("val_mmlu")["typical"] == flagged.grid("eval_gsm8k")["typical"] == "0.3,1"
     # --guard: each judge also as <judge>_top1, the same head with the KL rule's top-1 guard
     args = ["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k", "--judges", "judge_gsm8k"]
     plan = je.Plan(je.parse_args([*args, "--guard", "0.9", "--only", "val_gsm8k"]))
@@ -307,10 +313,13 @@ def test_thresholds_are_picked_on_a_sweep_still_decoding_another_judge(tmp_path,
     with pytest.raises(SystemExit, match=r"not a finished validation sweep for this run's methods \(not yet "
                        r"decoded for all 3 prompts: judge_gsm8k@0.2\): run the step val_gsm8k first"):  # fmt: skip
         je.pick(judged, "val_gsm8k")
-    assert je.sweep_missing(judged, recs[4:], 3) == ["lossless", "judge_gsm8k@0.2"]  # lossless lost a prompt
-    assert je.sweep_missing(judged, recs, None) == []  # a finished sweep's status: every point present
+    assert je.sweep_missing(judged, recs[4:], 3, "val_gsm8k") == [
+        "lossless",
+        "judge_gsm8k@0.2",
+    ]  # lossless lost a prompt
+    assert je.sweep_missing(judged, recs, None, "val_gsm8k") == []  # a finished sweep's status: every point present
     (val / "per_example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:-1]))
-    assert je.sweep_missing(judged, recs[:-1], None) == ["judge_gsm8k@0.2"]
+    assert je.sweep_missing(judged, recs[:-1], None, "val_gsm8k") == ["judge_gsm8k@0.2"]
     (val / pipeline.MARKER).write_text("{}")  # finished before the judge's grid was known: still refused
     with pytest.raises(SystemExit, match=r"\(not yet decoded for all 3 prompts: judge_gsm8k@0.2\)"):
         je.pick(judged, "val_gsm8k")
