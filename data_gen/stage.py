@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from selfjudge import labelling, shards
+from selfjudge.autojudge import read_labels
 from selfjudge.extras import check_installed
 from selfjudge.io import barrier, code_version, config_hash, identity, ranks
 from selfjudge.locks import stage_lock
@@ -20,7 +21,7 @@ from selfjudge.tasks import build_task, checker_key
 log = logging.getLogger("selfjudge.data_gen")  # hydra's console and per-rank log file show it
 
 # what decides the data: these config sections, minus the keys named (they never change a record)
-IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir", "shard_prompts"), "seed": ()}
+IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from"), "seed": ()}
 
 
 def settings(plain: dict) -> labelling.DataGenSettings:
@@ -78,7 +79,12 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
         shards.write_run_info(out, {**base, "tau_rule": dict(s.tau)})  # a snapshot of the run reads it
     barrier(world)
     torch.manual_seed(int(plain["seed"]))
-    stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard)
+    known = read_labels(s.autojudge_labels_from, h) if s.autojudge_labels_from else None  # another config: refused
+    if known is not None and rank == 0:
+        log.info(
+            "%d AutoJudge labels of an earlier run from %s: taken, not regenerated", len(known), s.autojudge_labels_from
+        )
+    stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard, known)
     barrier(world)
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}
     if rank == 0:

@@ -44,7 +44,11 @@ STAGES = ("data_gen", "train", "eval")
 # What decides each stage's whole output: config sections minus keys that never change it (logger and
 # launch settings are not hashed). The stages' own resume keys are narrower (see each stage).
 IDENTITY = {
-    "data_gen": {"model": (), "data_gen": ("overwrite", "output_dir", "shard_prompts"), "seed": ()},
+    "data_gen": {
+        "model": (),
+        "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from"),
+        "seed": (),
+    },
     "train": {
         "train": ("output_dir", "data_dir", "num_workers", "log_every", "resume"),
         "judge": (),

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from selfjudge.autojudge import label_key
 from selfjudge.features import FeatureSpec
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.shards import open_dataset
@@ -116,9 +117,9 @@ def load_folder(folder: str, partial: bool = False) -> dict:
         "checker": checker,
         "ld": np.asarray(rows["ld"], dtype=np.float64),
         "prompt": np.asarray(rows["prompt_id"]).astype(str),
-        "key": np.array(
+        "key": np.array(  # the key of autojudge.label_key, shared with the labels files data_gen reads back
             [
-                f"{p}|{response_sha(r)}|{int(i)}|{int(t)}"
+                label_key(p, r, i, t)
                 for p, r, i, t in zip(rows["prompt_id"], resp, rows["position"], rows["draft_token"])
             ]
         ),
@@ -130,12 +131,6 @@ def load_folder(folder: str, partial: bool = False) -> dict:
         "folder": folder,
         "complete": bool(man.get("complete")),
     }
-
-
-def response_sha(ids) -> str:
-    """A short content hash of a response's token ids: a mismatch's key is (prompt, response, position,
-    draft token), so a label from another run applies only where the target wrote the same response."""
-    return hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()[:16]
 
 
 def read_rows(paths: list[str]) -> list[dict]:

@@ -384,6 +384,19 @@ def archive(eval_dir: Path, bench: Path, name: str) -> None:
         atomic_write_bytes(key_out, key.read_bytes())
 
 
+def archive_labels(data: Path, labels: Path, name: str) -> None:
+    """The AutoJudge labels of a judge's data folder (the shards written so far) to ``labels``: its regenerations
+    are most of its cost, so a run on another machine takes them back (data_gen.autojudge_labels_from)."""
+    from selfjudge.autojudge import export_labels
+    from selfjudge.shards import MANIFEST, RUN_INFO, SHARD_DIR
+
+    if (data / MANIFEST).is_file() or (data / SHARD_DIR / RUN_INFO).is_file():
+        before = labels.read_bytes() if labels.is_file() else None
+        n = export_labels(data, labels)
+        if labels.read_bytes() != before:
+            print(f"judge_evidence: {name}: {n} AutoJudge labels -> {labels} (commit it)", flush=True)
+
+
 def restore(eval_dir: Path, bench: Path, name: str, dataset_path: str | None) -> bool:
     """Committed records back into an eval folder that has none (and their key beside them): the eval resumes."""
     from selfjudge.io import atomic_write_bytes
@@ -512,7 +525,22 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
             f"and not trained by this run: add {','.join(untrained)} to --only, or name the trained judges in --judges"
         )
     for name, overrides in plan.judges():
-        run(name, plan.command(overrides))
+        labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
+        if "data_gen.autojudge.enabled=true" not in overrides:
+            run(name, plan.command(overrides))
+            continue
+        data = REPO / plan.heads[name].parent.parent / "data"  # <run_dir>/judge/head -> <run_dir>/data
+
+        def keep_labels(name=name, data=data, labels=labels):
+            archive_labels(data, labels, name)
+
+        if labels.is_file():  # an earlier run's labels (here or committed): taken, not regenerated
+            given = labels.relative_to(REPO) if labels.is_relative_to(REPO) else labels  # commands run in REPO
+            overrides = [*overrides, f"data_gen.autojudge_labels_from={q(str(given))}"]
+        try:
+            run(name, plan.command(overrides), tick=keep_labels)
+        finally:
+            keep_labels()
     picked: dict[str, list[str]] = {}
     for name, (val, overrides) in evals.items():
         if val and val not in picked:

@@ -13,6 +13,11 @@ score of the regenerated answer differs from the score of ``y``. Two search orde
   spaced evenly over the response's mismatches: a sample of every position, and shorter
   continuations on average than the first ones).
 
+Labels outlive their data folder: :func:`export_labels` writes a folder's labels (also of a folder still being
+made) to a small gzipped file keyed by :func:`label_key` and stamped with the data_gen config hash, and a
+later run of the same config (``data_gen.autojudge_labels_from``, e.g. on another machine, which has only the
+committed file) takes them instead of regenerating (:func:`read_labels`; another config's file is refused).
+
 The regenerations dominate the cost. :func:`autojudge_labels_many` runs those of many responses
 together, ``batch_size`` rows per greedy batch grouped by continuation length (sequential: step ``j``
 of every response still searching), which keeps the CPU busier than a response's few rows alone.
@@ -25,8 +30,12 @@ came from them: a swap that let the answer fit in the budget, not a harmful one)
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -90,6 +99,69 @@ class Labelled(NamedTuple):
     cache: DynamicCache | None = None  # the target's one-row cache of x ⊕ y_<T-1 (TargetTrace.cache), if kept
 
 
+LABELS_FORMAT = "selfjudge-autojudge-labels/1"
+
+
+def label_key(prompt_id: str, response: Sequence[int], position: int, draft_token: int) -> str:
+    """A labelled mismatch: prompt, a hash of the response's token ids, position and draft token (a label
+    applies only where the target wrote the same response)."""
+    sha = hashlib.sha256(json.dumps([int(t) for t in response]).encode()).hexdigest()[:16]
+    return f"{prompt_id}|{sha}|{int(position)}|{int(draft_token)}"
+
+
+def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int]) -> bool:
+    """The labels file: a header line (format, config hash) then one {key, label} line each, sorted, gzipped
+    without a timestamp (the same labels give the same bytes); written atomically, and only when its content
+    changed (returns whether it was written)."""
+    from selfjudge.io import atomic_write_bytes
+
+    lines = [json.dumps({"format": LABELS_FORMAT, "config_hash": config_hash})]
+    lines += [json.dumps({"key": k, "label": int(v)}) for k, v in sorted(labels.items())]
+    data = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+    if Path(path).is_file() and Path(path).read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def read_labels(path: str | Path, config_hash: str, key: str = "data_gen.autojudge_labels_from") -> dict[str, int]:
+    """The labels of a file :func:`write_labels` wrote under ``config_hash``; any other file is an error naming
+    ``key`` (the labels of another config, model or checker revision would be mixed in)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: '{p}' does not exist")
+    rows = [json.loads(x) for x in gzip.decompress(p.read_bytes()).decode().splitlines() if x.strip()]
+    head = rows[0] if rows else {}
+    if head.get("format") != LABELS_FORMAT:
+        raise ValueError(f"{key}: '{p}' is not an AutoJudge labels file ({LABELS_FORMAT})")
+    if head.get("config_hash") != config_hash:
+        raise ValueError(
+            f"{key}: '{p}' holds the labels of another data_gen config (config_hash {head.get('config_hash')} != "
+            f"{config_hash}): use the file of this config, or none"
+        )
+    return {r["key"]: int(r["label"]) for r in rows[1:]}
+
+
+def export_labels(data_dir: str | Path, path: str | Path) -> int:
+    """Write the AutoJudge labels of a data folder (finished, or the shards written so far) to ``path`` (only
+    when they changed); returns how many."""
+    import pyarrow.parquet as pq
+
+    from selfjudge import shards
+
+    root = Path(data_dir)
+    man = shards.read_manifest(root) if (root / shards.MANIFEST).is_file() else shards.snapshot_manifest(root)
+    cols = ["substituted", "prompt_id", "response_ids", "position", "draft_token", "autojudge_label"]
+    labels = {}
+    for name in man["shards"]:
+        t = pq.read_table(root / shards.SHARD_DIR / name, columns=cols).to_pydict()
+        for sub, pid, resp, pos, tok, lab in zip(*(t[c] for c in cols)):
+            if sub and lab >= 0:
+                labels[label_key(pid, resp, pos, tok)] = lab
+    write_labels(path, man["config_hash"], labels)
+    return len(labels)
+
+
 def _finished(response: list[int], eos_ids) -> bool:
     return bool(response) and response[-1] in eos_ids
 
@@ -137,11 +209,18 @@ def regenerate(
 
 @torch.no_grad()
 def autojudge_labels_many(
-    pair: ModelPair, task: Task, items: Sequence[Labelled], s: AutoJudgeSettings, budget: int
+    pair: ModelPair,
+    task: Task,
+    items: Sequence[Labelled],
+    s: AutoJudgeSettings,
+    budget: int,
+    known: Mapping[str, int] | None = None,
 ) -> list[list[int]]:
     """One label list per item (1 important, 0 not, -1 not computed), the regenerations of all items
     batched together. ``budget``: the response length limit of the run (data_gen.max_new_tokens), so a
-    regenerated answer is never allowed more tokens than the original had."""
+    regenerated answer is never allowed more tokens than the original had. ``known``: labels of an earlier
+    run of the same config by :func:`label_key` (:func:`read_labels`): taken instead of regenerated."""
+    known = known or {}
     dec = pair.tokenizer.decode
     labels = [[-1] * len(it.positions) for it in items]
     base = [task.score(it.example, dec(it.response, skip_special_tokens=True)) for it in items]
@@ -155,6 +234,10 @@ def autojudge_labels_many(
     while plan:
         # independent: every planned swap at once; sequential: the next swap of each searching item
         jobs = [(k, j) for k, js in plan.items() for j in (js if s.mode == "independent" else js[step : step + 1])]
+        for k, j in jobs:
+            it = items[k]
+            labels[k][j] = known.get(label_key(it.example.id, it.response, it.positions[j], it.draft_tokens[j]), -1)
+        jobs = [(k, j) for k, j in jobs if labels[k][j] < 0]
         swaps = [(items[k].prompt, items[k].response, items[k].positions[j], items[k].draft_tokens[j]) for k, j in jobs]
         swaps = [(*sw, items[k].cache) for sw, (k, _) in zip(swaps, jobs)]
         for (k, j), new in zip(jobs, regenerate(pair, swaps, s, budget)):

@@ -123,6 +123,7 @@ class DataGenSettings:
     max_prompt_tokens: int  # longer prompts are an error
     max_packed_tokens: int  # window tokens per packed scoring pass
     autojudge: AutoJudgeSettings  # AutoJudge labels (optional)
+    autojudge_labels_from: str | None = None  # labels of an earlier run of this config (autojudge.write_labels)
 
     def __post_init__(self) -> None:
         require(
@@ -147,6 +148,8 @@ class DataGenSettings:
         for key in ("window", "max_new_tokens", "batch_size", "shard_size", "max_packed_tokens", "max_prompt_tokens"):
             require(is_int(getattr(self, key), 1), f"data_gen.{key}", "an integer >= 1", getattr(self, key))
         require(is_int(self.shard_prompts, 0), "data_gen.shard_prompts", "an integer >= 0", self.shard_prompts)
+        if self.autojudge_labels_from is not None and not self.autojudge.enabled:
+            raise ValueError("data_gen.autojudge_labels_from is set but data_gen.autojudge.enabled is false")
 
     @classmethod
     def from_section(cls, d: Mapping[str, Any]) -> DataGenSettings:
@@ -236,8 +239,10 @@ def run_rank(
     rank: int = 0,
     world: int = 1,
     after_shard: Callable[[int], None] | None = None,
+    known: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Process this rank's slice ``rank::world`` of the examples, resuming after its last written shard."""
+    """Process this rank's slice ``rank::world`` of the examples, resuming after its last written shard.
+    ``known``: AutoJudge labels of an earlier run of this config (taken, not regenerated)."""
     mine = list(range(rank, len(examples), world))
     progress = shards.read_progress(out_dir, rank)
     progress.setdefault("response_tokens", 0)
@@ -311,7 +316,7 @@ def run_rank(
         ]
         traces = trace = extra = None
         if use_aj:  # the regenerations of the whole batch run together
-            ajs = autojudge_labels_many(pair, task, items, s.autojudge, s.max_new_tokens)
+            ajs = autojudge_labels_many(pair, task, items, s.autojudge, s.max_new_tokens, known)
         else:
             ajs = [[-1] * len(it.positions) for it in items]
         for it, sc, aj in zip(items, scored, ajs):

@@ -218,3 +218,87 @@ def test_stage_regenerations_from_the_generation_cache_equal_the_naive_scorer_pa
     run(_stage_cfg(tmp_path / "naive", cache_dir, "data_gen.scorer=naive"))
     fast, naive = _aj_labels(tmp_path / "fast" / "data"), _aj_labels(tmp_path / "naive" / "data")
     assert fast == naive and sum(x[2] != -1 for x in fast) >= 3
+
+
+def test_labels_of_an_earlier_run_are_taken_not_regenerated(tmp_path, cache_dir, monkeypatch):
+    """The labels file (export_labels) of a folder, also one still being made, lets a run of the same config
+    elsewhere skip those regenerations and store the same labels; another config's file is refused by key."""
+    from selfjudge import autojudge, labelling
+    from selfjudge.autojudge import export_labels, label_key, read_labels
+
+    run(_stage_cfg(tmp_path / "first", cache_dir))
+    first = _aj_labels(tmp_path / "first" / "data")
+    labels = tmp_path / "labels.jsonl.gz"
+    n = export_labels(tmp_path / "first" / "data", labels)
+    h = shards.read_manifest(tmp_path / "first" / "data")["config_hash"]
+    rows = [r for p in shards.list_shards(tmp_path / "first" / "data") for r in pq.read_table(p).to_pylist()]
+    want = {
+        label_key(r["prompt_id"], r["response_ids"], r["position"], r["draft_token"]): r["autojudge_label"]
+        for r in rows
+        if r["substituted"] and r["autojudge_label"] >= 0
+    }
+    assert read_labels(labels, h) == want and n == len(want) >= 3
+    stamp = labels.stat().st_mtime_ns
+    assert export_labels(tmp_path / "first" / "data", labels) == n and labels.stat().st_mtime_ns == stamp  # unchanged
+
+    calls = []
+    real = autojudge.regenerate
+    monkeypatch.setattr(
+        autojudge, "regenerate", lambda pair, swaps, *a: calls.append(len(swaps)) or real(pair, swaps, *a)
+    )
+    run(_stage_cfg(tmp_path / "second", cache_dir, f"data_gen.autojudge_labels_from={labels}"))
+    assert sum(calls) == 0 and _aj_labels(tmp_path / "second" / "data") == first
+    assert shards.read_manifest(tmp_path / "second" / "data")["config_hash"] == h  # the file is not in the key
+
+    # a folder still being made: its shards so far; a run taking them regenerates only the rest
+    class Killed(RuntimeError):
+        pass
+
+    def kill(index: int) -> None:
+        raise Killed(index)
+
+    with pytest.raises(Killed):
+        run(
+            _stage_cfg(tmp_path / "part", cache_dir, "data_gen.shard_prompts=1", "data_gen.batch_size=1"),
+            after_shard=kill,
+        )
+    some = export_labels(tmp_path / "part" / "data", tmp_path / "part.jsonl.gz")
+    assert 0 < some < n
+    calls.clear()
+    run(
+        _stage_cfg(
+            tmp_path / "third",
+            cache_dir,
+            "data_gen.batch_size=1",
+            f"data_gen.autojudge_labels_from={tmp_path / 'part.jsonl.gz'}",
+        )
+    )
+    assert sum(calls) == n - some
+
+    with pytest.raises(
+        ValueError, match="data_gen.autojudge_labels_from: .* holds the labels of another data_gen config"
+    ):
+        run(
+            _stage_cfg(
+                tmp_path / "other",
+                cache_dir,
+                "data_gen.autojudge.max_mismatches=3",
+                f"data_gen.autojudge_labels_from={labels}",
+            )
+        )
+    with pytest.raises(
+        ValueError, match="data_gen.autojudge_labels_from is set but data_gen.autojudge.enabled is false"
+    ):
+        labelling.DataGenSettings.from_section(
+            {
+                **_plain_data_gen(tmp_path, cache_dir),
+                "autojudge_labels_from": str(labels),
+                "autojudge": {**_plain_data_gen(tmp_path, cache_dir)["autojudge"], "enabled": False},
+            }
+        )
+
+
+def _plain_data_gen(tmp_path, cache_dir) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(_stage_cfg(tmp_path, cache_dir).data_gen, resolve=True)

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from selfjudge.autojudge import read_labels
 from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.pipeline import stage as pipeline
 from tests.scripts import load_script
@@ -197,6 +198,9 @@ def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(
     assert {r["method"] for r in final} <= {r["method"] for r in val}
     assert len({(r["method"], r["threshold"]) for r in final}) < len({(r["method"], r["threshold"]) for r in val})
     assert "Overrides for the eval" in out  # pick_thresholds ran on the sweeps
+    labels = root / "bench" / "evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz"  # its regenerations, kept
+    data = root / "autojudge_gsm8k" / "data"
+    assert len(read_labels(labels, json.loads((data / "manifest.json").read_text())["config_hash"])) > 0
 
     files = sorted(p for p in root.rglob("*") if p.is_file() and "logs" not in p.parts)
     stamps = {
