@@ -39,7 +39,10 @@ resume their partial work. Every two minutes while an eval runs, and after it (a
 SIGTERM), its records go to
 ``<bench-dir>/<name>.per_example.jsonl.gz`` (deterministic gzip, rewritten only when they changed) with
 ``<name>.eval_key.json`` beside it: commit both. At the start of a run, an eval folder without records gets
-them back from there, so that eval resumes instead of starting over, on this machine or another.
+them back from there, so that eval resumes instead of starting over, on this machine or another. The same
+holds for autojudge_gsm8k's AutoJudge labels, its costly part (``<bench-dir>/evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz``,
+written as its shards land, passed back as ``data_gen.autojudge_labels_from``): a machine without its data
+folder regenerates the responses and features but takes the labels.
 
 Paths: every command runs in the repository root, so relative paths (run root, ``--gsm8k-dir``) are relative
 to it. Use relative paths: the records key hashes the dataset settings *including the path string*, so
