@@ -423,12 +423,17 @@ def rescore(records: list[dict], task: Task, examples: list[Example]) -> int:
     return changed
 
 
+def folder_task(out: RecordsFile) -> Task | None:
+    """The task an eval folder's records were made on (the dataset its eval_key.json names), or None."""
+    ds = read_json(out.key_path).get("dataset") if out.key_path.is_file() else None
+    return build_task(ds) if ds else None
+
+
 def rescore_read(out: RecordsFile, records: list[dict]) -> int:
     """:func:`rescore` for records read from an eval folder by a reader (pick_thresholds, eval_report), in
-    memory: the task is the dataset its eval_key.json names; only where that task's checker was revised
-    (a folder the eval stage has not run on since keeps the scores of the earlier revision). Returns the count."""
-    ds = read_json(out.key_path).get("dataset") if out.key_path.is_file() else None
-    task = build_task(ds) if ds else None
+    memory, where the folder's task has a revised checker (a folder the eval stage has not run on since keeps
+    the scores of the earlier revision). Returns the count."""
+    task = folder_task(out)
     return rescore(records, task, task.examples()) if task is not None and task.checker else 0
 
 

@@ -233,3 +233,9 @@ def test_scores_of_an_earlier_checker_revision_are_redone_before_picking(tmp_pat
     kl = {r["threshold"]: r for r in res["rows"] if r["method"] == "kl"}
     assert kl[0.5]["accuracy"] == 0.0 and kl[0.25]["accuracy"] == 1.0 and res["choices"]["kl"]["chosen"] == [0.25]
     assert (tmp_path / "per_example.jsonl").read_text() == stored  # a reader: the file is not touched
+
+    # scripts/rescore_eval.py: the same re-scoring as a table of what changed (records untouched)
+    rows = {(r["method"], r["threshold"]): r for r in load_script("rescore_eval").main([str(tmp_path)])}
+    assert rows[("kl", 0.5)]["stored_accuracy"] == 1.0 and rows[("kl", 0.5)]["new_accuracy"] == 0.0
+    assert rows[("kl", 0.5)]["changed"] == 4 and rows[("lossless", None)]["changed"] == 0
+    assert (tmp_path / "per_example.jsonl").read_text() == stored
