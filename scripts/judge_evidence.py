@@ -591,10 +591,14 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
             lines.append(f"{name}: data finished, not trained ({head})")
             continue
         done = sum(len(read_progress(data, r)["done_prompt_ids"]) for r in range(ranks_seen(data)))
+        labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
+        n_labels = gzip.decompress(labels.read_bytes()).count(b"\n") - 1 if labels.is_file() else 0  # header line
+        kept = f"; {n_labels} AutoJudge labels in {labels.name} (taken back by a run without the data folder)"
+        kept = kept if labels.is_file() else ""
         lines.append(
-            f"{name}: data_gen {done} of {plan.a.judge_prompts} prompts in shards ({where}; a rerun resumes after them)"
+            f"{name}: data_gen {done} of {plan.a.judge_prompts} prompts in shards ({where}; a rerun resumes after them){kept}"
             if done
-            else f"{name}: not started"
+            else f"{name}: not started{kept}"
         )
     for name, (val, _) in evals.items():
         ev = REPO / plan.eval_dir(name)

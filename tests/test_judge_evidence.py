@@ -268,6 +268,17 @@ def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("judge_gsm8k: data_gen 3 of 512 prompts in shards (")
     assert out[1].startswith("autojudge_gsm8k: trained") and out[2].startswith("judge_mix: data finished, not trained")
+    # the AutoJudge labels kept beside the records are counted
+    from selfjudge.autojudge import write_labels
+
+    (root / "autojudge_gsm8k" / "judge" / "head" / "judge_config.json").unlink()
+    write_labels(bench / "evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz", "h", {"a|b|1|2": 1, "a|b|3|4": 0})
+    je.main([a for a in args if a != "--rules-only"] + ["--status", "--only", "autojudge_gsm8k"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "autojudge_gsm8k: not started; 2 AutoJudge labels in evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz "
+        "(taken back by a run without the data folder)"
+    )
 
 
 def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path):
