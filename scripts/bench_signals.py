@@ -16,6 +16,9 @@ scores (KL(q‖p); the KL rule, which also rejects where the target's top-1 p > 
 judge's P(important) for each feature set and head. Every score is oriented so that higher means
 "important" (reject). The typical score is −ε*, the largest ε at which typical acceptance
 (p(d) > min(ε, √ε·e^−H)) still accepts d: ε* = p(d) if p(d) <= e^−2H, else (p(d)·e^H)².
+Harm curves (``<out>.png``; a table for the answer label): the share of the accepted mismatches that
+carry a label, accepting the safest first by each score, for the rules and the head per train label
+with the best validation AUC. A ranking, not a decode: eval's rows decide.
 
 Heads (logistic, MLP, and an LD regressor read as P = Φ((pred − τ)/σ), σ the training residual std)
 are trained on ``--train`` folders when given, else cross-fitted on the held-out folder itself
@@ -54,12 +57,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from selfjudge.autojudge import label_key
 from selfjudge.features import FeatureSpec
 from selfjudge.judge import JudgeConfig, JudgeHead
+from selfjudge.judge_metrics import accepted_harm
 from selfjudge.shards import open_dataset
 from selfjudge.tasks import build_task
 
 LABELS = ("selfjudge", "answer")
 RULE_SCORES = ("kl", "kl_rule", "likelihood_gap", "neg_logp", "typical", "topk_rank", "draft_neg_logq", "ld")
 HEADS = ("logistic", "mlp", "ld_reg")
+SHARES = tuple(round(0.05 * k, 2) for k in range(1, 21))  # acceptance shares of the harm curves
 # feature sets: a name -> the FeatureSpec mapping a head trained on it would carry (sliced from the folder)
 FEATURE_SETS = {
     "h_i": {"layers": [-1], "state_offsets": [0]},  # today's default
@@ -500,6 +505,8 @@ def study(
             for k, v in scores.items():  # NaN: rows a head could not score (its training folds had one class)
                 m = keep & ~np.isnan(v)
                 res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed)
+                if m.any():  # the share of accepted rows with the label, accepting the safest first
+                    res[label][k]["accepted_harm"] = accepted_harm(y[m], v[m], SHARES).tolist()
         for a in abl:
             a["domain"] = dom
             for label in LABELS:
@@ -546,6 +553,80 @@ def score_table(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+PLOTTED_RULES = ("rule:kl", "rule:likelihood_gap", "rule:typical", "rule:topk_rank", "rule:ld")
+
+
+def curve_scores(res: dict, dom: str) -> list[str]:
+    """The scores a domain's harm curves show: the rules, and per train label the head with the best
+    validation ROC-AUC (picked on validation, not on the held-out rows the curves are drawn from)."""
+    best: dict[str, tuple[float, str]] = {}
+    for a in res["ablation"]:
+        v = a["val_roc_auc"]
+        if a["domain"] == dom and not math.isnan(v) and v > best.get(a["train_label"], (-1.0, ""))[0]:
+            best[a["train_label"]] = (v, f"judge:{a['features']}:{a['head']}:{a['train_label']}")
+    return [*PLOTTED_RULES, *(k for _, k in best.values())]
+
+
+def harm_table(dom: str, d: dict) -> list[str]:
+    """Answer label: the share of accepted mismatches that change the answer at a few acceptance shares."""
+    r = d["results"]["answer"]
+    shown = [k for k, v in r.items() if "accepted_harm" in v]
+    if not shown:
+        return []
+    at = {0.1: 1, 0.25: 4, 0.5: 9, 0.75: 14}  # indices into SHARES
+    base = r[shown[0]]["accepted_harm"][-1]
+    lines = [
+        f"#### {dom}: share of the accepted mismatches that change the answer, accepting the safest first by "
+        f"each score (all accepted: {base:.3f}; lower is better)",
+        "",
+        "| score | " + " | ".join(f"{int(q * 100)} % accepted" for q in at) + " |",
+        "|---|" + "---|" * len(at),
+    ]
+    for k in shown:
+        h = r[k]["accepted_harm"]
+        lines.append(f"| {k} | " + " | ".join("–" if math.isnan(h[i]) else f"{h[i]:.3f}" for i in at.values()) + " |")
+    return [*lines, ""]
+
+
+def harm_plot(res: dict, path: Path) -> Path | None:
+    """One panel per domain and label: the share of accepted mismatches that carry the label (harmful),
+    against the share accepted, for the rules and the best head per train label (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selfjudge.io import atomic_path
+
+    panels = [(dom, lab) for dom, d in res["domains"].items() for lab in LABELS if d["results"][lab]]
+    panels = [
+        (dom, lab)
+        for dom, lab in panels
+        if any("accepted_harm" in v for v in res["domains"][dom]["results"][lab].values())
+    ]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (dom, lab) in zip(axes[0], panels):
+        r = res["domains"][dom]["results"][lab]
+        for i, k in enumerate(k for k in curve_scores(res, dom) if "accepted_harm" in r.get(k, {})):
+            style = dict(ls="--", lw=1.2) if k.startswith("rule:") else dict(lw=2.2)
+            auc = r[k]["roc_auc"]
+            ax.plot(SHARES, r[k]["accepted_harm"], color=f"C{i % 10}", label=f"{k} (ROC-AUC {auc:.2f})", **style)
+        ax.set_title(
+            f"{dom}: label '{lab}' ({r['rule:kl']['n']} mismatches, {r['rule:kl']['positives']} pos)", fontsize=9
+        )
+        ax.set_xlabel("share of mismatches accepted (safest first by the score)")
+        ax.set_ylabel(f"share of the accepted with label '{lab}'")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 def markdown(res: dict) -> str:
     lines = []
     for dom, d in res["domains"].items():
@@ -560,6 +641,7 @@ def markdown(res: dict) -> str:
             "",
         ]
         lines += score_table(d["results"])
+        lines += harm_table(dom, d)
         if "pooled" in d:
             pl = d["pooled"]
             title = (
@@ -598,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of prompts")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    ap.add_argument("--out", required=True, help="output path without suffix (.json, .md and .png are written)")
     ap.add_argument(
         "--dump", action="store_true", help="also write <out>.rows.jsonl.gz: labels and rule scores per mismatch"
     )
@@ -643,6 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
+    harm_plot(res, out.with_suffix(".png"))
     print(md)
     return res
 

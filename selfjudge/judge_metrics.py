@@ -1,4 +1,5 @@
-"""Judge metrics in numpy: ROC-AUC, PR-AUC, precision/recall and the operating points saved with a head.
+"""Judge metrics in numpy: ROC-AUC, PR-AUC, precision/recall, the harm a rule lets through at each acceptance
+share, and the operating points saved with a head.
 
 Convention: a row is *predicted important* (the draft token is rejected) when ``p >= cut``; eval accepts
 a mismatch when ``P(important) < cut``. Every cut below is a value of ``p`` seen on validation.
@@ -64,6 +65,21 @@ def pr_auc(y: np.ndarray, p: np.ndarray) -> float:
     _, tp, fp = curve(y, p)
     precision, recall = tp / (tp + fp), tp / y.sum()
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def accepted_harm(y: np.ndarray, p: np.ndarray, shares: Sequence[float]) -> np.ndarray:
+    """For each share ``s``: the positive rate among the ``round(s * n)`` rows with the lowest ``p`` (what a
+    rule accepting the rows it scores safest lets through). Rows tied at the cut count at their tie group's
+    positive rate, the expectation over any order within ties. NaN where no row is accepted."""
+    y, p = _check(y, p)
+    order = np.argsort(p, kind="mergesort")
+    ps, ys = p[order], y[order].astype(np.float64)
+    _, first, counts = np.unique(ps, return_index=True, return_counts=True)
+    rate = np.repeat(np.add.reduceat(ys, first) / counts, counts) if len(ps) else ys
+    cum = np.r_[0.0, np.cumsum(rate)]
+    k = np.rint(np.asarray(shares, dtype=np.float64) * len(ps)).astype(int).clip(0, len(ps))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, cum[k] / np.maximum(k, 1), np.nan)
 
 
 def precision_recall_at(y: np.ndarray, p: np.ndarray, cut: float) -> tuple[float, float]:

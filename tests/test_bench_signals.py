@@ -86,6 +86,11 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     x = np.asarray(rows["features"], dtype=np.float64)
     gap = x[:, cols["target_top1_logp"].start] - x[:, cols["target_logp"].start]
     assert sj["rule:likelihood_gap"]["roc_auc"] == pytest.approx(roc_auc_score(rows["label"], gap), abs=1e-3)
+    # harm curves: LD ranks its own label perfectly, so accepting up to the negatives' share lets none through
+    harm, shares = np.array(sj["rule:ld"]["accepted_harm"]), np.array(bs.SHARES)
+    neg_share = 1 - sj["rule:ld"]["positives"] / sj["rule:ld"]["n"]
+    assert (harm[shares <= neg_share] == 0).all() and harm[-1] == pytest.approx(1 - neg_share)
+    assert (tmp_path / "sig.png").stat().st_size > 10_000 and "change the answer" in (tmp_path / "sig.md").read_text()
     lo, hi = sj["rule:kl"]["roc_ci"]
     assert lo <= sj["rule:kl"]["roc_auc"] <= hi
     heads = {k for k in sj if k.startswith("judge:")}

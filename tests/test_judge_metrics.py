@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from selfjudge.judge_metrics import bce_loss, curve, operating_points, pr_auc, precision_recall_at, roc_auc, summarize
+from selfjudge.judge_metrics import (
+    accepted_harm,
+    bce_loss,
+    curve,
+    operating_points,
+    pr_auc,
+    precision_recall_at,
+    roc_auc,
+    summarize,
+)
 
 
 def test_hand_computed_example():
@@ -24,6 +33,22 @@ def test_ties_are_averaged():
     y = np.array([0, 1, 0, 1])
     p = np.array([0.5, 0.5, 0.5, 0.5])
     assert roc_auc(y, p) == 0.5
+
+
+def test_accepted_harm_by_hand_and_by_brute_force():
+    y = np.array([0, 1, 0, 1, 0])
+    p = np.array([0.1, 0.2, 0.2, 0.9, np.inf])  # the safest first; a tie at 0.2 counts at its rate 1/2
+    h = accepted_harm(y, p, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert np.isnan(h[0])
+    assert h[1:].tolist() == pytest.approx([0.0, 0.5 / 2, 1 / 3, 2 / 4, 2 / 5])
+    # without ties: the positive rate among the k lowest scores, counted directly
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 200), rng.random(200)
+    shares = np.linspace(0.05, 1.0, 20)
+    want = [y[np.argsort(p)[: round(s * 200)]].mean() for s in shares]
+    assert accepted_harm(y, p, shares) == pytest.approx(want)
+    # ties: the mean over every order within them (here all tied: the base rate at every share)
+    assert accepted_harm(y, np.zeros(200), shares) == pytest.approx(np.full(20, y.mean()))
 
 
 def test_metrics_match_sklearn():
