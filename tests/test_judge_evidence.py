@@ -95,6 +95,7 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     assert list(seen["judge_mix"].train.quantiles) == [0.05, 0.1, 0.2, 0.3, 0.4]  # five sweep rows per judge
     auto = seen["autojudge_gsm8k"]  # the same problems, its own data folder: the SelfJudge head never waits for it
     assert auto.train.label_source == "autojudge" and auto.data_gen.autojudge.enabled
+    assert list(auto.train.quantiles) == [0.2, 0.35, 0.5, 0.65, 0.8]  # its rare label: a sweep reaching further
     assert auto.data_gen.autojudge.max_mismatches == 8 and auto.data_gen.dataset == gsm8k.dataset
     # its folder stores the study's superset; its head reads the other judges' layout (train.features)
     assert auto.data_gen.features.include_draft and list(auto.data_gen.features.scalars) == list(SCALARS)
