@@ -261,22 +261,31 @@ def auc_pair(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
 
 
-def bootstrap(y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
-    """ROC-AUC / PR-AUC with 95 % intervals from resampling prompts (mismatches of one response correlate)."""
+def bootstrap(
+    y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, seed: int, shares: tuple | None = None
+) -> dict:
+    """ROC-AUC / PR-AUC with 95 % intervals from resampling prompts (mismatches of one response correlate);
+    with ``shares``, also the harm curve (:func:`accepted_harm`) and its pointwise intervals."""
     roc, pr = auc_pair(y, s)
     out = {"n": len(y), "positives": int(y.sum()), "roc_auc": roc, "pr_auc": pr}
+    if shares is not None and len(y):
+        out["accepted_harm"] = accepted_harm(y, s, shares).tolist()
     if math.isnan(roc) or n_boot <= 0:
         return {**out, "roc_ci": [math.nan, math.nan], "pr_ci": [math.nan, math.nan]}
     uniq, inv = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
     rng = np.random.default_rng(seed)
-    rs, ps = [], []
+    rs, ps, hs = [], [], []
     for _ in range(n_boot):
         take = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
         r, p = auc_pair(y[take], s[take])
         if not math.isnan(r):
             rs.append(r), ps.append(p)
+            if shares is not None:
+                hs.append(accepted_harm(y[take], s[take], shares))
     q = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]
+    if hs:
+        out["accepted_harm_ci"] = np.nanpercentile(np.array(hs), [2.5, 97.5], axis=0).tolist()
     return {**out, "roc_ci": q(rs), "pr_ci": q(ps)}
 
 
@@ -504,9 +513,7 @@ def study(
             res[label] = {}
             for k, v in scores.items():  # NaN: rows a head could not score (its training folds had one class)
                 m = keep & ~np.isnan(v)
-                res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed)
-                if m.any():  # the share of accepted rows with the label, accepting the safest first
-                    res[label][k]["accepted_harm"] = accepted_harm(y[m], v[m], SHARES).tolist()
+                res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed, SHARES)
         for a in abl:
             a["domain"] = dom
             for label in LABELS:
@@ -577,14 +584,19 @@ def harm_table(dom: str, d: dict) -> list[str]:
     base = r[shown[0]]["accepted_harm"][-1]
     lines = [
         f"#### {dom}: share of the accepted mismatches that change the answer, accepting the safest first by "
-        f"each score (all accepted: {base:.3f}; lower is better)",
+        f"each score [95 % prompt-bootstrap interval] (all accepted: {base:.3f}; lower is better)",
         "",
         "| score | " + " | ".join(f"{int(q * 100)} % accepted" for q in at) + " |",
         "|---|" + "---|" * len(at),
     ]
+    nan = [[math.nan] * len(SHARES)] * 2
+
+    def cell(h: list, lo: list, hi: list, i: int) -> str:
+        return "–" if math.isnan(h[i]) else f"{h[i]:.3f} [{lo[i]:.3f}, {hi[i]:.3f}]"
+
     for k in shown:
-        h = r[k]["accepted_harm"]
-        lines.append(f"| {k} | " + " | ".join("–" if math.isnan(h[i]) else f"{h[i]:.3f}" for i in at.values()) + " |")
+        h, (lo, hi) = r[k]["accepted_harm"], r[k].get("accepted_harm_ci", nan)
+        lines.append(f"| {k} | " + " | ".join(cell(h, lo, hi, i) for i in at.values()) + " |")
     return [*lines, ""]
 
 
@@ -613,6 +625,8 @@ def harm_plot(res: dict, path: Path) -> Path | None:
             style = dict(ls="--", lw=1.2) if k.startswith("rule:") else dict(lw=2.2)
             auc = r[k]["roc_auc"]
             ax.plot(SHARES, r[k]["accepted_harm"], color=f"C{i % 10}", label=f"{k} (ROC-AUC {auc:.2f})", **style)
+            if not k.startswith("rule:") and "accepted_harm_ci" in r[k]:  # the heads' 95 % bands
+                ax.fill_between(SHARES, *r[k]["accepted_harm_ci"], color=f"C{i % 10}", alpha=0.15, lw=0)
         ax.set_title(
             f"{dom}: label '{lab}' ({r['rule:kl']['n']} mismatches, {r['rule:kl']['positives']} pos)", fontsize=9
         )

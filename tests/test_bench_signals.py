@@ -90,6 +90,8 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     harm, shares = np.array(sj["rule:ld"]["accepted_harm"]), np.array(bs.SHARES)
     neg_share = 1 - sj["rule:ld"]["positives"] / sj["rule:ld"]["n"]
     assert (harm[shares <= neg_share] == 0).all() and harm[-1] == pytest.approx(1 - neg_share)
+    lo, hi = np.array(sj["rule:kl"]["accepted_harm_ci"])  # pointwise prompt-bootstrap band
+    assert lo.shape == shares.shape and (0 <= lo).all() and (lo <= hi).all() and (hi <= 1).all()
     assert (tmp_path / "sig.png").stat().st_size > 10_000 and "change the answer" in (tmp_path / "sig.md").read_text()
     lo, hi = sj["rule:kl"]["roc_ci"]
     assert lo <= sj["rule:kl"]["roc_auc"] <= hi
