@@ -92,8 +92,8 @@ GRIDS_MMLU = {**GRIDS, "likelihood": "0.5,1,2,3", "typical": "0.03,0.1,0.3,1"}
 # (eleven levels) would make each judge's rows cost some 4 h per slice on a CPU
 JUDGE_QUANTILES = "0.05,0.1,0.2,0.3,0.4"
 # the answer-labelled head's sweep reaches further: its label is rare (8 % of GSM8K mismatches change the answer)
-# and, on 972 labels of its own folder cross-fitted, accepting the 50 % (75 %) of mismatches it finds safest let
-# through 2.5 % (4.8 %) that change the answer, where every rule let through 7-9 % at any share (bench_signals)
+# and, on 1,221 labels of its own folder cross-fitted, accepting the 50 % (75 %) of mismatches it finds safest let
+# through 2.8 % (4.0 %) that change the answer, where every rule let through 7-9 % at any share (bench_signals)
 AUTOJUDGE_QUANTILES = "0.2,0.35,0.5,0.65,0.8"
 # real pair / --tiny: sizes, and where the validation slices start (disjoint from the judges' and evals' prompts)
 SIZES = {
