@@ -610,11 +610,11 @@ def harm_plot(res: dict, path: Path) -> Path | None:
 
     from selfjudge.io import atomic_path
 
-    panels = [(dom, lab) for dom, d in res["domains"].items() for lab in LABELS if d["results"][lab]]
     panels = [
         (dom, lab)
-        for dom, lab in panels
-        if any("accepted_harm" in v for v in res["domains"][dom]["results"][lab].values())
+        for dom, d in res["domains"].items()
+        for lab in LABELS
+        if any("accepted_harm" in v for v in d["results"][lab].values())
     ]
     if not panels:
         return None
