@@ -24,10 +24,13 @@ It only composes the existing commands (``selfjudge-pipeline`` per step, ``scrip
    ``head_quantiles``;
 3. ``scripts/pick_thresholds.py`` on each sweep: per rule the thresholds that bracket lossless accuracy;
 4. the evals on GSM8K test problems 0..N-1 (``gsm8k_test_brief``) and MMLU questions 0..N-1 at those
-   thresholds (a rule with nothing picked is left out, and said so).
+   thresholds (a rule with nothing picked is left out, and said so);
+5. ``study_mmlu`` (data only, no head): MMLU questions from 1280 of the shuffle (``--study-prompts``, brief
+   reasoning) in autojudge_gsm8k's feature layout with its AutoJudge labels, the general-knowledge half of the
+   signal study (``scripts/bench_signals.py --data gsm8k=<autojudge_gsm8k data> mmlu=<study_mmlu data>``).
 
 Steps: ``--only`` runs the named steps (judge_gsm8k, autojudge_gsm8k, judge_mix, val_gsm8k, val_mmlu,
-eval_gsm8k, eval_mmlu), so that two processes can share the work (one task each: a step's run folder is
+eval_gsm8k, eval_mmlu, study_mmlu), so that two processes can share the work (one task each: a step's run folder is
 locked to one writer); an eval step needs its validation sweep finished. ``--rules-only`` leaves the judges
 out (no training, no judge rows): lossless and the training-free rules, which need no judge; ``--judges`` names
 the judges that train and join the sweeps and evals (default all three), so a judge whose data is done can be
@@ -40,7 +43,7 @@ SIGTERM), its records go to
 ``<bench-dir>/<name>.per_example.jsonl.gz`` (deterministic gzip, rewritten only when they changed) with
 ``<name>.eval_key.json`` beside it: commit both. At the start of a run, an eval folder without records gets
 them back from there, so that eval resumes instead of starting over, on this machine or another. The same
-holds for autojudge_gsm8k's AutoJudge labels, its costly part (``<bench-dir>/evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz``,
+holds for autojudge_gsm8k's and study_mmlu's AutoJudge labels, their costly part (``<bench-dir>/evidence_<step>.autojudge_labels.jsonl.gz``,
 written as its shards land, passed back as ``data_gen.autojudge_labels_from``): a machine without its data
 folder regenerates the responses and features but takes the labels.
 
@@ -99,15 +102,19 @@ AUTOJUDGE_QUANTILES = "0.2,0.35,0.5,0.65,0.8"
 SIZES = {
     "real": dict(judge_prompts=512, val_prompts=64, eval_prompts=256, gamma=8, batch_size=64, gen_batch_size=32,
                  max_new_tokens=512, tau="1.0901", mix="default_mix", run_root="runs/judge_evidence",
-                 bench_dir="docs/bench", gsm8k_val_offset=1024, autojudge_mismatches=8),
+                 bench_dir="docs/bench", gsm8k_val_offset=1024, autojudge_mismatches=8, study_prompts=256),
     "tiny": dict(judge_prompts=16, val_prompts=4, eval_prompts=4, gamma=4, batch_size=4, gen_batch_size=4,
                  max_new_tokens=24, tau="quantile", mix="quick_mix", run_root="runs/judge_evidence_tiny",
-                 bench_dir=None, gsm8k_val_offset=32, autojudge_mismatches=8),
+                 bench_dir=None, gsm8k_val_offset=32, autojudge_mismatches=8, study_prompts=4),
 }  # fmt: skip
 MMLU_VAL_OFFSET = 2048
+# study_mmlu's questions: after the earlier MMLU signal-study chunks (1024-1127 of the same shuffle), before the
+# validation slice; the evals take 0..N-1
+MMLU_STUDY_OFFSET = 1280
 GUARD_SUFFIX = "_top1"  # --guard: the judge method with the top-1 guard
 JUDGES = ("judge_gsm8k", "autojudge_gsm8k", "judge_mix")
-STEPS = (*JUDGES, "val_gsm8k", "val_mmlu", "eval_gsm8k", "eval_mmlu")
+STUDIES = ("study_mmlu",)  # data only (no head): signal-study data with AutoJudge labels for scripts/bench_signals.py
+STEPS = (*JUDGES, "val_gsm8k", "val_mmlu", "eval_gsm8k", "eval_mmlu", *STUDIES)
 
 
 def q(s: str) -> str:
@@ -153,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("batch-size", "eval.batch_size (64)"),
         ("gen-batch-size", "data_gen.batch_size (32)"),
         ("max-new-tokens", "new tokens per response, data_gen and eval (512)"),
-        ("autojudge-mismatches", "AutoJudge-labelled mismatches per response, autojudge_gsm8k (8)"),
+        ("autojudge-mismatches", "AutoJudge-labelled mismatches per response, autojudge_gsm8k and study_mmlu (8)"),
+        ("study-prompts", f"MMLU questions of study_mmlu, from {MMLU_STUDY_OFFSET} of the shuffle (256)"),
     ):
         ap.add_argument(f"--{name}", type=int, default=None, help=what)
     ap.add_argument("--tau", default=None, help="data_gen τ: a number, or 'quantile' (default 1.0901; --tiny quantile)")
@@ -203,6 +211,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(args.only) <= set(JUDGES) and not set(args.only) & set(args.judges):
         say = "--rules-only" if args.rules_only else f"--judges {','.join(args.judges)}"
         raise SystemExit(f"judge_evidence: {say} leaves out every judge step that --only names: nothing to run")
+    if MMLU_STUDY_OFFSET + args.study_prompts > MMLU_VAL_OFFSET:  # the study must not read validation questions
+        raise SystemExit(
+            f"judge_evidence: --study-prompts {args.study_prompts} would reach the MMLU validation questions, which "
+            f"start at {MMLU_VAL_OFFSET}: use at most {MMLU_VAL_OFFSET - MMLU_STUDY_OFFSET}"
+        )
     if args.judge_prompts > args.gsm8k_val_offset:  # the judges take GSM8K train problems 0.. of the same shuffle
         raise SystemExit(
             f"judge_evidence: --judge-prompts {args.judge_prompts} would reach the validation problems, which "
@@ -264,14 +277,33 @@ class Plan:
         path = [f"{section}.dataset.path={q(self.a.gsm8k_dir)}"] if self.a.gsm8k_dir else []
         return [f"dataset@{section}.dataset={config}", *path, f"{section}.dataset.system_prompt={q(BRIEF_MATHS)}"]
 
+    def _tau(self) -> list[str]:
+        t = self.a.tau
+        return (
+            ["data_gen.tau.mode=quantile"]
+            if t == "quantile"
+            else ["data_gen.tau.mode=value", f"data_gen.tau.value={t}"]
+        )
+
+    def _autojudge(self) -> list[str]:
+        """AutoJudge labels as the signal study reads them: independent, spread over the response."""
+        return [
+            "data_gen.autojudge.enabled=true",
+            "data_gen.autojudge.mode=independent",
+            "data_gen.autojudge.select=spread",
+            f"data_gen.autojudge.max_mismatches={self.a.autojudge_mismatches}",
+            # the random tiny pair never writes EOS: let its cut responses be labelled too (never on real runs)
+            *(["data_gen.autojudge.finished_only=false"] if self.a.tiny else []),
+        ]
+
+    def data_dir(self, name: str) -> Path:
+        """The data folder of a judge or study step (relative to the repository root when the run root is)."""
+        return self.root / name / "data"
+
     def judges(self) -> list[tuple[str, list[str]]]:
         """(name, pipeline overrides) of the three judges: data_gen + train."""
         a = self.a
-        tau = (
-            ["data_gen.tau.mode=quantile"]
-            if a.tau == "quantile"
-            else ["data_gen.tau.mode=value", f"data_gen.tau.value={a.tau}"]
-        )
+        tau = self._tau()
         features = shlex.split(a.features)
         scalars = [f.split("=", 1)[1] for f in features if f.startswith("data_gen.features.scalars=")]
         negatives = "false" if scalars and scalars[-1].replace(" ", "") != "[]" else "true"  # gap 0 rows: trivial
@@ -292,12 +324,7 @@ class Plan:
             *gsm8k,
             *shlex.split(a.autojudge_features),
             f"train.features={{{','.join(train_features(features))}}}",
-            "data_gen.autojudge.enabled=true",
-            "data_gen.autojudge.mode=independent",
-            "data_gen.autojudge.select=spread",
-            f"data_gen.autojudge.max_mismatches={a.autojudge_mismatches}",
-            # the random tiny pair never writes EOS: let its cut responses be labelled too (never on real runs)
-            *(["data_gen.autojudge.finished_only=false"] if a.tiny else []),
+            *self._autojudge(),
             "train.label_source=autojudge",
             f"train.quantiles=[{a.autojudge_quantiles}]",
         ]
@@ -317,6 +344,26 @@ class Plan:
             ),
         ]
         return [(n, o) for n, o in judges if n in self.a.only and n in self.heads]
+
+    def studies(self) -> list[tuple[str, list[str]]]:
+        """(name, pipeline overrides) of the data-only steps. study_mmlu: MMLU questions (brief reasoning, none
+        that a sweep or eval decodes) in autojudge_gsm8k's layout (--autojudge-features) with its AutoJudge
+        labels: the general-knowledge half of the signal study (scripts/bench_signals.py --data mmlu=<folder>)."""
+        a = self.a
+        mmlu = [
+            f"run_dir={self.root / 'study_mmlu'}",
+            "pipeline.stages=[data_gen]",
+            "dataset@data_gen.dataset=mmlu",
+            f"data_gen.dataset.system_prompt={q(BRIEF_MMLU)}",
+            f"data_gen.dataset.limit={a.study_prompts}",
+            f"data_gen.dataset.offset={MMLU_STUDY_OFFSET}",
+            f"data_gen.max_new_tokens={a.max_new_tokens}",
+            f"data_gen.batch_size={a.gen_batch_size}",
+            *self._tau(),
+            *shlex.split(a.autojudge_features),
+            *self._autojudge(),
+        ]
+        return [(n, o) for n, o in (("study_mmlu", mmlu),) if n in a.only]
 
     def evals(self) -> dict[str, tuple[str, list[str]]]:
         """name -> (validation sweep it takes thresholds from, or ''; pipeline overrides)."""
@@ -519,6 +566,27 @@ def _stop(signum, frame):  # SIGTERM (a scheduler's time limit): stop the step a
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def make_data(plan: Plan, bench: Path, name: str, overrides: list[str]) -> None:
+    """A judge's or study's step. With AutoJudge labels, those (the costly part) go to
+    ``<bench>/evidence_<name>.autojudge_labels.jsonl.gz`` as shards land, and a run finding that file takes them."""
+    if "data_gen.autojudge.enabled=true" not in overrides:
+        run(name, plan.command(overrides))
+        return
+    labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
+    data = REPO / plan.data_dir(name)
+
+    def keep_labels():
+        archive_labels(data, labels, name)
+
+    if labels.is_file():  # an earlier run's labels (here or committed): taken, not regenerated
+        given = labels.relative_to(REPO) if labels.is_relative_to(REPO) else labels  # commands run in REPO
+        overrides = [*overrides, f"data_gen.autojudge_labels_from={q(str(given))}"]
+    try:
+        run(name, plan.command(overrides), tick=keep_labels)
+    finally:
+        keep_labels()
+
+
 def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> None:
     a = plan.a
     if plan.toy:
@@ -536,22 +604,7 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
             f"and not trained by this run: add {','.join(untrained)} to --only, or name the trained judges in --judges"
         )
     for name, overrides in plan.judges():
-        labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
-        if "data_gen.autojudge.enabled=true" not in overrides:
-            run(name, plan.command(overrides))
-            continue
-        data = REPO / plan.heads[name].parent.parent / "data"  # <run_dir>/judge/head -> <run_dir>/data
-
-        def keep_labels(name=name, data=data, labels=labels):
-            archive_labels(data, labels, name)
-
-        if labels.is_file():  # an earlier run's labels (here or committed): taken, not regenerated
-            given = labels.relative_to(REPO) if labels.is_relative_to(REPO) else labels  # commands run in REPO
-            overrides = [*overrides, f"data_gen.autojudge_labels_from={q(str(given))}"]
-        try:
-            run(name, plan.command(overrides), tick=keep_labels)
-        finally:
-            keep_labels()
+        make_data(plan, bench, name, overrides)
     picked: dict[str, list[str]] = {}
     for name, (val, overrides) in evals.items():
         if val and val not in picked:
@@ -564,6 +617,8 @@ def execute(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) ->
             run(name, plan.command([*overrides, *picked.get(val, [])]), tick=keep)
         finally:
             keep()
+    for name, overrides in plan.studies():
+        make_data(plan, bench, name, overrides)
     print(f"\njudge_evidence: done. Reports: {', '.join(str(plan.eval_dir(n) / 'report.md') for n in evals)}")
 
 
@@ -587,27 +642,28 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
     def ranks_seen(data: Path) -> int:  # progress files are per rank; one rank when there are none yet
         return max(1, len(list((data / SHARD_DIR).glob("rank*.progress.json"))))
 
+    def data_line(name: str, n: int) -> str:
+        where = plan.data_dir(name)
+        data = REPO / where
+        done = sum(len(read_progress(data, r)["done_prompt_ids"]) for r in range(ranks_seen(data)))
+        labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
+        n_labels = gzip.decompress(labels.read_bytes()).count(b"\n") - 1 if labels.is_file() else 0  # header line
+        kept = f"; {n_labels} AutoJudge labels in {labels.name} (taken back by a run without the data folder)"
+        kept = kept if labels.is_file() else ""
+        if not done:
+            return f"{name}: not started{kept}"
+        return f"{name}: data_gen {done} of {n} prompts in shards ({where}; a rerun resumes after them){kept}"
+
     lines = []
     for name, _ in plan.judges():
         head = plan.heads[name]
         if (REPO / head / "judge_config.json").is_file():
             lines.append(f"{name}: trained ({head})")
             continue
-        where = head.parent.parent / "data"  # <run_dir>/judge/head -> <run_dir>/data
-        data = REPO / where
-        if (data / MANIFEST).is_file():
+        if (REPO / plan.data_dir(name) / MANIFEST).is_file():
             lines.append(f"{name}: data finished, not trained ({head})")
             continue
-        done = sum(len(read_progress(data, r)["done_prompt_ids"]) for r in range(ranks_seen(data)))
-        labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
-        n_labels = gzip.decompress(labels.read_bytes()).count(b"\n") - 1 if labels.is_file() else 0  # header line
-        kept = f"; {n_labels} AutoJudge labels in {labels.name} (taken back by a run without the data folder)"
-        kept = kept if labels.is_file() else ""
-        lines.append(
-            f"{name}: data_gen {done} of {plan.a.judge_prompts} prompts in shards ({where}; a rerun resumes after them){kept}"
-            if done
-            else f"{name}: not started{kept}"
-        )
+        lines.append(data_line(name, plan.a.judge_prompts))
     for name, (val, _) in evals.items():
         ev = REPO / plan.eval_dir(name)
         gz = bench_files(bench, plan.bench_name(name))[0]
@@ -632,6 +688,10 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
             per[k] = per.get(k, 0) + 1
         parts = ", ".join(f"{k} {v}" for k, v in per.items())
         lines.append(f"{name}: partial, {len(recs)} records of {n} prompts each: {parts} [{where}]")
+    for name, _ in plan.studies():
+        where = plan.data_dir(name)
+        finished = (REPO / where / MANIFEST).is_file()
+        lines.append(f"{name}: data finished ({where})" if finished else data_line(name, plan.a.study_prompts))
     return lines
 
 
@@ -644,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(status(plan, bench, evals)))
         return
     if a.dry_run:
-        for name, overrides in plan.judges():
+        for name, overrides in [*plan.judges(), *plan.studies()]:
             print(f"# {name}\n{shlex.join(plan.command(overrides))}")
         for name, (val, overrides) in evals.items():
             picked = [f"<thresholds picked on {plan.eval_dir(val)}>"] if val else []

@@ -74,7 +74,7 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     """Every command of the default (real pair) chain composes and passes the pipeline's checks, before any work."""
     je = _script()
     plan = je.Plan(je.parse_args(["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k"]))
-    steps = [(n, o) for n, o in plan.judges()] + [(n, o) for n, (_, o) in plan.evals().items()]
+    steps = [*plan.judges(), *plan.studies()] + [(n, o) for n, (_, o) in plan.evals().items()]
     picked = [
         "eval.methods.kl=[0.5,1.0]",
         "eval.methods.judge_gsm8k.thresholds=[0.3]",
@@ -106,6 +106,15 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
         auto.data_gen.output_dir != gsm8k.output_dir and auto.train.output_dir != seen["judge_gsm8k"].train.output_dir
     )
     assert "mmlu" not in json.dumps([s.name for s in mix.dataset.sources]) and not seen["judge_mix"].train.use_negatives
+    # the MMLU signal-study data: its own questions (none a sweep or eval decodes), autojudge_gsm8k's layout and labels
+    study = seen["study_mmlu"]
+    assert list(study.pipeline.stages) == ["data_gen"] and study.data_gen.dataset.name == "mmlu"
+    assert (study.data_gen.dataset.offset, study.data_gen.dataset.limit) == (1280, 256)
+    assert study.data_gen.features == auto.data_gen.features and study.data_gen.autojudge == auto.data_gen.autojudge
+    assert "letter" in study.data_gen.dataset.system_prompt and study.data_gen.tau == gsm8k.tau
+    assert study.data_gen.output_dir not in (auto.data_gen.output_dir, gsm8k.output_dir)
+    with pytest.raises(SystemExit, match="--study-prompts 769 would reach the MMLU validation questions"):
+        je.parse_args(["--study-prompts", "769"])
     val, test = seen["val_gsm8k"].eval, seen["eval_gsm8k"].eval
     assert (val.dataset.split, val.dataset.offset, val.dataset.limit) == ("train", 1024, 64)
     assert (test.dataset.split, test.dataset.offset, test.dataset.limit) == ("test", 0, 256)
@@ -202,13 +211,15 @@ def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(
     labels = root / "bench" / "evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz"  # its regenerations, kept
     data = root / "autojudge_gsm8k" / "data"
     assert len(read_labels(labels, json.loads((data / "manifest.json").read_text())["config_hash"])) > 0
+    study = json.loads((root / "study_mmlu" / "data" / "manifest.json").read_text())  # the MMLU study's data
+    assert study["complete"] and study["counts"]["prompts"] == 4
 
     files = sorted(p for p in root.rglob("*") if p.is_file() and "logs" not in p.parts)
     stamps = {
         p: p.stat().st_mtime_ns for p in files if p.name in (pipeline.MARKER, "per_example.jsonl") or ".gz" in p.name
     }
     again = _drive(root, cache_dir)
-    assert again.count("matches the config; skipped") == 10  # 2 stages x 3 judges + 4 evals
+    assert again.count("matches the config; skipped") == 11  # 2 stages x 3 judges + 4 evals + study_mmlu
     assert "running ->" not in again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -280,6 +291,14 @@ def test_status_reads_what_is_here_and_what_is_committed(tmp_path, capsys):
         "autojudge_gsm8k: not started; 2 AutoJudge labels in evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz "
         "(taken back by a run without the data folder)"
     )
+    # the study's data: progress, then finished
+    study = ["--status", "--only", "study_mmlu"]
+    shards.write_progress(root / "study_mmlu" / "data", 0, {"shards": ["a"], "done_prompt_ids": ["q1", "q2"]})
+    je.main([*args, *study])
+    assert capsys.readouterr().out.startswith("study_mmlu: data_gen 2 of 256 prompts in shards (")
+    (root / "study_mmlu" / "data" / shards.MANIFEST).write_text("{}")
+    je.main([*args, *study])
+    assert capsys.readouterr().out == f"study_mmlu: data finished ({root / 'study_mmlu' / 'data'})\n"
 
 
 def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path):
