@@ -53,7 +53,9 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
     out = s.output_dir
     if rank == 0:
-        labelling.check_output_dir(out, h, world, s.overwrite)
+        relaid = labelling.check_output_dir(out, h, world, s.overwrite, [e.id for e in examples])
+        if relaid:
+            log.info(relaid)
     base = {  # what every shard shares: the manifest less what finalize adds
         "target_model": pair.target_info.as_dict(),
         "draft_model": pair.draft_info.as_dict(),
@@ -78,17 +80,18 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     if rank == 0:
         shards.write_run_info(out, {**base, "tau_rule": dict(s.tau)})  # a snapshot of the run reads it
     barrier(world)
+    pending = labelling.read_layout(out)  # after the barrier: rank 0 has set the layout
     torch.manual_seed(int(plain["seed"]))
     known = read_labels(s.autojudge_labels_from, h) if s.autojudge_labels_from else None  # another config: refused
     if known is not None and rank == 0:
         log.info(
             "%d AutoJudge labels of an earlier run from %s: taken, not regenerated", len(known), s.autojudge_labels_from
         )
-    stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard, known)
+    stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard, known, pending)
     barrier(world)
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}
     if rank == 0:
-        manifest = labelling.finalize(out, world, s, base)
+        manifest = labelling.finalize(out, world, s, base, [e.id for e in examples])
         result.update(counts=manifest["counts"], positive_rate=manifest["positive_rate"], tau=manifest["tau"])
         if plain["logger"]["name"] == "wandb":
             _log_wandb(plain, manifest)

@@ -3,6 +3,10 @@
 Resumable and rank-sliced.
 
 Each rank takes examples ``rank::world`` and cuts them into fixed batches of similar prompt length.
+A stopped run may resume with another number of ranks (a smaller or larger allocation): the prompts no
+rank has finished are dealt out again, ``rank::world`` of those (the layout in ``config_stamp.json``;
+:func:`check_output_dir`), and every rank's earlier shards stay. The new batches differ from the old
+ones, so records then equal an uninterrupted run's only up to batch numerics (as with two ranks vs one).
 After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records (or
 ``shard_prompts`` prompts, so that a stop of a slow run loses little) it is written as one shard and the
 rank's progress file records the prompt ids that shard covers. A killed run restarts after its last
@@ -240,10 +244,13 @@ def run_rank(
     world: int = 1,
     after_shard: Callable[[int], None] | None = None,
     known: Mapping[str, int] | None = None,
+    pending: list[str] | None = None,
 ) -> dict[str, Any]:
     """Process this rank's slice ``rank::world`` of the examples, resuming after its last written shard.
-    ``known``: AutoJudge labels of an earlier run of this config (taken, not regenerated)."""
-    mine = list(range(rank, len(examples), world))
+    ``known``: AutoJudge labels of an earlier run of this config (taken, not regenerated). ``pending``: the
+    ids the rank layout deals out (:func:`read_layout`; None: all examples)."""
+    universe = range(len(examples)) if pending is None else _indices(examples, pending)
+    mine = list(universe[rank::world])
     progress = shards.read_progress(out_dir, rank)
     progress.setdefault("response_tokens", 0)
     done = set(progress["done_prompt_ids"])
@@ -344,13 +351,37 @@ def run_rank(
     return stats
 
 
-def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base: dict) -> dict:
-    """Rank 0, after every rank is done: set τ, write the labels into the shards, write the manifest."""
+def _indices(examples: list[Example], ids: list[str]) -> list[int]:
+    where = {e.id: i for i, e in enumerate(examples)}
+    unknown = [x for x in ids if x not in where]
+    if unknown:  # the stamp's config hash covers the dataset, so only a hand-edited stamp gets here
+        raise RuntimeError(f"config_stamp.json lists prompt ids this dataset lacks: {unknown[:3]}")
+    return sorted(where[x] for x in ids)
+
+
+def _progresses(out_dir: Path) -> list[dict]:
+    """Every rank's progress, of this layout and earlier ones (a resumed run may have had other ranks)."""
+    return [read_json(p) for p in sorted((out_dir / shards.SHARD_DIR).glob("rank*.progress.json"))]
+
+
+def finalize(
+    out_dir: str | Path, world: int, s: DataGenSettings, manifest_base: dict, expected: list[str] | None = None
+) -> dict:
+    """Rank 0, after every rank is done: set τ, write the labels into the shards, write the manifest.
+    ``expected``: the run's prompt ids; each must be done exactly once (else nothing is written)."""
     out_dir = Path(out_dir)
     missing = [r for r in range(world) if not (out_dir / shards.SHARD_DIR / f"rank{r:03d}.done.json").is_file()]
     if missing:
         raise RuntimeError(f"data_gen ranks {missing} have not finished; rerun data_gen to complete them")
-    progresses = [shards.read_progress(out_dir, r) for r in range(world)]
+    progresses = _progresses(out_dir)
+    if expected is not None:
+        done = [x for p in progresses for x in p["done_prompt_ids"]]
+        twice, left = len(done) - len(set(done)), set(expected) - set(done)
+        if twice or left or len(done) != len(expected):
+            raise RuntimeError(
+                f"data_gen output '{out_dir}' covers {len(set(done) & set(expected))} of {len(expected)} prompts "
+                f"({len(left)} missing, {twice} twice): not finalized; rerun data_gen to complete it"
+            )
     names = [n for p in progresses for n in p["shards"]]
     paths = [out_dir / shards.SHARD_DIR / n for n in names]
     lds, aj_pos, aj_n = [], 0, 0
@@ -409,22 +440,38 @@ def finalize(out_dir: str | Path, world: int, s: DataGenSettings, manifest_base:
     return manifest
 
 
-def check_output_dir(out_dir: str | Path, cfg_hash: str, world: int, overwrite: bool) -> None:
-    """Refuse a folder made by another config or rank count (unless overwrite): records would mix."""
+STAMP = "config_stamp.json"
+
+
+def check_output_dir(
+    out_dir: str | Path, cfg_hash: str, world: int, overwrite: bool, ids: list[str] | None = None
+) -> str | None:
+    """Refuse a folder made by another config (unless overwrite): records would mix. A folder started with
+    another number of ranks gets a new layout: the prompts of ``ids`` that no rank has finished, dealt out
+    ``rank::world`` (:func:`read_layout`). Rank 0 only, before the other ranks start. Returns a line saying
+    so, or None."""
     out_dir = Path(out_dir)
-    stamp = out_dir / "config_stamp.json"
+    stamp = out_dir / STAMP
     fix = "choose another data_gen.output_dir or set data_gen.overwrite=true to replace it"
     if stamp.is_file():
         old = read_json(stamp)
-        problem = None
         if old["config_hash"] != cfg_hash:
             problem = f"was made by a different config (config_hash {old['config_hash']} != {cfg_hash})"
-        elif old["world_size"] != world:
-            problem = f"was started with {old['world_size']} ranks, not {world} (resume with the same number)"
-        if problem:
             if not overwrite:
                 raise FileExistsError(f"data_gen.output_dir '{out_dir}' {problem}; {fix}")
             shutil.rmtree(out_dir)
+        elif old["world_size"] != world:
+            if ids is None:
+                raise ValueError("check_output_dir: a new rank layout needs the run's prompt ids")
+            done = {x for p in _progresses(out_dir) for x in p["done_prompt_ids"]}
+            pending = [x for x in ids if x not in done]
+            for f in (out_dir / shards.SHARD_DIR).glob("rank*.done.json"):  # the old layout's: not this one's
+                f.unlink()
+            write_json(stamp, {"config_hash": cfg_hash, "world_size": world, "pending": pending})
+            return (
+                f"data_gen.output_dir '{out_dir}' was run with {old['world_size']} rank(s): its {len(done)} finished "
+                f"prompts stay, the {len(pending)} others are dealt out to {world} rank(s)"
+            )
     elif out_dir.is_dir() and any(out_dir.iterdir()):  # never deleted, even with overwrite: not ours
         raise FileExistsError(
             f"data_gen.output_dir '{out_dir}' is not empty and is not a data_gen output; "
@@ -433,3 +480,9 @@ def check_output_dir(out_dir: str | Path, cfg_hash: str, world: int, overwrite: 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
         write_json(stamp, {"config_hash": cfg_hash, "world_size": world})
+    return None
+
+
+def read_layout(out_dir: str | Path) -> list[str] | None:
+    """The prompt ids the current rank layout deals out (None: all, the layout the run started with)."""
+    return read_json(Path(out_dir) / STAMP).get("pending")

@@ -132,6 +132,59 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache_dir):
     assert again["rank_stats"]["prompts_this_run"] == 0 and again["counts"] == a["counts"]
 
 
+def test_a_stopped_run_resumes_with_another_number_of_ranks(tmp_path, cache_dir, monkeypatch):
+    """One rank stopped after its first shard; resumed by two ranks (in turn here, as torchrun's would between
+    the barriers): the prompts not done are dealt out again, nothing twice, nothing lost, the same records."""
+    from selfjudge.data_gen import stage
+
+    full = tmp_path / "full"
+    run(_cfg(full, cache_dir))
+
+    def kill(index: int) -> None:
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"), after_shard=kill)
+    first = shards.read_progress(part / "data", 0)["done_prompt_ids"]
+    assert len(first) == 3  # one batch
+    monkeypatch.setattr(stage, "barrier", lambda world: None)
+    monkeypatch.setattr(stage, "ranks", lambda: (0, 2))
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] have not finished"):  # rank 0's half done, rank 1's not
+        run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))
+    stamp = json.loads((part / "data" / "config_stamp.json").read_text())
+    assert (
+        stamp["world_size"] == 2 and len(set(stamp["pending"]) | set(first)) == len(stamp["pending"]) + len(first) == 7
+    )
+    monkeypatch.setattr(stage, "ranks", lambda: (1, 2))
+    one = run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))["rank_stats"]
+    assert one["prompts"] == len(stamp["pending"][1::2]) == one["prompts_this_run"]
+    monkeypatch.setattr(stage, "ranks", lambda: (0, 2))
+    done = run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))  # rank 0 again: nothing left, finalize
+    assert done["rank_stats"]["prompts_this_run"] == 0 and done["counts"]["prompts"] == 7
+    _same_records(_records(full / "data"), _records(part / "data"), exact=False)  # other batches: numerics only
+    man = shards.read_manifest(part / "data")
+    assert man["world_size"] == 2 and {n[:7] for n in man["shards"]} == {"rank000", "rank001"}
+    assert man["counts"] == shards.read_manifest(full / "data")["counts"]
+    # back to one rank on the finished folder: nothing to redo
+    monkeypatch.setattr(stage, "ranks", lambda: (0, 1))
+    assert run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))["rank_stats"]["prompts_this_run"] == 0
+
+
+def test_finalize_refuses_a_folder_that_misses_or_repeats_prompts(tmp_path):
+    from selfjudge.io import write_json
+    from selfjudge.labelling import finalize
+
+    d = tmp_path / "data"
+    shards.write_progress(d, 0, {"shards": [], "done_prompt_ids": ["p0", "p1"], "response_tokens": 0})
+    shards.write_progress(d, 1, {"shards": [], "done_prompt_ids": ["p1"], "response_tokens": 0})
+    write_json(d / "shards" / "rank000.done.json", {})
+    for expected, says in ((["p0", "p1", "p2"], "1 missing, 1 twice"), (["p0", "p1"], "0 missing, 1 twice")):
+        with pytest.raises(RuntimeError, match=f"covers 2 of {len(expected)} prompts \\({says}\\): not finalized"):
+            finalize(d, 1, None, {}, expected)
+    assert not (d / "manifest.json").exists()
+
+
 def test_shard_prompts_closes_shards_early_and_keeps_the_key(tmp_path, cache_dir):
     """data_gen.shard_prompts closes a shard after that many prompts (whole batches) although shard_size is not
     reached; the records are those of a run without it, and a folder made with one value resumes with another
@@ -211,9 +264,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one(tmp_path, cache_dir):
-    run(_cfg(tmp_path / "one", cache_dir))
+def _torchrun(tmp_path: Path, out: Path, cache_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable,
@@ -223,12 +274,29 @@ def test_two_ranks_equal_one(tmp_path, cache_dir):
         f"--master_port={_free_port()}",
         "-m",
         "selfjudge.data_gen.main",
-        *_overrides(tmp_path / "two", cache_dir),
+        *_overrides(out, cache_dir, *extra),
     ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one(tmp_path, cache_dir):
+    run(_cfg(tmp_path / "one", cache_dir))
+    _torchrun(tmp_path, tmp_path / "two", cache_dir)
     man = shards.read_manifest(tmp_path / "two" / "data")
     assert man["world_size"] == 2 and {n[:7] for n in man["shards"]} == {"rank000", "rank001"}
     _same_records(_records(tmp_path / "one" / "data"), _records(tmp_path / "two" / "data"), exact=False)
     one = shards.read_manifest(tmp_path / "one" / "data")
     assert man["counts"] == one["counts"] and man["tau"] == pytest.approx(one["tau"], abs=1e-5)
+
+    # a one-rank run stopped after its first shard, finished by torchrun's two ranks
+    def kill(index: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(tmp_path / "grown", cache_dir, "data_gen.shard_prompts=3"), after_shard=kill)
+    proc = _torchrun(tmp_path, tmp_path / "grown", cache_dir, "data_gen.shard_prompts=3")
+    assert "its 3 finished prompts stay, the 4 others are dealt out to 2 rank(s)" in proc.stdout + proc.stderr
+    _same_records(_records(tmp_path / "one" / "data"), _records(tmp_path / "grown" / "data"), exact=False)
