@@ -269,7 +269,7 @@ def train_head(
     if regress and len(train_ds) and bool(torch.isnan(train_ds[:4096]["ld"]).any()):
         raise ValueError("a regress_ld head trains on mismatches only: set train.use_negatives=false")
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=False)
-    epoch, batch_in_epoch, best, history, resumed_from = 0, 0, {"roc_auc": -1.0}, [], None
+    epoch, batch_in_epoch, best, history, resumed_from, rng = 0, 0, {"roc_auc": -1.0}, [], None, None
     if s.resume and (ckpt_dir / "latest").is_file():
         _safe_checkpoint_loads(engine)
         path, client = engine.load_checkpoint(str(ckpt_dir))
@@ -283,7 +283,7 @@ def train_head(
             )
         epoch, batch_in_epoch = int(client["epoch"]), int(client["batch"])
         best, history, resumed_from = client["best"], client["history"], path
-        torch.set_rng_state(client["rng"])
+        rng = client["rng"]  # set once the epoch's loader iterator exists (making it draws from the global RNG)
         if rank == 0:
             logger.info(f"resumed from {path}: epoch {epoch}, micro-batch {batch_in_epoch}, step {engine.global_steps}")
 
@@ -312,7 +312,11 @@ def train_head(
             train_ds, batch_size=s.batch_size, sampler=_SkipSampler(sampler, skip), num_workers=s.num_workers
         )
         engine.train()
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, leave=False)
+        batches = iter(loader)
+        if rng is not None:  # the dropout masks go on where the checkpoint left them
+            torch.set_rng_state(rng)
+            rng = None
+        bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", disable=rank != 0, leave=False)
         for batch in bar:
             out = forward(batch["features"].to(dev))  # [B]
             if regress:

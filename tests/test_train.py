@@ -174,7 +174,7 @@ def test_seeded_runs_are_identical(data_dir, tmp_path):
 
 def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
     """Killed after step 13 (checkpoint at 12, mid-epoch 1): the rerun continues at step 13 and ends exactly
-    where an uninterrupted run ends."""
+    where an uninterrupted run ends, dropout masks included (an MLP head)."""
     from selfjudge.train.stage import run
 
     class Killed(Exception):
@@ -184,7 +184,7 @@ def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
         if step == 13:
             raise Killed()
 
-    args = ("train.checkpoint_every=4", "train.batch_size=32")
+    args = ("train.checkpoint_every=4", "train.batch_size=32", "judge=mlp")
     with pytest.raises(Killed):
         run(_cfg(tmp_path, *args), after_step=kill)
     assert (tmp_path / "judge" / "checkpoints" / "latest").read_text().strip() == "step12"
