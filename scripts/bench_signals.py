@@ -67,13 +67,13 @@ HEADS = ("logistic", "mlp", "ld_reg")
 SHARES = tuple(round(0.05 * k, 2) for k in range(1, 21))  # acceptance shares of the harm curves
 # feature sets: a name -> the FeatureSpec mapping a head trained on it would carry (sliced from the folder)
 FEATURE_SETS = {
-    "h_i": {"layers": [-1], "state_offsets": [0]},  # today's default
+    "h_i": {"layers": [-1], "state_offsets": [0]},  # the paper's feature
     "h_i-1": {"layers": [-1], "state_offsets": [-1]},
     "h_i-1,h_i": {"layers": [-1], "state_offsets": [-1, 0]},
     "scalars": {"layers": [-1], "state_offsets": [], "scalars": "all"},
     "h_i+scalars": {"layers": [-1], "state_offsets": [0], "scalars": "all"},
     "h_i-1,h_i+scalars": {"layers": [-1], "state_offsets": [-1, 0], "scalars": "all"},
-    # the set within the 2 % cost budget: states + the likelihood scalars (a max and a logsumexp)
+    # the set within the 2 % cost budget: states + the likelihood scalars (a max and a logsumexp); the default
     "h_i-1,h_i+lik": {
         "layers": [-1],
         "state_offsets": [-1, 0],

@@ -34,6 +34,7 @@ class JudgeData:
     split: dict  # seed, fraction, validation prompt ids, row and prompt counts
     features: FeatureSpec  # the head's layout: the folder's, or the subset train.features chose
     columns: list[int] | None = None  # where the head's features sit in a stored row (None: all of it)
+    use_negatives: bool = True  # whether the original-token rows (label 0) are in (train.use_negatives, resolved)
 
 
 class FeatureColumns:
@@ -108,13 +109,15 @@ def _same(manifests: list[dict], dirs: list[str], key: str, what: str, get) -> N
 def load_judge_data(
     data_dirs: Sequence[str],
     label_source: str,
-    use_negatives: bool,
+    use_negatives: bool | None,
     val_fraction: float,
     seed: int,
     features: FeatureSpec | None = None,
 ) -> JudgeData:
     """Open, check, filter and split the shards of one or more data_gen folders (same target model); with
-    ``features``, rows carry only that subset of the stored layout (train.features)."""
+    ``features``, rows carry only that subset of the stored layout (train.features). ``use_negatives`` None
+    (train.use_negatives=auto): the original-token rows are in unless the head's layout holds a scalar, where
+    such a row (gap 0, log p(d) = the top-1's) is trivially label 0."""
     import datasets
 
     if label_source not in LABEL_SOURCES:
@@ -144,6 +147,9 @@ def load_judge_data(
             f"train.label_source=autojudge, but '{dirs[0]}' has no AutoJudge labels "
             f"(manifest label_sources {manifests[0].get('label_sources')}): enable them in data_gen"
         )
+    stored = FeatureSpec.from_mapping(manifests[0].get("features"))
+    if use_negatives is None:
+        use_negatives = not (features or stored).scalars
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if label_source == "autojudge":  # rows without an AutoJudge label (-1) are dropped
         ds = ds.filter(lambda a: [x != -1 for x in a], input_columns="autojudge_label", batched=True, batch_size=65536)
@@ -177,7 +183,6 @@ def load_judge_data(
             )
     train = ds.select(np.nonzero(~val_mask)[0]).with_format("torch", columns=TORCH_COLUMNS)
     val = ds.select(np.nonzero(val_mask)[0]).with_format("torch", columns=TORCH_COLUMNS)
-    stored = FeatureSpec.from_mapping(manifests[0].get("features"))
     dim, columns = int(manifests[0]["feature_dim"]), None
     if features is not None and features != stored:
         tgt, drf = manifests[0].get("target_model") or {}, manifests[0].get("draft_model") or {}
@@ -199,7 +204,7 @@ def load_judge_data(
         "train_positive_rate": float(labels[~val_mask].mean()),
         "val_positive_rate": float(labels[val_mask].mean()),
     }
-    return JudgeData(train, val, dim, manifests[0], split, features or stored, columns)
+    return JudgeData(train, val, dim, manifests[0], split, features or stored, columns, use_negatives)
 
 
 @torch.no_grad()

@@ -65,7 +65,10 @@ def _same_records(a: list[dict], b: list[dict], exact: bool = True) -> None:
 
 
 def test_records_manifest_and_scores(tmp_path, cache_dir, tiny_pair):
-    out = run(_cfg(tmp_path, cache_dir, "data_gen.feature_dtype=float32"))
+    # the paper's layout (the state at i), which the naive oracle below computes; tests/test_features.py checks
+    # the default layout (states at i-1 and i, scalars) against its definitions
+    paper = ("data_gen.features.state_offsets=[0]", "data_gen.features.scalars=[]")
+    out = run(_cfg(tmp_path, cache_dir, "data_gen.feature_dtype=float32", *paper))
     data = tmp_path / "data"
     man = shards.read_manifest(data)
     rows = _records(data)

@@ -28,6 +28,8 @@ DIST_VARS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def _cfg(run_dir: Path, *extra: str):
+    """A train config on the synthetic shards: the logistic head unless ``extra`` names one."""
+    head = [] if any(x.startswith("judge=") for x in extra) else ["judge=logistic"]
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
         return compose(
             "selfjudge",
@@ -38,6 +40,7 @@ def _cfg(run_dir: Path, *extra: str):
                 "train.batch_size=64",
                 "train.lr=0.05",
                 "train.device=cpu",
+                *head,
                 *extra,
             ],
         )
@@ -142,8 +145,9 @@ def test_ld_regression_head(data_dir, tmp_path):
     from selfjudge.train.stage import run
 
     with pytest.raises(ValueError, match="train.use_negatives=false"):
-        run(_cfg(tmp_path, "judge=ld_mlp", f"train.output_dir={tmp_path / 'neg'}"))
-    res = run(_cfg(tmp_path, "judge=ld_mlp", "train.use_negatives=false", "train.lr=0.003", "train.epochs=10"))
+        run(_cfg(tmp_path, "judge=ld_mlp", "train.use_negatives=true", f"train.output_dir={tmp_path / 'neg'}"))
+    res = run(_cfg(tmp_path, "judge=ld_mlp", "train.lr=0.003", "train.epochs=10"))  # auto: mismatches only
+    assert JudgeHead.from_pretrained(tmp_path / "judge" / "head").config.extra["use_negatives"] is False
     head = JudgeHead.from_pretrained(tmp_path / "judge" / "head")
     c = head.config
     assert c.objective == "regress_ld" and c.ld_tau == 0.1 and c.ld_sigma > 0 and res["roc_auc"] > 0.7
@@ -174,7 +178,7 @@ def test_seeded_runs_are_identical(data_dir, tmp_path):
 
 def test_killed_run_resumes_from_its_checkpoint(data_dir, tmp_path):
     """Killed after step 13 (checkpoint at 12, mid-epoch 1): the rerun continues at step 13 and ends exactly
-    where an uninterrupted run ends, dropout masks included (an MLP head)."""
+    where an uninterrupted run ends, dropout masks included (the MLP head, the default)."""
     from selfjudge.train.stage import run
 
     class Killed(Exception):

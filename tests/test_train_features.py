@@ -77,6 +77,16 @@ def test_head_on_a_subset_of_a_wide_folder_equals_the_head_on_a_narrow_folder(tm
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.config.thresholds == b.config.thresholds
+    # train.use_negatives=auto (the default): a head reading scalars trains on the mismatches alone (an
+    # original-token row is trivially label 0 there), a head on states alone also on the original-token rows
+    subs = int(sum(ds_n["substituted"]))
+    assert a.config.extra["use_negatives"] is False and 0 < subs < len(ds_n)
+    assert sum(a.config.extra["split"][k] for k in ("n_train_rows", "n_val_rows")) == subs
+    train(_compose(wide, cache_dir, "train.features={state_offsets:[0]}", f"train.output_dir={wide / 'states'}"))
+    c = JudgeHead.from_pretrained(wide / "states" / "head").config
+    assert c.extra["use_negatives"] is True and c.extra["split"]["n_train_rows"] + c.extra["split"][
+        "n_val_rows"
+    ] == len(ds_w)
 
 
 def test_features_not_stored_are_refused_by_name(tmp_path, cache_dir):

@@ -60,7 +60,7 @@ class TrainSection:
     weight_decay: float
     val_fraction: float
     label_source: str
-    use_negatives: bool
+    use_negatives: Any  # true | false | auto (true unless the head reads scalars or regresses LD)
     seed: int
     num_workers: int
     log_every: int
@@ -82,6 +82,8 @@ class TrainSection:
                 FeatureSpec.from_mapping(self.features)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"train.features: {e.args[0]}") from None
+        neg = self.use_negatives
+        require(isinstance(neg, bool) or neg == "auto", "train.use_negatives", "true, false or auto", neg)
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
             require(is_int(getattr(self, key), 1), f"train.{key}", "an integer >= 1", getattr(self, key))
         for key in ("num_workers", "checkpoint_every", "keep_checkpoints", "val_examples"):
@@ -184,7 +186,7 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
                 "tau": man.get("tau"),
                 "tokenizer": man.get("tokenizer"),
                 "split": data.split,
-                "use_negatives": bool(t["use_negatives"]),
+                "use_negatives": data.use_negatives,
                 "train": {k: t[k] for k in ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "seed")},
                 "zero_stage": plain["deepspeed"]["zero_stage"],
                 "code_version": code_version(),
@@ -194,6 +196,14 @@ def build_head(plain: dict, data: JudgeData) -> JudgeHead:
     head.init_weights(int(t["seed"]))
     head.set_standardization(*feature_stats(data.train))
     return head
+
+
+def negatives(value: bool | str, judge: dict) -> bool | None:
+    """train.use_negatives: auto is false for an LD regressor (mismatches only) and else left to the data's
+    layout (None: :func:`selfjudge.judge_data.load_judge_data` decides)."""
+    if value != "auto":
+        return bool(value)
+    return False if judge.get("objective") == "regress_ld" else None
 
 
 @stage_lock(lambda cfg: cfg.train.output_dir, "train.output_dir")
@@ -207,7 +217,7 @@ def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -
     data = load_judge_data(
         folder_list(t["data_dir"]),
         t["label_source"],
-        bool(t["use_negatives"]),
+        negatives(t["use_negatives"], plain["judge"]),
         float(t["val_fraction"]),
         int(t["seed"]),
         features=None if t.get("features") is None else FeatureSpec.from_mapping(t["features"]),
