@@ -8,7 +8,10 @@ For every mismatch (substituted rows only: the rules act on mismatches alone) an
 
 - ``selfjudge``: LD_N > τ (the folder's τ), and
 - ``answer``: the AutoJudge label (greedy continuation after the swap changes the task score; rows
-  without one are left out of that label's columns),
+  without one are left out of that label's columns), and
+- ``harm``: the answer label where the swap turns a right answer wrong (1), every other answer-labelled row 0:
+  the task score is correctness, so ``answer`` also counts swaps that turn a wrong answer right, which an
+  accuracy-keeping rule may accept (the response's own score: its text scored by the task's checker),
 
 it reports ROC-AUC and PR-AUC with prompt-clustered bootstrap 95 % intervals for: the training-free
 scores (KL(q‖p); the KL rule, which also rejects where the target's top-1 p > 0.9; the likelihood gap;
@@ -61,7 +64,7 @@ from selfjudge.judge_metrics import accepted_harm
 from selfjudge.shards import open_dataset
 from selfjudge.tasks import build_task
 
-LABELS = ("selfjudge", "answer")
+LABELS = ("selfjudge", "answer", "harm")
 RULE_SCORES = ("kl", "kl_rule", "likelihood_gap", "neg_logp", "typical", "topk_rank", "draft_neg_logq", "ld")
 HEADS = ("logistic", "mlp", "ld_reg")
 SHARES = tuple(round(0.05 * k, 2) for k in range(1, 21))  # acceptance shares of the harm curves
@@ -106,7 +109,8 @@ def load_folder(folder: str, partial: bool = False) -> dict:
     dropped = int(((aj >= 0) & ~finished).sum())
     aj[~finished] = -1
     # answer-change labels scored by an earlier revision of the task's checker than today's do not count
-    checker = build_task(man["config"]["data_gen"]["dataset"]).checker
+    task = build_task(man["config"]["data_gen"]["dataset"])
+    checker = task.checker
     stale = int((aj >= 0).sum()) if man["config"].get("checker") != checker else 0
     if stale:
         aj[:] = -1
@@ -116,6 +120,7 @@ def load_folder(folder: str, partial: bool = False) -> dict:
         "x": np.asarray(rows["features"], dtype=np.float32),
         "sj": (np.asarray(rows["ld"], dtype=np.float64) > float(man["tau"])).astype(int),  # = finalize's labels
         "aj": aj,
+        "base": response_scores(task, man, rows["prompt_id"], resp, finished),
         "finished": finished,
         "answer_dropped_unfinished": dropped,
         "answer_dropped_checker": stale,
@@ -136,6 +141,53 @@ def load_folder(folder: str, partial: bool = False) -> dict:
         "folder": folder,
         "complete": bool(man.get("complete")),
     }
+
+
+def response_scores(task, man: dict, prompts, responses, finished: np.ndarray) -> np.ndarray:
+    """Per row, the task score of its response (the target's own; 1 right, 0 wrong); NaN for a response cut at
+    the limit or without a checker verdict. One decode per response."""
+    out = np.full(len(prompts), np.nan)
+    if not task.has_checker or not finished.any():
+        return out
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(man["tokenizer"]["name_or_path"])
+    examples = {e.id: e for e in task.examples()}
+    seen: dict[str, float] = {}
+    for i in np.flatnonzero(finished):
+        pid = str(prompts[i])
+        if pid not in seen:
+            v = (
+                task.score(examples[pid], tok.decode(responses[i], skip_special_tokens=True))
+                if pid in examples
+                else None
+            )
+            seen[pid] = math.nan if v is None else float(v)
+        out[i] = seen[pid]
+    return out
+
+
+def flips(d: dict) -> dict[str, int]:
+    """Answer-labelled mismatches by their response's score: how many each way the swap flipped it."""
+    aj, base = d["aj"], d["base"]
+    right, wrong = (aj >= 0) & (base == 1), (aj >= 0) & (base == 0)
+    return {
+        "from_right": int(right.sum()),
+        "right_to_wrong": int((right & (aj == 1)).sum()),
+        "from_wrong": int(wrong.sum()),
+        "wrong_to_right": int((wrong & (aj == 1)).sum()),
+    }
+
+
+def label_of(d: dict, label: str) -> np.ndarray:
+    """A label's column (-1: unknown): ``harm`` = the answer label where the response was right, 0 where it was
+    wrong (a swap there cannot cost accuracy)."""
+    if label == "selfjudge":
+        return d["sj"]
+    if label == "answer":
+        return d["aj"]
+    known = (d["aj"] >= 0) & ~np.isnan(d["base"])
+    return np.where(known, ((d["aj"] == 1) & (d["base"] == 1)).astype(int), -1)
 
 
 def read_rows(paths: list[str]) -> list[dict]:
@@ -171,11 +223,18 @@ def pooled(d: dict, dom: str, rows: list[dict], live_scores: dict[str, np.ndarra
     """The training-free scores (and LD) against both labels over this run's mismatches plus the earlier
     runs' rows of prompts this run does not hold: every answer-change label ever collected counts."""
     old = [r for r in rows if r["domain"] == dom and r["prompt_id"] not in set(d["prompt"].tolist())]
+    aj = [r["answer"] if answer_counts(r, d["checker"]) else -1 for r in old]
+    base = [math.nan if r.get("base") is None else r["base"] for r in old]  # dumps before "base": unknown
     y = {
-        "selfjudge": np.concatenate([d["sj"], [r["selfjudge"] for r in old]]).astype(int),
-        "answer": np.concatenate(
-            [d["aj"], [r["answer"] if answer_counts(r, d["checker"]) else -1 for r in old]]
-        ).astype(int),
+        label: label_of(
+            {
+                "sj": np.concatenate([d["sj"], [r["selfjudge"] for r in old]]).astype(int),
+                "aj": np.concatenate([d["aj"], aj]).astype(int),
+                "base": np.concatenate([d["base"], base]).astype(np.float64),
+            },
+            label,
+        )
+        for label in LABELS
     }
     groups = np.concatenate([d["prompt"], [r["prompt_id"] for r in old]]).astype(str)
     res: dict = {label: {} for label in LABELS}
@@ -404,7 +463,7 @@ def head_scores(
                     plan = [([(held, fold != k)], fold == k) for k in range(folds)]
                 for parts, test in plan:
                     x = np.concatenate([column_index_rows(t, spec, m) for t, m in parts])
-                    y = np.concatenate([(t["sj"] if label == "selfjudge" else t["aj"])[m] for t, m in parts])
+                    y = np.concatenate([label_of(t, label)[m] for t, m in parts])
                     ld = np.concatenate([t["ld"][m] for t, m in parts])
                     pr = np.concatenate([t["prompt"][m] for t, m in parts])
                     keep = y >= 0
@@ -451,7 +510,7 @@ def load_domain(spec: str, partial: bool = False) -> dict:
         d["answer_dropped_unfinished"] += p["answer_dropped_unfinished"]
         d["answer_dropped_checker"] += p["answer_dropped_checker"]
         d["complete"] = d["complete"] and p["complete"]
-        for k in ("x", "sj", "aj", "ld", "prompt", "key", "finished"):
+        for k in ("x", "sj", "aj", "base", "ld", "prompt", "key", "finished"):
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
     return d
@@ -474,6 +533,7 @@ def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -
                         "checker": d["checker"],
                         "selfjudge": int(d["sj"][i]),
                         "answer": int(d["aj"][i]),
+                        "base": None if np.isnan(d["base"][i]) else float(d["base"][i]),
                         **{k: round(float(v[i]), 5) if np.isfinite(v[i]) else None for k, v in scores.items()},
                     }
                 )
@@ -508,7 +568,7 @@ def study(
             scores[f"judge:{name}:{kind}:{lab}"] = v
         res = {}
         for label in LABELS:
-            y = d["sj"] if label == "selfjudge" else d["aj"]
+            y = label_of(d, label)
             keep = y >= 0
             res[label] = {}
             for k, v in scores.items():  # NaN: rows a head could not score (its training folds had one class)
@@ -526,6 +586,7 @@ def study(
             "tau": d["tau"],
             "mismatches": len(d["sj"]),
             "answer_labelled": int((d["aj"] >= 0).sum()),
+            "answer_flips": flips(d),
             "prompts": len(np.unique(d["prompt"])),
             "answer_labels_from_earlier_rows": merged,
             "answer_labels_dropped_unfinished": d["answer_dropped_unfinished"],
@@ -545,18 +606,22 @@ def _fmt(r: dict, key: str) -> str:
     return "–" if math.isnan(v) else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+TITLES = {"selfjudge": "SelfJudge", "answer": "answer-change", "harm": "right-to-wrong"}
+
+
 def score_table(results: dict) -> list[str]:
-    """One row per score: ROC-AUC and PR-AUC with intervals and counts, against both labels."""
-    sj, aj = results["selfjudge"], results["answer"]
+    """One row per score: ROC-AUC and PR-AUC with intervals and counts, against each label."""
+    labels = [lab for lab in LABELS if lab in results]
     lines = [
-        "| score | SelfJudge ROC-AUC | PR-AUC | n (pos) | answer-change ROC-AUC | PR-AUC | n (pos) |",
-        "|---|---|---|---|---|---|---|",
+        "| score | " + " | ".join(f"{TITLES[lab]} ROC-AUC | PR-AUC | n (pos)" for lab in labels) + " |",
+        "|---|" + "---|---|---|" * len(labels),
     ]
-    for k in sj:
-        lines.append(
-            f"| {k} | {_fmt(sj[k], 'roc_auc')} | {_fmt(sj[k], 'pr_auc')} | {sj[k]['n']} ({sj[k]['positives']}) "
-            f"| {_fmt(aj[k], 'roc_auc')} | {_fmt(aj[k], 'pr_auc')} | {aj[k]['n']} ({aj[k]['positives']}) |"
-        )
+    for k in results["selfjudge"]:
+        cells = [
+            f"{_fmt(r[k], 'roc_auc')} | {_fmt(r[k], 'pr_auc')} | {r[k]['n']} ({r[k]['positives']})"
+            for r in (results[lab] for lab in labels)
+        ]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -574,16 +639,19 @@ def curve_scores(res: dict, dom: str) -> list[str]:
     return [*PLOTTED_RULES, *(k for _, k in best.values())]
 
 
-def harm_table(dom: str, d: dict) -> list[str]:
-    """Answer label: the share of accepted mismatches that change the answer at a few acceptance shares."""
-    r = d["results"]["answer"]
+HARM_TITLES = {"answer": "change the answer", "harm": "turn a right answer wrong"}
+
+
+def harm_table(dom: str, d: dict, label: str = "answer") -> list[str]:
+    """The answer labels: the share of accepted mismatches that carry the label at a few acceptance shares."""
+    r = d["results"].get(label, {})
     shown = [k for k, v in r.items() if "accepted_harm" in v]
     if not shown:
         return []
     at = {0.1: 1, 0.25: 4, 0.5: 9, 0.75: 14}  # indices into SHARES
     base = r[shown[0]]["accepted_harm"][-1]
     lines = [
-        f"#### {dom}: share of the accepted mismatches that change the answer, accepting the safest first by "
+        f"#### {dom}: share of the accepted mismatches that {HARM_TITLES[label]}, accepting the safest first by "
         f"each score [95 % prompt-bootstrap interval] (all accepted: {base:.3f}; lower is better)",
         "",
         "| score | " + " | ".join(f"{int(q * 100)} % accepted" for q in at) + " |",
@@ -654,8 +722,16 @@ def markdown(res: dict) -> str:
             ),
             "",
         ]
+        fl = d.get("answer_flips")
+        if fl and fl["from_right"] + fl["from_wrong"]:
+            lines += [
+                f"Answer-labelled swaps in responses the checker scores right: {fl['from_right']}, of which "
+                f"{fl['right_to_wrong']} turn the answer wrong (the `harm` label); in responses scored wrong: "
+                f"{fl['from_wrong']}, of which {fl['wrong_to_right']} turn it right (counted by `answer`, not by `harm`).",
+                "",
+            ]
         lines += score_table(d["results"])
-        lines += harm_table(dom, d)
+        lines += harm_table(dom, d, "answer") + harm_table(dom, d, "harm")
         if "pooled" in d:
             pl = d["pooled"]
             title = (
@@ -667,14 +743,16 @@ def markdown(res: dict) -> str:
         lines += [
             "### Ablation (feature set × train label × head)",
             "",
-            "| domain | features | dim | head | trained on | val ROC-AUC | held-out ROC-AUC vs SelfJudge | vs answer-change |",
-            "|---|---|---|---|---|---|---|---|",
+            "| domain | features | dim | head | trained on | val ROC-AUC | held-out ROC-AUC vs SelfJudge | "
+            "vs answer-change | vs right-to-wrong |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         f = lambda v: "–" if v is None or math.isnan(v) else f"{v:.3f}"
         for a in res["ablation"]:
             lines.append(
                 f"| {a['domain']} | {a['features']} | {a['dim']} | {a['head']} | {a['train_label']} | "
-                f"{f(a['val_roc_auc'])} | {f(a['heldout_roc_auc_selfjudge'])} | {f(a['heldout_roc_auc_answer'])} |"
+                f"{f(a['val_roc_auc'])} | {f(a['heldout_roc_auc_selfjudge'])} | {f(a['heldout_roc_auc_answer'])} | "
+                f"{f(a.get('heldout_roc_auc_harm'))} |"
             )
     return "\n".join(lines) + "\n"
 

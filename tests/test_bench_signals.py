@@ -102,6 +102,32 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     assert ("h_i-1,h_i+scalars", "logistic") in abl and len(abl) == 6
     # the random tiny target never answers right, so no swap changes the score: the answer label has one class
     assert math.isnan(res["domains"]["tiny"]["results"]["answer"]["rule:kl"]["roc_auc"])
+    # each row's response score is its response's text scored by the task's checker (the harm label's base)
+    from transformers import AutoTokenizer
+
+    from selfjudge.tasks import build_task
+
+    task = build_task(man["config"]["data_gen"]["dataset"])
+    ex = {e.id: e for e in task.examples()}
+    tok = AutoTokenizer.from_pretrained(man["tokenizer"]["name_or_path"])
+    want = [
+        task.score(ex[p], tok.decode(r, skip_special_tokens=True)) if len(r) < man["max_new_tokens"] else None
+        for p, r in zip(rows["prompt_id"], ds.filter(lambda r: r["substituted"])["response_ids"])
+    ]
+    assert [d["base"] for d in dumped] == want and any(w is not None for w in want)
+    fl = res["domains"]["tiny"]["answer_flips"]
+    assert fl["right_to_wrong"] == fl["wrong_to_right"] == 0 and fl["from_right"] + fl["from_wrong"] > 0
+    assert set(res["domains"]["tiny"]["results"]) == {"selfjudge", "answer", "harm"}
+
+
+def test_the_harm_label_counts_only_swaps_that_turn_a_right_answer_wrong():
+    bs = _script()
+    aj = np.array([1, 0, 1, 0, -1, 1])
+    base = np.array([1.0, 1.0, 0.0, 0.0, 1.0, np.nan])  # right, right, wrong, wrong, right (unlabelled), no answer
+    d = {"sj": np.zeros(6, int), "aj": aj, "base": base}
+    assert bs.label_of(d, "harm").tolist() == [1, 0, 0, 0, -1, -1]
+    assert bs.label_of(d, "answer") is aj
+    assert bs.flips(d) == {"from_right": 2, "right_to_wrong": 1, "from_wrong": 2, "wrong_to_right": 1}
 
 
 def test_heads_trained_on_another_folder(folders, tmp_path):
