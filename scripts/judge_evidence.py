@@ -448,6 +448,8 @@ def archive_labels(data: Path, labels: Path, name: str) -> None:
     from selfjudge.autojudge import export_labels
     from selfjudge.shards import MANIFEST, RUN_INFO, SHARD_DIR
 
+    if not labels.is_file() and not any((data / SHARD_DIR).glob("*.parquet")):
+        return  # no shard written yet: no file to commit
     if (data / MANIFEST).is_file() or (data / SHARD_DIR / RUN_INFO).is_file():
         before = labels.read_bytes() if labels.is_file() else None
         n = export_labels(data, labels)

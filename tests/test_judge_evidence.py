@@ -359,3 +359,13 @@ def test_thresholds_are_picked_on_a_sweep_still_decoding_another_judge(tmp_path,
     with pytest.raises(SystemExit, match=r"\(not yet decoded for all 3 prompts: judge_gsm8k@0.2\)"):
         je.pick(judged, "val_gsm8k")
     assert je.pick(rules, "val_gsm8k")[0] == "eval.methods.kl=[0.5]"
+
+
+def test_no_labels_file_before_the_first_shard(tmp_path):
+    """A data step that has written no shard yet leaves no (empty) labels file to commit."""
+    je = _script()
+    data = tmp_path / "data"
+    (data / "shards").mkdir(parents=True)
+    (data / "shards" / "run_info.json").write_text("{}")
+    je.archive_labels(data, tmp_path / "labels.jsonl.gz", "study_mmlu")
+    assert not (tmp_path / "labels.jsonl.gz").exists()
