@@ -179,6 +179,25 @@ def flips(d: dict) -> dict[str, int]:
     }
 
 
+def combined(scores: dict[str, np.ndarray], ablation: list[dict]) -> dict[str, np.ndarray]:
+    """A combined rule per train label: the head with the best validation ROC-AUC and KL(q‖p), each as its rank
+    share over the rows, averaged (``combo:<head>+kl``): a swap is rated safe when both rate it safe."""
+    from scipy.stats import rankdata
+
+    def share(v: np.ndarray) -> np.ndarray:
+        out, ok = np.full(len(v), np.nan), ~np.isnan(v)
+        out[ok] = rankdata(_finite(v[ok])) / max(int(ok.sum()), 1)
+        return out
+
+    best: dict[str, tuple[float, str]] = {}
+    for a in ablation:
+        v, k = a["val_roc_auc"], f"judge:{a['features']}:{a['head']}:{a['train_label']}"
+        if not math.isnan(v) and k in scores and v > best.get(a["train_label"], (-1.0, ""))[0]:
+            best[a["train_label"]] = (v, k)
+    kl = share(scores["rule:kl"])
+    return {f"combo:{k.removeprefix('judge:')}+kl": (share(scores[k]) + kl) / 2 for _, k in best.values()}
+
+
 def label_of(d: dict, label: str) -> np.ndarray:
     """A label's column (-1: unknown): ``harm`` = the answer label where the response was right, 0 where it was
     wrong (a swap there cannot cost accuracy)."""
@@ -566,6 +585,7 @@ def study(
         hs, abl = head_scores(d, train, sets, heads, list(LABELS), folds, seed, epochs)
         for (name, kind, lab), v in hs.items():
             scores[f"judge:{name}:{kind}:{lab}"] = v
+        scores.update(combined(scores, abl))
         res = {}
         for label in LABELS:
             y = label_of(d, label)
@@ -636,7 +656,8 @@ def curve_scores(res: dict, dom: str) -> list[str]:
         v = a["val_roc_auc"]
         if a["domain"] == dom and not math.isnan(v) and v > best.get(a["train_label"], (-1.0, ""))[0]:
             best[a["train_label"]] = (v, f"judge:{a['features']}:{a['head']}:{a['train_label']}")
-    return [*PLOTTED_RULES, *(k for _, k in best.values())]
+    combos = [k for k in res["domains"][dom]["results"]["selfjudge"] if k.startswith("combo:")]
+    return [*PLOTTED_RULES, *(k for _, k in best.values()), *combos]
 
 
 HARM_TITLES = {"answer": "change the answer", "harm": "turn a right answer wrong"}
@@ -690,7 +711,11 @@ def harm_plot(res: dict, path: Path) -> Path | None:
     for ax, (dom, lab) in zip(axes[0], panels):
         r = res["domains"][dom]["results"][lab]
         for i, k in enumerate(k for k in curve_scores(res, dom) if "accepted_harm" in r.get(k, {})):
-            style = dict(ls="--", lw=1.2) if k.startswith("rule:") else dict(lw=2.2)
+            style = (
+                dict(ls="--", lw=1.2)
+                if k.startswith("rule:")
+                else dict(lw=2.2, ls=":" if k.startswith("combo:") else "-")
+            )
             auc = r[k]["roc_auc"]
             ax.plot(SHARES, r[k]["accepted_harm"], color=f"C{i % 10}", label=f"{k} (ROC-AUC {auc:.2f})", **style)
             if not k.startswith("rule:") and "accepted_harm_ci" in r[k]:  # the heads' 95 % bands

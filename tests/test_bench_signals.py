@@ -98,6 +98,10 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     heads = {k for k in sj if k.startswith("judge:")}
     assert {"judge:h_i:logistic:selfjudge", "judge:scalars:ld_reg:selfjudge"} <= heads
     assert all(0.0 <= sj[k]["roc_auc"] <= 1.0 for k in heads)
+    # the combined rule: the best head by validation AUC and KL, their rank shares averaged
+    combos = [k for k in sj if k.startswith("combo:")]
+    assert len(combos) == 1 and combos[0].endswith(":selfjudge+kl")  # the answer label has one class here
+    assert 0.0 <= sj[combos[0]]["roc_auc"] <= 1.0
     abl = {(a["features"], a["head"]) for a in res["ablation"]}
     assert ("h_i-1,h_i+scalars", "logistic") in abl and len(abl) == 6
     # the random tiny target never answers right, so no swap changes the score: the answer label has one class
@@ -118,6 +122,17 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     fl = res["domains"]["tiny"]["answer_flips"]
     assert fl["right_to_wrong"] == fl["wrong_to_right"] == 0 and fl["from_right"] + fl["from_wrong"] > 0
     assert set(res["domains"]["tiny"]["results"]) == {"selfjudge", "answer", "harm"}
+
+
+def test_the_combined_rule_averages_rank_shares():
+    bs = _script()
+    scores = {"rule:kl": np.array([0.1, 0.2, 0.3, np.inf]), "judge:a:mlp:answer": np.array([0.9, 0.1, 0.5, 0.2])}
+    abl = [{"features": "a", "head": "mlp", "train_label": "answer", "val_roc_auc": 0.7}]
+    got = bs.combined(scores, abl)
+    assert list(got) == ["combo:a:mlp:answer+kl"]
+    np.testing.assert_allclose(
+        got["combo:a:mlp:answer+kl"], [(0.25 + 1.0) / 2, (0.5 + 0.25) / 2, (0.75 + 0.75) / 2, (1.0 + 0.5) / 2]
+    )
 
 
 def test_the_harm_label_counts_only_swaps_that_turn_a_right_answer_wrong():
