@@ -179,6 +179,15 @@ def flips(d: dict) -> dict[str, int]:
     }
 
 
+def best_head(ablation: list[dict], label: str) -> str | None:
+    """The score key of the head trained on ``label`` with the best validation ROC-AUC (None: no such head)."""
+    best = (-1.0, None)
+    for a in ablation:
+        if a["train_label"] == label and not math.isnan(a["val_roc_auc"]) and a["val_roc_auc"] > best[0]:
+            best = (a["val_roc_auc"], f"judge:{a['features']}:{a['head']}:{label}")
+    return best[1]
+
+
 def combined(scores: dict[str, np.ndarray], ablation: list[dict]) -> dict[str, np.ndarray]:
     """A combined rule per train label: the head with the best validation ROC-AUC and KL(q‖p), each as its rank
     share over the rows, averaged (``combo:<head>+kl``): a swap is rated safe when both rate it safe."""
@@ -189,13 +198,9 @@ def combined(scores: dict[str, np.ndarray], ablation: list[dict]) -> dict[str, n
         out[ok] = rankdata(_finite(v[ok])) / max(int(ok.sum()), 1)
         return out
 
-    best: dict[str, tuple[float, str]] = {}
-    for a in ablation:
-        v, k = a["val_roc_auc"], f"judge:{a['features']}:{a['head']}:{a['train_label']}"
-        if not math.isnan(v) and k in scores and v > best.get(a["train_label"], (-1.0, ""))[0]:
-            best[a["train_label"]] = (v, k)
+    heads = [h for h in (best_head(ablation, label) for label in LABELS) if h is not None and h in scores]
     kl = share(scores["rule:kl"])
-    return {f"combo:{k.removeprefix('judge:')}+kl": (share(scores[k]) + kl) / 2 for _, k in best.values()}
+    return {f"combo:{k.removeprefix('judge:')}+kl": (share(scores[k]) + kl) / 2 for k in heads}
 
 
 def label_of(d: dict, label: str) -> np.ndarray:
@@ -339,6 +344,29 @@ def auc_pair(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
 
 
+def resamples(groups: np.ndarray, n_boot: int, seed: int):
+    """Row indices of ``n_boot`` resamples of whole groups (prompts) with replacement."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+
+
+def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict:
+    """ROC-AUC of score ``a`` minus that of ``b`` on the same rows, with a 95 % interval from the same prompt
+    resamples for both (paired: the interval of the difference, not two overlapping ones)."""
+    delta = auc_pair(y, a)[0] - auc_pair(y, b)[0]
+    ds = []
+    if not math.isnan(delta):
+        for take in resamples(groups, n_boot, seed):
+            v = auc_pair(y[take], a[take])[0] - auc_pair(y[take], b[take])[0]
+            if not math.isnan(v):
+                ds.append(v)
+    ci = [float(np.percentile(ds, 2.5)), float(np.percentile(ds, 97.5))] if ds else [math.nan, math.nan]
+    return {"delta": float(delta), "ci": ci, "n": len(y)}
+
+
 def bootstrap(
     y: np.ndarray, s: np.ndarray, groups: np.ndarray, n_boot: int, seed: int, shares: tuple | None = None
 ) -> dict:
@@ -350,12 +378,8 @@ def bootstrap(
         out["accepted_harm"] = accepted_harm(y, s, shares).tolist()
     if math.isnan(roc) or n_boot <= 0:
         return {**out, "roc_ci": [math.nan, math.nan], "pr_ci": [math.nan, math.nan]}
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     rs, ps, hs = [], [], []
-    for _ in range(n_boot):
-        take = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for take in resamples(groups, n_boot, seed):
         r, p = auc_pair(y[take], s[take])
         if not math.isnan(r):
             rs.append(r), ps.append(p)
@@ -594,6 +618,21 @@ def study(
             for k, v in scores.items():  # NaN: rows a head could not score (its training folds had one class)
                 m = keep & ~np.isnan(v)
                 res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed, SHARES)
+        deltas = {}
+        for label in LABELS:  # the best head trained on each label (by validation AUC) against every rule
+            head = best_head(abl, label)
+            if head is None:
+                continue
+            y = label_of(d, label)
+            m = (y >= 0) & ~np.isnan(scores[head])
+            deltas[label] = {
+                "head": head,
+                "vs": {
+                    k: paired_delta(y[m], scores[head][m], scores[k][m], d["prompt"][m], n_boot, seed)
+                    for k in scores
+                    if k.startswith("rule:") and k != "rule:ld"
+                },
+            }
         for a in abl:
             a["domain"] = dom
             for label in LABELS:
@@ -612,6 +651,7 @@ def study(
             "answer_labels_dropped_unfinished": d["answer_dropped_unfinished"],
             "answer_labels_dropped_checker": d["answer_dropped_checker"],
             "results": res,
+            "paired": deltas,
         }
         if earlier:
             out["domains"][dom]["pooled"] = pooled(
@@ -689,6 +729,26 @@ def harm_table(dom: str, d: dict, label: str = "answer") -> list[str]:
     return [*lines, ""]
 
 
+def paired_table(dom: str, d: dict) -> list[str]:
+    """Per label: its best head (by validation AUC) minus each rule, ROC-AUC, with paired intervals."""
+    pd = d.get("paired") or {}
+    if not pd:
+        return []
+    rules = sorted({k for v in pd.values() for k in v["vs"]})
+    f = lambda r: "–" if math.isnan(r["delta"]) else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
+    lines = [
+        f"#### {dom}: ROC-AUC of the best head per label (picked by validation AUC) minus each rule's, on the same "
+        "rows [95 % paired prompt-bootstrap interval]",
+        "",
+        "| label | head | " + " | ".join(r.removeprefix("rule:") for r in rules) + " |",
+        "|---|---|" + "---|" * len(rules),
+    ]
+    for label, v in pd.items():
+        cells = [f(v["vs"][r]) if r in v["vs"] else "–" for r in rules]
+        lines.append(f"| {TITLES[label]} | {v['head'].removeprefix('judge:')} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def harm_plot(res: dict, path: Path) -> Path | None:
     """One panel per domain and label: the share of accepted mismatches that carry the label (harmful),
     against the share accepted, for the rules and the best head per train label (atomic write)."""
@@ -756,6 +816,7 @@ def markdown(res: dict) -> str:
                 "",
             ]
         lines += score_table(d["results"])
+        lines += paired_table(dom, d)
         lines += harm_table(dom, d, "answer") + harm_table(dom, d, "harm")
         if "pooled" in d:
             pl = d["pooled"]

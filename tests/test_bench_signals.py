@@ -102,6 +102,10 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     combos = [k for k in sj if k.startswith("combo:")]
     assert len(combos) == 1 and combos[0].endswith(":selfjudge+kl")  # the answer label has one class here
     assert 0.0 <= sj[combos[0]]["roc_auc"] <= 1.0
+    paired = res["domains"]["tiny"]["paired"]  # the best head per label minus each rule, paired intervals
+    assert set(paired) == {"selfjudge"} and "rule:ld" not in paired["selfjudge"]["vs"]
+    d = paired["selfjudge"]["vs"]["rule:kl"]
+    assert d["ci"][0] <= d["delta"] <= d["ci"][1] and "minus each rule" in (tmp_path / "sig.md").read_text()
     abl = {(a["features"], a["head"]) for a in res["ablation"]}
     assert ("h_i-1,h_i+scalars", "logistic") in abl and len(abl) == 6
     # the random tiny target never answers right, so no swap changes the score: the answer label has one class
@@ -122,6 +126,19 @@ def test_signal_table_on_the_tiny_pair(folders, tmp_path):
     fl = res["domains"]["tiny"]["answer_flips"]
     assert fl["right_to_wrong"] == fl["wrong_to_right"] == 0 and fl["from_right"] + fl["from_wrong"] > 0
     assert set(res["domains"]["tiny"]["results"]) == {"selfjudge", "answer", "harm"}
+
+
+def test_paired_delta_is_the_auc_difference_with_an_interval_over_the_same_resamples():
+    bs = _script()
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 50)
+    groups = np.repeat(np.arange(25), 4)
+    good, noise = y + rng.normal(0, 0.8, 100), rng.normal(0, 1, 100)
+    r = bs.paired_delta(y, good, noise, groups, 200, 0)
+    assert r["delta"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noise))
+    assert 0 < r["ci"][0] < r["delta"] < r["ci"][1] and r["n"] == 100
+    same = bs.paired_delta(y, noise, noise, groups, 50, 0)
+    assert same["delta"] == 0 and same["ci"] == [0.0, 0.0]  # paired: identical scores differ by exactly 0
 
 
 def test_the_combined_rule_averages_rank_shares():
