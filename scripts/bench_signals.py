@@ -618,21 +618,20 @@ def study(
             for k, v in scores.items():  # NaN: rows a head could not score (its training folds had one class)
                 m = keep & ~np.isnan(v)
                 res[label][k] = bootstrap(y[m].astype(int), v[m], d["prompt"][m], n_boot, seed, SHARES)
-        deltas = {}
-        for label in LABELS:  # the best head trained on each label (by validation AUC) against every rule
-            head = best_head(abl, label)
-            if head is None:
-                continue
+        deltas = []  # per label, the best head of each train label (by validation AUC) against every rule
+        best = [h for h in (best_head(abl, lab) for lab in LABELS) if h is not None]
+        for label in LABELS:
             y = label_of(d, label)
-            m = (y >= 0) & ~np.isnan(scores[head])
-            deltas[label] = {
-                "head": head,
-                "vs": {
+            for head in best:
+                m = (y >= 0) & ~np.isnan(scores[head])
+                if len(np.unique(y[m])) < 2:
+                    continue
+                vs = {
                     k: paired_delta(y[m], scores[head][m], scores[k][m], d["prompt"][m], n_boot, seed)
                     for k in scores
                     if k.startswith("rule:") and k != "rule:ld"
-                },
-            }
+                }
+                deltas.append({"label": label, "head": head, "vs": vs})
         for a in abl:
             a["domain"] = dom
             for label in LABELS:
@@ -731,21 +730,21 @@ def harm_table(dom: str, d: dict, label: str = "answer") -> list[str]:
 
 def paired_table(dom: str, d: dict) -> list[str]:
     """Per label: its best head (by validation AUC) minus each rule, ROC-AUC, with paired intervals."""
-    pd = d.get("paired") or {}
+    pd = d.get("paired") or []
     if not pd:
         return []
-    rules = sorted({k for v in pd.values() for k in v["vs"]})
+    rules = sorted({k for v in pd for k in v["vs"]})
     f = lambda r: "–" if math.isnan(r["delta"]) else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
     lines = [
-        f"#### {dom}: ROC-AUC of the best head per label (picked by validation AUC) minus each rule's, on the same "
-        "rows [95 % paired prompt-bootstrap interval]",
+        f"#### {dom}: ROC-AUC of the best head per train label (picked by validation AUC) minus each rule's, per "
+        "label on the same rows [95 % paired prompt-bootstrap interval]",
         "",
         "| label | head | " + " | ".join(r.removeprefix("rule:") for r in rules) + " |",
         "|---|---|" + "---|" * len(rules),
     ]
-    for label, v in pd.items():
+    for v in pd:
         cells = [f(v["vs"][r]) if r in v["vs"] else "–" for r in rules]
-        lines.append(f"| {TITLES[label]} | {v['head'].removeprefix('judge:')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {TITLES[v['label']]} | {v['head'].removeprefix('judge:')} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
