@@ -690,13 +690,10 @@ PLOTTED_RULES = ("rule:kl", "rule:likelihood_gap", "rule:typical", "rule:topk_ra
 def curve_scores(res: dict, dom: str) -> list[str]:
     """The scores a domain's harm curves show: the rules, and per train label the head with the best
     validation ROC-AUC (picked on validation, not on the held-out rows the curves are drawn from)."""
-    best: dict[str, tuple[float, str]] = {}
-    for a in res["ablation"]:
-        v = a["val_roc_auc"]
-        if a["domain"] == dom and not math.isnan(v) and v > best.get(a["train_label"], (-1.0, ""))[0]:
-            best[a["train_label"]] = (v, f"judge:{a['features']}:{a['head']}:{a['train_label']}")
+    mine = [a for a in res["ablation"] if a["domain"] == dom]
+    heads = [h for h in (best_head(mine, label) for label in LABELS) if h is not None]
     combos = [k for k in res["domains"][dom]["results"]["selfjudge"] if k.startswith("combo:")]
-    return [*PLOTTED_RULES, *(k for _, k in best.values()), *combos]
+    return [*PLOTTED_RULES, *heads, *combos]
 
 
 HARM_TITLES = {"answer": "change the answer", "harm": "turn a right answer wrong"}
