@@ -622,7 +622,8 @@ def study(
         best = [h for h in (best_head(abl, lab) for lab in LABELS) if h is not None]
         for label in LABELS:
             y = label_of(d, label)
-            for head in best:
+            # and LD itself, the score every SelfJudge head learns (its own label: trivial there)
+            for head in [*best, *(["rule:ld"] if label != "selfjudge" else [])]:
                 m = (y >= 0) & ~np.isnan(scores[head])
                 if len(np.unique(y[m])) < 2:
                     continue
@@ -726,22 +727,23 @@ def harm_table(dom: str, d: dict, label: str = "answer") -> list[str]:
 
 
 def paired_table(dom: str, d: dict) -> list[str]:
-    """Per label: its best head (by validation AUC) minus each rule, ROC-AUC, with paired intervals."""
+    """Per label: its best head (by validation AUC), and LD, minus each rule, ROC-AUC, with paired intervals."""
     pd = d.get("paired") or []
     if not pd:
         return []
     rules = sorted({k for v in pd for k in v["vs"]})
     f = lambda r: "–" if math.isnan(r["delta"]) else f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
     lines = [
-        f"#### {dom}: ROC-AUC of the best head per train label (picked by validation AUC) minus each rule's, per "
-        "label on the same rows [95 % paired prompt-bootstrap interval]",
+        f"#### {dom}: ROC-AUC of the best head per train label (picked by validation AUC), and of LD, minus each "
+        "rule's, per label on the same rows [95 % paired prompt-bootstrap interval]",
         "",
         "| label | head | " + " | ".join(r.removeprefix("rule:") for r in rules) + " |",
         "|---|---|" + "---|" * len(rules),
     ]
     for v in pd:
         cells = [f(v["vs"][r]) if r in v["vs"] else "–" for r in rules]
-        lines.append(f"| {TITLES[v['label']]} | {v['head'].removeprefix('judge:')} | " + " | ".join(cells) + " |")
+        head = v["head"].removeprefix("judge:").removeprefix("rule:")
+        lines.append(f"| {TITLES[v['label']]} | {head} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
