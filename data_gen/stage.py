@@ -40,6 +40,9 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     s = settings(plain)
     task = build_task(s.dataset)  # unknown dataset keys fail here
     examples = task.examples()
+    # the pair before the process group: a cache entry one rank converts is written whole (save_pretrained writes
+    # nothing on a rank other than 0 once torch.distributed is initialized)
+    pair = pair_from_mapping(plain["model"])  # pairs with different vocabularies fail here
     rank, world = ranks()
     hashed = identity(  # dtype auto as resolved here; AutoJudge labels: the answer checker's revision
         {**plain, "model": model_key(plain["model"])},
@@ -47,7 +50,6 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
         **(checker_key(s.dataset) if s.autojudge.enabled else {}),
     )
     h = config_hash(hashed)
-    pair = pair_from_mapping(plain["model"])  # pairs with different vocabularies fail here
     if rank == 0:
         log.info(runtime_line(pair.runtime))
     prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here

@@ -28,6 +28,7 @@ from selfjudge.tiny import TinyPairSpec, build_tiny_pair
 log = logging.getLogger(__name__)
 
 SOURCES = ("hub", "local", "gguf", "packaged", "tiny")
+SAVED = ("config.json",)  # what a converted cache folder must hold (save_pretrained skips it on ranks other than 0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU features that compute bf16 natively (x86 AVX512_BF16 or AMX; ARM BF16 / SVE BF16); elsewhere torch
 # emulates bf16 and a 1.5B linear runs ~12x slower than in fp32.
@@ -208,7 +209,7 @@ def resolve_folder(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[str, 
             _gguf_to_folder(gguf, tmp)
             gguf.unlink(missing_ok=True)  # the parts stay installed; the folder is what we load
 
-        build_folder_atomically(folder, build)  # checks the files' sha256 when the folder exists
+        build_folder_atomically(folder, build, SAVED)  # checks the files' sha256 when the folder exists
         return str(folder), f"sha256:{pm.sha256}"
     if spec.source == "gguf":
         path = Path(spec.name).expanduser()
@@ -216,7 +217,7 @@ def resolve_folder(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[str, 
             raise FileNotFoundError(f"GGUF file '{path}' does not exist (model.{role}.name)")
         digest = sha256_file(path)
         folder = cache / "models" / f"{path.stem}-{digest[:12]}"
-        build_folder_atomically(folder, lambda tmp: _gguf_to_folder(path, tmp))
+        build_folder_atomically(folder, lambda tmp: _gguf_to_folder(path, tmp), SAVED)
         return str(folder), f"sha256:{digest}"
     if spec.source == "local":
         path = Path(spec.name).expanduser()

@@ -232,16 +232,22 @@ def _mark_complete(folder: Path, sync: bool) -> None:
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"complete": True, "sha256": hashes}, indent=1) + "\n")
 
 
-def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path:
+def build_folder_atomically(folder: Path, build: Callable[[Path], None], needs: tuple[str, ...] = ()) -> Path:
     """Run ``build(tmp_folder)`` and rename the result to ``folder`` with a completion marker.
 
     The marker records the sha256 of every file; a finished folder is checked against it before use
     (skipped when no file was written to since the last match) and rebuilt when a file changed. A folder without the marker (a crash between steps, a copy by
-    hand) is removed and rebuilt. Concurrent callers wait for the one building (a file lock).
+    hand) is removed and rebuilt. Concurrent callers wait for the one building (a file lock). ``needs``: files
+    (relative paths) a build must have written: a build without them fails before the marker, and a finished
+    folder without them (made by an older selfjudge) is rebuilt.
     """
     folder = Path(folder)
+
+    def lacking(where: Path) -> list[str]:
+        return [n for n in needs if not (where / n).is_file()]
+
     recorded = _recorded(folder)
-    if recorded and (unchanged_since_verified(folder) or not verify(folder)):
+    if recorded and not lacking(folder) and (unchanged_since_verified(folder) or not verify(folder)):
         return folder  # the common case: checked without waiting for any lock
     folder.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder, "model cache entry", wait=math.inf):
@@ -251,7 +257,9 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
             _mark_complete(folder, sync=False)
             _save_stamps(folder)
             return folder
-        if recorded is not None:
+        if recorded is not None and lacking(folder):
+            log.warning("model cache %s lacks %s: rebuilding it", folder, ", ".join(lacking(folder)))
+        elif recorded is not None:
             bad = verify(folder)
             if not bad:
                 return folder
@@ -263,6 +271,12 @@ def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> Path
             )
         with atomic_folder(folder) as tmp:  # replaces a stale or changed folder only when complete
             build(tmp)
+            if lacking(tmp):
+                raise RuntimeError(
+                    f"building {folder} wrote no {', '.join(lacking(tmp))}: nothing was kept. (transformers' "
+                    "save_pretrained writes nothing on a torch.distributed rank other than 0: build before the "
+                    "process group starts)"
+                )
             _mark_complete(tmp, sync=True)
         _save_stamps(folder)  # just hashed: the next use need not hash again
     return folder

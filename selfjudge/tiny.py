@@ -143,5 +143,6 @@ def build_tiny_pair(root: str | Path, spec: TinyPairSpec = TinyPairSpec()) -> tu
             tok.save_pretrained(tmp / name)
         (tmp / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
 
-    build_folder_atomically(folder, build)
+    need = tuple(f"{n}/{f}" for n in ("target", "draft") for f in ("config.json", "model.safetensors"))
+    build_folder_atomically(folder, build, need)
     return folder / "target", folder / "draft"

@@ -469,6 +469,27 @@ def test_changed_cache_file_is_found_by_hash_and_rebuilt(tmp_path, caplog):
     )
 
 
+def test_a_build_that_wrote_no_model_is_never_marked_complete_and_an_old_one_is_rebuilt(tmp_path, caplog):
+    """transformers' save_pretrained writes nothing on a torch.distributed rank other than 0: such a build must
+    fail, not leave a cache entry marked complete without its config (every later load failed on it)."""
+    folder, log = tmp_path / "models" / "m", tmp_path / "builds.log"
+
+    def empty(tmp: Path) -> None:
+        (tmp / "tokenizer.json").write_text("{}")  # the tokenizer was saved, the model was not
+
+    with pytest.raises(RuntimeError, match=r"wrote no sub/config.json: nothing was kept.*rank other than 0"):
+        offline.build_folder_atomically(folder, empty, ("sub/config.json",))
+    assert not folder.exists()
+    offline.build_folder_atomically(folder, empty)  # an older selfjudge kept such a folder (no needs then)
+    assert offline.is_complete(folder)
+    with caplog.at_level(logging.WARNING, logger="selfjudge.offline"):
+        offline.build_folder_atomically(folder, _slow_build(log), ("sub/config.json",))
+    assert "lacks sub/config.json: rebuilding it" in caplog.text
+    assert (folder / "sub" / "config.json").is_file() and offline.verify(folder) == []
+    offline.build_folder_atomically(folder, _slow_build(log), ("sub/config.json",))
+    assert len(log.read_text().split()) == 1  # complete now: used, not built again
+
+
 def test_joined_file_is_not_trusted_on_its_size(monkeypatch, tmp_path):
     from tests.test_models import _fake_parts, _register
 
