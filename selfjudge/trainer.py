@@ -13,12 +13,14 @@ included (the consumed micro-batches of that epoch's fixed order are skipped).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import pickle
 import shutil
 import socket
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -111,6 +113,7 @@ def init_distributed(device: str) -> tuple[int, int]:
     never JIT-builds it.
     """
     os.environ["DS_ACCELERATOR"] = device
+    alone = "WORLD_SIZE" not in os.environ  # no launcher: one process, whose group needs no port (a file store)
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
@@ -127,7 +130,16 @@ def init_distributed(device: str) -> tuple[int, int]:
     if device == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip the 75-90 s JIT build of the shm op
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+        # a free port can be taken again before the store listens (seen right after a torchrun job's sockets
+        # closed: EADDRINUSE); one process rendezvouses through a file instead
+        backend = "gloo" if device == "cpu" else "nccl"
+        if alone:
+            folder = tempfile.mkdtemp(prefix="selfjudge-dist-")
+            atexit.register(shutil.rmtree, folder, True)  # the group lives as long as the process
+            store = f"file://{folder}/store"
+            deepspeed.init_distributed(dist_backend=backend, init_method=store, rank=0, world_size=1)
+        else:
+            deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
