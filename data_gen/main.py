@@ -13,8 +13,9 @@ import selfjudge.conf.hooks  # noqa: F401  (the ${section:...} resolver of --hel
 @hydra.main(config_path="pkg://selfjudge.conf", config_name="cli_data_gen", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from selfjudge.data_gen.stage import run
+    from selfjudge.pipeline.stage import write_rank_summary
 
-    run(cfg)
+    write_rank_summary(run(cfg))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import selfjudge.conf.hooks  # noqa: F401  (the ${section:...} resolver of --hel
 @hydra.main(config_path="pkg://selfjudge.conf", config_name="cli_eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from selfjudge.eval.stage import run
+    from selfjudge.pipeline.stage import write_rank_summary
 
-    run(cfg)
+    write_rank_summary(run(cfg))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import selfjudge.conf.hooks  # noqa: F401  (the ${section:...} resolver of --hel
 
 @hydra.main(config_path="pkg://selfjudge.conf", config_name="cli_pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from selfjudge.pipeline.stage import run
 
-    run(cfg)
+    run(cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,19 @@ folder is renamed aside (never deleted), only once every setting has been checke
 back in the new folder (``CARRIED``), since it keys them per record and keeps only those its new config still
 holds (a method added or a threshold re-picked decodes only what changed). A stage that was interrupted has no
 marker and runs again; the stages themselves resume their partial work.
+
+``pipeline.nproc_per_node=N`` runs data_gen and eval as N ranks (``torch.distributed.run``, each rank a slice of
+the prompts, e.g. one per GPU or CPU core) under the same overrides; this process keeps the run folder's lock,
+the markers and the moving aside, and train stays one process (the judge head is small).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +67,8 @@ IDENTITY = {
 # Files a redone stage takes back from its output moved aside: eval's records and their key
 # (selfjudge.evaluation.RECORDS / KEY_FILE); RecordsFile.open sets aside those another config made.
 CARRIED = {"eval": ("per_example.jsonl", "eval_key.json")}
+RANKED = ("data_gen", "eval")  # the stages that pipeline.nproc_per_node splits over ranks
+SUMMARY_ENV = "SELFJUDGE_STAGE_SUMMARY"  # a stage's entry point under the pipeline's launcher: rank 0's summary here
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,19 @@ class PipelineSettings:
     stages: list  # subset of STAGES, in order
     force: bool  # redo stages even when their output is complete
     budget_minutes: float | None  # fit the run to this many minutes (selfjudge.pipeline.budget; null: no cuts)
+    nproc_per_node: int = 1  # ranks of data_gen and eval (torch.distributed.run); 1: in this process
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        if not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1:
+            raise ValueError(f"pipeline.nproc_per_node must be a whole number >= 1, got {self.nproc_per_node!r}")
+        if self.nproc_per_node > 1 and self.budget_minutes is not None:
+            raise ValueError(
+                "pipeline.budget_minutes cuts the run in this process, which pipeline.nproc_per_node > 1 ranks do "
+                "not see: set one of them (budget_minutes=null, or nproc_per_node=1)"
+            )
 
 
 def _output_dir(cfg: DictConfig, stage: str) -> Path:
@@ -139,8 +156,8 @@ def preflight(cfg: DictConfig, stages: list[str]) -> None:
     judges, unwritable folders."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would move, carry and mark the same folders
         raise RuntimeError(
-            f"selfjudge-pipeline runs as one process (WORLD_SIZE={os.environ['WORLD_SIZE']}): launch each stage under "
-            "torchrun instead (selfjudge.data_gen.main, selfjudge.train.main, selfjudge.eval.main; README 'Scaling "
+            f"selfjudge-pipeline runs as one process (WORLD_SIZE={os.environ['WORLD_SIZE']}): set "
+            "pipeline.nproc_per_node=N to run its data_gen and eval as N ranks, or launch each stage under torchrun (selfjudge.data_gen.main, selfjudge.train.main, selfjudge.eval.main; README 'Scaling "
             "out', scripts/slurm_pipeline.sbatch), or run the pipeline without torchrun"
         )
     build(PipelineSettings, OmegaConf.to_container(cfg.pipeline, resolve=True), "pipeline")
@@ -202,12 +219,45 @@ def _stage_runner(stage: str) -> Callable[[DictConfig], dict]:
     return _stage_module(stage).run
 
 
+def launch_ranks(stage: str, nproc: int, overrides: list[str], run_dir: Path) -> dict:
+    """``stage`` as ``nproc`` ranks: ``torch.distributed.run -m selfjudge.<stage>.main <overrides>`` (the same
+    config tree and overrides as this command); rank 0's summary comes back through a file."""
+    out = run_dir / f".{stage}.ranks-summary.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", f"selfjudge.{stage}.main", *overrides]
+    say(f"{stage}: {nproc} ranks: {' '.join(cmd[1:])}")
+    rc = subprocess.run(cmd, env={**os.environ, SUMMARY_ENV: str(out)}).returncode
+    if rc:
+        raise RuntimeError(
+            f"{stage}: its {nproc} ranks failed (exit status {rc}); their messages are above. The stage resumes "
+            "when the same command is run again"
+        )
+    summary = json.loads(out.read_text())
+    out.unlink()
+    return summary
+
+
+def write_rank_summary(summary: dict) -> None:
+    """In a stage's entry point: rank 0 hands its summary to the pipeline that launched the ranks."""
+    path = os.environ.get(SUMMARY_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        atomic_write_bytes(Path(path), json.dumps(summary, default=str).encode())
+
+
 @stage_lock(lambda cfg: cfg.run_dir, "run_dir")
-def run(cfg: DictConfig) -> dict:
-    """Run ``pipeline.stages`` in order; return {stage: summary or 'skipped'}."""
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Run ``pipeline.stages`` in order; return {stage: summary or 'skipped'}. ``overrides``: the command line's
+    (hydra's task overrides), which ranks launched by ``pipeline.nproc_per_node`` compose again."""
     started = time.perf_counter()
     stages = list(cfg.pipeline.stages)
     preflight(cfg, stages)
+    nproc = int(cfg.pipeline.get("nproc_per_node") or 1)
+    if nproc > 1 and overrides is None and any(s in RANKED for s in stages):
+        raise RuntimeError(
+            "pipeline.nproc_per_node > 1 launches the stages with this command's overrides: run it as "
+            "selfjudge-pipeline (or python -m selfjudge.pipeline.main), not through pipeline.run(cfg)"
+        )
     from selfjudge.pipeline.budget import fit_to_budget
 
     budget = fit_to_budget(cfg, stages, started)  # pipeline.budget_minutes: may cut prompts/tokens, says what
@@ -228,7 +278,10 @@ def run(cfg: DictConfig) -> dict:
         est = f" (estimate {budget.seconds[stage] / 60:.1f} min from the warm-up rates)" if budget else ""
         say(f"{stage}: running -> {out}{est}")
         t0 = time.perf_counter()
-        summary = _stage_runner(stage)(cfg)
+        if nproc > 1 and stage in RANKED:
+            summary = launch_ranks(stage, nproc, list(overrides or ()), Path(str(cfg.run_dir)))
+        else:
+            summary = _stage_runner(stage)(cfg)
         say(f"{stage}: took {(time.perf_counter() - t0) / 60:.1f} min")
         write_marker(
             out,

@@ -10,6 +10,7 @@
     python scripts/judge_evidence.py --status                           # what is done: steps, records per method
     python scripts/judge_evidence.py --judges judge_gsm8k --guard 0.9   # each judge also with the KL rule's top-1 guard
     python scripts/judge_evidence.py -- model.dtype=bfloat16            # hydra overrides for every stage
+    python scripts/judge_evidence.py -- pipeline.nproc_per_node=8       # data and eval steps as 8 ranks (GPUs, cores)
 
 It only composes the existing commands (``selfjudge-pipeline`` per step, ``scripts/pick_thresholds.py``):
 
@@ -71,6 +72,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS, KEY_FILE = "per_example.jsonl", "eval_key.json"  # selfjudge.evaluation.RECORDS / KEY_FILE
+RANK_RECORDS = "per_example.rank*.jsonl"  # each rank's records while several decode (selfjudge.evaluation.RecordsFile)
 BRIEF_MATHS = "Solve the problem step by step, briefly. End with: The answer is <number>."
 BRIEF_MMLU = "Think step by step, briefly. End with: The answer is <letter>."
 FEATURES = (
@@ -423,17 +425,27 @@ def bench_files(bench: Path, name: str) -> tuple[Path, Path]:
     return bench / f"{name}.per_example.jsonl.gz", bench / f"{name}.{KEY_FILE}"
 
 
+def records_bytes(eval_dir: Path) -> bytes:
+    """The eval's records: its records file and, while its ranks decode (pipeline.nproc_per_node), each rank's
+    file (``per_example.rankNNN.jsonl``, merged into the first when they finish); whole lines only (read while
+    they append)."""
+    out = b""
+    for f in [eval_dir / RECORDS, *sorted(eval_dir.glob(RANK_RECORDS))]:
+        data = f.read_bytes() if f.is_file() else b""
+        out += data[: data.rfind(b"\n") + 1]
+    return out
+
+
 def archive(eval_dir: Path, bench: Path, name: str) -> None:
     """The eval's records, gzipped (no name or time in the header, so equal records give equal bytes), and its
     key beside them; files are rewritten only when their content changed."""
     from selfjudge.io import atomic_write_bytes
 
-    src, key = eval_dir / RECORDS, eval_dir / KEY_FILE
-    if not src.is_file() or not key.is_file():
+    key = eval_dir / KEY_FILE
+    data = records_bytes(eval_dir)
+    if not data or not key.is_file():
         return
     gz, key_out = bench_files(bench, name)
-    data = src.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]  # read while the eval appends: whole lines only
     if not gz.is_file() or gzip.decompress(gz.read_bytes()) != data:
         atomic_write_bytes(gz, gzip.compress(data, mtime=0))
         n = data.count(b"\n")
@@ -463,8 +475,8 @@ def restore(eval_dir: Path, bench: Path, name: str, dataset_path: str | None) ->
 
     dst = eval_dir / RECORDS
     gz, key = bench_files(bench, name)
-    if (dst.is_file() and dst.stat().st_size) or not gz.is_file():
-        return False
+    if (dst.is_file() and dst.stat().st_size) or any(eval_dir.glob(RANK_RECORDS)) or not gz.is_file():
+        return False  # records here (ranks' files too: the next run merges them) are newer than the committed
     if not key.is_file():
         raise SystemExit(
             f"judge_evidence: {gz} has no {key.name} beside it: without the key the eval would set the records "
@@ -669,8 +681,7 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
     for name, (val, _) in evals.items():
         ev = REPO / plan.eval_dir(name)
         gz = bench_files(bench, plan.bench_name(name))[0]
-        here = ev / RECORDS
-        recs = _lines(here.read_bytes()) if here.is_file() else []
+        recs = _lines(records_bytes(ev))
         if (ev / MARKER).is_file():
             missing = [] if val else sweep_missing(plan, recs, None, name)  # a point added after it finished
             older = f"; not yet decoded: {', '.join(missing)} (a rerun decodes only those)" if missing else ""

@@ -314,6 +314,22 @@ def test_records_are_archived_while_the_eval_runs_and_only_whole_lines(tmp_path)
     assert gzip.decompress(je.bench_files(bench, "evidence_x")[0].read_bytes()) == recs
 
 
+def test_ranks_records_are_archived_while_they_decode_and_kept_over_the_committed(tmp_path):
+    """With pipeline.nproc_per_node each rank appends its own file until rank 0 merges them: the archive holds
+    them (whole lines), and a folder with rank files is not overwritten by the committed records."""
+    je = _script()
+    ev, bench = tmp_path / "eval", tmp_path / "bench"
+    recs = _eval_folder(ev, "data/gsm8k")
+    rank1 = json.dumps({"prompt_id": "p9", "method": "lossless"}).encode() + b"\n"
+    (ev / "per_example.rank001.jsonl").write_bytes(rank1 + b'{"prompt_id": "p1')  # a line being written
+    (ev / "per_example.rank000.jsonl").write_bytes(b"")
+    je.archive(ev, bench, "evidence_x")
+    assert gzip.decompress(je.bench_files(bench, "evidence_x")[0].read_bytes()) == recs + rank1
+    (ev / "per_example.jsonl").unlink()
+    assert not je.restore(ev, bench, "evidence_x", "data/gsm8k")  # the ranks' files are newer: the run merges them
+    assert not (ev / "per_example.jsonl").exists()
+
+
 def _sweep_record(method: str, t, pid: int, score: float = 1.0) -> dict:
     return {"prompt_id": f"v{pid}", "method": method, "policy": method.split("_")[0], "threshold": t,
             "score": score, "rounds": 10, "new_tokens": 20 if t is None else 24, "accepted_by_rule": 1,

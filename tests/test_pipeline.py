@@ -199,3 +199,58 @@ def test_revised_checkers_enter_the_hashes_of_outputs_holding_their_scores(tmp_p
     assert now[()]["eval"] != before[()]["eval"] and now[()]["data_gen"] == before[()]["data_gen"]
     assert now[aj]["data_gen"] != before[aj]["data_gen"]  # its AutoJudge labels were scored by the checker
     assert hashes() == plain_now  # the tiny experiment's task: nothing revised, hashes as they were
+
+
+def test_pipeline_runs_data_gen_and_eval_as_ranks_and_equals_one_process(tmp_path, cache_dir, caplog):
+    """pipeline.nproc_per_node=2: data_gen and eval as two torchrun ranks (each a slice of the prompts), train in
+    this process; markers as usual (a rerun skips every stage), and the same labels and eval records as one
+    process. The ranks build a cold model cache (a rank other than 0 once left it without weights)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli import TIMING
+
+    caplog.set_level(logging.INFO)
+    common = ["experiment=tiny", "logger=none", "data_gen.dataset.limit=6", "eval.dataset.limit=3"]
+    common += ["eval.max_new_tokens=12", "eval.warmup=0"]
+    one = tmp_path / "one"
+    pipeline.run(_cfg(one, cache_dir, *common[1:]))
+    two, cold = tmp_path / "two", tmp_path / "cold-cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "selfjudge.pipeline.main", *common, f"run_dir={two}", f"model.cache_dir={cold}"]
+    cmd.append("pipeline.nproc_per_node=2")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "data_gen: 2 ranks" in out and "eval: 2 ranks" in out and "train: 2 ranks" not in out
+    assert sorted(p.name for p in (two / "data" / "shards").glob("*.parquet"))[:2] == [
+        "rank000-00000.parquet",
+        "rank001-00000.parquet",
+    ]
+    manifest = lambda run: json.loads((run / "data" / "manifest.json").read_text())  # noqa: E731
+    assert manifest(two)["world_size"] == 2 and manifest(two)["counts"] == manifest(one)["counts"]
+    for stage_dir in ("data", "judge", "eval"):
+        assert (two / stage_dir / pipeline.MARKER).is_file(), stage_dir
+
+    def records(run: Path) -> list[str]:
+        lines = (run / "eval" / "per_example.jsonl").read_text().splitlines()
+        keep = TIMING | {"head_hash", "judge_seconds"}
+        rows = [{k: v for k, v in json.loads(x).items() if k not in keep} for x in lines]
+        return sorted(json.dumps(r, sort_keys=True) for r in rows if r["method"] != "judge")
+
+    assert records(two) == records(one) and len(records(one)) == 3 * 7  # 3 prompts x the rules and baselines
+    assert not list((two / "eval").glob("per_example.rank*"))  # merged by rank 0
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("matches the config; skipped") == 3
+    assert "ranks:" not in again.stdout + again.stderr
+
+
+def test_ranks_need_the_command_line_and_no_budget(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="pipeline.nproc_per_node must be a whole number >= 1, got 0"):
+        pipeline.run(_cfg(tmp_path / "a", cache_dir, "pipeline.nproc_per_node=0"))
+    with pytest.raises(ValueError, match="pipeline.budget_minutes .* pipeline.nproc_per_node"):
+        pipeline.run(_cfg(tmp_path / "b", cache_dir, "pipeline.nproc_per_node=2", "pipeline.budget_minutes=5"))
+    with pytest.raises(RuntimeError, match="run it as selfjudge-pipeline"):
+        pipeline.run(_cfg(tmp_path / "c", cache_dir, "pipeline.nproc_per_node=2"))
+    assert not (tmp_path / "c" / "data" / "shards").exists()  # refused before any work
