@@ -583,6 +583,15 @@ def evaluate(
         if bs > 1
         else [[x] for x in zip(examples, prompts)]
     )
+    if rank == 0 and world > len(groups):
+        log.warning(
+            "%d ranks for %d batch(es) of eval.batch_size=%d prompts: %d rank(s) have nothing to decode (ranks take "
+            "whole batches); fewer ranks would do the same work",
+            world,
+            len(groups),
+            bs,
+            world - len(groups),
+        )
     groups = groups[rank::world]
     todo = [
         (items, m)

@@ -140,3 +140,21 @@ def test_eval_on_two_ranks_equals_one(tmp_path, cache_dir, tiny_pair):
         return [(r["method"], r["threshold"], r["new_tokens"], r["accepted"], r["accuracy"]) for r in summary["rows"]]
 
     assert rows("two") == rows("one")
+
+
+def test_ranks_beyond_the_batches_are_named(tmp_path, cache_dir, monkeypatch, caplog):
+    """Ranks take whole batches: more ranks than batches leave some idle, and the run says so (rank 0 here
+    as one of 4: it decodes its one batch of 2 prompts)."""
+    import logging
+
+    from selfjudge.eval import stage
+
+    monkeypatch.setattr(stage, "ranks", lambda: (0, 4))
+    monkeypatch.setattr(stage, "barrier", lambda world: None)
+    overrides = ["experiment=tiny", f"model.cache_dir={cache_dir}", "logger=none", "eval.judge_dir=null"]
+    overrides += ["eval.dataset.limit=3", "eval.max_new_tokens=4", "eval.warmup=0", "eval.batch_size=2"]
+    overrides += ["~eval.methods", "+eval.methods={}", f"run_dir={tmp_path}"]
+    caplog.set_level(logging.WARNING)
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        stage.run(compose("selfjudge", overrides=overrides))
+    assert "4 ranks for 2 batch(es) of eval.batch_size=2 prompts: 2 rank(s) have nothing to decode" in caplog.text
