@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,7 +229,22 @@ def launch_ranks(stage: str, nproc: int, overrides: list[str], run_dir: Path) ->
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", f"selfjudge.{stage}.main", *overrides]
     say(f"{stage}: {nproc} ranks: {' '.join(cmd[1:])}")
-    rc = subprocess.run(cmd, env={**os.environ, SUMMARY_ENV: str(out)}).returncode
+    proc = subprocess.Popen(cmd, env={**os.environ, SUMMARY_ENV: str(out)})
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _stopped) if main else None  # a scheduler's stop: the ranks stop too
+    try:
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun passes it on to its ranks; each stage resumes from what it wrote
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if rc:
         raise RuntimeError(
             f"{stage}: its {nproc} ranks failed (exit status {rc}); their messages are above. The stage resumes "
@@ -236,6 +253,10 @@ def launch_ranks(stage: str, nproc: int, overrides: list[str], run_dir: Path) ->
     summary = json.loads(out.read_text())
     out.unlink()
     return summary
+
+
+def _stopped(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write_rank_summary(summary: dict) -> None:

@@ -8,6 +8,7 @@ and stamped into an output folder by :func:`write_marker` once the stage that wr
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -185,6 +186,9 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
+BARRIER_TIMEOUT = datetime.timedelta(days=7)
+
+
 def ranks() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; a gloo group (for barriers only) when there are several."""
     import torch.distributed as dist
@@ -192,7 +196,9 @@ def ranks() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # a rank that finished waits at a barrier for the slowest one, which may decode for hours (the default
+        # 30 min timeout stopped a whole eval); a rank that dies ends the job through torchrun, not this timeout
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     return rank, world
 
 

@@ -158,3 +158,21 @@ def test_ranks_beyond_the_batches_are_named(tmp_path, cache_dir, monkeypatch, ca
     with initialize_config_module("selfjudge.conf", version_base="1.3"):
         stage.run(compose("selfjudge", overrides=overrides))
     assert "4 ranks for 2 batch(es) of eval.batch_size=2 prompts: 2 rank(s) have nothing to decode" in caplog.text
+
+
+def test_ranks_wait_for_the_slowest_rank_for_hours(monkeypatch):
+    """A rank that finished its prompts waits at a barrier for the slowest: gloo's default 30 min stopped a whole
+    eval whose other rank decoded one batch for longer."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from selfjudge import io
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    assert io.ranks() == (1, 2)
+    assert seen["backend"] == "gloo" and seen["timeout"] >= datetime.timedelta(days=1)

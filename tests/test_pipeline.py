@@ -254,3 +254,44 @@ def test_ranks_need_the_command_line_and_no_budget(tmp_path, cache_dir):
     with pytest.raises(RuntimeError, match="run it as selfjudge-pipeline"):
         pipeline.run(_cfg(tmp_path / "c", cache_dir, "pipeline.nproc_per_node=2"))
     assert not (tmp_path / "c" / "data" / "shards").exists()  # refused before any work
+
+
+def test_a_stopped_pipeline_stops_its_ranks(tmp_path, cache_dir):
+    """SIGTERM to selfjudge-pipeline (a scheduler's stop) while its ranks decode: they stop with it, none is
+    left running (they used to go on, orphaned, and hold the run's folders)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "selfjudge.pipeline.main", "experiment=tiny", "logger=none", f"run_dir={run_dir}"]
+    cmd += [f"model.cache_dir={cache_dir}", "pipeline.nproc_per_node=2", "pipeline.stages=[data_gen]"]
+    cmd += ["data_gen.dataset.limit=400", "data_gen.max_new_tokens=64"]  # long enough to be stopped mid-way
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def ranks_alive() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                line = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if d.name.isdigit() and "selfjudge.data_gen.main" in line and str(run_dir) in line:
+                pids.append(int(d.name))
+        return pids
+
+    deadline = time.monotonic() + 120
+    while not (run_dir / "data" / "shards").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.5)  # the ranks have started writing
+    assert ranks_alive(), "the ranks never started"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 60
+    while ranks_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ranks_alive(), out[-3000:]
+    assert not (run_dir / "data" / "manifest.json").exists()  # stopped, not finished
