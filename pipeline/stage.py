@@ -158,9 +158,10 @@ def preflight(cfg: DictConfig, stages: list[str]) -> None:
     judges, unwritable folders."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would move, carry and mark the same folders
         raise RuntimeError(
-            f"selfjudge-pipeline runs as one process (WORLD_SIZE={os.environ['WORLD_SIZE']}): set "
-            "pipeline.nproc_per_node=N to run its data_gen and eval as N ranks, or launch each stage under torchrun (selfjudge.data_gen.main, selfjudge.train.main, selfjudge.eval.main; README 'Scaling "
-            "out', scripts/slurm_pipeline.sbatch), or run the pipeline without torchrun"
+            f"selfjudge-pipeline runs as one process (WORLD_SIZE={os.environ['WORLD_SIZE']}): start it without "
+            "torchrun and set pipeline.nproc_per_node=N to run its data_gen and eval as N ranks, or launch each "
+            "stage under torchrun (selfjudge.data_gen.main, selfjudge.train.main, selfjudge.eval.main; README "
+            "'Scaling out', scripts/slurm_pipeline.sbatch)"
         )
     build(PipelineSettings, OmegaConf.to_container(cfg.pipeline, resolve=True), "pipeline")
     check_installed(OmegaConf.to_container(cfg, resolve=True), stages)
