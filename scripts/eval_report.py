@@ -5,7 +5,8 @@
 The eval stage writes summary.json, report.md and pareto.png only when every prompt is done; its
 per_example.jsonl grows as decodes finish (all methods of one prompt back to back). This reads that
 file without touching it, keeps the prompts that have a record for every (method, threshold) seen, and
-builds the same rows and plots from them (speedup against target-only on those prompts).
+builds the same rows and plots from them (speedup against target-only on those prompts). A multi-rank eval's
+records are read from each rank's file too.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output folder (default: <eval_dir>/partial)")
     args = ap.parse_args()
     src = Path(args.eval_dir) / "per_example.jsonl"
-    if not src.is_file():
+    ranks = sorted(Path(args.eval_dir).glob("per_example.rank*.jsonl"))  # a multi-rank eval's, until it merges
+    if not src.is_file() and not ranks:
         raise SystemExit(f"eval_report: {src} does not exist: pass the eval output folder (eval.output_dir)")
-    recs = RecordsFile(args.eval_dir).read(repair=False)  # a line cut by a kill (or a running eval) is left out
+    records = RecordsFile(args.eval_dir)
+    recs = records.read(repair=False) if src.is_file() else []  # a line cut by a kill (or a running eval): left out
+    recs += [r for part in ranks for r in records.read(part, repair=False)]
     rescored = rescore_read(RecordsFile(args.eval_dir), recs)
     if rescored:
         print(f"{rescored} records scored by an earlier revision of the answer checker: re-scored here (the eval "

@@ -166,6 +166,13 @@ def test_partial_report_of_a_stopped_eval(tmp_path, cache_dir, prompts_file, mon
             b["accepted"],
         )
     assert (tmp_path / "eval" / "partial" / "pareto.png").is_file()
+    # a multi-rank eval still decoding: its records are in the ranks' files, none merged yet
+    (tmp_path / "eval" / "per_example.jsonl").unlink()
+    (tmp_path / "eval" / "per_example.rank000.jsonl").write_text("".join(lines[:3]) + "".join(lines[6:7]))
+    (tmp_path / "eval" / "per_example.rank001.jsonl").write_text("".join(lines[3:6]) + lines[7][:20])
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "eval_report.py"), run_name="__main__")
+    ranked = json.loads((tmp_path / "eval" / "partial" / "summary.json").read_text())
+    assert ranked["prompts"] == part["prompts"] and ranked["rows"] == part["rows"]
 
 
 def test_batched_eval_equals_batch_one(tmp_path, cache_dir, prompts_file, head_dir):
