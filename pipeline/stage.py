@@ -41,6 +41,7 @@ from selfjudge.io import (
     identity,
     read_json,
     read_marker,
+    stop_process,
     write_marker,
 )
 from selfjudge.locks import stage_lock
@@ -236,12 +237,7 @@ def launch_ranks(stage: str, nproc: int, overrides: list[str], run_dir: Path) ->
     try:
         rc = proc.wait()
     except BaseException:
-        proc.terminate()  # torchrun passes it on to its ranks; each stage resumes from what it wrote
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # torchrun passes it on to its ranks; each stage resumes from what it wrote
         raise
     finally:
         if main:

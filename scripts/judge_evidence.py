@@ -508,13 +508,9 @@ def run(step: str, cmd: list[str], tick=None, every: float = 120.0) -> None:
             except subprocess.TimeoutExpired:
                 tick()
     except BaseException:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        from selfjudge.io import stop_process
+
+        stop_process(proc)
         raise
     if rc:
         raise SystemExit(

@@ -186,6 +186,19 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """Stop a child that is still running: SIGTERM (a launcher passes it on to its ranks), then SIGKILL after
+    ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 BARRIER_TIMEOUT = datetime.timedelta(days=7)
 
 
