@@ -90,6 +90,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
             "%d AutoJudge labels of an earlier run from %s: taken, not regenerated", len(known), s.autojudge_labels_from
         )
     stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard, known, pending)
+    pair.release()  # a finished rank waits at the barrier without its models
     barrier(world)
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}
     if rank == 0:

@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     records = ev.evaluate(
         pair, task, examples, prompts, s, grid, heads, records, mine, graphs, head_of, rank, world, strict_masks
     )
+    pair.release()  # the rest needs only the infos; a finished rank waits at the barrier without its models
     barrier(world)
     if rank != 0:
         return {"rank": rank, "output_dir": str(out_dir)}

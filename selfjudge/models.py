@@ -161,6 +161,31 @@ class ModelPair:
     def eos_ids(self) -> list[int]:
         return eos_token_ids(self.target, self.tokenizer)
 
+    def release(self) -> None:
+        """Drop both models and hand their memory back; the infos, tokenizer and runtime stay.
+
+        A rank that finished its share waits at the final barrier for the slowest one: holding a real pair
+        there (and the heap its decoding grew) is what left a second 24 GiB rank without room.
+        """
+        self.target = self.draft = None  # type: ignore[assignment]
+        release_memory()
+
+
+def release_memory() -> None:
+    """Collect garbage, empty the CUDA cache, and return freed heap pages to the OS (glibc; no-op elsewhere)."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl and other libcs: nothing to trim
+            pass
+
 
 def _checked_kwargs(cls, d: Mapping[str, Any], where: str) -> dict:
     names = {f.name for f in fields(cls)}

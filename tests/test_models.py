@@ -219,3 +219,15 @@ def test_real_pair_loads_and_answers(gsm8k_dir):
         out = m.generate(ids, max_new_tokens=24, do_sample=False)
         text = pair.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert any(ch.isdigit() for ch in text), text
+
+
+def test_release_drops_the_models_and_keeps_the_infos(tiny_model_cfg):
+    import weakref
+
+    pair = pair_from_mapping(tiny_model_cfg)  # its own load: the session pair stays whole
+    refs = [weakref.ref(pair.target), weakref.ref(pair.draft)]
+    info, runtime = pair.target_info, dict(pair.runtime)
+    pair.release()
+    assert pair.target is None and pair.draft is None
+    assert [r() for r in refs] == [None, None]  # nothing else held them
+    assert pair.target_info is info and pair.runtime == runtime and pair.vocab_size > 0
