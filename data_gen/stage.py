@@ -22,6 +22,28 @@ log = logging.getLogger("selfjudge.data_gen")  # hydra's console and per-rank lo
 
 # what decides the data: these config sections, minus the keys named (they never change a record)
 IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from"), "seed": ()}
+# what decides one AutoJudge label, whose key already names the prompt, the response's tokens, the position and the
+# draft token: not which slice of the dataset was taken, nor the features, τ, scoring or shard sizes
+LABEL_SLICE = ("limit", "offset", "shuffle", "seed")
+LABEL_KEYS = ("dataset", "max_new_tokens", "autojudge")
+
+
+def hashes(plain: dict) -> tuple[str, str]:
+    """(config hash of the data, hash of its AutoJudge labels) from the resolved config."""
+    model = model_key(plain["model"])
+    checker = checker_key(plain["data_gen"]["dataset"]) if plain["data_gen"]["autojudge"]["enabled"] else {}
+    data = config_hash(identity({**plain, "model": model}, IDENTITY, **checker))
+    dg = plain["data_gen"]
+    labels = {
+        "model": model,
+        "seed": plain["seed"],
+        "data_gen": {
+            **{k: dg[k] for k in LABEL_KEYS},
+            "dataset": {k: v for k, v in dg["dataset"].items() if k not in LABEL_SLICE},
+        },
+        **checker,
+    }
+    return data, config_hash(labels)
 
 
 def settings(plain: dict) -> labelling.DataGenSettings:
@@ -49,7 +71,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
         IDENTITY,
         **(checker_key(s.dataset) if s.autojudge.enabled else {}),
     )
-    h = config_hash(hashed)
+    h, labels_h = hashes(plain)
     if rank == 0:
         log.info(runtime_line(pair.runtime))
     prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
@@ -71,6 +93,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
         "feature_dtype": s.feature_dtype,
         "runtime": pair.runtime,
         "config_hash": h,
+        "labels_hash": labels_h,  # AutoJudge labels: another slice of the same dataset may take them
         "config": hashed,
         "seed": plain["seed"],
         "code_version": code_version(),
@@ -84,7 +107,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     barrier(world)
     pending = labelling.read_layout(out)  # after the barrier: rank 0 has set the layout
     torch.manual_seed(int(plain["seed"]))
-    known = read_labels(s.autojudge_labels_from, h) if s.autojudge_labels_from else None  # another config: refused
+    known = read_labels(s.autojudge_labels_from, h, labels_h) if s.autojudge_labels_from else None  # else refused
     if known is not None and rank == 0:
         log.info(
             "%d AutoJudge labels of an earlier run from %s: taken, not regenerated", len(known), s.autojudge_labels_from

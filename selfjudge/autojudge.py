@@ -14,9 +14,11 @@ score of the regenerated answer differs from the score of ``y``. Two search orde
   continuations on average than the first ones).
 
 Labels outlive their data folder: :func:`export_labels` writes a folder's labels (also of a folder still being
-made) to a small gzipped file keyed by :func:`label_key` and stamped with the data_gen config hash, and a
-later run of the same config (``data_gen.autojudge_labels_from``, e.g. on another machine, which has only the
-committed file) takes them instead of regenerating (:func:`read_labels`; another config's file is refused).
+made) to a small gzipped file keyed by :func:`label_key` and stamped with the hash of what decides a label
+(model, dataset but not its slice, response budget, AutoJudge settings, checker revision), and a later run
+(``data_gen.autojudge_labels_from``, e.g. on another machine, which has only the committed file) takes them instead
+of regenerating, also for another slice of the prompts, other features or τ (:func:`read_labels`; a file of another
+model, prompt format or AutoJudge setting is refused).
 
 The regenerations dominate the cost. :func:`autojudge_labels_many` runs those of many responses
 together, ``batch_size`` rows per greedy batch grouped by continuation length (sequential: step ``j``
@@ -109,13 +111,16 @@ def label_key(prompt_id: str, response: Sequence[int], position: int, draft_toke
     return f"{prompt_id}|{sha}|{int(position)}|{int(draft_token)}"
 
 
-def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int]) -> bool:
-    """The labels file: a header line (format, config hash) then one {key, label} line each, sorted, gzipped
-    without a timestamp (the same labels give the same bytes); written atomically, and only when its content
-    changed (returns whether it was written)."""
+def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int], labels_hash: str | None = None) -> bool:
+    """The labels file: a header line (format, the data's config hash, the labels' hash) then one {key, label}
+    line each, sorted, gzipped without a timestamp (the same labels give the same bytes); written atomically, and
+    only when its content changed (returns whether it was written)."""
     from selfjudge.io import atomic_write_bytes
 
-    lines = [json.dumps({"format": LABELS_FORMAT, "config_hash": config_hash})]
+    head = {"format": LABELS_FORMAT, "config_hash": config_hash}
+    if labels_hash is not None:
+        head["labels_hash"] = labels_hash
+    lines = [json.dumps(head)]
     lines += [json.dumps({"key": k, "label": int(v)}) for k, v in sorted(labels.items())]
     data = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
     if Path(path).is_file() and Path(path).read_bytes() == data:
@@ -124,9 +129,13 @@ def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int]) 
     return True
 
 
-def read_labels(path: str | Path, config_hash: str, key: str = "data_gen.autojudge_labels_from") -> dict[str, int]:
-    """The labels of a file :func:`write_labels` wrote under ``config_hash``; any other file is an error naming
-    ``key`` (the labels of another config, model or checker revision would be mixed in)."""
+def read_labels(
+    path: str | Path, config_hash: str, labels_hash: str | None = None, key: str = "data_gen.autojudge_labels_from"
+) -> dict[str, int]:
+    """The labels of a file :func:`write_labels` wrote under ``labels_hash`` (what decides a label: the model, the
+    dataset but not its slice, the response budget, the AutoJudge settings, the checker revision) or, for a file
+    without one, under ``config_hash``; any other file is an error naming ``key`` (the labels of another model,
+    prompt or checker revision would be mixed in)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{key}: '{p}' does not exist")
@@ -134,10 +143,12 @@ def read_labels(path: str | Path, config_hash: str, key: str = "data_gen.autojud
     head = rows[0] if rows else {}
     if head.get("format") != LABELS_FORMAT:
         raise ValueError(f"{key}: '{p}' is not an AutoJudge labels file ({LABELS_FORMAT})")
-    if head.get("config_hash") != config_hash:
+    same = head.get("labels_hash") == labels_hash if "labels_hash" in head else head.get("config_hash") == config_hash
+    if not same:
+        mine, theirs = ("labels_hash", labels_hash) if "labels_hash" in head else ("config_hash", config_hash)
         raise ValueError(
-            f"{key}: '{p}' holds the labels of another data_gen config (config_hash {head.get('config_hash')} != "
-            f"{config_hash}): use the file of this config, or none"
+            f"{key}: '{p}' holds the labels of another data_gen config ({mine} {head.get(mine)} != {theirs}): "
+            "use the file of this config, or none"
         )
     return {r["key"]: int(r["label"]) for r in rows[1:]}
 
@@ -158,7 +169,7 @@ def export_labels(data_dir: str | Path, path: str | Path) -> int:
         for sub, pid, resp, pos, tok, lab in zip(*(t[c] for c in cols)):
             if sub and lab >= 0:
                 labels[label_key(pid, resp, pos, tok)] = lab
-    write_labels(path, man["config_hash"], labels)
+    write_labels(path, man["config_hash"], labels, man.get("labels_hash"))
     return len(labels)
 
 

@@ -230,14 +230,15 @@ def test_labels_of_an_earlier_run_are_taken_not_regenerated(tmp_path, cache_dir,
     first = _aj_labels(tmp_path / "first" / "data")
     labels = tmp_path / "labels.jsonl.gz"
     n = export_labels(tmp_path / "first" / "data", labels)
-    h = shards.read_manifest(tmp_path / "first" / "data")["config_hash"]
+    man = shards.read_manifest(tmp_path / "first" / "data")
+    h, lh = man["config_hash"], man["labels_hash"]
     rows = [r for p in shards.list_shards(tmp_path / "first" / "data") for r in pq.read_table(p).to_pylist()]
     want = {
         label_key(r["prompt_id"], r["response_ids"], r["position"], r["draft_token"]): r["autojudge_label"]
         for r in rows
         if r["substituted"] and r["autojudge_label"] >= 0
     }
-    assert read_labels(labels, h) == want and n == len(want) >= 3
+    assert read_labels(labels, h, lh) == want and n == len(want) >= 3
     stamp = labels.stat().st_mtime_ns
     assert export_labels(tmp_path / "first" / "data", labels) == n and labels.stat().st_mtime_ns == stamp  # unchanged
 
@@ -274,6 +275,32 @@ def test_labels_of_an_earlier_run_are_taken_not_regenerated(tmp_path, cache_dir,
         )
     )
     assert sum(calls) == n - some
+
+    # another slice of the same dataset (one prompt more), other features and τ: the labels are the same labels
+    calls.clear()
+    run(
+        _stage_cfg(
+            tmp_path / "wider",
+            cache_dir,
+            "data_gen.dataset.limit=4",
+            "data_gen.tau.value=0.5",
+            "data_gen.features.layers=[-2]",
+            f"data_gen.autojudge_labels_from={labels}",
+        )
+    )
+    wider = _aj_labels(tmp_path / "wider" / "data")
+    man4 = shards.read_manifest(tmp_path / "wider" / "data")
+    assert man4["labels_hash"] == lh and man4["config_hash"] != h
+    assert [x for x in wider if x[0] in {p for p, *_ in first}] == first  # taken, equal
+    n4 = export_labels(tmp_path / "wider" / "data", tmp_path / "wider.jsonl.gz")
+    assert 0 < sum(calls) == n4 - n  # only the new prompt's mismatches regenerated
+
+    # a file written before labels_hash existed: taken under the data's config hash only
+    old = tmp_path / "old.jsonl.gz"
+    autojudge.write_labels(old, h, want)
+    assert read_labels(old, h, "any") == want
+    with pytest.raises(ValueError, match="config_hash"):
+        read_labels(old, "other", lh)
 
     with pytest.raises(
         ValueError, match="data_gen.autojudge_labels_from: .* holds the labels of another data_gen config"

@@ -210,7 +210,8 @@ def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(
     assert "Overrides for the eval" in out  # pick_thresholds ran on the sweeps
     labels = root / "bench" / "evidence_autojudge_gsm8k.autojudge_labels.jsonl.gz"  # its regenerations, kept
     data = root / "autojudge_gsm8k" / "data"
-    assert len(read_labels(labels, json.loads((data / "manifest.json").read_text())["config_hash"])) > 0
+    man = json.loads((data / "manifest.json").read_text())
+    assert len(read_labels(labels, man["config_hash"], man["labels_hash"])) > 0
     study = json.loads((root / "study_mmlu" / "data" / "manifest.json").read_text())  # the MMLU study's data
     assert study["complete"] and study["counts"]["prompts"] == 4
 
