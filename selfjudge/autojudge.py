@@ -155,7 +155,9 @@ def read_labels(
 
 def export_labels(data_dir: str | Path, path: str | Path) -> int:
     """Write the AutoJudge labels of a data folder (finished, or the shards written so far) to ``path`` (only
-    when they changed); returns how many."""
+    when they changed), together with those ``path`` holds already where they are labels of the same kind (a run
+    that took them back and has not yet redone their prompts keeps them all); a file of another config is
+    replaced. Returns how many the file holds."""
     import pyarrow.parquet as pq
 
     from selfjudge import shards
@@ -169,6 +171,13 @@ def export_labels(data_dir: str | Path, path: str | Path) -> int:
         for sub, pid, resp, pos, tok, lab in zip(*(t[c] for c in cols)):
             if sub and lab >= 0:
                 labels[label_key(pid, resp, pos, tok)] = lab
+    kept: dict[str, int] = {}
+    if Path(path).is_file():
+        try:
+            kept = read_labels(path, man["config_hash"], man.get("labels_hash"), key=str(path))
+        except ValueError:  # another config's labels (or no labels file): replaced
+            kept = {}
+    labels = {**kept, **labels}
     write_labels(path, man["config_hash"], labels, man.get("labels_hash"))
     return len(labels)
 

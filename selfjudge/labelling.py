@@ -257,6 +257,9 @@ def run_rank(
     batches = [[mine[k] for k in b] for b in fixed_batches([len(prompts[i]) for i in mine], s.batch_size)]
     todo = [b for b in batches if not all(examples[i].id in done for i in b)]
     assert all(examples[i].id not in done for b in todo for i in b), "progress covers part of a batch"
+    if known:  # batches whose AutoJudge labels are known go last: new labels (the costly part, kept) come first
+        labelled = {k.split("|", 1)[0] for k in known}
+        todo.sort(key=lambda b: sum(examples[i].id in labelled for i in b))  # stable; each batch's rows unchanged
     score = score_response if s.scorer == "fast" else score_response_naive
     kw = {"max_packed_tokens": s.max_packed_tokens} if s.scorer == "fast" else {}
     use_aj = s.autojudge.enabled and task.has_checker

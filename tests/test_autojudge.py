@@ -265,16 +265,22 @@ def test_labels_of_an_earlier_run_are_taken_not_regenerated(tmp_path, cache_dir,
         )
     some = export_labels(tmp_path / "part" / "data", tmp_path / "part.jsonl.gz")
     assert 0 < some < n
+    # a folder holding only some of a file's labels adds to it, never shrinks it
+    assert export_labels(tmp_path / "part" / "data", labels) == n and read_labels(labels, h, lh) == want
     calls.clear()
     run(
         _stage_cfg(
             tmp_path / "third",
             cache_dir,
             "data_gen.batch_size=1",
+            "data_gen.shard_prompts=1",
             f"data_gen.autojudge_labels_from={tmp_path / 'part.jsonl.gz'}",
         )
     )
     assert sum(calls) == n - some
+    first_shard = pq.read_table(shards.list_shards(tmp_path / "third" / "data")[0]).column("prompt_id").to_pylist()
+    taken = {k.split("|")[0] for k in read_labels(tmp_path / "part.jsonl.gz", h, lh)}
+    assert taken and not taken & set(first_shard)  # the prompts still to label went first
 
     # another slice of the same dataset (one prompt more), other features and τ: the labels are the same labels
     calls.clear()
