@@ -45,8 +45,10 @@ SIGTERM), its records go to
 ``<name>.eval_key.json`` beside it: commit both. At the start of a run, an eval folder without records gets
 them back from there, so that eval resumes instead of starting over, on this machine or another. The same
 holds for autojudge_gsm8k's and study_mmlu's AutoJudge labels, their costly part (``<bench-dir>/evidence_<step>.autojudge_labels.jsonl.gz``,
-written as its shards land, passed back as ``data_gen.autojudge_labels_from``): a machine without its data
-folder regenerates the responses and features but takes the labels.
+written as its shards land, merged with the labels already there, passed back as ``data_gen.autojudge_labels_from``):
+a machine without its data folder regenerates the responses and features but takes the labels, and decodes the
+batches still to label first, so that a stopped run has added to the file. Labels are taken where the response is
+the same token for token: run such a step with the rank count (one) and ``data_gen.batch_size`` that made them.
 
 Paths: every command runs in the repository root, so relative paths (run root, ``--gsm8k-dir``) are relative
 to it. Use relative paths: the records key hashes the dataset settings *including the path string*, so
