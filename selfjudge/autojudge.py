@@ -35,6 +35,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from selfjudge.generation import fixed_batches, greedy_batch
 from selfjudge.models import ModelPair
 from selfjudge.tasks import Example, Task
 
+log = logging.getLogger(__name__)
 AUTOJUDGE_MODES = ("sequential", "independent")
 AUTOJUDGE_SELECT = ("first", "spread")
 KEYS = ("enabled", "mode", "select", "max_mismatches", "max_new_tokens", "batch_size", "finished_only")
@@ -257,6 +259,17 @@ def autojudge_labels_many(
         for k, j in jobs:
             it = items[k]
             labels[k][j] = known.get(label_key(it.example.id, it.response, it.positions[j], it.draft_tokens[j]), -1)
+        if known and step == 0:  # a prompt the file labels, none of whose swaps it knows: another response
+            prompts = {key.split("|", 1)[0] for key in known}
+            other = [k for k in plan if items[k].example.id in prompts and all(labels[k][j] < 0 for j in plan[k])]
+            if other:
+                log.warning(
+                    "%d response(s) of prompts with taken AutoJudge labels differ from the labelled ones (e.g. %s): "
+                    "regenerated; labels match only the same response, token for token (the rank count, "
+                    "data_gen.batch_size, dtype and CPU kernels of the run that made them)",
+                    len(other),
+                    items[other[0]].example.id,
+                )
         jobs = [(k, j) for k, j in jobs if labels[k][j] < 0]
         swaps = [(items[k].prompt, items[k].response, items[k].positions[j], items[k].draft_tokens[j]) for k, j in jobs]
         swaps = [(*sw, items[k].cache) for sw, (k, _) in zip(swaps, jobs)]

@@ -335,3 +335,30 @@ def _plain_data_gen(tmp_path, cache_dir) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(_stage_cfg(tmp_path, cache_dir).data_gen, resolve=True)
+
+
+def test_labels_of_another_response_are_regenerated_and_said(tiny_pair, caplog):
+    """Taken labels apply to the same response only: a prompt whose file labels were made for other tokens (a run
+    of other batches, ranks or dtype) is regenerated, with a warning naming it."""
+    import dataclasses
+    import logging
+
+    from selfjudge.autojudge import label_key
+
+    cases = [_case(tiny_pair, q) for q in QUESTIONS]
+    s = AutoJudgeSettings(enabled=True, mode="independent", max_mismatches=4, max_new_tokens=24, batch_size=3)
+    items = [  # one id per prompt
+        Labelled(dataclasses.replace(ex, id=f"q{i}"), prompt, resp, pos, dr)
+        for i, (task, ex, prompt, resp, pos, dr) in enumerate(cases)
+    ]
+    want = autojudge_labels_many(tiny_pair, cases[0][0], items, s, budget=24)
+    k = next(i for i, w in enumerate(want) if any(x >= 0 for x in w))
+    it = items[k]
+    made = [(p, d, w) for p, d, w in zip(it.positions, it.draft_tokens, want[k]) if w >= 0]
+    same = {label_key(it.example.id, it.response, p, d): w for p, d, w in made}
+    other = {label_key(it.example.id, it.response[:-1], p, d): 1 - w for p, d, w in made}  # flipped: never taken
+    with caplog.at_level(logging.WARNING, logger="selfjudge.autojudge"):
+        assert autojudge_labels_many(tiny_pair, cases[0][0], items, s, budget=24, known=same) == want
+        assert "differ" not in caplog.text
+        assert autojudge_labels_many(tiny_pair, cases[0][0], items, s, budget=24, known=other) == want
+    assert "1 response(s) of prompts with taken AutoJudge labels differ" in caplog.text and it.example.id in caplog.text
