@@ -28,11 +28,12 @@ LABEL_SLICE = ("limit", "offset", "shuffle", "seed")
 LABEL_KEYS = ("dataset", "max_new_tokens", "autojudge")
 
 
-def hashes(plain: dict) -> tuple[str, str]:
-    """(config hash of the data, hash of its AutoJudge labels) from the resolved config."""
+def hashes(plain: dict) -> tuple[dict, str, str]:
+    """(what decides the data, its config hash, the hash of its AutoJudge labels) from the resolved config; dtype
+    auto as resolved here; with AutoJudge labels, the answer checker's revision."""
     model = model_key(plain["model"])
     checker = checker_key(plain["data_gen"]["dataset"]) if plain["data_gen"]["autojudge"]["enabled"] else {}
-    data = config_hash(identity({**plain, "model": model}, IDENTITY, **checker))
+    hashed = identity({**plain, "model": model}, IDENTITY, **checker)
     dg = plain["data_gen"]
     labels = {
         "model": model,
@@ -43,7 +44,7 @@ def hashes(plain: dict) -> tuple[str, str]:
         },
         **checker,
     }
-    return data, config_hash(labels)
+    return hashed, config_hash(hashed), config_hash(labels)
 
 
 def settings(plain: dict) -> labelling.DataGenSettings:
@@ -66,12 +67,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     # nothing on a rank other than 0 once torch.distributed is initialized)
     pair = pair_from_mapping(plain["model"])  # pairs with different vocabularies fail here
     rank, world = ranks()
-    hashed = identity(  # dtype auto as resolved here; AutoJudge labels: the answer checker's revision
-        {**plain, "model": model_key(plain["model"])},
-        IDENTITY,
-        **(checker_key(s.dataset) if s.autojudge.enabled else {}),
-    )
-    h, labels_h = hashes(plain)
+    hashed, h, labels_h = hashes(plain)
     if rank == 0:
         log.info(runtime_line(pair.runtime))
     prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here

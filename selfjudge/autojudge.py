@@ -113,6 +113,11 @@ def label_key(prompt_id: str, response: Sequence[int], position: int, draft_toke
     return f"{prompt_id}|{sha}|{int(position)}|{int(draft_token)}"
 
 
+def labelled_prompts(labels: Mapping[str, int]) -> set[str]:
+    """The prompt ids that labels keyed by :func:`label_key` name."""
+    return {key.split("|", 1)[0] for key in labels}
+
+
 def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int], labels_hash: str | None = None) -> bool:
     """The labels file: a header line (format, the data's config hash, the labels' hash) then one {key, label}
     line each, sorted, gzipped without a timestamp (the same labels give the same bytes); written atomically, and
@@ -177,8 +182,8 @@ def export_labels(data_dir: str | Path, path: str | Path) -> int:
     if Path(path).is_file():
         try:
             kept = read_labels(path, man["config_hash"], man.get("labels_hash"), key=str(path))
-        except ValueError:  # another config's labels (or no labels file): replaced
-            kept = {}
+        except ValueError:  # another config's labels: replaced
+            pass
     labels = {**kept, **labels}
     write_labels(path, man["config_hash"], labels, man.get("labels_hash"))
     return len(labels)
@@ -260,7 +265,7 @@ def autojudge_labels_many(
             it = items[k]
             labels[k][j] = known.get(label_key(it.example.id, it.response, it.positions[j], it.draft_tokens[j]), -1)
         if known and step == 0:  # a prompt the file labels, none of whose swaps it knows: another response
-            prompts = {key.split("|", 1)[0] for key in known}
+            prompts = labelled_prompts(known)
             other = [k for k in plan if items[k].example.id in prompts and all(labels[k][j] < 0 for j in plan[k])]
             if other:
                 log.warning(

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from selfjudge import shards
 from selfjudge.autojudge import KEYS as AUTOJUDGE_KEYS
-from selfjudge.autojudge import AutoJudgeSettings, Labelled, autojudge_labels_many
+from selfjudge.autojudge import AutoJudgeSettings, Labelled, autojudge_labels_many, labelled_prompts
 from selfjudge.cards import write_dataset_card
 from selfjudge.features import FEATURE_KEYS, FeatureSpec
 from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_traced
@@ -258,7 +258,7 @@ def run_rank(
     todo = [b for b in batches if not all(examples[i].id in done for i in b)]
     assert all(examples[i].id not in done for b in todo for i in b), "progress covers part of a batch"
     if known:  # batches whose AutoJudge labels are known go last: new labels (the costly part, kept) come first
-        labelled = {k.split("|", 1)[0] for k in known}
+        labelled = labelled_prompts(known)
         todo.sort(key=lambda b: sum(examples[i].id in labelled for i in b))  # stable; each batch's rows unchanged
     score = score_response if s.scorer == "fast" else score_response_naive
     kw = {"max_packed_tokens": s.max_packed_tokens} if s.scorer == "fast" else {}
