@@ -316,6 +316,7 @@ class Plan:
             f"judge={a.head}",
             f"data_gen.max_new_tokens={a.max_new_tokens}",
             f"data_gen.batch_size={a.gen_batch_size}",
+            f"data_gen.shard_prompts={a.gen_batch_size}",  # a shard per batch: a stop loses at most one
             f"data_gen.dataset.limit={a.judge_prompts}",
             "data_gen.dataset.offset=0",
             *tau,
@@ -363,6 +364,7 @@ class Plan:
             f"data_gen.dataset.offset={MMLU_STUDY_OFFSET}",
             f"data_gen.max_new_tokens={a.max_new_tokens}",
             f"data_gen.batch_size={a.gen_batch_size}",
+            f"data_gen.shard_prompts={a.gen_batch_size}",
             *self._tau(),
             *shlex.split(a.autojudge_features),
             *self._autojudge(),

@@ -92,6 +92,8 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
     assert gsm8k.dataset.name == "gsm8k" and gsm8k.dataset.split == "train" and gsm8k.dataset.limit == 512
     assert not gsm8k.autojudge.enabled and gsm8k.tau.mode == "value" and list(gsm8k.features.scalars)
     assert {seen[n].judge.kind for n in ("judge_gsm8k", "autojudge_gsm8k", "judge_mix")} == {"mlp"}
+    data_steps = ("judge_gsm8k", "autojudge_gsm8k", "judge_mix", "study_mmlu")
+    assert {seen[n].data_gen.shard_prompts for n in data_steps} == {gsm8k.batch_size}  # a stop loses one batch
     assert list(seen["judge_mix"].train.quantiles) == [0.05, 0.1, 0.2, 0.3, 0.4]  # five sweep rows per judge
     auto = seen["autojudge_gsm8k"]  # the same problems, its own data folder: the SelfJudge head never waits for it
     assert auto.train.label_source == "autojudge" and auto.data_gen.autojudge.enabled
