@@ -637,9 +637,12 @@ def evaluate(
 
 def batch_progress(bar: Any, label: str, rows: int, every: float = 10.0) -> Callable[[list[int]], None] | None:
     """A batched decode's progress on ``bar`` (a batch of 64 rows at 512 tokens runs many minutes on a CPU):
-    tokens committed so far, at most every ``every`` seconds. None at batch 1 (the bar moves per decode)."""
+    tokens committed so far, at most every ``every`` seconds, and until the first round the prefill under way
+    (the two models' prefill of 64 long prompts alone can run a quarter of an hour on one core). None at batch 1
+    (the bar moves per decode)."""
     if rows == 1:
         return None
+    bar.set_postfix_str(f"{label}: prefill of {rows} prompts")
     state = {"tokens": 0, "shown": time.monotonic()}
 
     def on_tokens(toks: list[int]) -> None:

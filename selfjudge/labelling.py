@@ -291,7 +291,12 @@ def run_rank(
         if after_shard is not None:
             after_shard(index)
 
+    def phase(rows: int, what: str) -> None:  # a batch runs many minutes on a CPU: the bar names its step
+        rate = f", {n_new / (time.perf_counter() - t0):.1f} tok/s" if n_new else ""
+        bar.set_postfix_str(f"batch of {rows}: {what}{rate}")
+
     for batch in todo:
+        phase(len(batch), "generating")
         gen_args = (
             [prompts[i] for i in batch],
             s.max_new_tokens,
@@ -303,6 +308,7 @@ def run_rank(
             resps, traces = greedy_batch_traced(pair.target, *gen_args, spec=s.features)
         else:
             resps, traces = greedy_batch(pair.target, *gen_args), [None] * len(batch)
+        phase(len(batch), "scoring")
         scored = []
         for i, resp, trace in zip(batch, resps, traces):
             extra = {"trace": trace} if trace is not None else {}
@@ -326,6 +332,7 @@ def run_rank(
         ]
         traces = trace = extra = None
         if use_aj:  # the regenerations of the whole batch run together
+            phase(len(batch), "AutoJudge regenerations")
             ajs = autojudge_labels_many(pair, task, items, s.autojudge, s.max_new_tokens, known)
         else:
             ajs = [[-1] * len(it.positions) for it in items]
@@ -335,7 +342,7 @@ def run_rank(
             buf_tokens += len(it.response)
             n_new += len(it.response)
             bar.update(1)
-            bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.1f}")
+        phase(len(batch), "done")
         scored = items = None
         if len(buf) >= s.shard_size or (s.shard_prompts and len(buf_ids) >= s.shard_prompts):
             flush()

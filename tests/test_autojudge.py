@@ -197,8 +197,10 @@ def _aj_labels(data) -> list:
     ]
 
 
-def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir):
+def test_stage_stores_autojudge_beside_selfjudge(tmp_path, cache_dir, capsys):
     out = run(_stage_cfg(tmp_path, cache_dir))
+    bar = capsys.readouterr().err  # a batch runs many minutes on a CPU: the bar names each step while it runs
+    assert all(f"batch of 3: {step}" in bar for step in ("generating", "scoring", "AutoJudge regenerations", "done"))
     man = shards.read_manifest(tmp_path / "data")
     assert man["label_sources"] == ["selfjudge", "autojudge"]
     rows = [r for p in shards.list_shards(tmp_path / "data", man) for r in pq.read_table(p).to_pylist()]

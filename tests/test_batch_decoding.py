@@ -193,6 +193,7 @@ def test_progress_counts_every_committed_token_and_the_eval_bar_shows_it(pair):
     assert sum(map(len, seen)) == sum(len(out) for out, _ in rows) and len(seen) > len(rows)
     bar = tqdm(total=1, disable=True)
     on_tokens = batch_progress(bar, "kl@0.5", len(rows), every=0.0)
+    assert bar.postfix == f"kl@0.5: prefill of {len(rows)} prompts"  # shown before the first round
     for toks in seen:
         on_tokens(toks)
     assert bar.postfix == f"kl@0.5: {sum(len(out) for out, _ in rows)} tokens over {len(rows)} prompts"
