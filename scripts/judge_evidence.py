@@ -48,7 +48,8 @@ holds for autojudge_gsm8k's and study_mmlu's AutoJudge labels, their costly part
 written as its shards land, merged with the labels already there, passed back as ``data_gen.autojudge_labels_from``):
 a machine without its data folder regenerates the responses and features but takes the labels, and decodes the
 batches still to label first, so that a stopped run has added to the file. Labels are taken where the response is
-the same token for token: run such a step with the rank count (one) and ``data_gen.batch_size`` that made them.
+the same token for token: run such a step with the ``data_gen.batch_size`` (and dtype) that made them; the rank
+count is free (ranks take whole batches of the one-rank cut).
 
 Paths: every command runs in the repository root, so relative paths (run root, ``--gsm8k-dir``) are relative
 to it. Use relative paths: the records key hashes the dataset settings *including the path string*, so

@@ -270,8 +270,8 @@ def autojudge_labels_many(
             if other:
                 log.warning(
                     "%d response(s) of prompts with taken AutoJudge labels differ from the labelled ones (e.g. %s): "
-                    "regenerated; labels match only the same response, token for token (the rank count, "
-                    "data_gen.batch_size, dtype and CPU kernels of the run that made them)",
+                    "regenerated; labels match only the same response, token for token (the data_gen.batch_size, "
+                    "dtype and CPU kernels of the run that made them)",
                     len(other),
                     items[other[0]].example.id,
                 )

@@ -2,11 +2,11 @@
 
 Resumable and rank-sliced.
 
-Each rank takes examples ``rank::world`` and cuts them into fixed batches of similar prompt length.
-A stopped run may resume with another number of ranks (a smaller or larger allocation): the prompts no
-rank has finished are dealt out again, ``rank::world`` of those (the layout in ``config_stamp.json``;
-:func:`check_output_dir`), and every rank's earlier shards stay. The new batches differ from the old
-ones, so records then equal an uninterrupted run's only up to batch numerics (as with two ranks vs one).
+The run's prompts are cut once into fixed batches of similar prompt length, dealt out whole: batch k to rank
+k % world (:func:`rank_batches`), so N ranks make the very batches, hence the very records, of one rank.
+A stopped run may resume with another number of ranks (a smaller or larger allocation): the batches no
+rank has finished are dealt out again (the layout in ``config_stamp.json``; :func:`check_output_dir`), and
+every rank's earlier shards stay; as shards hold whole batches, the records equal an uninterrupted run's.
 After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records (or
 ``shard_prompts`` prompts, so that a stop of a slow run loses little) it is written as one shard and the
 rank's progress file records the prompt ids that shard covers. A killed run restarts after its last
@@ -246,15 +246,16 @@ def run_rank(
     known: Mapping[str, int] | None = None,
     pending: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Process this rank's slice ``rank::world`` of the examples, resuming after its last written shard.
-    ``known``: AutoJudge labels of an earlier run of this config (taken, not regenerated). ``pending``: the
-    ids the rank layout deals out (:func:`read_layout`; None: all examples)."""
-    universe = range(len(examples)) if pending is None else _indices(examples, pending)
-    mine = list(universe[rank::world])
+    """Process this rank's batches, ``rank::world`` of the run's (:func:`rank_batches`), resuming after its last
+    written shard. ``known``: AutoJudge labels of an earlier run of this config (taken, not regenerated).
+    ``pending``: the ids the rank layout deals out (:func:`read_layout`; None: all examples)."""
+    batches = rank_batches(
+        [len(p) for p in prompts], s.batch_size, rank, world, pending and _indices(examples, pending)
+    )
+    mine = [i for b in batches for i in b]
     progress = shards.read_progress(out_dir, rank)
     progress.setdefault("response_tokens", 0)
     done = set(progress["done_prompt_ids"])
-    batches = [[mine[k] for k in b] for b in fixed_batches([len(prompts[i]) for i in mine], s.batch_size)]
     todo = [b for b in batches if not all(examples[i].id in done for i in b)]
     assert all(examples[i].id not in done for b in todo for i in b), "progress covers part of a batch"
     if known:  # batches whose AutoJudge labels are known go last: new labels (the costly part, kept) come first
@@ -361,6 +362,20 @@ def run_rank(
     return stats
 
 
+def rank_batches(
+    lengths: list[int], batch_size: int, rank: int, world: int, pending: list[int] | None = None
+) -> list[list[int]]:
+    """The batches of ``rank``: the run's prompts (prompt lengths ``lengths``) are cut once into fixed batches
+    (:func:`selfjudge.generation.fixed_batches`) and dealt out whole, batch k to rank k % world, so that a batch
+    holds the same prompts whatever the rank count and its records (and the AutoJudge labels bound to each
+    response, token for token) equal one rank's. ``pending``: a new layout's indices (:func:`read_layout`);
+    the batches keep only those, so the unfinished batches of an earlier layout dealt this way stay whole."""
+    keep = None if pending is None else set(pending)
+    cut = fixed_batches(lengths, batch_size)
+    left = cut if keep is None else [kept for b in cut if (kept := [i for i in b if i in keep])]
+    return left[rank::world]
+
+
 def _indices(examples: list[Example], ids: list[str]) -> list[int]:
     where = {e.id: i for i, e in enumerate(examples)}
     unknown = [x for x in ids if x not in where]
@@ -457,8 +472,8 @@ def check_output_dir(
     out_dir: str | Path, cfg_hash: str, world: int, overwrite: bool, ids: list[str] | None = None
 ) -> str | None:
     """Refuse a folder made by another config (unless overwrite): records would mix. A folder started with
-    another number of ranks gets a new layout: the prompts of ``ids`` that no rank has finished, dealt out
-    ``rank::world`` (:func:`read_layout`). Rank 0 only, before the other ranks start. Returns a line saying
+    another number of ranks gets a new layout: the prompts of ``ids`` that no rank has finished, whose batches
+    are dealt out again (:func:`read_layout`, :func:`rank_batches`). Rank 0 only, before the other ranks start. Returns a line saying
     so, or None."""
     out_dir = Path(out_dir)
     stamp = out_dir / STAMP

@@ -341,7 +341,7 @@ def _plain_data_gen(tmp_path, cache_dir) -> dict:
 
 def test_labels_of_another_response_are_regenerated_and_said(tiny_pair, caplog):
     """Taken labels apply to the same response only: a prompt whose file labels were made for other tokens (a run
-    of other batches, ranks or dtype) is regenerated, with a warning naming it."""
+    of other batches or dtype) is regenerated, with a warning naming it."""
     import dataclasses
     import logging
 

@@ -137,7 +137,8 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache_dir):
 
 def test_a_stopped_run_resumes_with_another_number_of_ranks(tmp_path, cache_dir, monkeypatch):
     """One rank stopped after its first shard; resumed by two ranks (in turn here, as torchrun's would between
-    the barriers): the prompts not done are dealt out again, nothing twice, nothing lost, the same records."""
+    the barriers): the batches not done are dealt out again whole, nothing twice, nothing lost, the very
+    records of the uninterrupted one-rank run (the same batches, so equal to the bit)."""
     from selfjudge.data_gen import stage
 
     full = tmp_path / "full"
@@ -161,17 +162,32 @@ def test_a_stopped_run_resumes_with_another_number_of_ranks(tmp_path, cache_dir,
     )
     monkeypatch.setattr(stage, "ranks", lambda: (1, 2))
     one = run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))["rank_stats"]
-    assert one["prompts"] == len(stamp["pending"][1::2]) == one["prompts_this_run"]
+    assert one["prompts"] == 1 == one["prompts_this_run"]  # batches of 3, 3, 1: rank 1 takes the second left
     monkeypatch.setattr(stage, "ranks", lambda: (0, 2))
     done = run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))  # rank 0 again: nothing left, finalize
     assert done["rank_stats"]["prompts_this_run"] == 0 and done["counts"]["prompts"] == 7
-    _same_records(_records(full / "data"), _records(part / "data"), exact=False)  # other batches: numerics only
+    _same_records(_records(full / "data"), _records(part / "data"))
     man = shards.read_manifest(part / "data")
     assert man["world_size"] == 2 and {n[:7] for n in man["shards"]} == {"rank000", "rank001"}
     assert man["counts"] == shards.read_manifest(full / "data")["counts"]
+    assert man["tau"] == shards.read_manifest(full / "data")["tau"]
     # back to one rank on the finished folder: nothing to redo
     monkeypatch.setattr(stage, "ranks", lambda: (0, 1))
     assert run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))["rank_stats"]["prompts_this_run"] == 0
+
+
+def test_ranks_take_whole_batches_of_the_one_rank_cut():
+    from selfjudge.labelling import rank_batches
+
+    lengths = [5, 1, 4, 1, 9, 2, 7]  # one rank's batches of 3: by length, ties by index
+    one = rank_batches(lengths, 3, 0, 1)
+    assert one == [[1, 3, 5], [2, 0, 6], [4]]
+    assert [rank_batches(lengths, 3, r, 2) for r in (0, 1)] == [[one[0], one[2]], [one[1]]]
+    assert rank_batches(lengths, 3, 3, 4) == []  # more ranks than batches: one waits
+    # a new layout keeps what is left of each batch: whole batches stay whole, a partly done one shrinks
+    assert rank_batches(lengths, 3, 0, 1, pending=[2, 0, 6, 4]) == [[2, 0, 6], [4]]
+    assert rank_batches(lengths, 3, 1, 2, pending=[3, 2, 0, 6, 4]) == [[2, 0, 6]]
+    assert rank_batches(lengths, 3, 0, 1, pending=[]) == []
 
 
 def test_finalize_refuses_a_folder_that_misses_or_repeats_prompts(tmp_path):
