@@ -473,8 +473,8 @@ def check_output_dir(
 ) -> str | None:
     """Refuse a folder made by another config (unless overwrite): records would mix. A folder started with
     another number of ranks gets a new layout: the prompts of ``ids`` that no rank has finished, whose batches
-    are dealt out again (:func:`read_layout`, :func:`rank_batches`). Rank 0 only, before the other ranks start. Returns a line saying
-    so, or None."""
+    are dealt out again (:func:`read_layout`, :func:`rank_batches`). Rank 0 only, before the other ranks start.
+    Returns a line saying so, or None."""
     out_dir = Path(out_dir)
     stamp = out_dir / STAMP
     fix = "choose another data_gen.output_dir or set data_gen.overwrite=true to replace it"
