@@ -4,8 +4,9 @@ Resumable and rank-sliced.
 
 The run's prompts are cut once into fixed batches of similar prompt length, dealt out whole: batch k to rank
 k % world (:func:`rank_batches`), so N ranks make the very batches, hence the very records, of one rank.
-A stopped run may resume with another number of ranks (a smaller or larger allocation): the batches no
-rank has finished are dealt out again (the layout in ``config_stamp.json``; :func:`check_output_dir`), and
+A stopped run resumes with any number of ranks (a smaller or larger allocation): at each start the batches
+no rank has finished are dealt out again (the layout in ``config_stamp.json``; :func:`check_output_dir`), so
+no rank idles while another works through the rest of its old share, and
 every rank's earlier shards stay; as shards hold whole batches, the records equal an uninterrupted run's.
 After each finished batch its records join a buffer; once the buffer holds ``shard_size`` records (or
 ``shard_prompts`` prompts, so that a stop of a slow run loses little) it is written as one shard and the
@@ -471,9 +472,9 @@ STAMP = "config_stamp.json"
 def check_output_dir(
     out_dir: str | Path, cfg_hash: str, world: int, overwrite: bool, ids: list[str] | None = None
 ) -> str | None:
-    """Refuse a folder made by another config (unless overwrite): records would mix. A folder started with
-    another number of ranks gets a new layout: the prompts of ``ids`` that no rank has finished, whose batches
-    are dealt out again (:func:`read_layout`, :func:`rank_batches`). Rank 0 only, before the other ranks start.
+    """Refuse a folder made by another config (unless overwrite): records would mix. A stopped folder (or one
+    started with another number of ranks) gets a new layout: the prompts of ``ids`` that no rank has finished,
+    whose batches are dealt out again (:func:`read_layout`, :func:`rank_batches`). Rank 0 only, before the other ranks start.
     Returns a line saying so, or None."""
     out_dir = Path(out_dir)
     stamp = out_dir / STAMP
@@ -485,18 +486,22 @@ def check_output_dir(
             if not overwrite:
                 raise FileExistsError(f"data_gen.output_dir '{out_dir}' {problem}; {fix}")
             shutil.rmtree(out_dir)
-        elif old["world_size"] != world:
+        else:
             if ids is None:
-                raise ValueError("check_output_dir: a new rank layout needs the run's prompt ids")
+                raise ValueError("check_output_dir: dealing a stopped run's batches out needs the run's prompt ids")
             done = {x for p in _progresses(out_dir) for x in p["done_prompt_ids"]}
             pending = [x for x in ids if x not in done]
-            for f in (out_dir / shards.SHARD_DIR).glob("rank*.done.json"):  # the old layout's: not this one's
-                f.unlink()
-            write_json(stamp, {"config_hash": cfg_hash, "world_size": world, "pending": pending})
-            return (
-                f"data_gen.output_dir '{out_dir}' was run with {old['world_size']} rank(s): its {len(done)} finished "
-                f"prompts stay, the {len(pending)} others are dealt out to {world} rank(s)"
-            )
+            # a stopped run's unfinished batches are dealt out again at every start, so no rank idles while
+            # another works through the rest of an old share (records do not depend on the dealing)
+            if old["world_size"] != world or (done and pending):
+                for f in (out_dir / shards.SHARD_DIR).glob("rank*.done.json"):  # the old layout's: not this one's
+                    f.unlink()
+                write_json(stamp, {"config_hash": cfg_hash, "world_size": world, "pending": pending})
+                before = f"was run with {old['world_size']} rank(s)" if old["world_size"] != world else "was stopped"
+                return (
+                    f"data_gen.output_dir '{out_dir}' {before}: its {len(done)} finished prompts stay, "
+                    f"the {len(pending)} others are dealt out to {world} rank(s)"
+                )
     elif out_dir.is_dir() and any(out_dir.iterdir()):  # never deleted, even with overwrite: not ours
         raise FileExistsError(
             f"data_gen.output_dir '{out_dir}' is not empty and is not a data_gen output; "

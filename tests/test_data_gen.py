@@ -176,6 +176,40 @@ def test_a_stopped_run_resumes_with_another_number_of_ranks(tmp_path, cache_dir,
     assert run(_cfg(part, cache_dir, "data_gen.shard_prompts=3"))["rank_stats"]["prompts_this_run"] == 0
 
 
+def test_a_stopped_run_deals_its_unfinished_batches_out_again(tmp_path, cache_dir, monkeypatch):
+    """Two ranks, batches of one prompt (7 batches: rank 0 takes 4, rank 1 takes 3); rank 0 stopped after 3, rank 1
+    never started. Resumed with the same two ranks, the 4 batches left are dealt out again, 2 each (kept, rank 0 would
+    have 1 and rank 1 all 3, so rank 0 would idle); the records equal an uninterrupted one-rank run's."""
+    from selfjudge.data_gen import stage
+
+    extra = ("data_gen.batch_size=1", "data_gen.shard_prompts=1")
+    full = tmp_path / "full"
+    run(_cfg(full, cache_dir, *extra))
+    written = []
+
+    def kill(index: int) -> None:
+        written.append(index)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "barrier", lambda world: None)
+    monkeypatch.setattr(stage, "ranks", lambda: (0, 2))
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(part, cache_dir, *extra), after_shard=kill)
+    assert len(shards.read_progress(part / "data", 0)["done_prompt_ids"]) == 3
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] have not finished"):  # rank 0 takes 2 of the 4 left
+        run(_cfg(part, cache_dir, *extra))
+    assert len(shards.read_progress(part / "data", 0)["done_prompt_ids"]) == 5
+    assert len(json.loads((part / "data" / "config_stamp.json").read_text())["pending"]) == 4
+    monkeypatch.setattr(stage, "ranks", lambda: (1, 2))
+    assert run(_cfg(part, cache_dir, *extra))["rank_stats"]["prompts_this_run"] == 2
+    monkeypatch.setattr(stage, "ranks", lambda: (0, 2))
+    done = run(_cfg(part, cache_dir, *extra))  # nothing left: no new dealing (rank 1's done mark stays), finalize
+    assert done["rank_stats"]["prompts_this_run"] == 0 and done["counts"]["prompts"] == 7
+    _same_records(_records(full / "data"), _records(part / "data"))
+
+
 def test_ranks_take_whole_batches_of_the_one_rank_cut():
     from selfjudge.labelling import rank_batches
 
