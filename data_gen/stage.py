@@ -16,12 +16,17 @@ from selfjudge.extras import check_installed
 from selfjudge.io import barrier, code_version, config_hash, identity, ranks
 from selfjudge.locks import stage_lock
 from selfjudge.models import model_key, pair_from_mapping, runtime_line
+from selfjudge.responses import read_responses, responses_hash
 from selfjudge.tasks import build_task, checker_key
 
 log = logging.getLogger("selfjudge.data_gen")  # hydra's console and per-rank log file show it
 
 # what decides the data: these config sections, minus the keys named (they never change a record)
-IDENTITY = {"model": (), "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from"), "seed": ()}
+IDENTITY = {
+    "model": (),
+    "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from", "responses_from"),
+    "seed": (),
+}
 # what decides one AutoJudge label, whose key already names the prompt, the response's tokens, the position and the
 # draft token: not which slice of the dataset was taken, nor the features, τ, scoring or shard sizes
 LABEL_SLICE = ("limit", "offset", "shuffle", "seed")
@@ -108,7 +113,12 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
         log.info(
             "%d AutoJudge labels of an earlier run from %s: taken, not regenerated", len(known), s.autojudge_labels_from
         )
-    stats = labelling.run_rank(pair, task, examples, prompts, s, out, rank, world, after_shard, known, pending)
+    given = read_responses(s.responses_from, responses_hash(hashed)) if s.responses_from else None
+    if given is not None and rank == 0:
+        log.info("%d responses of an earlier run from %s: taken, not generated", len(given), s.responses_from)
+    stats = labelling.run_rank(
+        pair, task, examples, prompts, s, out, rank, world, after_shard, known, pending, given=given
+    )
     pair.release()  # a finished rank waits at the barrier without its models
     barrier(world)
     result: dict[str, Any] = {"output_dir": out, "rank_stats": stats}

@@ -56,7 +56,7 @@ STAGES = ("data_gen", "train", "eval")
 IDENTITY = {
     "data_gen": {
         "model": (),
-        "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from"),
+        "data_gen": ("overwrite", "output_dir", "shard_prompts", "autojudge_labels_from", "responses_from"),
         "seed": (),
     },
     "train": {

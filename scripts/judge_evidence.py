@@ -46,10 +46,13 @@ SIGTERM), its records go to
 them back from there, so that eval resumes instead of starting over, on this machine or another. The same
 holds for autojudge_gsm8k's and study_mmlu's AutoJudge labels, their costly part (``<bench-dir>/evidence_<step>.autojudge_labels.jsonl.gz``,
 written as its shards land, merged with the labels already there, passed back as ``data_gen.autojudge_labels_from``):
-a machine without its data folder regenerates the responses and features but takes the labels, and decodes the
-batches still to label first, so that a stopped run has added to the file. Labels are taken where the response is
-the same token for token: run such a step with the ``data_gen.batch_size`` (and dtype) that made them; the rank
-count is free (ranks take whole batches of the one-rank cut).
+a machine without its data folder takes the labels, and decodes the batches still to label first, so that a
+stopped run has added to the file. Labels are taken where the response is the same token for token, and a bf16
+greedy response may differ on another CPU or GPU (a third of them did between two CPU kinds): so the responses
+they were made for are committed beside them (``evidence_<step>.responses.jsonl.gz``, passed back as
+``data_gen.responses_from``) and teacher-forced instead of generated; only the prompts not in it are generated
+(with the ``data_gen.batch_size`` and dtype that made the labels, so that on the same machine kind they match).
+The rank count is free (ranks take whole batches of the one-rank cut).
 
 Paths: every command runs in the repository root, so relative paths (run root, ``--gsm8k-dir``) are relative
 to it. Use relative paths: the records key hashes the dataset settings *including the path string*, so
@@ -460,18 +463,30 @@ def archive(eval_dir: Path, bench: Path, name: str) -> None:
 
 
 def archive_labels(data: Path, labels: Path, name: str) -> None:
-    """The AutoJudge labels of a judge's data folder (the shards written so far) to ``labels``: its regenerations
-    are most of its cost, so a run on another machine takes them back (data_gen.autojudge_labels_from)."""
+    """The AutoJudge labels of a judge's data folder (the shards written so far) to ``labels``, and the responses
+    they were made for beside them (:func:`responses_file`): the regenerations are most of a run's cost, so a run
+    on another machine takes both back (data_gen.autojudge_labels_from, data_gen.responses_from) and teacher-forces
+    the labelled responses (its own bf16 greedy responses may differ, and labels bind to a response)."""
     from selfjudge.autojudge import export_labels
+    from selfjudge.responses import export_responses
     from selfjudge.shards import MANIFEST, RUN_INFO, SHARD_DIR
 
     if not labels.is_file() and not any((data / SHARD_DIR).glob("*.parquet")):
         return  # no shard written yet: no file to commit
     if (data / MANIFEST).is_file() or (data / SHARD_DIR / RUN_INFO).is_file():
-        before = labels.read_bytes() if labels.is_file() else None
-        n = export_labels(data, labels)
-        if labels.read_bytes() != before:
-            print(f"judge_evidence: {name}: {n} AutoJudge labels -> {labels} (commit it)", flush=True)
+        for path, export, what in (
+            (labels, export_labels, "AutoJudge labels"),
+            (responses_file(labels), export_responses, "responses"),
+        ):
+            before = path.read_bytes() if path.is_file() else None
+            n = export(data, path)
+            if path.read_bytes() != before:
+                print(f"judge_evidence: {name}: {n} {what} -> {path} (commit it)", flush=True)
+
+
+def responses_file(labels: Path) -> Path:
+    """The responses file beside a labels file (``evidence_<step>.responses.jsonl.gz``)."""
+    return labels.with_name(labels.name.replace(".autojudge_labels.", ".responses."))
 
 
 def restore(eval_dir: Path, bench: Path, name: str, dataset_path: str | None) -> bool:
@@ -593,9 +608,10 @@ def make_data(plan: Plan, bench: Path, name: str, overrides: list[str]) -> None:
     def keep_labels():
         archive_labels(data, labels, name)
 
-    if labels.is_file():  # an earlier run's labels (here or committed): taken, not regenerated
-        given = labels.relative_to(REPO) if labels.is_relative_to(REPO) else labels  # commands run in REPO
-        overrides = [*overrides, f"data_gen.autojudge_labels_from={q(str(given))}"]
+    for path, key in ((labels, "autojudge_labels_from"), (responses_file(labels), "responses_from")):
+        if path.is_file():  # an earlier run's labels and responses (here or committed): taken, not made again
+            given = path.relative_to(REPO) if path.is_relative_to(REPO) else path  # commands run in REPO
+            overrides = [*overrides, f"data_gen.{key}={q(str(given))}"]
     try:
         run(name, plan.command(overrides), tick=keep_labels)
     finally:
@@ -663,7 +679,12 @@ def status(plan: Plan, bench: Path, evals: dict[str, tuple[str, list[str]]]) -> 
         done = sum(len(read_progress(data, r)["done_prompt_ids"]) for r in range(ranks_seen(data)))
         labels = bench / f"evidence_{name}.autojudge_labels.jsonl.gz"
         n_labels = gzip.decompress(labels.read_bytes()).count(b"\n") - 1 if labels.is_file() else 0  # header line
-        kept = f"; {n_labels} AutoJudge labels in {labels.name} (taken back by a run without the data folder)"
+        resp = responses_file(labels)
+        n_resp = gzip.decompress(resp.read_bytes()).count(b"\n") - 1 if resp.is_file() else 0
+        kept = f"; {n_labels} AutoJudge labels in {labels.name}" + (
+            f", {n_resp} responses in {resp.name}" if n_resp else ""
+        )
+        kept += " (taken back by a run without the data folder)"
         kept = kept if labels.is_file() else ""
         if not done:
             return f"{name}: not started{kept}"

@@ -106,11 +106,16 @@ class Labelled(NamedTuple):
 LABELS_FORMAT = "selfjudge-autojudge-labels/1"
 
 
+def response_key(prompt_id: str, response: Sequence[int]) -> str:
+    """The prompt and a hash of the response's token ids: the first part of :func:`label_key`."""
+    sha = hashlib.sha256(json.dumps([int(t) for t in response]).encode()).hexdigest()[:16]
+    return f"{prompt_id}|{sha}"
+
+
 def label_key(prompt_id: str, response: Sequence[int], position: int, draft_token: int) -> str:
     """A labelled mismatch: prompt, a hash of the response's token ids, position and draft token (a label
     applies only where the target wrote the same response)."""
-    sha = hashlib.sha256(json.dumps([int(t) for t in response]).encode()).hexdigest()[:16]
-    return f"{prompt_id}|{sha}|{int(position)}|{int(draft_token)}"
+    return f"{response_key(prompt_id, response)}|{int(position)}|{int(draft_token)}"
 
 
 def labelled_prompts(labels: Mapping[str, int]) -> set[str]:
@@ -257,6 +262,16 @@ def autojudge_labels_many(
         for k, it in enumerate(items)
         if base[k] is not None and it.positions and (not s.finished_only or _finished(it.response, pair.eos_ids))
     }
+    if known:  # a response the file labels takes those labels as they are, with no regeneration: on another
+        # machine its draft may propose another token at a near-tie, so its mismatches (hence a spread plan)
+        # can shift by one, and the labels made for this response are still its labels
+        responses = {key.rsplit("|", 2)[0] for key in known}
+        for k in list(plan):
+            it = items[k]
+            if response_key(it.example.id, it.response) in responses:
+                mine = zip(it.positions, it.draft_tokens)
+                labels[k] = [known.get(label_key(it.example.id, it.response, p, d), -1) for p, d in mine]
+                del plan[k]
     step = 0
     while plan:
         # independent: every planned swap at once; sequential: the next swap of each searching item

@@ -43,6 +43,7 @@ from selfjudge.generation import fixed_batches, greedy_batch, greedy_batch_trace
 from selfjudge.io import read_json, write_json
 from selfjudge.judge_metrics import quantile
 from selfjudge.models import ModelPair, format_prompt
+from selfjudge.responses import prompt_sha
 from selfjudge.scoring import (
     SCORE_VARIANTS,
     ScoredResponse,
@@ -129,6 +130,7 @@ class DataGenSettings:
     max_packed_tokens: int  # window tokens per packed scoring pass
     autojudge: AutoJudgeSettings  # AutoJudge labels (optional)
     autojudge_labels_from: str | None = None  # labels of an earlier run of this config (autojudge.write_labels)
+    responses_from: str | None = None  # the target's responses of an earlier run (selfjudge.responses)
 
     def __post_init__(self) -> None:
         require(
@@ -246,10 +248,13 @@ def run_rank(
     after_shard: Callable[[int], None] | None = None,
     known: Mapping[str, int] | None = None,
     pending: list[str] | None = None,
+    given: Mapping[str, tuple[str, list[int]]] | None = None,
 ) -> dict[str, Any]:
     """Process this rank's batches, ``rank::world`` of the run's (:func:`rank_batches`), resuming after its last
     written shard. ``known``: AutoJudge labels of an earlier run of this config (taken, not regenerated).
-    ``pending``: the ids the rank layout deals out (:func:`read_layout`; None: all examples)."""
+    ``pending``: the ids the rank layout deals out (:func:`read_layout`; None: all examples). ``given``: the
+    target's responses of an earlier run (:func:`selfjudge.responses.read_responses`): a prompt found there with
+    the same prompt tokens takes its response (teacher-forced, not generated)."""
     batches = rank_batches(
         [len(p) for p in prompts], s.batch_size, rank, world, pending and _indices(examples, pending)
     )
@@ -298,19 +303,26 @@ def run_rank(
         bar.set_postfix_str(f"batch of {rows}: {what}{rate}")
 
     for batch in todo:
-        phase(len(batch), "generating")
-        gen_args = (
-            [prompts[i] for i in batch],
-            s.max_new_tokens,
-            pair.eos_ids,
-            pair.tokenizer.pad_token_id,
-            pair.vocab_size,
-        )
-        if s.scorer == "fast":  # the fast scorer reads the target's pass over x ⊕ y from the generation
-            resps, traces = greedy_batch_traced(pair.target, *gen_args, spec=s.features)
-        else:
-            resps, traces = greedy_batch(pair.target, *gen_args), [None] * len(batch)
-        phase(len(batch), "scoring")
+        taken = taken_responses(batch, examples, prompts, given or {}, s.max_new_tokens)
+        gen = [i for i in batch if i not in taken]
+        resps, traces = [taken.get(i) for i in batch], [None] * len(batch)
+        if gen:
+            phase(len(batch), f"generating {len(gen)}" + (f", {len(taken)} taken" if taken else ""))
+            gen_args = (
+                [prompts[i] for i in gen],
+                s.max_new_tokens,
+                pair.eos_ids,
+                pair.tokenizer.pad_token_id,
+                pair.vocab_size,
+            )
+            if s.scorer == "fast":  # the fast scorer reads the target's pass over x ⊕ y from the generation
+                made, made_traces = greedy_batch_traced(pair.target, *gen_args, spec=s.features)
+            else:
+                made, made_traces = greedy_batch(pair.target, *gen_args), [None] * len(gen)
+            where = {i: k for k, i in enumerate(batch)}
+            for i, resp, tr in zip(gen, made, made_traces):
+                resps[where[i]], traces[where[i]] = resp, tr
+        phase(len(batch), "scoring" + (f" ({len(taken)} taken responses)" if taken else ""))
         scored = []
         for i, resp, trace in zip(batch, resps, traces):
             extra = {"trace": trace} if trace is not None else {}
@@ -361,6 +373,28 @@ def run_rank(
     }
     write_json(Path(out_dir) / shards.SHARD_DIR / f"rank{rank:03d}.done.json", stats)
     return stats
+
+
+def taken_responses(
+    batch: list[int],
+    examples: list[Example],
+    prompts: list[list[int]],
+    given: Mapping[str, tuple[str, list[int]]],
+    budget: int,
+) -> dict[int, list[int]]:
+    """The prompts of ``batch`` (indices) whose response ``given`` holds for the same prompt tokens: index ->
+    response. A response over the budget is an error (the file's hash covers the budget: only an edited file)."""
+    out = {}
+    for i in batch:
+        sha, resp = given.get(examples[i].id, (None, None))
+        if resp is not None and sha == prompt_sha(prompts[i]):
+            if not 0 < len(resp) <= budget:
+                raise ValueError(
+                    f"data_gen.responses_from: the response of '{examples[i].id}' has {len(resp)} tokens, "
+                    f"not 1 to data_gen.max_new_tokens={budget}: the file was edited; use the file a run wrote"
+                )
+            out[i] = list(resp)
+    return out
 
 
 def rank_batches(

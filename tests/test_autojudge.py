@@ -364,3 +364,104 @@ def test_labels_of_another_response_are_regenerated_and_said(tiny_pair, caplog):
         assert "differ" not in caplog.text
         assert autojudge_labels_many(tiny_pair, cases[0][0], items, s, budget=24, known=other) == want
     assert "1 response(s) of prompts with taken AutoJudge labels differ" in caplog.text and it.example.id in caplog.text
+
+
+def test_responses_of_an_earlier_run_are_teacher_forced_not_generated(tmp_path, cache_dir, monkeypatch):
+    """The responses file (export_responses) beside the labels: a run taking both generates no response it holds
+    and regenerates no swap of them, and its records equal the first run's (fp32: a teacher-forced pass against
+    the generation's own); a prompt whose entry was changed takes that response (its labels then do not apply:
+    its swaps are regenerated); another model's or budget's file is refused, naming the key."""
+    import gzip
+    import json
+
+    from selfjudge import autojudge, labelling
+    from selfjudge.autojudge import export_labels
+    from selfjudge.responses import export_responses, read_responses, responses_hash
+
+    first = tmp_path / "first" / "data"
+    run(_stage_cfg(tmp_path / "first", cache_dir))
+    labels, resp_file = tmp_path / "labels.jsonl.gz", tmp_path / "responses.jsonl.gz"
+    export_labels(first, labels)
+    man = shards.read_manifest(first)
+    rows = {
+        (r["prompt_id"], r["position"], r["substituted"]): r
+        for p in shards.list_shards(first, man)
+        for r in pq.read_table(p).to_pylist()
+    }
+    made = {pid: r["response_ids"] for (pid, _, _), r in rows.items()}
+    assert export_responses(first, resp_file) == len(made) == 3
+    assert {k: v for k, (_, v) in read_responses(resp_file, responses_hash(man["config"])).items()} == made
+
+    generated, regenerated = [], []
+    real_gen, real_regen = labelling.greedy_batch_traced, autojudge.regenerate
+    monkeypatch.setattr(
+        labelling, "greedy_batch_traced", lambda m, ps, *a, **k: generated.append(len(ps)) or real_gen(m, ps, *a, **k)
+    )
+    monkeypatch.setattr(
+        autojudge, "regenerate", lambda pair, sw, *a: regenerated.append(len(sw)) or real_regen(pair, sw, *a)
+    )
+    taking = (f"data_gen.autojudge_labels_from={labels}", f"data_gen.responses_from={resp_file}")
+    run(_stage_cfg(tmp_path / "second", cache_dir, *taking))
+    assert generated == [] and regenerated == []
+    second = shards.read_manifest(tmp_path / "second" / "data")
+    assert second["config_hash"] == man["config_hash"]  # the files are not in the key
+    again = [r for p in shards.list_shards(tmp_path / "second" / "data") for r in pq.read_table(p).to_pylist()]
+    assert len(again) == len(rows)
+    for r in again:
+        want = rows[(r["prompt_id"], r["position"], r["substituted"])]
+        for k in ("response_ids", "draft_token", "target_token", "autojudge_label", "label"):
+            assert r[k] == want[k], k
+        assert r["ld"] == pytest.approx(want["ld"], abs=1e-5, nan_ok=True)
+        assert torch.allclose(torch.tensor(r["features"]), torch.tensor(want["features"]), rtol=2e-3, atol=2e-3)
+
+    # one entry changed (its last token): taken as it is, and its swaps regenerated (no label binds to it)
+    lines = gzip.decompress(resp_file.read_bytes()).decode().splitlines()
+    entry = json.loads(lines[1])
+    entry["response"] = [*entry["response"][:-1], entry["response"][-1] + 1]  # the same mismatches, another hash
+    edited = tmp_path / "edited.jsonl.gz"
+    edited.write_bytes(gzip.compress("\n".join([lines[0], json.dumps(entry), *lines[2:]]).encode() + b"\n"))
+    run(
+        _stage_cfg(
+            tmp_path / "third",
+            cache_dir,
+            f"data_gen.autojudge_labels_from={labels}",
+            f"data_gen.responses_from={edited}",
+        )
+    )
+    third = [r for p in shards.list_shards(tmp_path / "third" / "data") for r in pq.read_table(p).to_pylist()]
+    assert {tuple(r["response_ids"]) for r in third if r["prompt_id"] == entry["id"]} == {tuple(entry["response"])}
+    assert generated == [] and sum(regenerated) > 0
+
+    with pytest.raises(ValueError, match="data_gen.responses_from: .* another model, dtype or data_gen.max_new_tokens"):
+        run(
+            _stage_cfg(
+                tmp_path / "other", cache_dir, "data_gen.max_new_tokens=11", f"data_gen.responses_from={resp_file}"
+            )
+        )
+    with pytest.raises(FileNotFoundError, match="data_gen.responses_from: .* does not exist"):
+        run(_stage_cfg(tmp_path / "none", cache_dir, f"data_gen.responses_from={tmp_path / 'nope.jsonl.gz'}"))
+
+
+def test_a_labelled_response_takes_its_labels_as_they_are(tiny_pair):
+    """A response the file labels is not labelled again: a mismatch the file does not know (its draft proposed
+    another token on the machine that made the labels) stays unlabelled instead of starting regenerations."""
+    import dataclasses
+
+    from selfjudge.autojudge import label_key
+
+    cases = [_case(tiny_pair, q) for q in QUESTIONS]
+    s = AutoJudgeSettings(enabled=True, mode="independent", max_mismatches=4, max_new_tokens=24, batch_size=3)
+    items = [
+        Labelled(dataclasses.replace(ex, id=f"q{i}"), prompt, resp, pos, dr)
+        for i, (task, ex, prompt, resp, pos, dr) in enumerate(cases)
+    ]
+    want = autojudge_labels_many(tiny_pair, cases[0][0], items, s, budget=24)
+    k = next(i for i, w in enumerate(want) if sum(x >= 0 for x in w) >= 2)
+    it = items[k]
+    made = [(p, d, w) for p, d, w in zip(it.positions, it.draft_tokens, want[k]) if w >= 0]
+    known = {label_key(it.example.id, it.response, p, d): w for p, d, w in made[1:]}  # the first one unknown
+    got = autojudge_labels_many(tiny_pair, cases[0][0], [it], s, budget=24, known=known)
+    first = it.positions.index(made[0][0])
+    assert got[0][first] == -1 and [x for j, x in enumerate(got[0]) if j != first] == [
+        x for j, x in enumerate(want[k]) if j != first
+    ]
