@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from selfjudge import shards
 from selfjudge.autojudge import read_labels
 from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.pipeline import stage as pipeline
+from selfjudge.responses import read_responses, responses_hash
 from tests.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "judge_evidence.py"
@@ -214,6 +217,12 @@ def test_tiny_chain_end_to_end_then_skipped_then_resumed_from_committed_records(
     data = root / "autojudge_gsm8k" / "data"
     man = json.loads((data / "manifest.json").read_text())
     assert len(read_labels(labels, man["config_hash"], man["labels_hash"])) > 0
+    responses = root / "bench" / "evidence_autojudge_gsm8k.responses.jsonl.gz"  # the responses they bind to
+    taken = read_responses(responses, responses_hash(man["config"]))
+    rows = [
+        r for f in shards.list_shards(data) for r in pq.read_table(f, columns=["prompt_id", "response_ids"]).to_pylist()
+    ]
+    assert taken and {r["prompt_id"]: r["response_ids"] for r in rows} == {k: v for k, (_, v) in taken.items()}
     study = json.loads((root / "study_mmlu" / "data" / "manifest.json").read_text())  # the MMLU study's data
     assert study["complete"] and study["counts"]["prompts"] == 4
 
@@ -386,5 +395,5 @@ def test_no_labels_file_before_the_first_shard(tmp_path):
     data = tmp_path / "data"
     (data / "shards").mkdir(parents=True)
     (data / "shards" / "run_info.json").write_text("{}")
-    je.archive_labels(data, tmp_path / "labels.jsonl.gz", "study_mmlu")
-    assert not (tmp_path / "labels.jsonl.gz").exists()
+    je.archive_labels(data, tmp_path / "x.autojudge_labels.jsonl.gz", "study_mmlu")
+    assert not list(tmp_path.glob("*.gz"))  # neither labels nor responses
