@@ -33,23 +33,31 @@ LABEL_SLICE = ("limit", "offset", "shuffle", "seed")
 LABEL_KEYS = ("dataset", "max_new_tokens", "autojudge")
 
 
-def hashes(plain: dict) -> tuple[dict, str, str]:
-    """(what decides the data, its config hash, the hash of its AutoJudge labels) from the resolved config; dtype
-    auto as resolved here; with AutoJudge labels, the answer checker's revision."""
+def hashes(plain: dict) -> tuple[dict, str, str, str]:
+    """(what decides the data, its config hash, the hash of its AutoJudge labels, that hash as written before
+    ``autojudge.batch_size`` left it) from the resolved config; dtype auto as resolved here; with AutoJudge labels,
+    the answer checker's revision. The regeneration batch changes a label by rounding at most (none in float32),
+    so a faster machine may take a file made with another batch."""
     model = model_key(plain["model"])
     checker = checker_key(plain["data_gen"]["dataset"]) if plain["data_gen"]["autojudge"]["enabled"] else {}
     hashed = identity({**plain, "model": model}, IDENTITY, **checker)
     dg = plain["data_gen"]
-    labels = {
-        "model": model,
-        "seed": plain["seed"],
-        "data_gen": {
-            **{k: dg[k] for k in LABEL_KEYS},
-            "dataset": {k: v for k, v in dg["dataset"].items() if k not in LABEL_SLICE},
-        },
-        **checker,
-    }
-    return hashed, config_hash(hashed), config_hash(labels)
+
+    def labels(drop: tuple[str, ...]) -> str:
+        return config_hash(
+            {
+                "model": model,
+                "seed": plain["seed"],
+                "data_gen": {
+                    **{k: dg[k] for k in LABEL_KEYS},
+                    "autojudge": {k: v for k, v in dg["autojudge"].items() if k not in drop},
+                    "dataset": {k: v for k, v in dg["dataset"].items() if k not in LABEL_SLICE},
+                },
+                **checker,
+            }
+        )
+
+    return hashed, config_hash(hashed), labels(("batch_size",)), labels(())
 
 
 def settings(plain: dict) -> labelling.DataGenSettings:
@@ -72,7 +80,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     # nothing on a rank other than 0 once torch.distributed is initialized)
     pair = pair_from_mapping(plain["model"])  # pairs with different vocabularies fail here
     rank, world = ranks()
-    hashed, h, labels_h = hashes(plain)
+    hashed, h, labels_h, labels_older = hashes(plain)
     if rank == 0:
         log.info(runtime_line(pair.runtime))
     prompts = labelling.tokenize_examples(pair, task, examples, s)  # empty sets and long prompts fail here
@@ -95,6 +103,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
         "runtime": pair.runtime,
         "config_hash": h,
         "labels_hash": labels_h,  # AutoJudge labels: another slice of the same dataset may take them
+        "labels_hash_older": labels_older,  # a labels file written under the older hash is taken too
         "config": hashed,
         "seed": plain["seed"],
         "code_version": code_version(),
@@ -108,7 +117,7 @@ def run(cfg: DictConfig, after_shard: Callable[[int], None] | None = None) -> di
     barrier(world)
     pending = labelling.read_layout(out)  # after the barrier: rank 0 has set the layout
     torch.manual_seed(int(plain["seed"]))
-    known = read_labels(s.autojudge_labels_from, h, labels_h) if s.autojudge_labels_from else None  # else refused
+    known = read_labels(s.autojudge_labels_from, h, labels_h, older=labels_older) if s.autojudge_labels_from else None
     if known is not None and rank == 0:
         log.info(
             "%d AutoJudge labels of an earlier run from %s: taken, not regenerated", len(known), s.autojudge_labels_from

@@ -142,10 +142,15 @@ def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int], 
 
 
 def read_labels(
-    path: str | Path, config_hash: str, labels_hash: str | None = None, key: str = "data_gen.autojudge_labels_from"
+    path: str | Path,
+    config_hash: str,
+    labels_hash: str | None = None,
+    key: str = "data_gen.autojudge_labels_from",
+    older: str | None = None,
 ) -> dict[str, int]:
     """The labels of a file :func:`write_labels` wrote under ``labels_hash`` (what decides a label: the model, the
-    dataset but not its slice, the response budget, the AutoJudge settings, the checker revision) or, for a file
+    dataset but not its slice, the response budget, the AutoJudge settings but the regeneration batch, the checker
+    revision; ``older``: the hash a file of this config was written under before the batch left it) or, for a file
     without one, under ``config_hash``; any other file is an error naming ``key`` (the labels of another model,
     prompt or checker revision would be mixed in)."""
     p = Path(path)
@@ -155,7 +160,10 @@ def read_labels(
     head = rows[0] if rows else {}
     if head.get("format") != LABELS_FORMAT:
         raise ValueError(f"{key}: '{p}' is not an AutoJudge labels file ({LABELS_FORMAT})")
-    same = head.get("labels_hash") == labels_hash if "labels_hash" in head else head.get("config_hash") == config_hash
+    if "labels_hash" in head:  # ``older``: this config's labels hash as written before autojudge.batch_size left it
+        same = head["labels_hash"] in {labels_hash, older} - {None}
+    else:
+        same = head.get("config_hash") == config_hash
     if not same:
         mine, theirs = ("labels_hash", labels_hash) if "labels_hash" in head else ("config_hash", config_hash)
         raise ValueError(
@@ -186,7 +194,9 @@ def export_labels(data_dir: str | Path, path: str | Path) -> int:
     kept: dict[str, int] = {}
     if Path(path).is_file():
         try:
-            kept = read_labels(path, man["config_hash"], man.get("labels_hash"), key=str(path))
+            kept = read_labels(
+                path, man["config_hash"], man.get("labels_hash"), key=str(path), older=man.get("labels_hash_older")
+            )
         except ValueError:  # another config's labels: replaced
             pass
     labels = {**kept, **labels}

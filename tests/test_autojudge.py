@@ -303,6 +303,30 @@ def test_labels_of_an_earlier_run_are_taken_not_regenerated(tmp_path, cache_dir,
     n4 = export_labels(tmp_path / "wider" / "data", tmp_path / "wider.jsonl.gz")
     assert 0 < sum(calls) == n4 - n  # only the new prompt's mismatches regenerated
 
+    # another regeneration batch: the same labels hash, the file taken whole
+    calls.clear()
+    run(
+        _stage_cfg(
+            tmp_path / "batch1",
+            cache_dir,
+            "data_gen.autojudge.batch_size=1",
+            f"data_gen.autojudge_labels_from={labels}",
+        )
+    )
+    assert sum(calls) == 0 and _aj_labels(tmp_path / "batch1" / "data") == first
+    assert shards.read_manifest(tmp_path / "batch1" / "data")["labels_hash"] == lh
+    # a file written under the older labels hash (which held the regeneration batch): taken, and an export
+    # rewrites it under the current hash with nothing lost
+    older = tmp_path / "older.jsonl.gz"
+    autojudge.write_labels(older, h, want, man["labels_hash_older"])
+    assert man["labels_hash_older"] != lh and read_labels(older, h, lh, older=man["labels_hash_older"]) == want
+    with pytest.raises(ValueError, match="holds the labels of another data_gen config"):
+        read_labels(older, h, lh)
+    calls.clear()
+    run(_stage_cfg(tmp_path / "fourth", cache_dir, f"data_gen.autojudge_labels_from={older}"))
+    assert sum(calls) == 0 and _aj_labels(tmp_path / "fourth" / "data") == first
+    assert export_labels(tmp_path / "part" / "data", older) == n and read_labels(older, h, lh) == want
+
     # a file written before labels_hash existed: taken under the data's config hash only
     old = tmp_path / "old.jsonl.gz"
     autojudge.write_labels(old, h, want)
