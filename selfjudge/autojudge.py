@@ -32,7 +32,6 @@ came from them: a swap that let the answer fit in the budget, not a harmful one)
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -127,18 +126,12 @@ def write_labels(path: str | Path, config_hash: str, labels: Mapping[str, int], 
     """The labels file: a header line (format, the data's config hash, the labels' hash) then one {key, label}
     line each, sorted, gzipped without a timestamp (the same labels give the same bytes); written atomically, and
     only when its content changed (returns whether it was written)."""
-    from selfjudge.io import atomic_write_bytes
+    from selfjudge.io import write_jsonl_gz
 
     head = {"format": LABELS_FORMAT, "config_hash": config_hash}
     if labels_hash is not None:
         head["labels_hash"] = labels_hash
-    lines = [json.dumps(head)]
-    lines += [json.dumps({"key": k, "label": int(v)}) for k, v in sorted(labels.items())]
-    data = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
-    if Path(path).is_file() and Path(path).read_bytes() == data:
-        return False
-    atomic_write_bytes(path, data)
-    return True
+    return write_jsonl_gz(path, head, [{"key": k, "label": int(v)} for k, v in sorted(labels.items())])
 
 
 def read_labels(
@@ -153,13 +146,10 @@ def read_labels(
     revision; ``older``: the hash a file of this config was written under before the batch left it) or, for a file
     without one, under ``config_hash``; any other file is an error naming ``key`` (the labels of another model,
     prompt or checker revision would be mixed in)."""
+    from selfjudge.io import read_jsonl_gz
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{key}: '{p}' does not exist")
-    rows = [json.loads(x) for x in gzip.decompress(p.read_bytes()).decode().splitlines() if x.strip()]
-    head = rows[0] if rows else {}
-    if head.get("format") != LABELS_FORMAT:
-        raise ValueError(f"{key}: '{p}' is not an AutoJudge labels file ({LABELS_FORMAT})")
+    head, rows = read_jsonl_gz(p, LABELS_FORMAT, key, "an AutoJudge labels file")
     if "labels_hash" in head:  # ``older``: this config's labels hash as written before autojudge.batch_size left it
         same = head["labels_hash"] in {labels_hash, older} - {None}
     else:
@@ -170,7 +160,7 @@ def read_labels(
             f"{key}: '{p}' holds the labels of another data_gen config ({mine} {head.get(mine)} != {theirs}): "
             "use the file of this config, or none"
         )
-    return {r["key"]: int(r["label"]) for r in rows[1:]}
+    return {r["key"]: int(r["label"]) for r in rows}
 
 
 def export_labels(data_dir: str | Path, path: str | Path) -> int:

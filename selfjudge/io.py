@@ -90,6 +90,34 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_jsonl_gz(path: str | os.PathLike, head: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> bool:
+    """A small committed file: a header line then one JSON line per row, gzipped without a timestamp (the same
+    content gives the same bytes); written atomically and only when its content changed (returns whether)."""
+    import gzip
+
+    lines = [json.dumps(dict(head))] + [json.dumps(dict(r)) for r in rows]
+    data = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+    if Path(path).is_file() and Path(path).read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def read_jsonl_gz(path: str | os.PathLike, fmt: str, key: str, what: str) -> tuple[dict, list[dict]]:
+    """(header, rows) of a :func:`write_jsonl_gz` file whose header's ``format`` is ``fmt``; a missing file or
+    another format is an error naming the config ``key`` that gave the path."""
+    import gzip
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: '{p}' does not exist")
+    rows = [json.loads(x) for x in gzip.decompress(p.read_bytes()).decode().splitlines() if x.strip()]
+    head = rows[0] if rows else {}
+    if head.get("format") != fmt:
+        raise ValueError(f"{key}: '{p}' is not {what} ({fmt})")
+    return head, rows[1:]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

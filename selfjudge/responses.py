@@ -13,7 +13,6 @@ give the same bytes, so a file is rewritten only when it changed.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -38,36 +37,28 @@ def prompt_sha(prompt: Sequence[int]) -> str:
 def write_responses(path: str | Path, responses_hash: str, entries: Mapping[str, tuple[str, list[int]]]) -> bool:
     """``entries``: prompt id -> (prompt sha, response ids); written atomically, only when the content changed
     (returns whether it was written)."""
-    from selfjudge.io import atomic_write_bytes
+    from selfjudge.io import write_jsonl_gz
 
-    lines = [json.dumps({"format": RESPONSES_FORMAT, "responses_hash": responses_hash})]
-    lines += [
-        json.dumps({"id": i, "prompt_sha": sha, "response": [int(t) for t in resp]})
-        for i, (sha, resp) in sorted(entries.items())
+    head = {"format": RESPONSES_FORMAT, "responses_hash": responses_hash}
+    rows = [
+        {"id": i, "prompt_sha": sha, "response": [int(t) for t in resp]} for i, (sha, resp) in sorted(entries.items())
     ]
-    data = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
-    if Path(path).is_file() and Path(path).read_bytes() == data:
-        return False
-    atomic_write_bytes(path, data)
-    return True
+    return write_jsonl_gz(path, head, rows)
 
 
 def read_responses(path: str | Path, responses_hash: str, key: str = KEY) -> dict[str, tuple[str, list[int]]]:
     """The responses of a file :func:`write_responses` wrote under ``responses_hash``; a missing file, another
     format or the responses of another model, dtype or response budget is an error naming ``key``."""
+    from selfjudge.io import read_jsonl_gz
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{key}: '{p}' does not exist")
-    rows = [json.loads(x) for x in gzip.decompress(p.read_bytes()).decode().splitlines() if x.strip()]
-    head = rows[0] if rows else {}
-    if head.get("format") != RESPONSES_FORMAT:
-        raise ValueError(f"{key}: '{p}' is not a responses file ({RESPONSES_FORMAT})")
+    head, rows = read_jsonl_gz(p, RESPONSES_FORMAT, key, "a responses file")
     if head.get("responses_hash") != responses_hash:
         raise ValueError(
             f"{key}: '{p}' holds the responses of another model, dtype or data_gen.max_new_tokens "
             f"(responses_hash {head.get('responses_hash')} != {responses_hash}): use the file of this config, or none"
         )
-    return {r["id"]: (r["prompt_sha"], [int(t) for t in r["response"]]) for r in rows[1:]}
+    return {r["id"]: (r["prompt_sha"], [int(t) for t in r["response"]]) for r in rows}
 
 
 def export_responses(data_dir: str | Path, path: str | Path) -> int:
