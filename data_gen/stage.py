@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from selfjudge import labelling, shards
 from selfjudge.autojudge import read_labels
 from selfjudge.extras import check_installed
-from selfjudge.io import barrier, code_version, config_hash, identity, ranks
+from selfjudge.io import barrier, code_version, config_hash, identity, neutral_dataset, ranks
 from selfjudge.locks import stage_lock
 from selfjudge.models import model_key, pair_from_mapping, runtime_line
 from selfjudge.responses import read_responses, responses_hash
@@ -29,7 +29,7 @@ IDENTITY = {
 }
 # what decides one AutoJudge label, whose key already names the prompt, the response's tokens, the position and the
 # draft token: not which slice of the dataset was taken, nor the features, τ, scoring or shard sizes
-LABEL_SLICE = ("limit", "offset", "shuffle", "seed")
+LABEL_SLICE = ("ids", "limit", "offset", "shuffle", "seed")
 LABEL_KEYS = ("dataset", "max_new_tokens", "autojudge")
 
 
@@ -51,7 +51,7 @@ def hashes(plain: dict) -> tuple[dict, str, str, str]:
                 "data_gen": {
                     **{k: dg[k] for k in LABEL_KEYS},
                     "autojudge": {k: v for k, v in dg["autojudge"].items() if k not in drop},
-                    "dataset": {k: v for k, v in dg["dataset"].items() if k not in LABEL_SLICE},
+                    "dataset": neutral_dataset({k: v for k, v in dg["dataset"].items() if k not in LABEL_SLICE}),
                 },
                 **checker,
             }

@@ -52,7 +52,10 @@ greedy response may differ on another CPU or GPU (a third of them did between tw
 they were made for are committed beside them (``evidence_<step>.responses.jsonl.gz``, passed back as
 ``data_gen.responses_from``) and teacher-forced instead of generated; only the prompts not in it are generated
 (with the ``data_gen.batch_size`` and dtype that made the labels, so that on the same machine kind they match).
-The rank count is free (ranks take whole batches of the one-rank cut).
+The rank count is free (ranks take whole batches of the one-rank cut). ``--labelled-only`` builds
+autojudge_gsm8k's data from just the prompts of that responses file (``data_gen.dataset.ids``; every one
+teacher-forced, no label made) in its own run root, so a head trains on the labels made so far; its records
+join the same committed files (the records key holds each head's content hash).
 
 Paths: every command runs in the repository root, so relative paths (run root, ``--gsm8k-dir``) are relative
 to it. Use relative paths: the records key hashes the dataset settings *including the path string*, so
@@ -198,6 +201,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--judges",
         help=f"comma-separated judges that train and join the sweeps and evals (default all: {', '.join(JUDGES)})",
     )
+    ap.add_argument(
+        "--labelled-only",
+        action="store_true",
+        help="the AutoJudge-labelled judge's data only for the prompts of its committed responses file "
+        "(<bench-dir>/evidence_autojudge_gsm8k.responses.jsonl.gz, data_gen.dataset.ids): a head from the labels "
+        "made so far, before all its prompts are; its run root defaults to <run root>_labelled",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     ap.add_argument("--status", action="store_true", help="print what each step has done (here or committed) and stop")
     ap.add_argument("overrides", nargs="*", help="hydra overrides appended to every stage command (after --)")
@@ -207,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.bench_dir is None:
         args.bench_dir = f"{args.run_root}/bench"
+    if args.labelled_only and args.run_root == SIZES["tiny" if args.tiny else "real"]["run_root"]:
+        args.run_root += "_labelled"  # its data folder (another prompt set) and head stay apart from the full run's
     for k in [k for k, v in SIZES["real"].items() if isinstance(v, int)]:
         if getattr(args, k) < 1:
             raise SystemExit(f"judge_evidence: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
@@ -484,6 +496,17 @@ def archive_labels(data: Path, labels: Path, name: str) -> None:
                 print(f"judge_evidence: {name}: {n} {what} -> {path} (commit it)", flush=True)
 
 
+def labelled_ids(labels: Path) -> list[str]:
+    """The prompt ids of the responses file beside a labels file (--labelled-only)."""
+    from selfjudge.io import read_jsonl_gz
+    from selfjudge.responses import RESPONSES_FORMAT
+
+    path = responses_file(labels)
+    if not path.is_file():
+        raise SystemExit(f"judge_evidence: --labelled-only: no responses file {path}; run without it first")
+    return sorted(r["id"] for r in read_jsonl_gz(path, RESPONSES_FORMAT, "--labelled-only", "a responses file")[1])
+
+
 def responses_file(labels: Path) -> Path:
     """The responses file beside a labels file (``evidence_<step>.responses.jsonl.gz``)."""
     return labels.with_name(labels.name.replace(".autojudge_labels.", ".responses."))
@@ -612,6 +635,8 @@ def make_data(plan: Plan, bench: Path, name: str, overrides: list[str]) -> None:
         if path.is_file():  # an earlier run's labels and responses (here or committed): taken, not made again
             given = path.relative_to(REPO) if path.is_relative_to(REPO) else path  # commands run in REPO
             overrides = [*overrides, f"data_gen.{key}={q(str(given))}"]
+    if plan.a.labelled_only and name in JUDGES:
+        overrides = [*overrides, f"data_gen.dataset.ids=[{','.join(q(i) for i in labelled_ids(labels))}]"]
     try:
         run(name, plan.command(overrides), tick=keep_labels)
     finally:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from selfjudge.batch_decoding import decode_batch
 from selfjudge.decoding import PrefillMemo, decode
 from selfjudge.generation import fixed_batches
-from selfjudge.io import atomic_write_text, config_hash, folder_hash, read_json, write_json
+from selfjudge.io import atomic_write_text, config_hash, folder_hash, neutral_dataset, read_json, write_json
 from selfjudge.judge import JudgeHead
 from selfjudge.metrics import prefix_agreement, unique_records
 from selfjudge.policies import (
@@ -310,8 +310,8 @@ def records_key(
         key_cfg.update(schedule=s.schedule, confidence_stop=s.confidence_stop)
     if cpu_kernels and set(cpu_kernels.values()) != {"default"}:  # the same: timings, not tokens
         key_cfg["cpu_kernels"] = dict(cpu_kernels)
-    # (limit and offset are left out: records are per prompt id, so another slice reuses the ones it shares)
-    ds_key = {k: v for k, v in dataset.items() if k not in ("limit", "offset")}
+    # (limit, offset and ids are left out: records are per prompt id, so another slice reuses the ones it shares)
+    ds_key = neutral_dataset({k: v for k, v in dataset.items() if k not in ("limit", "offset", "ids")})
     key = config_hash({**key_cfg, "dataset": ds_key, "target": target_fp, "draft": draft_fp, "dtype": dtype})
     return key, key_cfg
 

@@ -161,11 +161,23 @@ def folder_hash(folder: str | os.PathLike) -> str | None:
 # Keys added after outputs were made with the behaviour of one value: left out of identities while they hold
 # it, so those outputs keep their keys (a trained head is not retrained for a new option it does not use).
 NEUTRAL: dict[str, dict[str, Any]] = {"train": {"features": None}}
+# the same for the keys of a section's ``dataset`` (and of a mix's sources)
+DATASET_NEUTRAL: dict[str, Any] = {"ids": []}
+
+
+def neutral_dataset(ds: Any) -> Any:
+    """A dataset config without the keys at their :data:`DATASET_NEUTRAL` value (its sources' too)."""
+    if not isinstance(ds, Mapping):
+        return ds
+    out = {k: v for k, v in ds.items() if not (k in DATASET_NEUTRAL and v == DATASET_NEUTRAL[k])}
+    if isinstance(out.get("sources"), list):
+        out["sources"] = [neutral_dataset(s) for s in out["sources"]]
+    return out
 
 
 def identity(plain: Mapping[str, Any], sections: Mapping[str, tuple[str, ...]], **inputs: Any) -> dict:
     """What decides an output: each named config section minus its excluded keys (and keys at their
-    :data:`NEUTRAL` value), plus ``inputs`` (the hashes of input folders, an earlier stage's key).
+    :data:`NEUTRAL` value; its dataset's at :data:`DATASET_NEUTRAL`), plus ``inputs`` (the hashes of input folders, an earlier stage's key).
     ``sections``: {section: keys left out}. Hash it with :func:`config_hash`; every stage, and the pipeline,
     name their output this way."""
     out: dict[str, Any] = {}
@@ -173,6 +185,8 @@ def identity(plain: Mapping[str, Any], sections: Mapping[str, tuple[str, ...]], 
         val, neutral = plain.get(sec), NEUTRAL.get(sec, {})
         if isinstance(val, Mapping):
             val = {k: v for k, v in val.items() if k not in excluded and not (k in neutral and v == neutral[k])}
+            if "dataset" in val:
+                val["dataset"] = neutral_dataset(val["dataset"])
         out[sec] = val
     return {**out, **inputs}
 

@@ -76,3 +76,31 @@ def test_every_yaml_key_has_a_comment():
             if "#" not in line and not above.startswith("#") and key not in documented:  # a repeat of a documented key
                 missing.append(f"{f.relative_to(CONF)}:{i + 1}: {s[:50]}")
     assert not missing, "keys without a comment:\n" + "\n".join(missing[:40])
+
+
+def test_dataset_ids_at_empty_keep_every_key_and_a_list_changes_only_the_data():
+    """dataset.ids=[] is left out of the data, pipeline, labels and records keys (outputs made before the option
+    keep theirs); a list of ids changes the data folder's key, never the AutoJudge labels' or the eval records'."""
+    from selfjudge.data_gen.stage import hashes
+    from selfjudge.eval.stage import settings
+    from selfjudge.evaluation import records_key
+    from selfjudge.pipeline.stage import stage_hashes
+
+    overrides = ["dataset@data_gen.dataset=gsm8k_train", "dataset@eval.dataset=default_mix"]
+    cfg = _compose(*overrides)
+    before = OmegaConf.to_container(cfg, resolve=True)
+    for ds in (before["data_gen"]["dataset"], before["eval"]["dataset"], *before["eval"]["dataset"]["sources"]):
+        del ds["ids"]  # a config composed before dataset.ids existed
+    assert stage_hashes(cfg) == stage_hashes(OmegaConf.create(before))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    assert hashes(now)[1:] == hashes(before)[1:]
+    picked = OmegaConf.to_container(_compose(*overrides, 'data_gen.dataset.ids=["gsm8k/train/3"]'), resolve=True)
+    assert hashes(picked)[1] != hashes(now)[1] and hashes(picked)[2:] == hashes(now)[2:]
+
+    def key(plain):
+        s = settings(plain)
+        return records_key(s, s.dataset_with_limit(), "t", "d", "float32", False)[0]
+
+    assert key(now) == key(before)
+    picked = OmegaConf.to_container(_compose(*overrides, 'eval.dataset.sources.0.ids=["x"]'), resolve=True)
+    assert key(picked) != key(now)  # a source's own selection is a dataset of its own

@@ -397,3 +397,37 @@ def test_no_labels_file_before_the_first_shard(tmp_path):
     (data / "shards" / "run_info.json").write_text("{}")
     je.archive_labels(data, tmp_path / "x.autojudge_labels.jsonl.gz", "study_mmlu")
     assert not list(tmp_path.glob("*.gz"))  # neither labels nor responses
+
+
+def test_labelled_only_takes_the_prompts_of_the_responses_file(tmp_path, monkeypatch):
+    """--labelled-only: autojudge_gsm8k's data step names exactly the prompts its responses file holds
+    (data_gen.dataset.ids), in a run root of its own, and the command composes and selects those prompts."""
+    from selfjudge.responses import write_responses
+    from selfjudge.tasks import build_task
+
+    je = _script()
+    bench = tmp_path / "bench"
+    args = ["--judges", "autojudge_gsm8k", "--only", "autojudge_gsm8k", "--gsm8k-dir", "data/gsm8k"]
+    a = je.parse_args([*args, "--labelled-only"])
+    assert a.run_root == "runs/judge_evidence_labelled" and a.bench_dir == "docs/bench"
+    assert je.parse_args([*args, "--labelled-only", "--run-root", "r"]).run_root == "r"  # one given is kept
+    plan = je.Plan(je.parse_args([*args, "--labelled-only", "--run-root", str(tmp_path / "root")]))
+    ((name, overrides),) = plan.judges()
+    with pytest.raises(SystemExit, match="--labelled-only: no responses file"):
+        je.make_data(plan, bench, name, overrides)
+    ids = ["gsm8k/train/7", "gsm8k/train/3", "gsm8k/train/12"]
+    write_responses(bench / "evidence_autojudge_gsm8k.responses.jsonl.gz", "h", {i: ("sha", [1, 2]) for i in ids})
+    ran = []
+    monkeypatch.setattr(je, "run", lambda step, cmd, tick=None: ran.append(cmd))
+    je.make_data(plan, bench, name, overrides)
+    cmd = ran[0]
+    assert 'data_gen.dataset.ids=["gsm8k/train/12","gsm8k/train/3","gsm8k/train/7"]' in cmd
+    assert any(c.startswith("data_gen.responses_from=") for c in cmd)
+    stage_overrides = cmd[cmd.index("selfjudge.pipeline.main") + 1 :]
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        cfg = compose("selfjudge", overrides=stage_overrides)
+    ds = OmegaConf.to_container(cfg.data_gen.dataset, resolve=True)
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds["path"] = str(tmp_path)  # the same ids in a local GSM8K-format folder
+    assert sorted(ex.id for ex in build_task(ds).examples()) == sorted(ids)

@@ -442,3 +442,15 @@ def test_missing_data_package_names_the_install_command():
         package_file("selfjudge_no_such_package", "data/x.jsonl", "--no-deps nope==1.0")
     with pytest.raises(FileNotFoundError, match="data/missing.jsonl"):
         package_file(*HUMANEVAL_FILE[:1], "data/missing.jsonl", HUMANEVAL_FILE[2])
+
+
+def test_ids_pick_examples_before_the_shuffle_and_limit(gsm8k_dir):
+    base = {"name": "gsm8k", "path": str(gsm8k_dir), "split": "train", "shuffle": True, "seed": 0}
+    ids = [f"gsm8k/train/{i}" for i in (40, 3, 17, 5)]
+    picked = _ids(build_task({**base, "ids": ids}))
+    assert sorted(picked) == sorted(ids)
+    assert _ids(build_task({**base, "ids": ids, "limit": 2, "offset": 1})) == picked[1:3]
+    with pytest.raises(DatasetConfigError, match=r"dataset.ids: 1 id\(s\) not in dataset 'gsm8k'.*gsm8k/train/x"):
+        build_task({**base, "ids": [*ids, "gsm8k/train/x"]}).examples()
+    with pytest.raises(DatasetConfigError, match="dataset.ids must be a list of example ids"):
+        build_task({**base, "ids": "gsm8k/train/3"})

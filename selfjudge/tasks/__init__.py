@@ -48,6 +48,7 @@ __all__ = [
 REQUIRED = "<required>"
 COMMON: dict[str, Any] = {
     "name": REQUIRED,  # source name (a key of DEFAULTS)
+    "ids": [],  # only the examples with these ids, before the shuffle, offset and limit (empty: all)
     "limit": None,  # max examples after the optional shuffle and offset (None: all)
     "offset": 0,  # examples skipped after the shuffle (extends a run with new prompts)
     "seed": 0,  # shuffle seed (gsm_symbolic: also the generator seed)
@@ -86,6 +87,7 @@ def _opt_str(v: Any) -> bool:
 
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "name": (lambda v: isinstance(v, str), "a source name"),
+    "ids": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v), "a list of example ids"),
     "limit": (lambda v: v is None or (_is_int(v) and v >= 0), "null or an integer >= 0"),
     "offset": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "seed": (_is_int, "an integer"),

@@ -49,8 +49,9 @@ class Task:
         return self._scorer is not None
 
     def examples(self) -> list[Example]:
-        """The selected examples: all loaded ones, shuffled with ``seed`` if ``shuffle``, the first ``offset``
-        skipped, then the first ``limit``: offset=k*limit gives the k-th disjoint slice of one shuffle."""
+        """The selected examples: all loaded ones (only those named in ``ids`` when it is set), shuffled with
+        ``seed`` if ``shuffle``, the first ``offset`` skipped, then the first ``limit``: offset=k*limit gives the
+        k-th disjoint slice of one shuffle."""
         if self._cache is None:
             rows = list(self._loader())
             seen: set[str] = set()
@@ -61,6 +62,15 @@ class Task:
                 raise DatasetConfigError(
                     f"dataset '{self.name}' has duplicate example id '{dup}' (check dataset.id_field)"
                 )
+            if self.cfg["ids"]:
+                missing = sorted(set(self.cfg["ids"]) - seen)
+                if missing:
+                    raise DatasetConfigError(
+                        f"dataset.ids: {len(missing)} id(s) not in dataset '{self.name}', e.g. {missing[:3]} "
+                        "(ids as the records and data folders write them)"
+                    )
+                wanted = set(self.cfg["ids"])
+                rows = [ex for ex in rows if ex.id in wanted]
             if self.cfg["shuffle"]:
                 random.Random(self.cfg["seed"]).shuffle(rows)
             rows = rows[self.cfg["offset"] :]
