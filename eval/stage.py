@@ -76,7 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = ev.RecordsFile(out_dir)
     if rank == 0:
         (out_dir / "summary.json").unlink(missing_ok=True)  # only a finished run has one
-        records = out.open(key, {"settings": key_cfg, "dataset": ds, "heads": head_of}, head_of, s.resume)
+        decoded = [x.name for x in s.specs if x.name not in skipped]
+        records = out.open(key, {"settings": key_cfg, "dataset": ds, "heads": head_of}, head_of, s.resume, decoded)
         rescored = ev.rescore(records, task, examples)
         if rescored:  # made before the answer checker was revised: their texts are kept, so only scores move
             out.write(records)

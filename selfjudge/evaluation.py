@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,7 +321,8 @@ class RecordsFile:
 
     :meth:`open` keeps the records made under ``key`` and, for methods with a judge head, the current head
     (``heads``: method name -> head content hash); any other records go to ``per_example.<key>.jsonl``
-    beside it. A line cut by a kill at the end of the file is dropped (and redone); any other line that is
+    beside it. Records of a method this run does not decode (``decoded``: the methods it does; None: all) are
+    kept as they are: a run without one judge's head folder leaves that judge's records alone. A line cut by a kill at the end of the file is dropped (and redone); any other line that is
     not a whole record is an error naming its line number.
     """
 
@@ -343,7 +344,14 @@ class RecordsFile:
                 p.unlink()
         return records + extra
 
-    def open(self, key: str, info: Mapping[str, Any], heads: Mapping[str, str | None], resume: bool) -> list[dict]:
+    def open(
+        self,
+        key: str,
+        info: Mapping[str, Any],
+        heads: Mapping[str, str | None],
+        resume: bool,
+        decoded: Collection[str] | None = None,
+    ) -> list[dict]:
         self.merge_ranks()  # records a killed multi-rank run left in its rank files
         old_key = read_json(self.key_path).get("run_key") if self.key_path.is_file() else None
         if not resume or old_key != key:
@@ -352,9 +360,10 @@ class RecordsFile:
                 self._aside(self.read(), str(old_key or "unknown")[:12], why)
             write_json(self.key_path, {"run_key": key, **info})
         records = self.read()
-        stale = [r for r in records if r.get("head") != heads.get(r["method"])]
+        now = set(decoded) if decoded is not None else {r["method"] for r in records}
+        stale = [r for r in records if r["method"] in now and r.get("head") != heads.get(r["method"])]
         if stale:
-            keep = [r for r in records if r.get("head") == heads.get(r["method"])]
+            keep = [r for r in records if r["method"] not in now or r.get("head") == heads.get(r["method"])]
             names = sorted({r["method"] for r in stale})
             self._aside(
                 stale,

@@ -337,3 +337,18 @@ def test_strict_digits_rule_beside_the_plain_rule(tmp_path, cache_dir, prompts_f
     assert {by[("kl_digits", p)]["head"] for p in ids} == {f"-+options-{config_hash({'strict_tokens': 'digits'})[:8]}"}
     assert {by[("kl", p)].get("head") for p in ids} == {None}
     assert "strict_tokens" not in json.loads((out / "eval_key.json").read_text())["settings"]["policy_options"]
+
+
+def test_a_run_without_a_judges_head_keeps_that_judges_records(tmp_path, cache_dir, prompts_file, head_dir):
+    """A rerun that skips a judge (no head folder set) leaves its records where they are, and a later run with the
+    head again redoes nothing: only a method decoded now with another head has its records set aside."""
+    base = [*_jsonl([], prompts_file), "~eval.methods", "+eval.methods={judge:head_quantiles,kl:[1.0]}"]
+    stage.run(_cfg(tmp_path, cache_dir, *base, f"eval.judge_dir={head_dir}"))
+    out = tmp_path / "eval"
+    first = (out / "per_example.jsonl").read_text()
+    assert {r["method"] for r in _records(out)} == {"target", "lossless", "judge", "kl"}
+    stage.run(_cfg(tmp_path, cache_dir, *base, "eval.judge_dir=null"))  # judge skipped: no head folder set
+    assert (out / "per_example.jsonl").read_text() == first
+    assert not list(out.glob("per_example.heads-*.jsonl"))
+    stage.run(_cfg(tmp_path, cache_dir, *base, f"eval.judge_dir={head_dir}"))
+    assert (out / "per_example.jsonl").read_text() == first
