@@ -224,3 +224,60 @@ def test_batched_verify_features_equal_their_definitions(tiny_pair):
             torch.testing.assert_close(
                 feats[j], _by_hand(pair, seq, len(ids) + j, int(toks[j]), FULL, FULL.layers), rtol=1e-4, atol=1e-4
             )
+
+
+@torch.no_grad()
+def test_verify_features_equal_their_definitions_in_every_round(tiny_pair):
+    """Every round, not only the first: rows that accept all, none or every other proposal drift apart (the
+    batch's padding, caches and positions with them), and each proposal's features still equal the definition
+    over the row's committed tokens ⊕ its proposals (greedy; the rule's verdicts are its own, so each row's
+    committed tokens are known without reading the decoder)."""
+    from selfjudge.batch_decoding import decode_batch
+
+    pair = tiny_pair
+    H, Hd = pair.target_info.hidden_size, pair.draft_info.hidden_size
+    head = JudgeHead(
+        JudgeConfig(feature_dim=FULL.dim(H, Hd), features=FULL.as_dict(), target_model=pair.target_info.as_dict())
+    ).eval()
+    prompts = [format_prompt(pair.tokenizer, p) for p in ("what is 12 * 7", "janet sells eggs at the market", "hi")]
+    T, gamma = 30, 4
+    done = [0] * len(prompts)  # committed tokens per row, as the rule's verdicts decide them
+    committed: list[list[int]] = [[] for _ in prompts]
+    checks: list[tuple[int, list[int], list[int], torch.Tensor]] = []
+    turn = []  # rows still decoding this round, in batch order
+
+    class Spy(JudgeRule):
+        def accept(self, v):
+            if not turn:
+                turn.extend(r for r in range(len(prompts)) if done[r] < T)
+            r = turn.pop(0)
+            D = v.draft_tokens.tolist()
+            mine = [True] * len(D) if r == 0 else [False] * len(D) if r == 1 else [j % 2 == 0 for j in range(len(D))]
+            ok = [m or d == a for m, d, a in zip(mine, D, v.target_argmax[:-1].tolist())]
+            kept = next((j for j, o in enumerate(ok) if not o), len(D))
+            checks.append((r, list(committed[r]), D, verify_features(v, self.feature_spec)))
+            kept = min(kept, T - done[r] - 1)  # the budget's allowance, as the decoder keeps it
+            new = D[:kept] + [int(v.target_argmax[kept])]
+            committed[r] += new
+            done[r] += len(new)
+            return torch.tensor(mine)
+
+    out = decode_batch(
+        pair.target,
+        pair.draft,
+        prompts,
+        gamma=gamma,
+        max_new_tokens=T,
+        eos_ids=[],
+        vocab=pair.vocab_size,
+        policy=Spy(0.5, head),
+    )
+    assert [o[0] for o in out] == committed  # every row's tokens, as tracked
+    rounds = {r: sum(1 for c in checks if c[0] == r) for r in range(len(prompts))}
+    assert min(rounds.values()) >= 3 and len(set(rounds.values())) > 1  # several rounds, rows out of step
+    for r, before, D, feats in checks:
+        assert out[r][0][: len(before)] == before  # the tracked tokens are the decoder's
+        seq = prompts[r] + before + D
+        for j in range(len(D)):
+            at = len(prompts[r]) + len(before) + j
+            torch.testing.assert_close(feats[j], _by_hand(pair, seq, at, D[j], FULL, FULL.layers), rtol=1e-4, atol=1e-4)
