@@ -322,8 +322,9 @@ class RecordsFile:
     :meth:`open` keeps the records made under ``key`` and, for methods with a judge head, the current head
     (``heads``: method name -> head content hash); any other records go to ``per_example.<key>.jsonl``
     beside it. Records of a method this run does not decode (``decoded``: the methods it does; None: all) are
-    kept as they are: a run without one judge's head folder leaves that judge's records alone. A line cut by a kill at the end of the file is dropped (and redone); any other line that is
-    not a whole record is an error naming its line number.
+    kept as they are: a run without one judge's head folder leaves that judge's records alone. A line cut by
+    a kill at the end of the file is dropped (and redone); any other line that is not a whole record is an
+    error naming its line number.
     """
 
     def __init__(self, out_dir: str | Path, rank: int | None = None):
@@ -361,9 +362,10 @@ class RecordsFile:
             write_json(self.key_path, {"run_key": key, **info})
         records = self.read()
         now = set(decoded) if decoded is not None else {r["method"] for r in records}
-        stale = [r for r in records if r["method"] in now and r.get("head") != heads.get(r["method"])]
+        fresh = [r["method"] not in now or r.get("head") == heads.get(r["method"]) for r in records]
+        stale = [r for r, ok in zip(records, fresh) if not ok]
         if stale:
-            keep = [r for r in records if r["method"] not in now or r.get("head") == heads.get(r["method"])]
+            keep = [r for r, ok in zip(records, fresh) if ok]
             names = sorted({r["method"] for r in stale})
             self._aside(
                 stale,

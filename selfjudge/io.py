@@ -177,7 +177,8 @@ def neutral_dataset(ds: Any) -> Any:
 
 def identity(plain: Mapping[str, Any], sections: Mapping[str, tuple[str, ...]], **inputs: Any) -> dict:
     """What decides an output: each named config section minus its excluded keys (and keys at their
-    :data:`NEUTRAL` value; its dataset's at :data:`DATASET_NEUTRAL`), plus ``inputs`` (the hashes of input folders, an earlier stage's key).
+    :data:`NEUTRAL` value; its dataset's at :data:`DATASET_NEUTRAL`), plus ``inputs`` (the hashes of input
+    folders, an earlier stage's key).
     ``sections``: {section: keys left out}. Hash it with :func:`config_hash`; every stage, and the pipeline,
     name their output this way."""
     out: dict[str, Any] = {}

@@ -63,13 +63,13 @@ class Task:
                     f"dataset '{self.name}' has duplicate example id '{dup}' (check dataset.id_field)"
                 )
             if self.cfg["ids"]:
-                missing = sorted(set(self.cfg["ids"]) - seen)
+                wanted = set(self.cfg["ids"])
+                missing = sorted(wanted - seen)
                 if missing:
                     raise DatasetConfigError(
                         f"dataset.ids: {len(missing)} id(s) not in dataset '{self.name}', e.g. {missing[:3]} "
                         "(ids as the records and data folders write them)"
                     )
-                wanted = set(self.cfg["ids"])
                 rows = [ex for ex in rows if ex.id in wanted]
             if self.cfg["shuffle"]:
                 random.Random(self.cfg["seed"]).shuffle(rows)
