@@ -6,8 +6,8 @@
 
 Every teacher-forced label (SelfJudge's LD, AutoJudge's answer change) judges *one* swap put into the target's
 own greedy response. A decode with a loose rule accepts many swaps per response, each after the earlier ones
-have moved the text off that path. This reads an eval's committed records (``<prefix>.per_example.jsonl.gz``
-and ``<prefix>.eval_key.json``, as ``scripts/judge_evidence.py`` archives them) and, for every response of a
+have moved the text off that path. This reads an eval's records (its folder, or the committed
+``<prefix>.per_example.jsonl.gz`` and ``<prefix>.eval_key.json`` that ``scripts/judge_evidence.py`` archives) and, for every response of a
 method whose score differs from the target's own (``target`` method) response of the same prompt:
 
 1. teacher-forces the response ``y`` through the target (and the draft, for KL): the swaps are the tokens
@@ -25,7 +25,8 @@ The swap whose continuation scores otherwise than the one before it (the first s
 the swap that turned the answer (the "culprit"): j = 1 is a swap on the target's own path, the case a
 teacher-forced label describes; a later j is one made off it. Per method the summary counts the flips that replay (j = 0 scores as the target's record,
 j = k as the method's), the culprit's place, its kind and, for a head, its P(important) rank among the
-response's swaps. Writes ``<out>.json`` (every response's swaps and scores) and ``<out>.md``.
+response's swaps. Writes ``<out>.json`` (every response's swaps and scores), ``<out>.md`` and ``<out>.png`` (per
+method, every flipped response's swaps coloured by their continuation's score).
 """
 
 from __future__ import annotations
@@ -54,14 +55,31 @@ from selfjudge.tasks import build_task, example_system_prompt  # noqa: E402
 RULE_SCALARS = ["target_top1_logp", "target_gap", "kl"]
 
 
-def read_records(prefix: str) -> tuple[list[dict], dict]:
-    """(records, eval key) of ``<prefix>.per_example.jsonl.gz`` and ``<prefix>.eval_key.json``."""
-    rec, key = Path(f"{prefix}.per_example.jsonl.gz"), Path(f"{prefix}.eval_key.json")
-    for p in (rec, key):
+def read_records(where: str) -> tuple[list[dict], dict]:
+    """(records, eval key) of an eval folder (``per_example.jsonl``, rank files of a run still decoding, and
+    ``eval_key.json``) or of committed records (``<prefix>.per_example.jsonl.gz`` and ``<prefix>.eval_key.json``)."""
+    d = Path(where)
+    if d.is_dir():
+        files, key = [d / "per_example.jsonl", *sorted(d.glob("per_example.rank*.jsonl"))], d / "eval_key.json"
+    else:
+        files, key = [Path(f"{where}.per_example.jsonl.gz")], Path(f"{where}.eval_key.json")
+    for p in (files[0], key):
         if not p.is_file():
-            raise SystemExit(f"flip_trace: no {p} (pass the records prefix, e.g. docs/bench/evidence_val_gsm8k_g8_b64)")
-    with gzip.open(rec, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()], json.loads(key.read_text())
+            raise SystemExit(
+                f"flip_trace: no {p} (pass an eval folder, or the prefix of committed records, e.g. "
+                f"docs/bench/evidence_val_gsm8k_g8_b64)"
+            )
+    lines = []
+    for f in files:
+        with gzip.open(f, "rt") if f.suffix == ".gz" else open(f) as fh:
+            lines += [line for line in fh.read().split("\n") if line.strip()]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a file a running eval is appending to
+            continue
+    return out, json.loads(key.read_text())
 
 
 def parse_method(s: str) -> tuple[str, float | None]:
@@ -264,6 +282,41 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def plot(traces: dict[str, list[dict]], path: str) -> None:
+    """One panel per method, one row per flipped response: its swaps in order, each coloured by how the greedy
+    continuation after it scores (green as the target's own response, red as the method's, grey not made),
+    the culprit ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(traces))
+    height = max(2.5, 0.28 * max((len(ts) for ts in traces.values()), default=1) + 1.2)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, height), squeeze=False)
+    for ax, (label, ts) in zip(axes[0], traces.items()):
+        for row, t in enumerate(ts):
+            sc = t["scores"]
+            for j in range(1, len(sc)):
+                c = "0.8" if sc[j] is None else ("tab:green" if sc[j] == sc[0] else "tab:red")
+                ax.scatter(j, row, s=28, color=c, zorder=2)
+            if t["culprit"] is not None:
+                ax.scatter(t["culprit"], row, s=110, facecolors="none", edgecolors="black", zorder=3)
+        ax.set_yticks(range(len(ts)), [t["prompt_id"].rsplit("/", 1)[-1] for t in ts], fontsize=7)
+        ax.set_xlabel("accepted swap j (continuation after it)")
+        name, _, thr = label.partition("@")
+        ax.set_title(f"{name} @ {float(thr):.3g}" if thr not in ("", "None") else name, fontsize=9)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(
+        "Greedy continuation after swap j: green = the target's answer, red = the flipped one; ringed = culprit",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def examples_md(traces: list[dict], pair, n: int) -> list[str]:
     out = []
     for t in [t for t in traces if t["culprit"] is not None][:n]:
@@ -284,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("records", help="records prefix: <prefix>.per_example.jsonl.gz and <prefix>.eval_key.json")
+    ap.add_argument(
+        "records", help="an eval folder, or the prefix of committed records (<prefix>.per_example.jsonl.gz)"
+    )
     ap.add_argument("--method", action="append", required=True, help="NAME@THRESHOLD (repeat)")
     ap.add_argument("--head", action="append", default=[], help="NAME=FOLDER: the head a judge method decoded with")
     ap.add_argument(
@@ -413,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         slim = {k: [{x: v for x, v in t.items() if x != "output_ids"} for t in ts] for k, ts in traces.items()}
         write_json(f"{args.out}.json", {**res, "traces": slim})
         Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
+        plot(traces, f"{args.out}.png")
     return res
 
 

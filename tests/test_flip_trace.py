@@ -147,6 +147,10 @@ def test_main_reads_committed_eval_records(tmp_path, cache_dir, prompts_file, he
     assert written["continuations"] == sum(len(t["swaps"]) + 1 for t in res["traces"]["judge@0.9"])
     assert "output_ids" not in written["traces"]["judge@0.9"][0]
     assert "| judge@0.9 (rw) | 2 |" in (tmp_path / "ft.md").read_text()
+    assert (tmp_path / "ft.png").stat().st_size > 0
+    # the eval folder itself reads the same (its records hold the real scores: nothing flips there)
+    folder = ft.main([str(tmp_path / "eval"), "--method", "judge@0.9", *over])
+    assert folder["methods"]["judge@0.9"]["flips"] == 0 and folder["traces"]["judge@0.9"] == []
     with pytest.raises(SystemExit, match=r"no records of --method kl@2.0; the file holds .*'kl', 0.5"):
         ft.main([str(prefix), "--method", "kl@2", *over])
     # records of a task without a checker (prompts from a JSONL file) cannot flip: said, not looped on
