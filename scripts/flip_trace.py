@@ -121,6 +121,8 @@ def swaps_of(pair, prompt: list[int], response: list[int], head=None) -> list[di
     """Every token of ``response`` that is not the target's argmax after its own prefix, with the rule
     quantities at it and (``head``) the head's P(important) from the features the verify pass reads."""
     spec = FeatureSpec.from_mapping(head.config.features) if head is not None else FeatureSpec()
+    if spec.include_draft:
+        raise SystemExit("flip_trace: heads that read the draft's state (features.include_draft) are not traced")
     dev = next(pair.target.parameters()).device
     ids = torch.tensor([prompt + response], device=dev)
     out = forward_with_hidden(pair.target, ids, spec)
@@ -131,8 +133,6 @@ def swaps_of(pair, prompt: list[int], response: list[int], head=None) -> list[di
     if not wrong:
         return []
     idx = torch.tensor(wrong, device=dev)
-    if spec.include_draft:
-        raise SystemExit("flip_trace: heads that read the draft's state (features.include_draft) are not traced")
     draft_logits = forward_with_hidden(pair.draft, ids).logits[0, P - 1 : P + T - 1][idx]  # KL(q||p) at each swap
     V = min(logits.shape[-1], draft_logits.shape[-1])  # padded vocabularies: the ids both models index
     tl, dl = logits[idx][..., :V], draft_logits[..., :V]
