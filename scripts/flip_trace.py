@@ -46,7 +46,7 @@ from bench_common import run_facts  # noqa: E402
 from judge_audit import kind  # noqa: E402
 
 from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features, scalar_features  # noqa: E402
-from selfjudge.generation import fixed_batches, greedy_batch  # noqa: E402
+from selfjudge.autojudge import continue_greedy  # noqa: E402
 from selfjudge.io import write_json  # noqa: E402
 from selfjudge.models import format_prompt  # noqa: E402
 from selfjudge.policies import load_head  # noqa: E402
@@ -171,20 +171,8 @@ def continue_all(pair, jobs: list[tuple[list[int], list[int], int]], batch_size:
     """For each (prompt, response prefix, budget): the prefix followed by the target's greedy continuation,
     at most ``budget`` response tokens in all (a prefix that ends with EOS is its own answer)."""
     caps = [0 if (r and r[-1] in pair.eos_ids) else max(0, budget - len(r)) for _, r, budget in jobs]
-    todo = [j for j, c in enumerate(caps) if c > 0]
-    cont: dict[int, list[int]] = {}
-    for b in fixed_batches([-caps[j] for j in todo], batch_size, "--batch-size"):
-        rows = [todo[k] for k in b]
-        outs = greedy_batch(
-            pair.target,
-            [jobs[j][0] + jobs[j][1] for j in rows],
-            max(caps[j] for j in rows),
-            pair.eos_ids,
-            pair.tokenizer.pad_token_id,
-            pair.vocab_size,
-        )
-        cont.update({j: o[: caps[j]] for j, o in zip(rows, outs)})
-    return [r + cont.get(j, []) for j, (_, r, _) in enumerate(jobs)]
+    cont = continue_greedy(pair, [x + r for x, r, _ in jobs], caps, batch_size, "--batch-size")
+    return [r + c for (_, r, _), c in zip(jobs, cont)]
 
 
 def probes(scores: list[float | None], scan: str) -> list[int]:

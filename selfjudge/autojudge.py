@@ -208,35 +208,51 @@ def chosen(n: int, k: int, select: str) -> list[int]:
     return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
 
 
-def regenerate(
-    pair: ModelPair, swaps: list[tuple[list[int], list[int], int, int, Any]], s: AutoJudgeSettings, budget: int
-):
-    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (prompt, y, i, d_i, cache), at most ``budget`` tokens.
-    Where every row of a batch has its response's cache (x ⊕ y_<T-1, from the generation), the prefill of
-    x ⊕ y_<i is cut from it instead of computed again (on a CPU about 40 % of a regeneration's time)."""
-    caps = [0 if d in pair.eos_ids else max(0, min(s.max_new_tokens, budget - i - 1)) for _, _, i, d, _ in swaps]
+def continue_greedy(
+    pair: ModelPair,
+    prefixes: list[list[int]],
+    caps: list[int],
+    batch_size: int,
+    key: str,
+    caches: list[Any] | None = None,
+) -> list[list[int]]:
+    """The target's greedy continuation of each token prefix (prompt included), at most ``caps[j]`` tokens (0: none),
+    in batches of ``batch_size`` rows of similar cap (greedy is prefix-consistent: each row is cut to its own cap;
+    ``key`` names the setting in an error). ``caches[j]``: a cache of the model over at least all but the last token
+    of ``prefixes[j]`` (or None); where every row of a batch has one, the prefill is cut from them instead of computed
+    again (on a CPU about 40 % of a regeneration's time)."""
     todo = [j for j, c in enumerate(caps) if c > 0]
-    regen: dict[int, list[int]] = {}
-    # batches of similar continuation length (greedy is prefix-consistent: each row is cut to its own cap)
-    for b in fixed_batches([-caps[j] for j in todo], s.batch_size, "data_gen.autojudge.batch_size"):
+    out: list[list[int]] = [[] for _ in prefixes]
+    for b in fixed_batches([-caps[j] for j in todo], batch_size, key):
         rows = [todo[k] for k in b]
-        prefixes = [swaps[j][0] + swaps[j][1][: swaps[j][2]] + [swaps[j][3]] for j in rows]
         memo = None
-        if all(swaps[j][4] is not None for j in rows):
+        if caches is not None and all(caches[j] is not None for j in rows):
             memo = PrefillMemo()
-            cut = [(swaps[j][4], len(p) - 1) for j, p in zip(rows, prefixes)]  # prefill reads all but d_i
-            memo.keep(pair.target, prefixes, HoleCache.from_rows(pair.target, pair.vocab_size, cut))
+            cut = [(caches[j], len(prefixes[j]) - 1) for j in rows]  # prefill reads all but the last token
+            memo.keep(pair.target, [prefixes[j] for j in rows], HoleCache.from_rows(pair.target, pair.vocab_size, cut))
         outs = greedy_batch(
             pair.target,
-            prefixes,
+            [prefixes[j] for j in rows],
             max(caps[j] for j in rows),
             pair.eos_ids,
             pair.tokenizer.pad_token_id,
             pair.vocab_size,
             prefill_memo=memo,
         )
-        regen.update({j: o[: caps[j]] for j, o in zip(rows, outs)})
-    return [y[:i] + [d] + regen.get(j, []) for j, (_, y, i, d, _) in enumerate(swaps)]
+        for j, o in zip(rows, outs):
+            out[j] = o[: caps[j]]
+    return out
+
+
+def regenerate(
+    pair: ModelPair, swaps: list[tuple[list[int], list[int], int, int, Any]], s: AutoJudgeSettings, budget: int
+):
+    """Responses y_<i ⊕ d_i ⊕ greedy continuation for each (prompt, y, i, d_i, cache), at most ``budget`` tokens.
+    ``cache``: the response's cache from its generation (x ⊕ y_<T-1), from which the prefill of x ⊕ y_<i is cut."""
+    caps = [0 if d in pair.eos_ids else max(0, min(s.max_new_tokens, budget - i - 1)) for _, _, i, d, _ in swaps]
+    prefixes = [x + y[:i] + [d] for x, y, i, d, _ in swaps]
+    cont = continue_greedy(pair, prefixes, caps, s.batch_size, "data_gen.autojudge.batch_size", [c for *_, c in swaps])
+    return [y[:i] + [d] + c for (_, y, i, d, _), c in zip(swaps, cont)]
 
 
 @torch.no_grad()
