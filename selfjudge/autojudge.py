@@ -8,6 +8,13 @@ score of the regenerated answer differs from the score of ``y``. Two search orde
   undone and the search goes on along ``y``; an unimportant one is kept, so the search would go on
   along the regenerated response. Its later mismatches are not mismatches of ``y`` (their prefix
   holds ``d_i``), so they have no SelfJudge row to sit beside: the search stops there.
+- ``carry``: AutoJudge's whole search. As ``sequential``, but where a swap is kept the search goes on along
+  the regenerated response ``y' = y_<i ⊕ d_i ⊕ greedy``: its mismatches after ``i`` are the target's own
+  greedy continuation of an off-path prefix, so the data stage scores them as responses of their own (SelfJudge
+  rows and features on ``y'``) and labels them the same way, until the prompt's ``max_mismatches`` labels are
+  made (:func:`autojudge_labels_many`'s ``kept``; ``selfjudge.labelling``). A decode that accepts swaps moves
+  off the target's path after its first one, and most swaps that turned an answer were made there
+  (``scripts/flip_trace.py``): this labels such swaps.
 - ``independent``: every chosen mismatch judged against the same ``y`` (no carrying forward).
   ``select`` chooses which: ``first`` (the first ``max_mismatches``) or ``spread`` (``max_mismatches``
   spaced evenly over the response's mismatches: a sample of every position, and shorter
@@ -50,7 +57,7 @@ from selfjudge.models import ModelPair
 from selfjudge.tasks import Example, Task
 
 log = logging.getLogger(__name__)
-AUTOJUDGE_MODES = ("sequential", "independent")
+AUTOJUDGE_MODES = ("sequential", "independent", "carry")
 AUTOJUDGE_SELECT = ("first", "spread")
 KEYS = ("enabled", "mode", "select", "max_mismatches", "max_new_tokens", "batch_size", "finished_only")
 
@@ -58,7 +65,7 @@ KEYS = ("enabled", "mode", "select", "max_mismatches", "max_new_tokens", "batch_
 @dataclass(frozen=True)
 class AutoJudgeSettings:
     enabled: bool  # compute AutoJudge labels (tasks with a checker only)
-    mode: str  # sequential | independent
+    mode: str  # sequential | independent | carry
     max_mismatches: int  # regenerations per response (cost bound)
     max_new_tokens: int  # tokens regenerated after a swap (also capped by the response's own budget)
     select: str = "first"  # independent: first | spread (which mismatches get a label)
@@ -100,6 +107,7 @@ class Labelled(NamedTuple):
     positions: list[int]
     draft_tokens: list[int]
     cache: DynamicCache | None = None  # the target's one-row cache of x ⊕ y_<T-1 (TargetTrace.cache), if kept
+    limit: int | None = None  # mismatches to label at most (None: the settings' max_mismatches)
 
 
 LABELS_FORMAT = "selfjudge-autojudge-labels/1"
@@ -263,18 +271,21 @@ def autojudge_labels_many(
     s: AutoJudgeSettings,
     budget: int,
     known: Mapping[str, int] | None = None,
+    kept: dict[int, tuple[int, list[int]]] | None = None,
 ) -> list[list[int]]:
     """One label list per item (1 important, 0 not, -1 not computed), the regenerations of all items
     batched together. ``budget``: the response length limit of the run (data_gen.max_new_tokens), so a
     regenerated answer is never allowed more tokens than the original had. ``known``: labels of an earlier
-    run of the same config by :func:`label_key` (:func:`read_labels`): taken instead of regenerated."""
+    run of the same config by :func:`label_key` (:func:`read_labels`): taken instead of regenerated.
+    ``kept`` (mode ``carry``): filled with {item: (mismatch index, regenerated response)} of each item whose search
+    ended on a kept swap, the response the search goes on along (regenerated also where the label was taken)."""
     known = known or {}
     dec = pair.tokenizer.decode
     labels = [[-1] * len(it.positions) for it in items]
     base = [task.score(it.example, dec(it.response, skip_special_tokens=True)) for it in items]
     # per item: the mismatch indices to label, in search order
     plan = {
-        k: chosen(len(it.positions), s.max_mismatches, s.select)
+        k: chosen(len(it.positions), s.max_mismatches if it.limit is None else it.limit, s.select)
         for k, it in enumerate(items)
         if base[k] is not None and it.positions and (not s.finished_only or _finished(it.response, pair.eos_ids))
     }
@@ -288,6 +299,7 @@ def autojudge_labels_many(
                 mine = zip(it.positions, it.draft_tokens)
                 labels[k] = [known.get(label_key(it.example.id, it.response, p, d), -1) for p, d in mine]
                 del plan[k]
+    made: dict[tuple[int, int], list[int]] = {}  # carry: the regenerations of kept swaps
     step = 0
     while plan:
         # independent: every planned swap at once; sequential: the next swap of each searching item
@@ -311,10 +323,22 @@ def autojudge_labels_many(
         swaps = [(*sw, items[k].cache) for sw, (k, _) in zip(swaps, jobs)]
         for (k, j), new in zip(jobs, regenerate(pair, swaps, s, budget)):
             labels[k][j] = int(task.score(items[k].example, dec(new, skip_special_tokens=True)) != base[k])
+            if s.mode == "carry" and labels[k][j] == 0:
+                made[k, j] = new
         if s.mode == "independent":
             break
         step += 1  # sequential: an item stops at its first kept (label 0) swap or when its plan is done
         plan = {k: js for k, js in plan.items() if step < len(js) and labels[k][js[step - 1]] == 1}
+    if s.mode == "carry" and kept is not None:
+        ends = {k: labs.index(0) for k, labs in enumerate(labels) if 0 in labs}  # the search keeps one swap at most
+        todo = [k for k, j in ends.items() if (k, j) not in made]  # labels taken from a file: the response made again
+        swaps = [
+            (items[k].prompt, items[k].response, items[k].positions[ends[k]], items[k].draft_tokens[ends[k]])
+            for k in todo
+        ]
+        for k, new in zip(todo, regenerate(pair, [(*sw, items[k].cache) for sw, k in zip(swaps, todo)], s, budget)):
+            made[k, ends[k]] = new
+        kept.update({k: (j, made[k, j]) for k, j in ends.items()})
     return labels
 
 

@@ -298,6 +298,12 @@ def run_rank(
         if after_shard is not None:
             after_shard(index)
 
+    def score_one(prompt: list[int], resp: list[int], trace: Any = None) -> ScoredResponse:
+        extra = {"trace": trace} if trace is not None else {}
+        return score(
+            pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant, s.features, **kw, **extra
+        )
+
     def phase(rows: int, what: str) -> None:  # a batch runs many minutes on a CPU: the bar names its step
         rate = f", {n_new / (time.perf_counter() - t0):.1f} tok/s" if n_new else ""
         bar.set_postfix_str(f"batch of {rows}: {what}{rate}")
@@ -323,41 +329,26 @@ def run_rank(
             for i, resp, tr in zip(gen, made, made_traces):
                 resps[where[i]], traces[where[i]] = resp, tr
         phase(len(batch), "scoring" + (f" ({len(taken)} taken responses)" if taken else ""))
-        scored = []
-        for i, resp, trace in zip(batch, resps, traces):
-            extra = {"trace": trace} if trace is not None else {}
-            scored.append(
-                score(
-                    pair.target,
-                    pair.draft,
-                    prompts[i],
-                    resp,
-                    pair.vocab_size,
-                    s.window,
-                    s.score_variant,
-                    s.features,
-                    **kw,
-                    **extra,
-                )
-            )
+        scored = [score_one(prompts[i], resp, trace) for i, resp, trace in zip(batch, resps, traces)]
         items = [  # with the fast scorer, each response's cache: the regenerations cut their prefill from it
             Labelled(examples[i], prompts[i], resp, sc.positions.tolist(), sc.draft_tokens.tolist(), tr and tr.cache)
             for i, resp, sc, tr in zip(batch, resps, scored, traces if use_aj else [None] * len(batch))
         ]
-        traces = trace = extra = None
+        traces = None
         if use_aj:  # the regenerations of the whole batch run together
             phase(len(batch), "AutoJudge regenerations")
-            ajs = autojudge_labels_many(pair, task, items, s.autojudge, s.max_new_tokens, known)
+            labelled = autojudge_rows(pair, task, items, scored, s.autojudge, s.max_new_tokens, score_one, known)
         else:
-            ajs = [[-1] * len(it.positions) for it in items]
-        for it, sc, aj in zip(items, scored, ajs):
+            labelled = [(it, sc, [-1] * len(it.positions)) for it, sc in zip(items, scored)]
+        for it, sc, aj in labelled:
             buf.extend(records(it.example, it.prompt, it.response, sc, aj))
+        for it in items:
             buf_ids.append(it.example.id)
             buf_tokens += len(it.response)
             n_new += len(it.response)
             bar.update(1)
         phase(len(batch), "done")
-        scored = items = None
+        scored = items = labelled = None
         if len(buf) >= s.shard_size or (s.shard_prompts and len(buf_ids) >= s.shard_prompts):
             flush()
     if buf_ids:
@@ -373,6 +364,41 @@ def run_rank(
     }
     write_json(Path(out_dir) / shards.SHARD_DIR / f"rank{rank:03d}.done.json", stats)
     return stats
+
+
+def autojudge_rows(
+    pair: ModelPair,
+    task: Task,
+    items: list[Labelled],
+    scored: list[ScoredResponse],
+    s: AutoJudgeSettings,
+    budget: int,
+    score_one: Callable[[list[int], list[int]], ScoredResponse],
+    known: Mapping[str, int] | None = None,
+) -> list[tuple[Labelled, ScoredResponse, list[int]]]:
+    """(item, its scores, its AutoJudge labels) of a batch's responses and, with ``data_gen.autojudge.mode=carry``,
+    of every response the search goes on along after a kept swap: ``y' = y_<i ⊕ d_i ⊕ greedy``, scored as a response
+    of its own (``score_one``), its mismatches after ``i`` only, searched the same way until the prompt has
+    ``max_mismatches`` labels (each round keeps one swap per response at most, so this ends)."""
+    out: list[tuple[Labelled, ScoredResponse, list[int]]] = []
+    left = [s.max_mismatches] * len(items)  # labels still to make, per prompt of the batch
+    origin = list(range(len(items)))
+    while items:
+        kept: dict[int, tuple[int, list[int]]] | None = {} if s.mode == "carry" else None
+        labels = autojudge_labels_many(pair, task, items, s, budget, known, kept)
+        out += zip(items, scored, labels)
+        nxt: list[tuple[int, Labelled, ScoredResponse]] = []
+        for k, (j, resp) in sorted((kept or {}).items()):
+            o, it = origin[k], items[k]
+            left[o] -= sum(x >= 0 for x in labels[k])
+            if left[o] > 0:
+                sc = score_one(it.prompt, resp).after(it.positions[j])
+                new = Labelled(
+                    it.example, it.prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist(), None, left[o]
+                )
+                nxt.append((o, new, sc))
+        origin, items, scored = [o for o, _, _ in nxt], [it for _, it, _ in nxt], [sc for *_, sc in nxt]
+    return out
 
 
 def taken_responses(

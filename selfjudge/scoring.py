@@ -16,7 +16,7 @@ through one 4D mask. :func:`score_response_naive` recomputes x ⊕ ỹ in full p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,12 @@ class ScoredResponse:
     sub_features: torch.Tensor  # [M, D] features of d_i at i (state at i of ỹ: input token d_i)
     orig_features: torch.Tensor  # [M, D] features of y_i at i (state at i of y: input y_i): label-0 negatives
     n_tokens: int  # response length T
+
+    def after(self, position: int) -> ScoredResponse:
+        """The mismatches after ``position`` only (those of a response the AutoJudge search carried on along)."""
+        keep = self.positions > position
+        names = ("positions", "target_tokens", "draft_tokens", "orig", "alt", "ld", "sub_features", "orig_features")
+        return replace(self, **{f: getattr(self, f)[keep] for f in names})
 
 
 def _logprobs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
