@@ -32,6 +32,10 @@ substituted rows only: with the scalar features an original-token row (gap 0) is
     python scripts/bench_signals.py --data gsm8k=runs/sig_gsm8k/data mmlu=runs/sig_mmlu/data \\
         --out docs/bench/signals_real
 
+``--path own|carried`` keeps the rows of the prompts' own responses, or of the responses an AutoJudge search
+went on along after a kept swap (``data_gen.autojudge.mode=carry``: swaps off the target's path, where a decode
+that accepts swaps spends most of its time).
+
 Answer-change labels are the costly part (a greedy continuation each), so they accumulate across runs
 and machines: ``--dump`` writes every mismatch's labels and rule scores (no features) with its key
 (prompt, response hash, position, draft token); ``--rows`` reads such files back. Their labels fill
@@ -67,6 +71,8 @@ from selfjudge.tasks import build_task
 LABELS = ("selfjudge", "answer", "harm")
 RULE_SCORES = ("kl", "kl_rule", "likelihood_gap", "neg_logp", "typical", "topk_rank", "draft_neg_logq", "ld")
 HEADS = ("logistic", "mlp", "ld_reg")
+ROW_KEYS = ("x", "sj", "aj", "base", "ld", "prompt", "key", "finished", "carried")  # per-row arrays of a domain
+PATHS = ("all", "own", "carried")
 SHARES = tuple(round(0.05 * k, 2) for k in range(1, 21))  # acceptance shares of the harm curves
 # feature sets: a name -> the FeatureSpec mapping a head trained on it would carry (sliced from the folder)
 FEATURE_SETS = {
@@ -105,6 +111,10 @@ def load_folder(folder: str, partial: bool = False) -> dict:
     # a response cut at the length limit has no final answer: its answer-change labels (made before
     # data_gen.autojudge.finished_only) do not count. Greedy stops early only at EOS.
     finished = np.array([len(r) < int(man["max_new_tokens"]) for r in resp], dtype=bool)
+    # data_gen.autojudge.mode=carry also stores rows of responses the search carried on along after a kept swap
+    # (written after the prompt's own response): off the target's path
+    own: dict[str, list] = {}
+    carried = np.array([own.setdefault(p, r) != r for p, r in zip(rows["prompt_id"], resp)], dtype=bool)
     aj = np.asarray(rows["autojudge_label"]).astype(int)
     dropped = int(((aj >= 0) & ~finished).sum())
     aj[~finished] = -1
@@ -122,6 +132,7 @@ def load_folder(folder: str, partial: bool = False) -> dict:
         "aj": aj,
         "base": response_scores(task, man, rows["prompt_id"], resp, finished),
         "finished": finished,
+        "carried": carried,
         "answer_dropped_unfinished": dropped,
         "answer_dropped_checker": stale,
         "checker": checker,
@@ -553,10 +564,19 @@ def load_domain(spec: str, partial: bool = False) -> dict:
         d["answer_dropped_unfinished"] += p["answer_dropped_unfinished"]
         d["answer_dropped_checker"] += p["answer_dropped_checker"]
         d["complete"] = d["complete"] and p["complete"]
-        for k in ("x", "sj", "aj", "base", "ld", "prompt", "key", "finished"):
+        for k in ROW_KEYS:
             d[k] = np.concatenate([d[k], p[k]])
     d["folder"] = spec
     return d
+
+
+def rows_on(d: dict, path: str) -> dict:
+    """The rows of the prompts' own responses (``own``), of the responses a carried AutoJudge search went on along
+    (``carried``: off the target's path), or all."""
+    if path == "all":
+        return d
+    keep = d["carried"] == (path == "carried")
+    return {**d, **{k: d[k][keep] for k in ROW_KEYS}}
 
 
 def dump_rows(d: dict, scores: dict[str, np.ndarray], path: Path, domain: str) -> None:
@@ -596,12 +616,17 @@ def study(
     dump: Path | None = None,
     earlier: list[dict] | None = None,
     partial: bool = False,
+    path: str = "all",
 ) -> dict:
     train = [load_folder(f, partial) for f in train_dirs]
     earlier = earlier or []
     out: dict = {"domains": {}, "ablation": []}
     for dom, folder in domains.items():
-        d = load_domain(folder, partial)
+        d = rows_on(load_domain(folder, partial), path)
+        if not len(d["sj"]):
+            raise SystemExit(
+                f"--path {path}: '{folder}' has no such rows (carried rows: data_gen.autojudge.mode=carry)"
+            )
         merged = merge_answer_labels(d, earlier)
         scores = {f"rule:{k}": v for k, v in rule_scores(d).items()}
         if dump is not None:
@@ -644,6 +669,8 @@ def study(
             "complete": d["complete"],
             "tau": d["tau"],
             "mismatches": len(d["sj"]),
+            "path": path,
+            "carried_rows": int(d["carried"].sum()),
             "answer_labelled": int((d["aj"] >= 0).sum()),
             "answer_flips": flips(d),
             "prompts": len(np.unique(d["prompt"])),
@@ -802,6 +829,9 @@ def markdown(res: dict) -> str:
                 f"{d.get('answer_labels_dropped_unfinished', 0)} labels of responses cut at the limit and "
                 f"{d.get('answer_labels_dropped_checker', 0)} of an earlier checker revision left out)"
                 + ("" if d.get("complete", True) else "; **data still being made: the prompts done so far**")
+                + {"own": "; the prompts' own responses only", "carried": "; rows off the target's path only"}.get(
+                    d.get("path", "all"), ""
+                )
             ),
             "",
         ]
@@ -868,6 +898,13 @@ def main(argv: list[str] | None = None) -> dict:
         "of other prompts join a pooled table of the training-free scores",
     )
     ap.add_argument(
+        "--path",
+        choices=PATHS,
+        default="all",
+        help="rows of: the prompts' own responses, the responses a carried AutoJudge search went on along "
+        "(data_gen.autojudge.mode=carry: off the target's path), or all",
+    )
+    ap.add_argument(
         "--partial",
         action="store_true",
         help="also read data folders still being made (the shards written so far; the report says so)",
@@ -889,7 +926,9 @@ def main(argv: list[str] | None = None) -> dict:
     earlier = read_rows(a.rows)  # before the dump is replaced: it may be one of them
     if dump is not None and dump.exists():
         dump.unlink()
-    res = study(domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump, earlier, a.partial)
+    res = study(
+        domains, a.train, a.sets, a.heads, a.folds, a.bootstrap, a.seed, a.epochs, dump, earlier, a.partial, a.path
+    )
     res["settings"] = {
         **vars(a),
         "seconds": round(time.perf_counter() - t0, 1),

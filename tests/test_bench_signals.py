@@ -315,3 +315,30 @@ def test_a_folder_still_being_made_is_read_only_when_asked(tmp_path, cache_dir):
     with pytest.raises(SystemExit, match="sets τ by quantile"):
         bs.load_folder(str(q / "data"), partial=True)
     assert shards.snapshot_manifest(q / "data")["tau"] is None
+
+
+def test_rows_off_the_target_path_are_studied_apart(folders, tmp_path, cache_dir):
+    """``--path``: the rows of a carried AutoJudge search (data_gen.autojudge.mode=carry) split into those of the
+    prompts' own responses and those of the responses the search went on along; together they are all rows,
+    and a folder without carried rows says so."""
+    import pyarrow.parquet as pq
+
+    from selfjudge import shards
+
+    run_dir = tmp_path / "carry"
+    args = ["data_gen.tau.mode=value", "data_gen.tau.value=0.3", *FEATURES[:-1], "data_gen.autojudge.mode=carry"]
+    data_gen(tiny_config(run_dir, cache_dir, *args, "data_gen.autojudge.finished_only=false"))
+    folder = run_dir / "data"
+    bs = _script()
+    common = ["--sets", "scalars", "--heads", "logistic", "--bootstrap", "0", "--epochs", "1", "--folds", "2"]
+    n = {p: bs.main(["--data", f"t={folder}", *common, "--path", p, "--out", str(tmp_path / p)]) for p in bs.PATHS}
+    count = {p: r["domains"]["t"]["mismatches"] for p, r in n.items()}
+    assert count["own"] > 0 and count["carried"] > 0 and count["own"] + count["carried"] == count["all"]
+    rows = [r for p in shards.list_shards(folder) for r in pq.read_table(p).to_pylist() if r["substituted"]]
+    first: dict[str, list] = {}
+    for r in rows:  # a prompt's own response is written before the ones its search carried on along
+        first.setdefault(r["prompt_id"], r["response_ids"])
+    assert count["carried"] == sum(r["response_ids"] != first[r["prompt_id"]] for r in rows)
+    assert "off the target's path only" in (tmp_path / "carried.md").read_text()
+    with pytest.raises(SystemExit, match="mode=carry"):
+        bs.main(["--data", f"t={folders['a']}", *common, "--path", "carried", "--out", str(tmp_path / "x")])
