@@ -34,7 +34,9 @@ Steps: ``--only`` runs the named steps (judge_gsm8k, autojudge_gsm8k, judge_mix,
 eval_gsm8k, eval_mmlu, study_mmlu), so that two processes can share the work (one task each: a step's run folder is
 locked to one writer); an eval step needs its validation sweep finished. ``--rules-only`` leaves the judges
 out (no training, no judge rows): lossless and the training-free rules, which need no judge; ``--judges`` names
-the judges that train and join the sweeps and evals (default all three), so a judge whose data is done can be
+the judges that train and join the sweeps and evals (default the three above; ``autojudge_carry``, by name
+only, is autojudge_gsm8k labelled by AutoJudge's whole search, ``data_gen.autojudge.mode=carry``, which also labels
+the swaps a decode makes off the target's path), so a judge whose data is done can be
 swept while another's data is still being made. A later run with more judges reuses every record made so far
 (the pipeline hands a redone eval its records back).
 
@@ -123,7 +125,10 @@ MMLU_VAL_OFFSET = 2048
 # validation slice; the evals take 0..N-1
 MMLU_STUDY_OFFSET = 1280
 GUARD_SUFFIX = "_top1"  # --guard: the judge method with the top-1 guard
-JUDGES = ("judge_gsm8k", "autojudge_gsm8k", "judge_mix")
+DEFAULT_JUDGES = ("judge_gsm8k", "autojudge_gsm8k", "judge_mix")
+# autojudge_carry (by --judges only): autojudge_gsm8k's problems, layout and responses, labelled by AutoJudge's whole
+# search (data_gen.autojudge.mode=carry), which also labels swaps off the target's path
+JUDGES = (*DEFAULT_JUDGES, "autojudge_carry")
 STUDIES = ("study_mmlu",)  # data only (no head): signal-study data with AutoJudge labels for scripts/bench_signals.py
 STEPS = (*JUDGES, "val_gsm8k", "val_mmlu", "eval_gsm8k", "eval_mmlu", *STUDIES)
 
@@ -199,7 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rules-only", action="store_true", help="no judges: lossless and the training-free rules")
     ap.add_argument(
         "--judges",
-        help=f"comma-separated judges that train and join the sweeps and evals (default all: {', '.join(JUDGES)})",
+        help=f"comma-separated judges that train and join the sweeps and evals, of {', '.join(JUDGES)} "
+        f"(default: {', '.join(DEFAULT_JUDGES)})",
     )
     ap.add_argument(
         "--labelled-only",
@@ -227,7 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise SystemExit(f"judge_evidence: --guard must be a top-1 probability in (0, 1], got {args.guard}")
     if args.rules_only and args.judges is not None:
         raise SystemExit("judge_evidence: --rules-only and --judges both choose the judges: give one of them")
-    args.judges = () if args.rules_only else _names(args.judges, JUDGES, "--judges") if args.judges else JUDGES
+    args.judges = () if args.rules_only else _names(args.judges, JUDGES, "--judges") if args.judges else DEFAULT_JUDGES
     if set(args.only) <= set(JUDGES) and not set(args.only) & set(args.judges):
         say = "--rules-only" if args.rules_only else f"--judges {','.join(args.judges)}"
         raise SystemExit(f"judge_evidence: {say} leaves out every judge step that --only names: nothing to run")
@@ -279,6 +285,7 @@ class Plan:
         heads = {
             "judge_gsm8k": self.root / "judge_gsm8k" / "judge" / "head",
             "autojudge_gsm8k": self.root / "autojudge_gsm8k" / "judge" / "head",
+            "autojudge_carry": self.root / "autojudge_carry" / "judge" / "head",
             "judge_mix": self.root / "judge_mix" / "judge" / "head",
         }
         self.heads = {n: d for n, d in heads.items() if n in a.judges}
@@ -305,12 +312,13 @@ class Plan:
             else ["data_gen.tau.mode=value", f"data_gen.tau.value={t}"]
         )
 
-    def _autojudge(self) -> list[str]:
-        """AutoJudge labels as the signal study reads them: independent, spread over the response."""
+    def _autojudge(self, mode: str = "independent") -> list[str]:
+        """AutoJudge labels as the signal study reads them: independent, spread over the response (or ``carry``:
+        AutoJudge's whole search, in order, on along each kept swap's regenerated response)."""
         return [
             "data_gen.autojudge.enabled=true",
-            "data_gen.autojudge.mode=independent",
-            "data_gen.autojudge.select=spread",
+            f"data_gen.autojudge.mode={mode}",
+            f"data_gen.autojudge.select={'spread' if mode == 'independent' else 'first'}",
             f"data_gen.autojudge.max_mismatches={self.a.autojudge_mismatches}",
             # the random tiny pair never writes EOS: let its cut responses be labelled too (never on real runs)
             *(["data_gen.autojudge.finished_only=false"] if self.a.tiny else []),
@@ -340,18 +348,26 @@ class Plan:
         ]
         sj = f"train.quantiles=[{a.judge_quantiles}]"
         gsm8k = [*self._gsm8k("data_gen", "gsm8k_train"), *common]
-        autojudge = [
-            f"run_dir={self.root / 'autojudge_gsm8k'}",
+        answer = [
             *gsm8k,
             *shlex.split(a.autojudge_features),
             f"train.features={{{','.join(train_features(features))}}}",
-            *self._autojudge(),
             "train.label_source=autojudge",
             f"train.quantiles=[{a.autojudge_quantiles}]",
+        ]
+        autojudge = [f"run_dir={self.root / 'autojudge_gsm8k'}", *answer, *self._autojudge()]
+        # the carried search starts from autojudge_gsm8k's responses (its own file, once written, comes after)
+        given = Path(a.bench_dir) / "evidence_autojudge_gsm8k.responses.jsonl.gz"
+        carry = [
+            f"run_dir={self.root / 'autojudge_carry'}",
+            *answer,
+            *self._autojudge("carry"),
+            *([f"data_gen.responses_from={q(str(given))}"] if (REPO / given).is_file() else []),
         ]
         judges = [
             ("judge_gsm8k", [f"run_dir={self.root / 'judge_gsm8k'}", *gsm8k, *features, sj]),
             ("autojudge_gsm8k", autojudge),
+            ("autojudge_carry", carry),
             (
                 "judge_mix",
                 [

@@ -152,6 +152,26 @@ def test_real_pair_commands_are_valid_stage_configs(tmp_path):
         je.parse_args([*args, "--guard", "1.5"])
 
 
+def test_the_carried_autojudge_judge_is_chosen_by_name(tmp_path):
+    """autojudge_carry (not a default judge): autojudge_gsm8k's problems, layout, head and train labels, labelled by
+    AutoJudge's whole search (mode=carry, in order), starting from autojudge_gsm8k's committed responses."""
+    je = _script()
+    args = ["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k"]
+    assert "autojudge_carry" not in je.Plan(je.parse_args(args)).heads
+    plan = je.Plan(je.parse_args([*args, "--judges", "autojudge_gsm8k,autojudge_carry"]))
+    steps = dict(plan.judges())
+    with initialize_config_module("selfjudge.conf", version_base="1.3"):
+        auto, carry = (compose("selfjudge", overrides=[*plan.base, *steps[n]]) for n in plan.heads)
+        pipeline.preflight(carry, list(carry.pipeline.stages))
+    aj, cj = auto.data_gen.autojudge, carry.data_gen.autojudge
+    assert (cj.mode, cj.select, cj.max_mismatches) == ("carry", "first", aj.max_mismatches) and aj.mode == "independent"
+    assert carry.data_gen.dataset == auto.data_gen.dataset and carry.data_gen.features == auto.data_gen.features
+    assert carry.train.features == auto.train.features and carry.train.label_source == "autojudge"
+    assert carry.data_gen.output_dir != auto.data_gen.output_dir
+    # the search starts from the (committed) responses autojudge_gsm8k's labels were made for
+    assert carry.data_gen.responses_from == "docs/bench/evidence_autojudge_gsm8k.responses.jsonl.gz"
+
+
 def test_rules_only_and_only_pick_the_steps_and_leave_the_judges_out(tmp_path):
     je = _script()
     args = ["--run-root", str(tmp_path / "root"), "--gsm8k-dir", "data/gsm8k"]
