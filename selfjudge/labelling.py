@@ -298,11 +298,10 @@ def run_rank(
         if after_shard is not None:
             after_shard(index)
 
-    def score_one(prompt: list[int], resp: list[int], trace: Any = None) -> ScoredResponse:
+    def score_one(prompt: list[int], resp: list[int], trace: Any = None, after: int = -1) -> ScoredResponse:
         extra = {"trace": trace} if trace is not None else {}
-        return score(
-            pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant, s.features, **kw, **extra
-        )
+        args = (pair.target, pair.draft, prompt, resp, pair.vocab_size, s.window, s.score_variant, s.features)
+        return score(*args, **kw, **extra, after=after)
 
     def phase(rows: int, what: str) -> None:  # a batch runs many minutes on a CPU: the bar names its step
         rate = f", {n_new / (time.perf_counter() - t0):.1f} tok/s" if n_new else ""
@@ -373,13 +372,13 @@ def autojudge_rows(
     scored: list[ScoredResponse],
     s: AutoJudgeSettings,
     budget: int,
-    score_one: Callable[[list[int], list[int]], ScoredResponse],
+    score_one: Callable[..., ScoredResponse],
     known: Mapping[str, int] | None = None,
 ) -> list[tuple[Labelled, ScoredResponse, list[int]]]:
     """(item, its scores, its AutoJudge labels) of a batch's responses and, with ``data_gen.autojudge.mode=carry``,
     of every response the search goes on along after a kept swap: ``y' = y_<i ⊕ d_i ⊕ greedy``, scored as a response
-    of its own (``score_one``), its mismatches after ``i`` only, searched the same way until the prompt has
-    ``max_mismatches`` labels (each round keeps one swap per response at most, so this ends)."""
+    of its own (``score_one(prompt, response, after=i)``): its mismatches after ``i``, searched the same way until
+    the prompt has ``max_mismatches`` labels (each round keeps one swap per response at most, so this ends)."""
     out: list[tuple[Labelled, ScoredResponse, list[int]]] = []
     left = [s.max_mismatches] * len(items)  # labels still to make, per prompt of the batch
     origin = list(range(len(items)))
@@ -392,11 +391,10 @@ def autojudge_rows(
             o, it = origin[k], items[k]
             left[o] -= sum(x >= 0 for x in labels[k])
             if left[o] > 0:
-                sc = score_one(it.prompt, resp).after(it.positions[j])
-                new = Labelled(
-                    it.example, it.prompt, resp, sc.positions.tolist(), sc.draft_tokens.tolist(), None, left[o]
-                )
-                nxt.append((o, new, sc))
+                sc = score_one(it.prompt, resp, after=it.positions[j])
+                if len(sc.positions):  # no mismatch after the kept swap: the search ends there
+                    pos, drafts = sc.positions.tolist(), sc.draft_tokens.tolist()
+                    nxt.append((o, Labelled(it.example, it.prompt, resp, pos, drafts, None, left[o]), sc))
         origin, items, scored = [o for o, _, _ in nxt], [it for _, it, _ in nxt], [sc for *_, sc in nxt]
     return out
 

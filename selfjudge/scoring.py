@@ -16,7 +16,7 @@ through one 4D mask. :func:`score_response_naive` recomputes x ⊕ ỹ in full p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,6 @@ class ScoredResponse:
     sub_features: torch.Tensor  # [M, D] features of d_i at i (state at i of ỹ: input token d_i)
     orig_features: torch.Tensor  # [M, D] features of y_i at i (state at i of y: input y_i): label-0 negatives
     n_tokens: int  # response length T
-
-    def after(self, position: int) -> ScoredResponse:
-        """The mismatches after ``position`` only (those of a response the AutoJudge search carried on along)."""
-        keep = self.positions > position
-        names = ("positions", "target_tokens", "draft_tokens", "orig", "alt", "ld", "sub_features", "orig_features")
-        return replace(self, **{f: getattr(self, f)[keep] for f in names})
 
 
 def _logprobs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -104,12 +98,14 @@ def score_response(
     spec: FeatureSpec = FeatureSpec(),
     max_packed_tokens: int = 2048,
     trace: TargetTrace | None = None,
+    after: int = -1,
 ) -> ScoredResponse:
     """Score every mismatch of one response with packed windows over the cached prefix (fast path).
 
     With ``trace`` (from :func:`~selfjudge.generation.greedy_batch_traced`, same ``spec``) the target's
     pass over x ⊕ y is the one generation already made: only the draft pass and the windows run here.
-    Without it, one target pass over x ⊕ y builds the cache first.
+    Without it, one target pass over x ⊕ y builds the cache first. ``after``: only the mismatches at positions
+    after it (those of a response an AutoJudge search carried on along after a kept swap).
     """
     if variant not in SCORE_VARIANTS:
         raise ValueError(f"data_gen.score_variant '{variant}' is not one of {SCORE_VARIANTS}")
@@ -122,6 +118,7 @@ def score_response(
     d, d_hidden, d_logits = draft_proposals(draft, ids, P, vocab)
     d = d.to(dev)
     pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()  # [M]
+    pos = pos[pos > after]
     if trace is None:
         full = forward_with_hidden(target, ids, spec, use_cache=True)
         logp = _logprobs(full.logits[0, P - 1 : -1], vocab)  # [T, V]: predicts y_0..y_{T-1}
@@ -247,10 +244,12 @@ def score_response_naive(
     variant: str = "continuation",
     spec: FeatureSpec = FeatureSpec(),
     limit: int | None = None,
+    after: int = -1,
 ) -> ScoredResponse:
     """Reference scorer: one full forward over x ⊕ ỹ per mismatch, no cache (the test oracle).
 
-    ``limit``: score only the first ``limit`` mismatches (benchmarks time the oracle on a subset).
+    ``limit``: score only the first ``limit`` mismatches (benchmarks time the oracle on a subset); ``after``: only
+    those at positions after it.
     """
     if variant not in SCORE_VARIANTS:
         raise ValueError(f"data_gen.score_variant '{variant}' is not one of {SCORE_VARIANTS}")
@@ -262,7 +261,8 @@ def score_response_naive(
     d = d.to(dev)
     full = forward_with_hidden(target, ids, spec, use_cache=False)
     logp = _logprobs(full.logits[0, P - 1 : -1], vocab)
-    pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()[:limit]
+    pos = torch.nonzero(d[: T - 1] != y[: T - 1]).flatten()
+    pos = pos[pos > after][:limit]
     orig, alt, sub_h = [], [], []
     for i in pos.tolist():
         k = min(window, T - 1 - i)

@@ -12,7 +12,7 @@ from selfjudge import shards
 from selfjudge.autojudge import AutoJudgeSettings, Labelled, autojudge_labels_many
 from selfjudge.data_gen.stage import run
 from selfjudge.labelling import autojudge_rows
-from selfjudge.scoring import score_response
+from selfjudge.scoring import score_response, score_response_naive
 from tests.test_autojudge import QUESTIONS, _by_hand, _case, _stage_cfg
 
 BUDGET = 24
@@ -37,8 +37,12 @@ def test_carried_search_labels_equal_their_definition(tiny_pair):
     )
     items = [Labelled(ex, prompt, resp, pos, dr) for _, ex, prompt, resp, pos, dr in cases]
 
-    def score_one(prompt, resp):
-        return score_response(tiny_pair.target, tiny_pair.draft, prompt, resp, tiny_pair.vocab_size, window=4)
+    def score_one(prompt, resp, after=-1):
+        args = (tiny_pair.target, tiny_pair.draft, prompt, resp, tiny_pair.vocab_size)
+        return score_response(*args, window=4, after=after)
+
+    def args(it):
+        return tiny_pair.target, tiny_pair.draft, it.prompt, it.response, tiny_pair.vocab_size
 
     scored = [score_one(it.prompt, it.response) for it in items]
     rows = autojudge_rows(tiny_pair, task, items, scored, s, BUDGET, score_one)
@@ -58,9 +62,12 @@ def test_carried_search_labels_equal_their_definition(tiny_pair):
                 made.append((i, head + _greedy(tiny_pair, p.prompt + head, BUDGET - i - 1)))
         i, regen = max(made)  # the latest kept swap on its path (an earlier one's response is a prefix of it)
         assert it.response == regen  # y' is the kept swap's regeneration
-        want = score_one(it.prompt, it.response).after(i)
-        assert it.positions == want.positions.tolist() and all(q > i for q in it.positions)
-        assert torch.equal(sc.sub_features, want.sub_features) and torch.allclose(sc.ld, want.ld)
+        full = score_one(it.prompt, it.response)  # every mismatch of y', and the naive oracle's after i
+        keep = full.positions > i
+        naive = score_response_naive(*args(it), window=4, after=i)
+        assert it.positions == full.positions[keep].tolist() == naive.positions.tolist() and keep.any()
+        assert torch.allclose(sc.sub_features, full.sub_features[keep], atol=1e-5)
+        assert torch.allclose(sc.ld, full.ld[keep], atol=1e-5) and torch.allclose(sc.ld, naive.ld, atol=1e-4)
         hand = []
         for q, d in zip(it.positions[: it.limit], it.draft_tokens[: it.limit]):
             hand.append(_by_hand(tiny_pair, task, it.example, it.prompt, it.response, q, d, BUDGET))
