@@ -336,7 +336,13 @@ def run_rank(
         traces = None
         if use_aj:  # the regenerations of the whole batch run together
             phase(len(batch), "AutoJudge regenerations")
-            labelled = autojudge_rows(pair, task, items, scored, s.autojudge, s.max_new_tokens, score_one, known)
+
+            def on_round(step: int, n: int, rows: int = len(batch)) -> None:  # a carried search's rounds
+                if step:
+                    phase(rows, f"AutoJudge regenerations, carried round {step} ({n} responses)")
+
+            args = (s.autojudge, s.max_new_tokens, score_one, known, on_round)
+            labelled = autojudge_rows(pair, task, items, scored, *args)
         else:
             labelled = [(it, sc, [-1] * len(it.positions)) for it, sc in zip(items, scored)]
         for it, sc, aj in labelled:
@@ -374,15 +380,21 @@ def autojudge_rows(
     budget: int,
     score_one: Callable[..., ScoredResponse],
     known: Mapping[str, int] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> list[tuple[Labelled, ScoredResponse, list[int]]]:
     """(item, its scores, its AutoJudge labels) of a batch's responses and, with ``data_gen.autojudge.mode=carry``,
     of every response the search goes on along after a kept swap: ``y' = y_<i ⊕ d_i ⊕ greedy``, scored as a response
     of its own (``score_one(prompt, response, after=i)``): its mismatches after ``i``, searched the same way until
-    the prompt has ``max_mismatches`` labels (each round keeps one swap per response at most, so this ends)."""
+    the prompt has ``max_mismatches`` labels (each round keeps one swap per response at most, so this ends).
+    ``on_round(round, responses)``: called as each round starts (progress)."""
     out: list[tuple[Labelled, ScoredResponse, list[int]]] = []
     left = [s.max_mismatches] * len(items)  # labels still to make, per prompt of the batch
     origin = list(range(len(items)))
+    step = 0
     while items:
+        if on_round is not None:
+            on_round(step, len(items))
+        step += 1
         kept: dict[int, tuple[int, list[int]]] | None = {} if s.mode == "carry" else None
         labels = autojudge_labels_many(pair, task, items, s, budget, known, kept)
         out += zip(items, scored, labels)

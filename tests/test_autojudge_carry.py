@@ -79,13 +79,14 @@ def test_carried_search_labels_equal_their_definition(tiny_pair):
         assert 0 < sum(x >= 0 for it, _, lab in rows if tuple(it.prompt) == prompt for x in lab) <= s.max_mismatches
 
 
-def test_stage_stores_the_carried_rows(tmp_path, cache_dir):
+def test_stage_stores_the_carried_rows(tmp_path, cache_dir, capsys):
     """data_gen with mode=carry: each prompt's rows of its own response are the sequential search's, the rows
     of responses carried on along sit after a kept swap of their prompt, with SelfJudge and AutoJudge labels, and
     no prompt gets more than max_mismatches AutoJudge labels."""
     cfg = ("data_gen.autojudge.max_mismatches=4",)
     run(_stage_cfg(tmp_path / "seq", cache_dir, "data_gen.autojudge.mode=sequential", *cfg))
     run(_stage_cfg(tmp_path / "carry", cache_dir, "data_gen.autojudge.mode=carry", *cfg))
+    assert "AutoJudge regenerations, carried round 1 (" in capsys.readouterr().err  # the bar names each round
 
     def rows(d):
         man = shards.read_manifest(d)
