@@ -73,13 +73,20 @@ class Verification:
     def target_argmax(self) -> torch.Tensor:  # [B, γ+1]
         return self.target_logits.argmax(-1)
 
+    @property
+    def greedy_rejects(self) -> torch.Tensor | None:
+        """[(B,) γ] bool: the draft tokens the greedy lossless test rejects, the only ones a rule's verdict can
+        change (None when sampling, where the test is a draw)."""
+        return None if self.temperature > 0 else self.target_argmax[..., :-1] != self.draft_tokens
+
     def row(self, i: int) -> Verification:
-        """Row i of a batched verification, without the row dimension."""
+        """Row i of a batched verification, without the row dimension (with the rows of what the batch has
+        already computed: argmaxes, log-probabilities)."""
 
         def cut(x):
             return None if x is None else x[i]
 
-        return Verification(
+        r = Verification(
             self.draft_tokens[i],
             self.target_logits[i],
             self.target_hidden[i],
@@ -88,6 +95,10 @@ class Verification:
             self.temperature,
             cut(self.prev_hidden),
         )
+        for name in ("target_argmax", "target_logp", "draft_logp"):
+            if name in self.__dict__:
+                r.__dict__[name] = self.__dict__[name][i]
+        return r
 
 
 class AcceptRule(Protocol):
