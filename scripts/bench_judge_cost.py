@@ -8,8 +8,8 @@ Each feature set gets an MLP head (256 hidden) with random weights of the right 
 does not depend on the weights) and a cut of 0 < c < 1, so the rule runs every round; ``decode`` reports
 ``rule_seconds`` (the rule alone) and ``verify_seconds`` (target verify pass + acceptance), exactly the
 eval's ``rule / verify`` column. Same prompts, same process; warm-up decode excluded. Rows marked "every
-position" run the judge as it ran before greedy decoding judged only the tokens the lossless test rejects:
-head and scalars over all γ positions of each proposal.
+position" ask the rule about all γ proposed tokens of each row (``positionwise = False``), as rules ran
+before the decoder passed them only the tokens the lossless test rejects.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from selfjudge.batch_decoding import decode_batch
 from selfjudge.decoding import decode
 from selfjudge.features import SCALARS, FeatureSpec
 from selfjudge.judge import JudgeConfig, JudgeHead
-from selfjudge.policies import JudgeRule, build_policy, verify_features
+from selfjudge.policies import JudgeRule, KLRule, build_policy
 
 CHEAP = ("target_logp", "target_top1_logp", "target_gap")
 SETS = {
@@ -36,10 +36,14 @@ EVERY = ("h_i-1,h_i+logp,top1,gap", "h_i-1,h_i+all scalars")  # also timed judgi
 
 
 class EveryPosition(JudgeRule):
-    """The judge rule judging all γ proposed tokens, also those the lossless test keeps (the earlier way)."""
+    """The judge asked about all γ proposed tokens of every row, also those the lossless test keeps (the way
+    rules ran before the decoder passed them only the rejected tokens)."""
 
-    def accept(self, v):
-        return self.head.predict_proba(verify_features(v, self.feature_spec)) < self.threshold
+    positionwise = False
+
+
+class KLEveryPosition(KLRule):
+    positionwise = False
 
 
 def main() -> None:
@@ -64,6 +68,7 @@ def main() -> None:
         if name in EVERY:
             policies[f"judge {name}, every position"] = EveryPosition(0.5, head)
     policies["kl rule"] = build_policy("kl", 0.5)
+    policies["kl rule, every position"] = KLEveryPosition(0.5)
     policies["likelihood rule"] = build_policy("likelihood", 1.0)
     kw = {"gamma": a.gamma, "eos_ids": pair.eos_ids, "vocab": pair.vocab_size}
     if a.batch:

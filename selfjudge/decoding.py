@@ -73,20 +73,13 @@ class Verification:
     def target_argmax(self) -> torch.Tensor:  # [B, γ+1]
         return self.target_logits.argmax(-1)
 
-    @property
-    def greedy_rejects(self) -> torch.Tensor | None:
-        """[(B,) γ] bool: the draft tokens the greedy lossless test rejects, the only ones a rule's verdict can
-        change (None when sampling, where the test is a draw)."""
-        return None if self.temperature > 0 else self.target_argmax[..., :-1] != self.draft_tokens
-
     def row(self, i: int) -> Verification:
-        """Row i of a batched verification, without the row dimension (with the rows of what the batch has
-        already computed: argmaxes, log-probabilities)."""
+        """Row i of a batched verification, without the row dimension."""
 
         def cut(x):
             return None if x is None else x[i]
 
-        r = Verification(
+        return Verification(
             self.draft_tokens[i],
             self.target_logits[i],
             self.target_hidden[i],
@@ -95,9 +88,33 @@ class Verification:
             self.temperature,
             cut(self.prev_hidden),
         )
-        for name in ("target_argmax", "target_logp", "draft_logp"):
+
+    def take(self, pos: torch.Tensor) -> Verification:
+        """The proposed tokens at ``pos`` (a [k] index into the flattened [(B,) γ] positions) as one proposal of
+        k tokens, with what this verification has already computed (argmaxes, log-probabilities). Rules are
+        position-wise, so each token gets the verdict it gets in its own row; the bonus row is a placeholder."""
+        g = self.draft_tokens.shape[-1]
+        ix = (pos // g, pos % g) if self.draft_tokens.dim() == 2 else (pos,)
+
+        def pick(x):
+            return None if x is None else x[ix]
+
+        tl = self.target_logits
+        r = Verification(
+            self.draft_tokens[ix],
+            torch.cat([tl[..., :-1, :][ix], tl.new_zeros(1, tl.shape[-1])]),
+            pick(self.target_hidden),
+            pick(self.draft_logits),
+            pick(self.draft_hidden),
+            self.temperature,
+            pick(self.prev_hidden),
+        )
+        for name in ("target_logp", "draft_logp"):
             if name in self.__dict__:
-                r.__dict__[name] = self.__dict__[name][i]
+                r.__dict__[name] = self.__dict__[name][ix]
+        if "target_argmax" in self.__dict__:
+            am = self.target_argmax[..., :-1][ix]
+            r.__dict__["target_argmax"] = torch.cat([am, am.new_zeros(1)])
         return r
 
 
@@ -187,15 +204,32 @@ def correction(v: Verification, n: torch.Tensor, proposed: torch.Tensor, gen: to
     return torch.multinomial(p, 1, generator=gen)[:, 0]
 
 
-def apply_rule(policy: AcceptRule, v: Verification) -> torch.Tensor | None:
-    """The rule's verdicts [B, γ]. On CUDA one call over all rows (one launch per op); on the CPU (and at
-    B = 1) row by row, which keeps a vocab-wide rule's [γ, V] intermediates in cache: one [64, 8, V] call
-    made the KL rule 21 % of the verify phase on the real pair, row by row it was 7.5 %."""
-    B = v.draft_tokens.shape[0]
-    if B > 1 and v.draft_tokens.device.type == "cuda":
-        return policy.accept(v)
-    parts = [policy.accept(v.row(i)) for i in range(B)]
-    return None if parts[0] is None else torch.stack(parts)
+RULE_CHUNK = 8  # positions per rule call on the CPU: a vocab-wide rule's [8, V] intermediates stay in cache
+
+
+def apply_rule(policy: AcceptRule, v: Verification, std: torch.Tensor) -> torch.Tensor | None:
+    """The rule's verdicts [B, γ] where the lossless test (``std`` [B, γ]) rejects, False where it accepts
+    (there the test keeps the token whatever the rule says), or None for "no extra tokens".
+
+    Rules are position-wise (``positionwise``), so they read only the rejected tokens, 1-2 of a round's γ:
+    on CUDA in one call, on the CPU in calls of ``RULE_CHUNK`` tokens (one [64, 8, V] call made the KL rule
+    21 % of the verify phase on the real pair; row by row 7.5 %). A rule that reads whole proposals
+    (``positionwise = False``) gets every row, one call per row on the CPU."""
+    cuda = v.draft_tokens.device.type == "cuda"
+    if not getattr(policy, "positionwise", True):
+        if cuda:
+            return policy.accept(v)
+        rows = [policy.accept(v.row(i)) for i in range(v.draft_tokens.shape[0])]
+        return None if rows[0] is None else torch.stack(rows)
+    at = (~std).flatten().nonzero()[:, 0]  # flat positions the test rejects
+    if at.numel() == 0:
+        return None
+    parts = [policy.accept(v.take(c)) for c in ([at] if cuda else at.split(RULE_CHUNK))]
+    if parts[0] is None:
+        return None
+    out = torch.zeros(std.numel(), dtype=torch.bool, device=std.device)
+    out[at] = torch.cat(parts).to(out.device)
+    return out.view_as(std)
 
 
 def check_args(draft, prompts: list[list[int]], gamma: int, max_new_tokens: int) -> None:
@@ -442,7 +476,7 @@ def run_rounds(
                 if profile:
                     sync(dev)
                 t3 = clock()
-                rule = apply_rule(policy, v)  # [n, g] or None
+                rule = apply_rule(policy, v, std)  # [n, g] or None
                 if profile:
                     sync(dev)
                 t_rule = clock() - t3

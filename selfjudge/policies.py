@@ -3,8 +3,9 @@
 A policy's ``accept(v: Verification) -> BoolTensor[γ] | None`` says which draft tokens its rule
 accepts (``[B, γ]`` when the batched decoder passes B proposals at once); the decoder keeps ``d_j``
 iff the standard (lossless) test accepts it OR the rule does, so a rule can only add accepted tokens,
-and with sampling the speculative-sampling test still runs first. Where the test accepts, a verdict is
-moot: the greedy judge computes its features only where the test rejects (``Verification.greedy_rejects``).
+and with sampling the speculative-sampling test still runs first. Rules are position-wise: each token's
+verdict reads its own position only, so the decoder asks only about the tokens the test rejects
+(``selfjudge.decoding.apply_rule``); a rule that reads whole proposals sets ``positionwise = False``.
 Rules read the verify pass's distributions and hidden states; none runs an extra forward pass. With
 temperature T > 0 the distributions compared are the tempered ones (logits / T).
 
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from selfjudge.decoding import Verification
 from selfjudge.features import FeatureSpec, judge_features, scalar_features
@@ -68,6 +68,7 @@ class Policy:
     threshold: float | None = None
     needs_draft_logits = False  # the rule reads the draft's distributions
     needs_draft_hidden = False  # the rule reads the draft's hidden states
+    positionwise = True  # each verdict reads its token's position only (the decoder passes rejected tokens)
     feature_spec = FeatureSpec()  # target hidden states the verify pass must return
 
     def accept(self, v: Verification) -> torch.Tensor | None:
@@ -151,51 +152,28 @@ class JudgeRule(Policy):
     def accept(self, v: Verification) -> torch.Tensor | None:
         if self.threshold <= 0.0:
             return None
-        # greedy: only the tokens the lossless test rejects are judged (the test keeps the rest whatever the
-        # rule says), so the head and its vocabulary-wide scalars read 1-2 positions of a round, not γ
-        at = v.greedy_rejects
-        if at is not None and not bool(at.any()):
-            return torch.zeros_like(v.draft_tokens, dtype=torch.bool)
         if self.threshold >= 1.0:
-            ok = torch.ones(v.draft_tokens.shape if at is None else (int(at.sum()),), dtype=torch.bool)
+            ok = torch.ones_like(v.draft_tokens, dtype=torch.bool)
         else:
-            ok = self.head.predict_proba(verify_features(v, self.feature_spec, at)) < self.threshold
+            ok = self.head.predict_proba(verify_features(v, self.feature_spec)) < self.threshold
         if self.strict_top1 is not None:
-            lg = v.target_logits[..., :-1, :]
-            lp = v.target_logp if at is None else F.log_softmax(lg[at].float() / v.scale, dim=-1)
-            ok = ok.to(lp.device) & (lp.max(-1).values.exp() <= self.strict_top1)
-        if at is None:
-            return ok
-        out = torch.zeros_like(v.draft_tokens, dtype=torch.bool)
-        out[at] = ok.to(out.device)
-        return out
+            ok = ok & (v.target_logp.max(-1).values.exp() <= self.strict_top1)
+        return ok
 
 
 register("autojudge")(JudgeRule)
 
 
-def verify_features(v: Verification, spec: FeatureSpec, at: torch.Tensor | None = None) -> torch.Tensor:
-    """The judge features of every proposed token from the verify pass: [(B,) γ, D] float32; with ``at``
-    (a [(B,) γ] bool mask) those of the masked tokens only, [k, D], computed from their positions alone.
+def verify_features(v: Verification, spec: FeatureSpec) -> torch.Tensor:
+    """The judge features of every proposed token from the verify pass: [(B,) γ, D] float32.
 
     Scalars read the untempered logits (the head was trained on greedy data), also when sampling."""
-
-    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-        return x if x is None or at is None else x[at.to(x.device)]
-
     sc = (
-        scalar_features(spec.scalars, pick(v.target_logits[..., :-1, :]), pick(v.draft_tokens), pick(v.draft_logits))
+        scalar_features(spec.scalars, v.target_logits[..., :-1, :], v.draft_tokens, v.draft_logits)
         if spec.scalars
         else None
     )
-    offs = spec.state_offsets
-    return judge_features(
-        pick(v.target_hidden) if 0 in offs else None,
-        spec,
-        pick(v.draft_hidden) if spec.include_draft else None,
-        prev_hidden=pick(v.prev_hidden) if -1 in offs else None,
-        scalars=sc,
-    )
+    return judge_features(v.target_hidden, spec, v.draft_hidden, prev_hidden=v.prev_hidden, scalars=sc)
 
 
 @register("topk")

@@ -101,6 +101,8 @@ def test_verify_pass_features_equal_their_definitions(tiny_pair, T):
     seen = []
 
     class Spy(JudgeRule):
+        positionwise = False  # whole proposals, to compare each position with its definition
+
         def accept(self, v):
             seen.append((v.draft_tokens.clone(), verify_features(v, self.feature_spec)))
             return super().accept(v)
@@ -201,6 +203,8 @@ def test_batched_verify_features_equal_their_definitions(tiny_pair):
     seen = []
 
     class Spy(JudgeRule):
+        positionwise = False  # whole proposals, to compare each position with its definition
+
         def accept(self, v):
             seen.append((v.draft_tokens.clone(), verify_features(v, self.feature_spec)))
             return super().accept(v)
@@ -247,6 +251,8 @@ def test_verify_features_equal_their_definitions_in_every_round(tiny_pair):
     turn = []  # rows still decoding this round, in batch order
 
     class Spy(JudgeRule):
+        positionwise = False  # whole proposals, to compare each position with its definition
+
         def accept(self, v):
             if not turn:
                 turn.extend(r for r in range(len(prompts)) if done[r] < T)

@@ -8,14 +8,16 @@ import math
 import pytest
 import torch
 
-from selfjudge.decoding import Verification, decode
+from selfjudge.decoding import RULE_CHUNK, Verification, apply_rule, decode, standard_accept
 from selfjudge.features import FeatureSpec, forward_with_hidden, judge_features
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.models import format_prompt
 from selfjudge.policies import (
     POLICIES,
     JudgeRule,
+    KLRule,
     Policy,
+    StrictTokens,
     build_policy,
     load_head,
     strict_token_mask,
@@ -114,47 +116,62 @@ def test_rules_on_a_batch_of_proposals_equal_each_row_alone():
         assert _acc(name, t, stacked, **kw) == want and any(map(any, want)), name
 
 
-@pytest.mark.parametrize("guard", [None, 0.6])
-def test_greedy_judge_reads_only_the_rejected_tokens(guard):
-    """Greedy: the head judges just the tokens the lossless test rejects, from their positions alone, and each
-    verdict is the one the features of all γ positions give (elsewhere the test decides: False); a batch's rows
-    (with what the batch cached) answer as each row alone."""
+@pytest.mark.parametrize("T", [0.0, 0.7])
+def test_rules_read_only_the_rejected_tokens_with_the_verdicts_of_whole_rows(T):
+    """The decoder asks a rule about the tokens the lossless test rejects only, in chunks (position-wise rules):
+    each verdict equals the rule's on the whole row, False where the test accepts; with nothing rejected, None.
+    A rule that is not position-wise gets whole rows."""
     feats = {"layers": [-1], "include_draft": True, "state_offsets": [-1, 0], "scalars": ["target_logp", "kl"]}
     head = JudgeHead(JudgeConfig(feature_dim=8 + 8 + 4 + 2, target_model={}, features=feats))
     torch.manual_seed(0)
     with torch.no_grad():
         head.net.weight.normal_(0, 0.5)
-    opts = {"judge_strict_top1": guard}
-    rule = build_policy("judge", 0.5, head=head, options=opts)
-    spec, rows, seen = rule.feature_spec, [], set()
+    rows = []
     for seed in range(6):
-        v = _rand_verification(g=8, seed=seed)
+        v = _rand_verification(g=8, T=T, seed=seed)
         v.target_logits[::3] *= 4  # some confident positions
         v.draft_tokens[seed % 3 :: 3] = v.target_logits[:-1].argmax(-1)[seed % 3 :: 3]  # some matches
         v.prev_hidden = torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
-        rejected = (v.draft_tokens != v.target_logits[:-1].argmax(-1)).tolist()
-        p = head.predict_proba(verify_features(v, spec)).tolist()  # every position, as before
-        top1 = torch.softmax(v.target_logits[:-1].double(), -1).amax(-1).tolist()
-        want = [r and q < 0.5 and (guard is None or t1 <= guard) for r, q, t1 in zip(rejected, p, top1)]
-        assert rule.accept(v).tolist() == want, seed
-        at = torch.tensor(rejected)
-        assert torch.allclose(verify_features(v, spec, at), verify_features(v, spec)[at], atol=1e-6)
-        seen |= {(r, q < 0.5) for r, q in zip(rejected, p)}
         rows.append(v)
-    assert seen == {(True, True), (True, False), (False, True), (False, False)}  # every case was met
     fields = ("draft_tokens", "target_logits", "target_hidden", "draft_logits", "draft_hidden")
-    stacked = Verification(*(torch.stack([getattr(v, f) for v in rows]) for f in fields), 0.0)
-    stacked.prev_hidden = torch.stack([v.prev_hidden for v in rows])
-    assert stacked.target_argmax.shape == (6, 9) and stacked.target_logp.shape[:2] == (6, 8)  # the batch caches
-    for i, v in enumerate(rows):
-        row = stacked.row(i)
-        assert row.__dict__.keys() >= {"target_argmax", "target_logp"}
-        assert torch.equal(row.target_logp, v.target_logp) and rule.accept(row).tolist() == rule.accept(v).tolist()
-    assert rule.accept(stacked).tolist() == [rule.accept(v).tolist() for v in rows]
-    none = _rand_verification(g=8, seed=9)
-    none.draft_tokens = none.target_logits[:-1].argmax(-1)
-    none.prev_hidden = none.target_hidden
-    assert rule.accept(none).tolist() == [False] * 8  # nothing rejected: nothing to judge
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[::5] = True
+    rules = {
+        "judge": build_policy("judge", 0.5, head=head),
+        "judge guarded": build_policy("judge", 0.5, head=head, options={"judge_strict_top1": 0.6}),
+        "kl": build_policy("kl", 2.0),
+        "likelihood": build_policy("likelihood", 1.0),
+        "typical": build_policy("typical", 0.3),
+        "topk": build_policy("topk", 3),
+        "strict tokens": StrictTokens(build_policy("kl", 2.0), mask, "digits"),
+    }
+    seen = []
+
+    class Seen(KLRule):
+        def accept(self, v):
+            seen.append(tuple(v.draft_tokens.shape))
+            return super().accept(v)
+
+    gen = torch.Generator().manual_seed(1)
+    for name, rule in rules.items():
+        v = Verification(*(torch.stack([getattr(r, f) for r in rows]) for f in fields), T)
+        v.prev_hidden = torch.stack([r.prev_hidden for r in rows])
+        std = standard_accept(v, gen)  # caches what the batch computes (argmax; log-probs when sampling)
+        whole = torch.stack([rule.accept(v.row(i)) for i in range(len(rows))])
+        got = apply_rule(rule, v, std)
+        assert 0 < int((~std).sum()) < std.numel() and torch.equal(got, whole & ~std), name
+        assert (whole & ~std).any() and (~whole & ~std).any(), name  # it accepted and refused some
+        at = (~std).flatten().nonzero()[:, 0]
+        spec = rules["judge"].feature_spec
+        torch.testing.assert_close(verify_features(v.take(at), spec), verify_features(v, spec).flatten(0, 1)[at])
+    seen.clear()
+    assert torch.equal(apply_rule(Seen(2.0), v, std), Seen(2.0).accept(v) & ~std)
+    assert sum(n for (n,) in seen[:-1]) == int((~std).sum()) and max(seen[:-1]) <= (RULE_CHUNK,)
+    assert apply_rule(Seen(2.0), v, torch.ones_like(std)) is None  # nothing rejected: nothing asked
+    Seen.positionwise = False
+    seen.clear()
+    assert torch.equal(apply_rule(Seen(2.0), v, std), Seen(2.0).accept(v))
+    assert seen[:-1] == [(8,)] * len(rows)  # whole rows
 
 
 @pytest.mark.parametrize("T", [0.0, 0.7])
@@ -285,6 +302,8 @@ def test_judge_reads_the_verify_pass_hidden_states(pair):
     seen: list[tuple] = []
 
     class Spy(JudgeRule):
+        positionwise = False  # whole proposals, to compare each position with its definition
+
         def accept(self, v):
             seen.append((v.draft_tokens.clone(), v.target_hidden.clone(), v.draft_hidden.clone()))
             return super().accept(v)
