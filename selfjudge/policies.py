@@ -331,6 +331,7 @@ class StrictTokens(Policy):
         self.rule, self.mask, self.kind = rule, mask, kind
         self.name, self.threshold = rule.name, rule.threshold
         self.needs_draft_logits, self.needs_draft_hidden = rule.needs_draft_logits, rule.needs_draft_hidden
+        self.positionwise = rule.positionwise  # the decoder passes what the wrapped rule reads
         self.feature_spec = rule.feature_spec
         self.head = getattr(rule, "head", None)
 
