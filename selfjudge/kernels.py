@@ -15,6 +15,7 @@ Same model outputs up to fp32 rounding: oneDNN sums in another order, so logits 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -53,6 +54,17 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
+
+
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> str | None:
+    """None when oneDNN packs and multiplies ``dtype`` linears on this CPU; else oneDNN's reason (its bf16
+    path needs avx512bw/vl/dq or avx_ne_convert: an AVX2-only CPU has none)."""
+    try:
+        onednn_linear(torch.zeros(2, 16, dtype=dtype), pack_weight(torch.zeros(16, 16, dtype=dtype)))
+    except RuntimeError as err:
+        return str(err).splitlines()[0]
+    return None
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -106,6 +118,12 @@ def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
             raise ValueError("model.cpu_kernels=onednn: this torch build has no oneDNN (torch.backends.mkldnn)")
         return "default", "torch has no oneDNN here"
     if choice == "onednn":
+        if why := onednn_supports(p.dtype):
+            dt = str(p.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"model.cpu_kernels=onednn: oneDNN has no {dt} linear kernel on this CPU ({why}); "
+                f"use model.cpu_kernels=auto or default, or model.dtype=float32 (model.dtype=auto picks it here)"
+            )
         return "onednn", "model.cpu_kernels=onednn"
     w = _probe_weight(model)
     if w is None:

@@ -16,6 +16,15 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
+SLOW_TIMEOUT = 7200  # s: a slow test runs the real pair or long multi-rank jobs (the default suite's limit: 600, pyproject.toml)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 TINY_DEFAULT = {
     "seed": 0,
     "arch": "qwen2",

@@ -38,6 +38,9 @@ def test_onednn_linear_matches_torch_linear(shape, bias):
     assert fast.weight.shape == lin.weight.shape
 
 
+@pytest.mark.skipif(
+    kernels.onednn_supports(torch.bfloat16) is not None, reason="this CPU has no oneDNN bf16 kernel (AVX2 only)"
+)
 def test_bf16_onednn_linear_matches():
     lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
@@ -135,6 +138,20 @@ def test_explicit_choices_and_errors():
         resolve_cpu_kernels("onednn", meta)
     with pytest.raises(ValueError, match="model.cpu_kernels 'mkl'"):
         resolve_cpu_kernels("mkl", _lin())
+
+
+def test_onednn_on_a_dtype_this_cpu_cannot_pack_is_refused_naming_the_keys(monkeypatch):
+    bf16 = _lin().to(torch.bfloat16)
+    if kernels.onednn_supports(torch.bfloat16) is None:  # a CPU with oneDNN bf16: explicit onednn is kept
+        assert resolve_cpu_kernels("onednn", bf16)[0] == "onednn"
+    else:  # AVX2 only: explicit onednn is refused, auto falls back to torch's path
+        with pytest.raises(ValueError, match=r"model.cpu_kernels=onednn: oneDNN has no bfloat16 .*model.dtype=float32"):
+            resolve_cpu_kernels("onednn", bf16)
+        assert resolve_cpu_kernels("auto", bf16)[0] == "default"
+    # the refusal itself, on any CPU: a dtype oneDNN reports it cannot pack
+    monkeypatch.setattr(kernels, "onednn_supports", lambda dtype: "no kernel for this dtype")
+    with pytest.raises(ValueError, match="oneDNN has no float32 linear kernel on this CPU .no kernel for this dtype"):
+        resolve_cpu_kernels("onednn", _lin())
 
 
 def test_use_onednn_counts_and_keeps_shapes():
