@@ -16,7 +16,8 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
-SLOW_TIMEOUT = 7200  # s: a slow test runs the real pair or long multi-rank jobs (the default suite's limit: 600, pyproject.toml)
+# a slow test runs the real pair or long multi-rank jobs: 2 h (the default suite's limit: 600 s, pyproject.toml)
+SLOW_TIMEOUT = 7200
 
 
 def pytest_collection_modifyitems(config, items):
