@@ -117,21 +117,20 @@ def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
         if choice == "onednn":
             raise ValueError("model.cpu_kernels=onednn: this torch build has no oneDNN (torch.backends.mkldnn)")
         return "default", "torch has no oneDNN here"
-    if choice == "onednn":
-        if why := onednn_supports(p.dtype):
-            dt = str(p.dtype).removeprefix("torch.")
+    dt = str(p.dtype).removeprefix("torch.")
+    if why := onednn_supports(p.dtype):  # e.g. bf16 on an AVX2-only CPU
+        if choice == "onednn":
             raise ValueError(
                 f"model.cpu_kernels=onednn: oneDNN has no {dt} linear kernel on this CPU ({why}); "
                 f"use model.cpu_kernels=auto or default, or model.dtype=float32 (model.dtype=auto picks it here)"
             )
+        return "default", f"auto: oneDNN has no {dt} linear kernel on this CPU ({why[:80]})"
+    if choice == "onednn":
         return "onednn", "model.cpu_kernels=onednn"
     w = _probe_weight(model)
     if w is None:
         return "default", "no linear layer to measure"
-    try:
-        ms = measure_linear(w)
-    except RuntimeError as err:  # e.g. a dtype this oneDNN build has no CPU kernel for
-        return "default", f"auto: oneDNN failed on a {str(w.dtype).removeprefix('torch.')} linear ({str(err)[:80]})"
+    ms = measure_linear(w)
     pick = "onednn" if ms["onednn"] < ms["default"] else "default"
     return pick, (
         f"auto: a {tuple(w.shape)} {str(w.dtype).removeprefix('torch.')} linear at 1+5 rows took "
