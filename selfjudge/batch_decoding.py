@@ -80,14 +80,16 @@ class HoleCache:
         out = lm_forward(self.model, ids, keep=-1, **self._extend(valid, pos))
         return out.logits[:, : self.vocab], out.hidden
 
-    def traced(self, ids, pos, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`last` of live ids [B, 1], plus the judge states [B, F] of ``spec``'s layers."""
-        out = lm_forward(self.model, ids, keep=-1, layers=spec.layers, **self._extend(torch.ones_like(ids), pos))
+    def traced(self, ids, valid, pos, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`last`, plus the judge states [B, F] of ``spec``'s layers at the last column."""
+        out = lm_forward(self.model, ids, keep=-1, layers=spec.layers, **self._extend(valid, pos))
         return out.logits[:, : self.vocab], out.hidden, out.features
 
-    def verify(self, ids, pos, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read ids [B, k] (all live); logits [B, k, V] and judge states [B, k, F] of every column."""
-        out = forward_with_hidden(self.model, ids, spec, **self._extend(torch.ones_like(ids), pos))
+    def verify(self, ids, valid, pos, spec: FeatureSpec, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read ids [B, k]; logits [B, width, V] and judge states [B, width, F] of the last ``width`` columns
+        (all live; the first round's read also holds the left-padded prompts)."""
+        keep = slice(ids.shape[1] - width, None)
+        out = forward_with_hidden(self.model, ids, spec, keep=keep, **self._extend(valid, pos))
         return out.logits[..., : self.vocab], out.hidden
 
     def keep_first(self, width: int, keep: list[int]) -> None:

@@ -16,6 +16,11 @@ Every method runs through :func:`run_rounds`, so every method is decoded and tim
 4. **commit**: the positions of rejected tokens are dropped from both caches, so they cost nothing
    more and the draft never re-reads a token it has cached.
 
+The prompt has no pass of its own: in the first round the draft's first step reads the prompt and the
+target reads ``[prompt, d_1..d_γ]`` (a target-only step: the prompt), as transformers' assisted generation
+does, saving one pass of each model per decode. Only with a :class:`PrefillMemo` (an eval decoding one
+batch with every method) is the prompt prefilled once and copied into each method's caches.
+
 Two cache back-ends do step 4: at batch 1 (:func:`decode`) the caches are cropped (a ``DynamicCache``,
 or a ``StaticCache`` replaying CUDA graphs, :mod:`selfjudge.cuda_graphs`); for B rows
 (:mod:`selfjudge.batch_decoding`) rejected positions stay as holes the attention mask hides.
@@ -140,7 +145,8 @@ class DecodeStats:
     accepted: int = 0  # draft tokens kept (by the standard test or the rule)
     accepted_by_rule: int = 0  # kept tokens the standard test alone would have rejected (first rejection on)
     accept_hist: list[int] = field(default_factory=list)  # index n: speculative rounds that kept n draft tokens
-    prefill_seconds: float = 0.0  # prompt prefill, both models
+    prefill_seconds: float = 0.0  # prompt prefill, both models (without a kept prefill: the first round, which
+    # reads the prompt with its window: the time to the first committed tokens)
     draft_seconds: float = 0.0  # proposing (exact only with profile=True on CUDA)
     verify_seconds: float = 0.0  # target verify passes + acceptance (exact only with profile=True on CUDA)
     rule_seconds: float = 0.0  # the acceptance rule alone (judge head, ...), part of verify_seconds
@@ -245,6 +251,9 @@ def check_args(draft, prompts: list[list[int]], gamma: int, max_new_tokens: int)
 def left_pad(rows: list[list[int]], pad_id: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows right-aligned in one [B, W] tensor, and the [B, W] mask of their real (non-pad) cells."""
     width = max(len(r) for r in rows)
+    if all(len(r) == width for r in rows):  # no padding (every round's newest tokens, mostly): one copy
+        ids = torch.tensor(rows, dtype=torch.long, device=dev)
+        return ids, torch.ones_like(ids)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -276,14 +285,16 @@ class CroppedCache:
 
         return self._run(("last", ids.shape[1], self.vocab), fn, ids) if ids.shape[1] <= 2 else fn(ids)
 
-    def verify(self, ids, pos, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read ids [1, k]; logits [1, k, V] and judge states [1, k, F] of every position."""
+    def verify(self, ids, valid, pos, spec: FeatureSpec, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read ids [1, k]; logits [1, width, V] and judge states [1, width, F] of the last ``width`` positions
+        (a window; the first round's read also holds the prompt, run eagerly: no graph for one use)."""
 
         def fn(x):
-            out = forward_with_hidden(self.model, x, spec, use_cache=True, cache=self.cache)
+            keep = slice(x.shape[1] - width, None)
+            out = forward_with_hidden(self.model, x, spec, keep=keep, use_cache=True, cache=self.cache)
             return out.logits[..., : self.vocab], out.hidden
 
-        return self._run(("verify", ids.shape[1], spec, self.vocab), fn, ids)
+        return self._run(("verify", width, spec, self.vocab), fn, ids) if ids.shape[1] == width else fn(ids)
 
     def _run(self, key, fn, ids):
         return fn(ids) if self.static is None else self.static.run(key, fn, ids)
@@ -392,33 +403,37 @@ def run_rounds(
     t0 = clock()
     tgt = make_cache(target, "target")
     drf = make_cache(draft, "draft") if gamma else None
-    ids, valid = left_pad([p[:-1] for p in prompts], pad_id, dev)
-    pos = (valid.cumsum(-1) - 1).clamp_min(0)
     swap = 0.0  # a remembered prefill: its measured seconds replace the time spent copying it
-    for c, model in ((tgt, target), (drf, draft)) if drf else ((tgt, target),):
-        if prefill_memo is None:
-            c.prefill(ids, valid, pos)
-        else:
+    folded = prefill_memo is None  # no prefill to keep: the first round reads the prompts (no pass of its own)
+    if folded:
+        unread = [list(p) for p in prompts]
+    else:
+        ids, valid = left_pad([p[:-1] for p in prompts], pad_id, dev)
+        pos = (valid.cumsum(-1) - 1).clamp_min(0)
+        for c, model in ((tgt, target), (drf, draft)) if drf else ((tgt, target),):
             swap += prefill_memo.fill(c, model, prompts, ids, valid, pos)
+        unread = [[p[-1]] for p in prompts]
     rows = list(range(B))  # prompt index of each active row
     length = torch.tensor([len(p) for p in prompts], device=dev)  # [n] committed tokens per row
-    last = torch.tensor([[p[-1]] for p in prompts], device=dev)  # [n, 1] newest committed token
-    pending = [[p[-1]] for p in prompts]  # committed tokens the draft has not read
+    t_pending = [list(u) for u in unread]  # committed tokens the target has not read (the newest, after round 1)
+    pending = [list(u) for u in unread]  # committed tokens the draft has not read
     sync(dev)
     t_round = clock()
     for r in rows:
         stats[r].prefill_seconds = stats[r].seconds = max(t_round - t0 + swap, 0.0) / B
+    first = True
     while rows:
         n_act = len(rows)
         left = [max_new_tokens - len(outs[r]) for r in rows]
         g = schedule.window(min(gamma, max(left) - 1))
         t_draft = t_rule = 0.0
+        t_in, t_live = left_pad(t_pending, pad_id, dev)  # [n, k]: the newest token (round 1: the prompt)
+        t_pos = (length[:, None] - t_in.shape[1] + torch.arange(t_in.shape[1], device=dev)).clamp_min(0)
         if g <= 0:  # a plain target step for every row
-            ones = torch.ones_like(last)
             if trace is None:
-                logits, _ = tgt.last(last, ones, length[:, None] - 1)
+                logits, _ = tgt.last(t_in, t_live, t_pos)
             else:
-                logits, h_fin, h_spec = tgt.traced(last, length[:, None] - 1, trace)
+                logits, h_fin, h_spec = tgt.traced(t_in, t_live, t_pos, trace)
             nxt = draw(logits, temperature, generator)  # [n]
             if trace is not None:
                 lp = F.log_softmax(logits.float(), -1).gather(-1, nxt[:, None])[:, 0]
@@ -430,7 +445,7 @@ def run_rounds(
                 stats[r].rounds += 1
                 if drf:
                     pending[i].append(news[i][0])
-            last, length = nxt[:, None], length + 1
+            length = length + 1
         else:
             # 1. propose: read what each row's draft cache lacks (right-aligned, holes before), then g steps
             inp, live = left_pad(pending, pad_id, dev)
@@ -457,9 +472,10 @@ def run_rounds(
             if timed:
                 sync(dev)
             t_draft = clock() - t_round
-            # 2. verify the n windows [last, d_1..d_g] in one target pass
-            vpos = length[:, None] - 1 + torch.arange(g + 1, device=dev)
-            t_log, t_hid = tgt.verify(torch.cat([last, D], 1), vpos, spec)  # [n, g+1, V], [n, g+1, F]
+            # 2. verify the n windows [last, d_1..d_g] in one target pass (round 1: [prompt, d_1..d_g])
+            v_pos = torch.cat([t_pos, length[:, None] + torch.arange(g, device=dev)], 1)
+            v_live = torch.cat([t_live, torch.ones_like(D)], 1)
+            t_log, t_hid = tgt.verify(torch.cat([t_in, D], 1), v_live, v_pos, spec, g + 1)  # [n, g+1, V], [.., F]
             v = Verification(
                 D,
                 t_log,
@@ -508,8 +524,8 @@ def run_rounds(
             # 4. commit: the target keeps [last, d_1..d_n]; the draft read d_1..d_{g-1}, keeps d_1..d_min(n, g-1)
             tgt.keep_first(g + 1, [n + 1 for n in kept])
             drf.keep_first(g - 1, [min(n, g - 1) for n in kept])
-            last = torch.tensor([[x[-1]] for x in news], device=dev)
             length = length + n_t + 1
+        t_pending = [[x[-1]] for x in news]
         finished = []
         for i, r in enumerate(rows):
             n_out = len(outs[r])
@@ -529,18 +545,24 @@ def run_rounds(
             sel = torch.tensor(stay, dtype=torch.long, device=dev)
             for c in (tgt, drf) if drf else (tgt,):
                 c.select(sel)
-            length, last = length[sel], last[sel]
-            pending = [pending[i] for i in stay]
+            length = length[sel]
+            pending, t_pending = [pending[i] for i in stay], [t_pending[i] for i in stay]
         sync(dev)
         now = clock()
         dt = now - t_round
-        schedule.observe(g, kept, t_draft, dt - t_draft)
-        for r in rows:
-            st = stats[r]
-            st.seconds += dt / n_act
-            st.draft_seconds += t_draft / n_act
-            st.verify_seconds += (dt - t_draft) / n_act
-            st.rule_seconds += t_rule / n_act
+        if folded and first:  # the prompts' read: prefill time, not a round's cost the schedule should learn
+            for r in rows:
+                stats[r].prefill_seconds += dt / n_act
+                stats[r].seconds += dt / n_act
+        else:
+            schedule.observe(g, kept, t_draft, dt - t_draft)
+            for r in rows:
+                st = stats[r]
+                st.seconds += dt / n_act
+                st.draft_seconds += t_draft / n_act
+                st.verify_seconds += (dt - t_draft) / n_act
+                st.rule_seconds += t_rule / n_act
+        first = False
         if finished:
             rows = [rows[i] for i in stay]
         t_round = now

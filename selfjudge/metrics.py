@@ -63,7 +63,7 @@ def aggregate(records: Iterable[dict[str, Any]], baseline_tokens_per_s: float | 
         # speedup: tokens/s over the target-only tokens/s of the same prompts in the same process
         "speedup": tps / baseline_tokens_per_s if baseline_tokens_per_s else None,
         "new_tokens": new,  # generated tokens, all examples
-        "target_forwards": rounds,  # target forwards after prefill, all examples
+        "target_forwards": rounds,  # target forwards, all examples (one per round; the prompt read in round 1)
         "draft_forwards": sum(r["draft_forwards"] for r in recs),
         "proposed": prop,  # draft tokens proposed
         "accepted": acc,  # draft tokens kept

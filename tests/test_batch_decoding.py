@@ -210,7 +210,7 @@ def test_a_kept_prefill_gives_the_same_rows_and_is_charged_its_measured_time(pai
     for draft, policy in ((None, None), (pair.draft, None), (pair.draft, kl), (pair.draft, None)):
         kept = {k: v[2] for k, v in memo._kept.items()}  # seconds each model's prefill took when it ran
         got = decode_batch(pair.target, draft, prompts, policy=policy, prefill_memo=memo, **kw)
-        ref = decode_batch(pair.target, draft, prompts, policy=policy, **kw)
+        ref = decode_batch(pair.target, draft, prompts, policy=policy, **kw)  # no memo: round 1 reads the prompts
         for (out, st), (ref_out, ref_st) in zip(got, ref):
             assert out == ref_out
             assert all(getattr(st, c) == getattr(ref_st, c) for c in COUNTERS)
@@ -220,3 +220,27 @@ def test_a_kept_prefill_gives_the_same_rows_and_is_charged_its_measured_time(pai
     assert set(memo._kept) == {id(pair.target), id(pair.draft)}  # one kept prefill per model
     decode_batch(pair.target, None, prompts[:3], prefill_memo=memo, **kw)
     assert memo._kept[id(pair.target)][0] == tuple(map(tuple, prompts[:3]))  # other prompts: replaced
+
+
+def test_the_prompts_are_read_in_the_first_round_not_in_a_pass_of_their_own(pair):
+    """Without a kept prefill the batch's first target pass reads [left-padded prompts, d_1..d_γ] and the
+    draft's first step the prompts: one target pass per round, and the rows still equal batch-1 decodes."""
+    prompts = _prompts(pair)[:4]
+    reads = {"target": [], "draft": []}
+    hooks = [
+        m.model.register_forward_pre_hook(
+            lambda mod, args, kw, r=reads[k]: r.append(kw["input_ids"].shape[1]), with_kwargs=True
+        )
+        for k, m in (("target", pair.target), ("draft", pair.draft))
+    ]
+    try:
+        rows = _check_rows(pair, prompts, 4, 20)
+    finally:
+        for h in hooks:
+            h.remove()
+    batch_rounds = max(st.rounds for _, st in rows)
+    width = max(map(len, prompts))
+    n_single = sum(st.rounds for _, st in rows)  # the batch-1 references' target passes, read after the batch
+    assert reads["target"][0] == width + 4 and reads["draft"][0] == width
+    assert len(reads["target"]) == batch_rounds + n_single  # the batch's passes, then each reference's
+    assert all(st.prefill_seconds > 0 and st.verify_seconds > 0 for _, st in rows)

@@ -121,7 +121,8 @@ def test_identical_draft_accepts_every_token(identical_pair, device):
 
 
 def test_each_model_reads_each_token_once(pair):
-    """After the prefill the draft reads only tokens it has not cached: one per step, plus the last draft
+    """No pass of its own for the prompt: the first round's draft step reads the prompt and the target reads
+    [prompt, window]. After it the draft reads only tokens it has not cached: one per step, plus the last draft
     token with the bonus token after a fully accepted window; the target reads [last, window] per round."""
     reads = {"target": [], "draft": []}
     hooks = [
@@ -137,12 +138,13 @@ def test_each_model_reads_each_token_once(pair):
         for h in hooks:
             h.remove()
     P = len(ids)
-    assert reads["target"][0] == reads["draft"][0] == P - 1  # prefill: all but the last prompt token
+    assert reads["draft"][0] == P and reads["target"][0] == P + 4  # round 1: the prompt, [prompt, d_1..d_4]
     d = reads["draft"][1:]
-    assert len(d) == st.draft_forwards == st.proposed and set(d) <= {1, 2}
+    assert len(reads["draft"]) == st.draft_forwards == st.proposed and set(d) <= {1, 2}
     # a 2-token read follows a fully accepted window (last draft token + bonus), never anything else
     assert st.accept_hist[4] - 1 <= d.count(2) <= st.accept_hist[4]
-    assert sum(reads["target"][1:]) == st.proposed + st.rounds  # [last, d_1..d_γ] per round, once
+    assert len(reads["target"]) == st.rounds  # one target pass per round, none for the prompt
+    assert sum(reads["target"]) == P - 1 + st.proposed + st.rounds  # [last, d_1..d_γ] per round, once
 
 
 def _tiny_vocab_pair(seed: int = 0, V: int = 12):
