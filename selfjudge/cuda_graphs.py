@@ -14,8 +14,8 @@ graph issues a whole forward pass at once. A graph needs fixed shapes and fixed 
 - each fixed-shape call (a one- or two-token step, a verify window of one width and feature layout)
   is captured once and replayed with its input copied into a static buffer; outputs are cloned out.
 
-The prefill, and every call when the model is not on CUDA, runs eagerly on the same static cache, so
-CPU tests cover everything but the capture itself. A capture that fails (an operation a graph cannot
+A call that reads the prompt (the first round), and every call when the model is not on CUDA, runs
+eagerly on the same static cache, so CPU tests cover everything but the capture itself. A capture that fails (an operation a graph cannot
 hold) is reported once as a warning and that model goes on eagerly, with the same results.
 """
 
@@ -52,7 +52,7 @@ class StaticDecoder:
         self.failure: str | None = None  # why capturing failed (then every call runs eagerly)
 
     def reset(self) -> None:
-        """Length 0: the next prefill writes from position 0."""
+        """Length 0: the next call (the one reading the prompt) writes from position 0."""
         self.cache.reset()
 
     def run(

@@ -116,3 +116,15 @@ def test_measured_costs_interpolate_between_widths():
 def test_bad_confidence_stop(tiny_pair):
     with pytest.raises(ValueError, match="confidence_stop must be null or in"):
         _run(tiny_pair, [1, 2], confidence_stop=1.5)
+
+
+def test_the_round_that_reads_the_prompt_teaches_the_schedule_nothing(pair):
+    """Round 1 also reads the prompt: its time is prefill time (``prefill_seconds``), not a window's cost."""
+    sched = AdaptiveWindow(4, keep=1000)
+    ids = format_prompt(pair.tokenizer, PROMPTS[0])
+    out, st = _run(pair, ids, gamma=4, n=30, schedule=sched)
+    assert out == _greedy(pair, ids, n=30)
+    measured = sum(len(runs) for runs in sched._verify_runs.values())
+    assert measured == st.rounds - 1  # every round but the first timed a window
+    assert st.prefill_seconds > 0
+    assert st.seconds == pytest.approx(st.prefill_seconds + st.draft_seconds + st.verify_seconds)
