@@ -12,6 +12,7 @@ from selfjudge.decoding import decode
 from selfjudge.judge import JudgeConfig, JudgeHead
 from selfjudge.models import format_prompt
 from selfjudge.policies import build_policy
+from tests.reads import model_reads
 
 PROMPTS = [
     "how many apples",
@@ -226,18 +227,8 @@ def test_the_prompts_are_read_in_the_first_round_not_in_a_pass_of_their_own(pair
     """Without a kept prefill the batch's first target pass reads [left-padded prompts, d_1..d_γ] and the
     draft's first step the prompts: one target pass per round, and the rows still equal batch-1 decodes."""
     prompts = _prompts(pair)[:4]
-    reads = {"target": [], "draft": []}
-    hooks = [
-        m.model.register_forward_pre_hook(
-            lambda mod, args, kw, r=reads[k]: r.append(kw["input_ids"].shape[1]), with_kwargs=True
-        )
-        for k, m in (("target", pair.target), ("draft", pair.draft))
-    ]
-    try:
+    with model_reads(pair) as reads:
         rows = _check_rows(pair, prompts, 4, 20)
-    finally:
-        for h in hooks:
-            h.remove()
     batch_rounds = max(st.rounds for _, st in rows)
     width = max(map(len, prompts))
     n_single = sum(st.rounds for _, st in rows)  # the batch-1 references' target passes, read after the batch

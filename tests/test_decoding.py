@@ -10,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from selfjudge.decoding import decode
 from selfjudge.models import format_prompt
+from tests.reads import model_reads
 
 PROMPTS = [
     "how many apples",
@@ -124,19 +125,9 @@ def test_each_model_reads_each_token_once(pair):
     """No pass of its own for the prompt: the first round's draft step reads the prompt and the target reads
     [prompt, window]. After it the draft reads only tokens it has not cached: one per step, plus the last draft
     token with the bonus token after a fully accepted window; the target reads [last, window] per round."""
-    reads = {"target": [], "draft": []}
-    hooks = [
-        m.model.register_forward_pre_hook(
-            lambda mod, args, kw, r=reads[k]: r.append(kw["input_ids"].shape[1]), with_kwargs=True
-        )
-        for k, m in (("target", pair.target), ("draft", pair.draft))
-    ]
-    try:
-        ids = format_prompt(pair.tokenizer, PROMPTS[1])
+    ids = format_prompt(pair.tokenizer, PROMPTS[1])
+    with model_reads(pair) as reads:
         out, st = _decode(pair, ids, 4, n=40)
-    finally:
-        for h in hooks:
-            h.remove()
     P = len(ids)
     assert reads["draft"][0] == P and reads["target"][0] == P + 4  # round 1: the prompt, [prompt, d_1..d_4]
     d = reads["draft"][1:]
