@@ -152,18 +152,9 @@ def _log_wandb(plain: dict, manifest: dict) -> None:
     import numpy as np
     import wandb
 
-    lg = plain["logger"]
-    run = wandb.init(
-        project=lg["project"],
-        entity=lg["entity"],
-        mode=lg["mode"],
-        tags=[*lg["tags"], "data_gen"],
-        config=plain,
-        dir=plain["run_dir"],
-        job_type="data_gen",
-        group=lg.get("group"),
-        reinit="finish_previous",
-    )
+    from selfjudge.pipeline.tracking import start_run
+
+    run = start_run(plain, "data_gen")
     hist = manifest["ld_histogram"]
     if hist["counts"]:
         run.log({"data_gen/ld": wandb.Histogram(np_histogram=(np.asarray(hist["counts"]), np.asarray(hist["bins"])))})

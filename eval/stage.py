@@ -148,18 +148,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _log_wandb(plain: dict, rows: list[dict], head_dirs: dict[str, str]) -> None:
     import wandb
 
-    lg = plain["logger"]
-    run = wandb.init(
-        project=lg["project"],
-        entity=lg["entity"],
-        mode=lg["mode"],
-        tags=[*lg["tags"], "eval"],
-        config=plain,
-        dir=plain["run_dir"],
-        job_type="eval",
-        group=lg.get("group"),
-        reinit="finish_previous",
-    )
+    from selfjudge.pipeline.tracking import start_run
+
+    run = start_run(plain, "eval")
     for key, folder in head_dirs.items():  # lineage: the judge heads this eval used (same content: same artifact)
         name = f"judge-head-{JudgeHead.from_pretrained(folder).config.label_source}"
         run.summary[f"eval/heads/{key}"] = {

@@ -282,25 +282,16 @@ def run(cfg: DictConfig, after_step: Callable[[int, int], None] | None = None) -
 
 
 class _Tracker:
-    """wandb logging on rank 0 (this class is the only place wandb is imported)."""
+    """wandb logging on rank 0, in the run :func:`selfjudge.pipeline.tracking.start_run` opens."""
 
     def __init__(self, plain: dict):
         import wandb
 
+        from selfjudge.pipeline.tracking import start_run
+
         self.wandb = wandb
         self.n_examples = int(plain["train"]["val_examples"])
-        lg = plain["logger"]
-        self.run = wandb.init(
-            project=lg["project"],
-            entity=lg["entity"],
-            mode=lg["mode"],
-            config=plain,
-            tags=list(lg["tags"]) + ["train"],
-            dir=plain["run_dir"],
-            job_type="train",
-            reinit="finish_previous",
-            group=lg.get("group"),
-        )
+        self.run = start_run(plain, "train")
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
