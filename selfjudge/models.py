@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from selfjudge.io import sha256_file
-from selfjudge.kernels import apply_cpu_kernels
+from selfjudge.kernels import QUANTIZE, apply_cpu_kernels, quantize_int8
 from selfjudge.offline import build_folder_atomically, get_packaged, join_parts
 from selfjudge.tiny import TinyPairSpec, build_tiny_pair
 
@@ -84,6 +84,7 @@ class ModelSpec:
     name: str  # hub id, folder, .gguf path, packaged name, or target/draft for tiny
     revision: str | None = None  # hub revision (branch, tag or commit)
     adapter: str | None = None  # PEFT adapter folder or hub id, merged into the weights on load
+    quantize: str | None = None  # draft only: int8 linears on the CPU (selfjudge.kernels.quantize_int8)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -91,7 +92,15 @@ class ModelSpec:
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], where: str) -> ModelSpec:
-        return cls(**_checked_kwargs(cls, d, where))
+        spec = cls(**_checked_kwargs(cls, d, where))
+        if spec.quantize not in QUANTIZE:
+            raise ValueError(f"{where}.quantize '{spec.quantize}' is not one of {list(QUANTIZE)}")
+        if spec.quantize and where.endswith("target"):
+            raise ValueError(
+                f"{where}.quantize={spec.quantize}: quantize the draft only (model.draft.quantize); the target "
+                f"makes the tokens lossless SD returns and the states the judge reads"
+            )
+        return spec
 
 
 @dataclass
@@ -314,6 +323,10 @@ def load_model(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[torch.nn.
         model = model.to(opts.resolved_device())
     model.eval()
     model.requires_grad_(False)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if spec.quantize:  # other weights: the fingerprint says so, and records keyed by it are apart
+        quantize_int8(model, f"model.{role}.quantize")
+        fingerprint = f"{fingerprint}+{spec.quantize}"
     cfg = model.config
     info = ModelInfo(
         role=role,
@@ -324,7 +337,7 @@ def load_model(spec: ModelSpec, opts: LoadOptions, role: str) -> tuple[torch.nn.
         model_type=cfg.model_type,
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
-        vocab_size=model.get_output_embeddings().weight.shape[0],
+        vocab_size=vocab,
         adapter=spec.adapter,
     )
     return model, info
@@ -376,8 +389,13 @@ def load_pair(target: ModelSpec, draft: ModelSpec, opts: LoadOptions) -> ModelPa
         t_tok.pad_token = t_tok.eos_token
     dtype, why = opts.resolved_dtype()
     runtime = {"dtype": dtype, "dtype_reason": why, "cpu_kernels": {}, "cpu_kernels_reason": {}}
-    for role, model in (("target", t_model), ("draft", d_model)):
-        k, kwhy = apply_cpu_kernels(opts.cpu_kernels, model) if not opts.device_map else ("default", "device_map")
+    for role, model, spec in (("target", t_model, target), ("draft", d_model, draft)):
+        if spec.quantize:
+            k, kwhy = spec.quantize, f"model.{role}.quantize={spec.quantize} (fbgemm dynamic int8 linears)"
+        elif opts.device_map:
+            k, kwhy = "default", "device_map"
+        else:
+            k, kwhy = apply_cpu_kernels(opts.cpu_kernels, model)
         runtime["cpu_kernels"][role], runtime["cpu_kernels_reason"][role] = k, kwhy
     log.info("dtype %s (%s); CPU kernels %s", dtype, why, runtime["cpu_kernels_reason"])
     return ModelPair(t_model, d_model, t_tok, t_info, d_info, runtime)
@@ -402,8 +420,13 @@ def resolve_model_config(model_cfg: Mapping[str, Any]) -> dict:
 
 def model_key(model_cfg: Mapping[str, Any]) -> dict:
     """The part of the ``model`` config that decides outputs, for hashes: dtype resolved, kernels left out
-    (``cpu_kernels`` changes speed, and fp32 results only by rounding)."""
-    return {k: v for k, v in resolve_model_config(model_cfg).items() if k != "cpu_kernels"}
+    (``cpu_kernels`` changes speed, and fp32 results only by rounding); ``quantize`` left out of a model's
+    spec while it is null (added later: runs made before it keep their keys)."""
+    out = {k: v for k, v in resolve_model_config(model_cfg).items() if k != "cpu_kernels"}
+    for role in ("target", "draft"):
+        if isinstance(out.get(role), Mapping) and out[role].get("quantize", "absent") is None:
+            out[role] = {k: v for k, v in out[role].items() if k != "quantize"}
+    return out
 
 
 def _device_of(d: Mapping[str, Any]) -> str:
