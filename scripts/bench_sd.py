@@ -22,11 +22,16 @@ The ``hf*`` methods run on our loaded modules, with the CPU kernels ``model.cpu_
 that compares the decoding engines alone. ``hfu@G``, ``hfu_dynamic`` and ``hfu_target`` run the same
 calls on a second copy of the pair loaded with ``model.cpu_kernels=default``: transformers as a user
 gets it out of the box (one more load, the pair's memory twice).
+
+Any method with the suffix ``+int8`` (``sd@4+int8``, ``adaptive+int8``, ``hf@4+int8``) runs with a second
+copy of the draft loaded with ``model.draft.quantize=int8`` (int8 linears, :func:`selfjudge.kernels.quantize_int8`):
+the same target, and for ``hf`` the same quantized module handed to transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +44,7 @@ import torch
 
 from selfjudge.decoding import decode
 from selfjudge.io import code_version, write_json
+from selfjudge.models import LoadOptions, ModelSpec, load_model
 from selfjudge.schedule import AdaptiveWindow
 
 from bench_common import cpu_flags, load_pair_and_prompts
@@ -115,31 +121,43 @@ def main() -> None:
     hf_defaults = {k: getattr(pair.draft.generation_config, k, None) for k in HF_KEYS}
     schedules = {"adaptive": AdaptiveWindow(a.max_gamma), "adaptive_cs": AdaptiveWindow(a.max_gamma)}
 
-    def ours(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
+    schedules.update({f"{k}+int8": AdaptiveWindow(a.max_gamma) for k in list(schedules)})
+
+    def ours(p, m: str, ids: list[int], n: int) -> tuple[list[int], float]:
         if m == "target":
-            toks, st = decode(pair.target, None, ids, gamma=0, max_new_tokens=n, **kw)
+            toks, st = decode(p.target, None, ids, gamma=0, max_new_tokens=n, **kw)
         elif m.startswith("sd@"):
-            toks, st = decode(pair.target, pair.draft, ids, gamma=int(m[3:]), max_new_tokens=n, **kw)
+            toks, st = decode(p.target, p.draft, ids, gamma=int(m[3:]), max_new_tokens=n, **kw)
         else:
             toks, st = decode(
-                pair.target,
-                pair.draft,
+                p.target,
+                p.draft,
                 ids,
                 gamma=a.max_gamma,
                 max_new_tokens=n,
-                schedule=schedules[m],
+                schedule=schedules[m + ("+int8" if p is not pair else "")],
                 confidence_stop=a.confidence_stop if m == "adaptive_cs" else None,
                 **kw,
             )
         return toks, st.seconds
+
+    int8_pair = None
+    if any(m.endswith("+int8") for m in methods):  # the same target, the draft loaded again as int8
+        d = plain["model"]
+        spec = ModelSpec.from_mapping({**d["draft"], "quantize": "int8"}, "model.draft")
+        opts = LoadOptions.from_mapping(
+            {k: v for k, v in d.items() if k not in ("target", "draft", "description")}, "model"
+        )
+        q_draft, q_info = load_model(spec, opts, "draft")
+        int8_pair = dataclasses.replace(pair, draft=q_draft, draft_info=q_info)
 
     plain_pair = None
     if any(m.startswith("hfu") for m in methods):  # transformers as a user gets it: torch's own kernels
         plain_pair = load_pair_and_prompts([*a.overrides, "model.cpu_kernels=default"], 1, a.gsm8k)[1]
 
     def run(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
-        p = plain_pair if m.startswith("hfu") else pair
-        m = m.replace("hfu", "hf", 1)
+        p = plain_pair if m.startswith("hfu") else int8_pair if m.endswith("+int8") else pair
+        m = m.replace("hfu", "hf", 1).removesuffix("+int8")
         if m.startswith("hf@"):
             return _hf_assisted(p, ids, n, int(m[3:]))
         if m == "hf_dynamic":
@@ -147,14 +165,15 @@ def main() -> None:
         if m == "hf_target":
             return _hf(p, ids, n)
         if m in ("target", "adaptive", "adaptive_cs") or re.fullmatch(r"sd@\d+", m):
-            return ours(m, ids, n)
+            return ours(p, m, ids, n)
         raise SystemExit(f"unknown method '{m}' in --methods")
 
     for m in methods:  # warm-up (excluded; the adaptive schedules measure their first costs here)
         run(m, prompts[0], a.warmup_tokens)
     # forward calls and positions read by each model body, per method: shows re-reads and round counts
     reads = {"target": [0, 0], "draft": [0, 0]}
-    for role, model in (("target", pair.target), ("draft", pair.draft)):
+    drafts = [("draft", pair.draft)] + ([("draft", int8_pair.draft)] if int8_pair else [])
+    for role, model in [("target", pair.target), *drafts]:
         body = getattr(model, model.base_model_prefix)
         body.register_forward_pre_hook(
             lambda mod, args, kw, r=reads[role]: r.__setitem__(
@@ -209,8 +228,8 @@ def main() -> None:
 def _ratios(res: dict) -> dict:
     tps = {m: r["tokens_per_s"] for m, r in res.items()}
     out = {}
-    fixed = {m: v for m, v in tps.items() if m.startswith("sd@")}
-    hfs = [x for x in tps if x.startswith(("hf@", "hfu@"))]
+    fixed = {m: v for m, v in tps.items() if m.startswith("sd@") and not m.endswith("+int8")}
+    hfs = [x for x in tps if x.startswith(("hf@", "hfu@")) and not x.endswith("+int8")]
     for m in ("adaptive", "adaptive_cs", *fixed, "hf_dynamic", "hfu_dynamic", *hfs):
         if m in tps and "target" in tps:
             out[f"{m}/target"] = tps[m] / tps["target"]
@@ -228,6 +247,11 @@ def _ratios(res: dict) -> dict:
     for h in ("hf_target", "hfu_target"):
         if "target" in tps and h in tps:
             out[f"target/{h}"] = tps["target"] / tps[h]
+    for m in (x for x in tps if x.endswith("+int8")):  # the int8 draft against the same method's own draft
+        base = m.removesuffix("+int8")
+        for other in ("target", base, *(["hf@" + base[3:] + "+int8"] if base.startswith("sd@") else [])):
+            if other in tps:
+                out[f"{m}/{other}"] = tps[m] / tps[other]
     return out
 
 
