@@ -169,8 +169,13 @@ def apply_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
 
 
 class Int8Linear(torch.nn.Module):
-    """An ``nn.Linear`` with int8 weights (symmetric, one scale per output row) packed once for fbgemm; each
-    call quantizes its input (one scale and zero point per call) and returns the input's dtype (CPU only)."""
+    """An ``nn.Linear`` with int8 weights (symmetric, one scale per output row) packed once for fbgemm, and
+    inputs quantized per token (CPU only; returns the input's dtype).
+
+    fbgemm quantizes a call's whole input with one scale, so a token's precision would depend on what shares
+    its call (a prompt, a batch, a teacher-forced response: one outlier token coarsens them all). Each row is
+    divided by its own largest magnitude first and the output row multiplied back (a linear map commutes with
+    that; the bias is added after), which makes the scale per token: the same proposals at any batch size."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -180,8 +185,8 @@ class Int8Linear(torch.nn.Module):
         with warnings.catch_warnings():  # torch's quantized tensors warn that they are deprecated
             warnings.simplefilter("ignore")
             qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-            bias = None if linear.bias is None else linear.bias.detach().float()
-            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -189,8 +194,12 @@ class Int8Linear(torch.nn.Module):
         return torch.empty((self.out_features, self.in_features), device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # per token
         # reduce_range: 7-bit inputs, so that AVX2's 16-bit pairwise sums cannot saturate (as torch's own)
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(x32 / scale, self._packed, True) * scale
+        if self.bias is not None:
+            y = y + self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:

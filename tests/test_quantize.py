@@ -35,6 +35,22 @@ def test_int8_linear_is_close_to_the_fp32_linear(shape, bias):
     assert q.weight.shape == lin.weight.shape and q.weight.device.type == "meta"
 
 
+def test_a_token_keeps_its_precision_whatever_shares_its_call():
+    """Every row stays within a few per cent of fp32 beside a row 1000x larger; fbgemm alone quantizes the whole
+    call with the outlier's scale, and the small rows lose everything."""
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(64, 96)
+    x = torch.randn(4, 64, generator=g)
+    x[3] *= 1000
+    q = Int8Linear(lin)
+    with torch.inference_mode():
+        got, ref = q(x), lin(x)
+        plain = torch.ops.quantized.linear_dynamic(x, q._packed, True) + lin.bias  # one scale for the call
+    rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()  # noqa: E731
+    assert rel(got, ref) < 0.03
+    assert rel(plain[:3], ref[:3]) > 0.3  # what the per-token scale prevents
+
+
 @pytest.fixture(scope="module")
 def int8_pair(tiny_model_cfg):
     cfg = dict(tiny_model_cfg, draft=dict(tiny_model_cfg["draft"], quantize="int8"))
