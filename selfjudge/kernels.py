@@ -195,9 +195,12 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # per token
         # reduce_range: 7-bit inputs, so that AVX2's 16-bit pairwise sums cannot saturate (as torch's own)
-        y = torch.ops.quantized.linear_dynamic(x32 / scale, self._packed, True) * scale
+        if x32.numel() == x32.shape[-1]:  # one token (a decode step): fbgemm's scale is already its own
+            y = torch.ops.quantized.linear_dynamic(x32, self._packed, True)
+        else:
+            scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # per token
+            y = torch.ops.quantized.linear_dynamic(x32 / scale, self._packed, True) * scale
         if self.bias is not None:
             y = y + self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
