@@ -146,15 +146,20 @@ def resolve_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
     )
 
 
-def use_onednn(model: torch.nn.Module) -> int:
-    """Swap every ``nn.Linear`` of ``model`` (in place) for a :class:`OneDNNLinear`; returns how many."""
+def swap_linears(model: torch.nn.Module, make) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` (in place) by ``make(linear)``; returns how many."""
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, name, OneDNNLinear(child))
+                setattr(parent, name, make(child))
                 n += 1
     return n
+
+
+def use_onednn(model: torch.nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` (in place) for a :class:`OneDNNLinear`; returns how many."""
+    return swap_linears(model, OneDNNLinear)
 
 
 def apply_cpu_kernels(choice: str, model: torch.nn.Module) -> tuple[str, str]:
@@ -228,10 +233,4 @@ def quantize_int8(model: torch.nn.Module, key: str = "model.draft.quantize") -> 
         raise ValueError(f"{key}=int8 runs on the CPU only (the model is on {dev}); set {key}=null")
     if why := int8_unavailable():
         raise ValueError(f"{key}=int8: {why}; set {key}=null")
-    n = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, Int8Linear(child))
-                n += 1
-    return n
+    return swap_linears(model, Int8Linear)
