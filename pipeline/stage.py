@@ -193,13 +193,9 @@ def preflight(cfg: DictConfig, stages: list[str]) -> None:
 
 
 def _check_judge_matches_target(cfg: DictConfig, head: Path) -> None:
-    from selfjudge.models import LoadOptions, ModelSpec, expected_fingerprint, same_model
+    from selfjudge.models import expected_fingerprint, model_parts, same_model
 
-    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
-    spec = ModelSpec.from_mapping(mcfg["target"], "model.target")
-    opts = LoadOptions.from_mapping(
-        {k: v for k, v in mcfg.items() if k not in ("target", "draft", "description")}, "model"
-    )
+    spec, _, opts = model_parts(OmegaConf.to_container(cfg.model, resolve=True))
     want = expected_fingerprint(spec, opts, "target")
     got = read_json(head / "judge_config.json").get("target_model", {})
     if got.get("fingerprint") and not same_model(got["fingerprint"], want):

@@ -44,7 +44,7 @@ import torch
 
 from selfjudge.decoding import decode
 from selfjudge.io import code_version, write_json
-from selfjudge.models import LoadOptions, ModelSpec, load_model
+from selfjudge.models import load_model, model_parts
 from selfjudge.schedule import AdaptiveWindow
 
 from bench_common import cpu_flags, load_pair_and_prompts
@@ -123,7 +123,7 @@ def main() -> None:
 
     schedules.update({f"{k}+int8": AdaptiveWindow(a.max_gamma) for k in list(schedules)})
 
-    def ours(p, m: str, ids: list[int], n: int) -> tuple[list[int], float]:
+    def ours(p, m: str, ids: list[int], n: int, schedule: AdaptiveWindow | None) -> tuple[list[int], float]:
         if m == "target":
             toks, st = decode(p.target, None, ids, gamma=0, max_new_tokens=n, **kw)
         elif m.startswith("sd@"):
@@ -135,7 +135,7 @@ def main() -> None:
                 ids,
                 gamma=a.max_gamma,
                 max_new_tokens=n,
-                schedule=schedules[m + ("+int8" if p is not pair else "")],
+                schedule=schedule,
                 confidence_stop=a.confidence_stop if m == "adaptive_cs" else None,
                 **kw,
             )
@@ -143,21 +143,17 @@ def main() -> None:
 
     int8_pair = None
     if any(m.endswith("+int8") for m in methods):  # the same target, the draft loaded again as int8
-        d = plain["model"]
-        spec = ModelSpec.from_mapping({**d["draft"], "quantize": "int8"}, "model.draft")
-        opts = LoadOptions.from_mapping(
-            {k: v for k, v in d.items() if k not in ("target", "draft", "description")}, "model"
-        )
-        q_draft, q_info = load_model(spec, opts, "draft")
+        _, spec, opts = model_parts(plain["model"])
+        q_draft, q_info = load_model(dataclasses.replace(spec, quantize="int8"), opts, "draft")
         int8_pair = dataclasses.replace(pair, draft=q_draft, draft_info=q_info)
 
     plain_pair = None
     if any(m.startswith("hfu") for m in methods):  # transformers as a user gets it: torch's own kernels
         plain_pair = load_pair_and_prompts([*a.overrides, "model.cpu_kernels=default"], 1, a.gsm8k)[1]
 
-    def run(m: str, ids: list[int], n: int) -> tuple[list[int], float]:
-        p = plain_pair if m.startswith("hfu") else int8_pair if m.endswith("+int8") else pair
-        m = m.replace("hfu", "hf", 1).removesuffix("+int8")
+    def run(name: str, ids: list[int], n: int) -> tuple[list[int], float]:
+        p = plain_pair if name.startswith("hfu") else int8_pair if name.endswith("+int8") else pair
+        m = name.replace("hfu", "hf", 1).removesuffix("+int8")
         if m.startswith("hf@"):
             return _hf_assisted(p, ids, n, int(m[3:]))
         if m == "hf_dynamic":
@@ -165,8 +161,8 @@ def main() -> None:
         if m == "hf_target":
             return _hf(p, ids, n)
         if m in ("target", "adaptive", "adaptive_cs") or re.fullmatch(r"sd@\d+", m):
-            return ours(p, m, ids, n)
-        raise SystemExit(f"unknown method '{m}' in --methods")
+            return ours(p, m, ids, n, schedules.get(name))
+        raise SystemExit(f"unknown method '{name}' in --methods")
 
     for m in methods:  # warm-up (excluded; the adaptive schedules measure their first costs here)
         run(m, prompts[0], a.warmup_tokens)

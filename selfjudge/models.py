@@ -466,8 +466,8 @@ def format_prompt(tokenizer, prompt: str | list[dict], system: str | None = None
     return [int(i) for i in out]
 
 
-def pair_from_mapping(model_cfg: Mapping[str, Any]) -> ModelPair:
-    """Load a pair from the plain-dict form of the ``model`` config group."""
+def model_parts(model_cfg: Mapping[str, Any]) -> tuple[ModelSpec, ModelSpec, LoadOptions]:
+    """(target spec, draft spec, load options) of the plain-dict form of the ``model`` config group."""
     d = dict(model_cfg)
     missing = [k for k in ("target", "draft") if k not in d]
     if missing:
@@ -475,8 +475,12 @@ def pair_from_mapping(model_cfg: Mapping[str, Any]) -> ModelPair:
     target = ModelSpec.from_mapping(d.pop("target"), "model.target")
     draft = ModelSpec.from_mapping(d.pop("draft"), "model.draft")
     d.pop("description", None)
-    opts = LoadOptions.from_mapping(d, "model")
-    return load_pair(target, draft, opts)
+    return target, draft, LoadOptions.from_mapping(d, "model")
+
+
+def pair_from_mapping(model_cfg: Mapping[str, Any]) -> ModelPair:
+    """Load a pair from the plain-dict form of the ``model`` config group."""
+    return load_pair(*model_parts(model_cfg))
 
 
 def expected_fingerprint(spec: ModelSpec, opts: LoadOptions, role: str) -> str:
